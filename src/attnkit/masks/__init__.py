@@ -1,0 +1,1 @@
+"""Placeholder until the mask zoo lands (being written now)."""
