@@ -1,0 +1,77 @@
+"""What a benchmark case is: the one interface between case providers and the harness.
+
+A provider is a module in ``attnkit.bench.cases`` exposing ``cases() -> list[Case]``;
+the harness discovers every such module, filters by suite/glob/backend/dtype/pass,
+times ``Runner.run`` and appends one JSON line per case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+PASSES = ("fwd", "fwd+bwd")
+
+
+@dataclass
+class Runner:
+    """A prepared case: inputs are built, one-off work done (or deferred to the first call).
+
+    Attributes:
+        run: one timed pass (forward, or forward+backward including ``.backward()``).
+        first_call_is_oneoff: the first ``run()`` carries a one-off cost (torch.compile);
+            the harness times it apart as ``compile_s`` and excludes it from the median.
+        check: optional ``check() -> (max_abs, rel_rmse)`` of this implementation's output
+            against the fp64/fp32 reference on a slice (called once, untimed).
+        oneoff: one-off costs measured during setup, seconds by name (e.g. ``{"mask_build_s": 0.4}``).
+    """
+
+    run: Callable[[], Any]
+    first_call_is_oneoff: bool = False
+    check: Callable[[], tuple[float, float]] | None = None
+    oneoff: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark cell: (op or mechanism, implementation, shape, dtype, mask, pass).
+
+    Attributes:
+        op: ``"attention"``, ``"neighborhood_attention"``, ``"linear_attention"`` or a mechanism name.
+        impl: implementation label: a backend (``"blocked"``, ``"sdpa"``, ``"flex"``) or a peer
+            (``"sdpa_dense_mask"``, ``"natten"``, ``"fla_naive"``).
+        group: cases that do the same work and are compared with each other (interleaved timing);
+            e.g. ``"sliding_window_512/N=16384"``.
+        pass_: ``"fwd"`` or ``"fwd+bwd"``.
+        suites: which suites include it: subset of {"quick", "default", "masks", "scaling", "full"}.
+        params: readable parameters for tables and plots (``N``, ``B``, ``H``, ``D``, ``dtype``, ``mask``, ...).
+        flops: useful FLOPs of the *forward* pass (4 * area * H * D for softmax attention);
+            the harness counts fwd+bwd as 3.5x (LongCA-bench: backward = 2.5x forward).
+        setup: builds the inputs and returns a :class:`Runner`; timed as ``setup_s``.
+        baseline: this case is its group's reference point for speedups (e.g. dense SDPA).
+        requires: optional import name of a peer (``"natten"``, ``"fla"``); missing -> "not installed".
+    """
+
+    op: str
+    impl: str
+    group: str
+    pass_: str
+    suites: frozenset[str]
+    params: tuple[tuple[str, Any], ...]
+    flops: float
+    setup: Callable[[], Runner]
+    baseline: bool = False
+    requires: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pass_ not in PASSES:
+            raise ValueError(f"pass_ must be one of {PASSES}, got {self.pass_!r}")
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}/{self.group}/{self.impl}/{self.pass_}"
+
+    @property
+    def param(self) -> dict[str, Any]:
+        return dict(self.params)
