@@ -1,1 +1,78 @@
-"""Placeholder until the mask zoo lands (being written now)."""
+"""Mask patterns as small immutable objects (DESIGN.md §4), one concept per file.
+
+Every mask offers ``mask_mod`` (FlexAttention's predicate), ``to_dense``, exact ``blocks`` and
+``density`` without materialising ``Nq x Nk``, a readable repr, and composes with ``&``, ``|``, ``~``.
+
+Example:
+    >>> m = ak.masks.causal() & ak.masks.sliding_window(512)
+    >>> m.density(8192, 8192)
+    >>> print(ak.masks.show(m, 24))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.masks.base import EMPTY, FULL, PARTIAL, IntervalMask, Mask
+from attnkit.masks.block_sparse import block_sparse
+from attnkit.masks.causal import causal
+from attnkit.masks.chunk import block_causal, chunked
+from attnkit.masks.document import causal_blockwise, document, prefix_lm_document, share_question
+from attnkit.masks.prefix import global_tokens, prefix_lm
+from attnkit.masks.show import plot, show
+from attnkit.masks.strided import strided
+from attnkit.masks.tensor import TensorMask
+from attnkit.masks.window import dilated_sliding_window, sliding_window
+
+
+def as_mask(mask: object) -> Mask:
+    """A :class:`Mask` from a Mask or a bool tensor broadcastable to ``(B, H, Nq, Nk)``."""
+    if isinstance(mask, Mask):
+        return mask
+    if isinstance(mask, torch.Tensor):
+        return TensorMask(mask)
+    raise TypeError(f"mask must be an attnkit Mask, a bool tensor or None, got {type(mask).__name__}")
+
+
+# name -> factory with example arguments: what `attnkit masks show NAME` and the benchmark iterate.
+ZOO = {
+    "full": lambda n: None,
+    "causal": lambda n: causal(),
+    "sliding_window": lambda n: sliding_window(max(1, n // 16)),
+    "sliding_window_causal": lambda n: causal() & sliding_window(max(1, n // 16)),
+    "dilated_sliding_window": lambda n: dilated_sliding_window(max(1, n // 32), 2),
+    "chunked": lambda n: chunked(max(1, n // 8)),
+    "block_causal": lambda n: block_causal(max(1, n // 8)),
+    "full_document": lambda n: document(_doc_lengths(n)),
+    "causal_document": lambda n: causal() & document(_doc_lengths(n)),
+    "prefix_lm_causal": lambda n: prefix_lm(n // 4),
+    "prefix_lm_document": lambda n: prefix_lm_document(_doc_lengths(n), 2),
+    "global_sliding_window": lambda n: sliding_window(max(1, n // 16)) | global_tokens(max(1, n // 16)),
+    "share_question": lambda n: share_question(_doc_lengths(n)),
+    "causal_blockwise": lambda n: causal_blockwise(_doc_lengths(n)),
+    "block_causal_document": lambda n: block_causal(max(1, n // 16)) & document(_doc_lengths(n)),
+    "strided": lambda n: strided(max(1, n // 16)),
+}
+
+
+def _doc_lengths(n: int) -> list[int]:
+    """A deterministic skewed mix of document lengths summing to ``n`` (long and short documents)."""
+    fractions = (0.4, 0.1, 0.25, 0.05, 0.2)
+    lengths = [max(1, int(n * f)) for f in fractions]
+    lengths[-1] += n - sum(lengths)
+    return [x for x in lengths if x > 0] if lengths[-1] > 0 else [n]
+
+
+def zoo(name: str, n: int) -> Mask | None:
+    """A mask of the zoo sized for ``n`` tokens (``None`` for ``full``)."""
+    if name not in ZOO:
+        raise KeyError(f"unknown mask {name!r}; known: {', '.join(ZOO)}")
+    return ZOO[name](n)
+
+
+__all__ = [
+    "EMPTY", "FULL", "PARTIAL", "ZOO", "IntervalMask", "Mask", "TensorMask", "as_mask", "block_causal",
+    "block_sparse", "causal", "causal_blockwise", "chunked", "dilated_sliding_window", "document",
+    "global_tokens", "plot", "prefix_lm", "prefix_lm_document", "share_question", "show",
+    "sliding_window", "strided", "zoo",
+]

@@ -1,0 +1,81 @@
+"""Sliding windows (Longformer / Mistral local attention) and their dilated form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnkit.masks.base import EMPTY, PARTIAL, IntervalMask, Mask, interval
+
+
+def _nonneg(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+@dataclass(frozen=True)
+class SlidingWindow(IntervalMask):
+    """``q - left <= kv <= q + right``."""
+
+    left: int
+    right: int
+
+    def __repr__(self) -> str:
+        if self.left == self.right:
+            return f"sliding_window({self.left})"
+        return f"sliding_window({self.left}, {self.right})"
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        return (kv_idx >= q_idx - self.left) & (kv_idx <= q_idx + self.right)
+
+    def intervals(self, nq, nk):
+        q = torch.arange(nq)
+        return interval(q - self.left, q + self.right)
+
+
+def sliding_window(left: int, right: int | None = None) -> SlidingWindow:
+    """Keys within ``left`` before and ``right`` after the query (``right`` defaults to ``left``).
+
+    ``sliding_window(w)`` is LongCA-bench's ``|i - j| <= w``; ``causal() & sliding_window(w)``
+    (or ``sliding_window(w, 0)``) its causal form ``0 <= i - j <= w``.
+    """
+    left = _nonneg("left", left)
+    right = left if right is None else _nonneg("right", right)
+    return SlidingWindow(left, right)
+
+
+@dataclass(frozen=True)
+class DilatedSlidingWindow(Mask):
+    """Every ``dilation``-th key within ``left * dilation`` before and ``right * dilation`` after."""
+
+    left: int
+    right: int
+    dilation: int
+
+    def __repr__(self) -> str:
+        r = "" if self.left == self.right else f", {self.right}"
+        return f"dilated_sliding_window({self.left}{r}, dilation={self.dilation})"
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        d = q_idx - kv_idx
+        return (d <= self.left * self.dilation) & (-d <= self.right * self.dilation) & (d % self.dilation == 0)
+
+    def _coarse_blocks(self, nq, nk, bq, bk):
+        env = SlidingWindow(self.left * self.dilation, self.right * self.dilation).blocks(nq, nk, bq, bk)
+        return torch.where(env == EMPTY, EMPTY, PARTIAL).to(torch.int8)
+
+
+def dilated_sliding_window(left: int, dilation: int, right: int | None = None) -> Mask:
+    """Longformer's dilated window: ``left``/``right`` keys each side, ``dilation`` apart."""
+    left = _nonneg("left", left)
+    right = left if right is None else _nonneg("right", right)
+    dilation = _nonneg("dilation", dilation)
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    if dilation == 1:
+        return SlidingWindow(left, right)
+    return DilatedSlidingWindow(left, right, dilation)
