@@ -1,0 +1,162 @@
+"""The blocked CPU backend: walk only non-empty tiles, dense math inside, online softmax across chunks.
+
+FlexAttention has no backward on CPU, so this is ours to own. Per query tile the plan lists the
+key chunks to visit (contiguous runs of non-empty key tiles, glued together up to ``max_keys``);
+each chunk is one matmul ``(bq*G, D) x (D, w)``, the mask is applied only to the PARTIAL
+columns, and FULL tiles run unmasked. The backward recomputes scores from the saved
+log-sum-exp (FlashAttention-2's recipe), so memory is ``O(N)`` plus one tile's scores.
+
+Internal layout: ``q (B, Hkv, Nq, G, D)`` so that one query tile of every query head of a KV
+group is a contiguous ``(bq * G, D)`` matrix — GQA costs no copy of K/V.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.backends.base import Backend
+from attnkit.backends.blocked_plan import Chunk, Plan, build_plan
+
+_NEG_INF = float("-inf")
+
+
+def tile_sizes(nq: int, nk: int) -> tuple[int, int, int]:
+    """``(bq, bk, max_keys)``: 128-row query tiles, 64-key tiles for fine skipping, 4096 keys per chunk."""
+    return min(128, nq), min(64, nk), 4096
+
+
+def _keys(t: torch.Tensor, c: Chunk) -> torch.Tensor:
+    """Rows of ``t (B, Hkv, Nk, X)`` that chunk ``c`` visits: ``(B, Hkv, w, X)``."""
+    return t[:, :, c.k0:c.k1] if c.index is None else t.index_select(2, c.index)
+
+
+def _masked_scores(qt: torch.Tensor, kc: torch.Tensor, c: Chunk, scale: float, bq: int) -> torch.Tensor:
+    """Scaled scores of one tile against one chunk, masked on its partial columns: ``(B, Hkv, bq, G, w)``."""
+    b, hkv = qt.shape[:2]
+    s = torch.matmul(qt, kc.transpose(-1, -2)).mul_(scale)               # (B, Hkv, bq*G, w)
+    s = s.view(b, hkv, bq, -1, s.shape[-1])                              # (B, Hkv, bq, G, w)
+    for c0, c1, allowed in c.partial:
+        if allowed.dim() == 4:  # head-dependent mask (B|1, Hq|1, bq, w) -> (B|1, Hkv|1, bq, G|1, w)
+            allowed = _heads_to_groups(allowed, hkv)
+        else:                   # (bq, w) -> broadcast over G
+            allowed = allowed[:, None, :]
+        s[..., c0:c1].masked_fill_(~allowed, _NEG_INF)
+    return s
+
+
+def _heads_to_groups(allowed: torch.Tensor, hkv: int) -> torch.Tensor:
+    bb, hh, bq, w = allowed.shape
+    if hh == 1:
+        return allowed.view(bb, 1, bq, 1, w)
+    return allowed.view(bb, hkv, hh // hkv, bq, w).transpose(2, 3)       # (B, Hkv, bq, G, w)
+
+
+def _forward(q, k, v, plan: Plan, scale: float):
+    """q (B, Hkv, Nq, G, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hkv, Nq, G, Dv), lse (B, Hkv, Nq, G)."""
+    b, hkv, nq, g, _ = q.shape
+    dv = v.shape[-1]
+    out = q.new_zeros(b, hkv, nq, g, dv)
+    lse = q.new_full((b, hkv, nq, g), _NEG_INF)
+    for q0, q1, chunks in plan.rows:
+        bq = q1 - q0
+        qt = q[:, :, q0:q1].reshape(b, hkv, bq * g, -1)                 # (B, Hkv, bq*G, D)
+        m = l = acc = None
+        for c in chunks:
+            s = _masked_scores(qt, _keys(k, c), c, scale, bq)             # (B, Hkv, bq, G, w)
+            m_c = s.amax(-1)
+            m_new = m_c if m is None else torch.maximum(m, m_c)
+            m_safe = torch.where(m_new == _NEG_INF, 0.0, m_new)           # empty rows: exp(-inf) = 0
+            p = s.sub_(m_safe[..., None]).exp_()
+            pv = torch.matmul(p.view(b, hkv, bq * g, -1), _keys(v, c)).view(b, hkv, bq, g, dv)
+            if m is None:
+                l, acc = p.sum(-1), pv
+            else:
+                alpha = torch.exp(m - m_safe)
+                l = l * alpha + p.sum(-1)
+                acc = acc * alpha[..., None] + pv
+            m = m_new
+        nonempty = l > 0
+        out[:, :, q0:q1] = acc / torch.where(nonempty, l, 1.0)[..., None]
+        m_safe = torch.where(m == _NEG_INF, 0.0, m)
+        lse[:, :, q0:q1] = torch.where(nonempty, m_safe + torch.log(torch.where(nonempty, l, 1.0)), _NEG_INF)
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
+    b, hkv, nq, g, _ = q.shape
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    delta = (dout * out).sum(-1)                                          # (B, Hkv, Nq, G)
+    if dlse is not None:
+        delta = delta - dlse
+    lse_safe = torch.where(lse == _NEG_INF, float("inf"), lse)          # empty rows -> P = 0
+    for q0, q1, chunks in plan.rows:
+        bq = q1 - q0
+        qt = q[:, :, q0:q1].reshape(b, hkv, bq * g, -1)                 # (B, Hkv, bq*G, D)
+        dot = dout[:, :, q0:q1].reshape(b, hkv, bq * g, -1)             # (B, Hkv, bq*G, Dv)
+        dqt = torch.zeros_like(qt)
+        for c in chunks:
+            kc, vc = _keys(k, c), _keys(v, c)
+            s = _masked_scores(qt, kc, c, scale, bq)                      # (B, Hkv, bq, G, w)
+            p = s.sub_(lse_safe[:, :, q0:q1, :, None]).exp_().view(b, hkv, bq * g, -1)
+            dvc = torch.matmul(p.transpose(-1, -2), dot)                  # (B, Hkv, w, Dv)
+            dp = torch.matmul(dot, vc.transpose(-1, -2))                  # (B, Hkv, bq*G, w)
+            ds = p.mul_(dp.sub_(delta[:, :, q0:q1].reshape(b, hkv, bq * g, 1))).mul_(scale)
+            dqt += torch.matmul(ds, kc)
+            dkc = torch.matmul(ds.transpose(-1, -2), qt)                  # (B, Hkv, w, D)
+            if c.index is None:
+                dk[:, :, c.k0:c.k1] += dkc
+                dv[:, :, c.k0:c.k1] += dvc
+            else:
+                dk.index_add_(2, c.index, dkc)
+                dv.index_add_(2, c.index, dvc)
+        dq[:, :, q0:q1] = dqt.view(b, hkv, bq, g, -1)
+    return dq, dk, dv
+
+
+class _BlockedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        out, lse = _forward(q, k, v, plan, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, dout.contiguous(), dlse, ctx.plan, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def blocked_attention(q, k, v, mask, scale: float, *, tiles: tuple[int, int, int] | None = None):
+    """Blocked attention on heads-last inputs; returns ``(out (B, Nq, Hq, Dv), lse (B, Nq, Hq))``.
+
+    Half-precision inputs are computed in float32 (CPU matmuls accumulate there anyway) and the
+    output cast back; float64 stays float64 so gradcheck runs on this path.
+    """
+    bsz, nq, hq, d = q.shape
+    nk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = hq // hkv
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bq, bk, max_keys = tiles or tile_sizes(nq, nk)
+    plan = build_plan(mask, nq, nk, bq, bk, max_keys)
+    qi = q.to(work).view(bsz, nq, hkv, g, d).permute(0, 2, 1, 3, 4).contiguous()   # (B, Hkv, Nq, G, D)
+    ki = k.to(work).permute(0, 2, 1, 3).contiguous()                                 # (B, Hkv, Nk, D)
+    vi = v.to(work).permute(0, 2, 1, 3).contiguous()                                 # (B, Hkv, Nk, Dv)
+    out, lse = _BlockedAttention.apply(qi, ki, vi, plan, scale)
+    out = out.permute(0, 2, 1, 3, 4).reshape(bsz, nq, hq, dv).to(q.dtype)           # (B, Nq, Hq, Dv)
+    lse = lse.permute(0, 2, 1, 3).reshape(bsz, nq, hq)                              # (B, Nq, Hq)
+    return out, lse
+
+
+def _supports(call):
+    return True, ""
+
+
+def _run(call):
+    out, lse = blocked_attention(call.q, call.k, call.v, call.mask, call.scale)
+    return (out, lse) if call.return_lse else out
+
+
+BACKEND = Backend(name="blocked", run=_run, supports=_supports,
+                  note="tiles with online softmax; skips empty tiles, masks only partial ones")
