@@ -1,0 +1,274 @@
+"""Neighborhood-attention index rules (NATTEN semantics) and the NA pattern as a mask object.
+
+Index rules follow "Faster Neighborhood Attention" (arXiv 2403.04690) and "Generalized
+Neighborhood Attention" (arXiv 2504.16922) as restated in ``papers/local.md`` §1.2-1.3:
+per axis, dilation groups ``g = i mod d`` (in-group coordinate ``u = i div d``, group length
+``L``), stride-group leaders, and a window ``[start, end)`` in in-group coordinates that is
+shifted (non-causal) or clipped (causal) at the borders. Multi-dim patterns are the
+Cartesian product of the per-axis rules.
+
+This file is pure index arithmetic (no attention): the tiled backend builds its tables from
+:func:`axis_windows`, flex uses :meth:`NeighborhoodMask.mask_mod`, and pictures/tests use
+:meth:`NeighborhoodMask.to_dense` / :meth:`NeighborhoodMask.query`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attnkit._validate import per_dim
+
+
+def check_na_params(shape: tuple[int, ...], kernel_size: object, dilation: object = 1, stride: object = 1,
+                    is_causal: object = False) -> tuple[tuple[int, ...], ...]:
+    """Expand per-dim parameters and validate them against the spatial ``shape``.
+
+    Returns ``(kernel_size, dilation, stride, is_causal)`` as tuples of length ``len(shape)``.
+    Raises ValueError naming the argument for kernel > extent, ``dilation * kernel > extent``,
+    ``stride > kernel`` and non-positive values (NATTEN's rules, local.md §1.2).
+    """
+    rank = len(shape)
+    ks = per_dim("kernel_size", kernel_size, rank)
+    ds = per_dim("dilation", dilation, rank)
+    ss = per_dim("stride", stride, rank)
+    cs = per_dim("is_causal", is_causal, rank, kind=bool)
+    for a, (n, k, d, s) in enumerate(zip(shape, ks, ds, ss)):
+        if k < 1:
+            raise ValueError(f"kernel_size must be >= 1 per dim, got {ks} (dim {a})")
+        if d < 1:
+            raise ValueError(f"dilation must be >= 1 per dim, got {ds} (dim {a})")
+        if s < 1:
+            raise ValueError(f"stride must be >= 1 per dim, got {ss} (dim {a})")
+        if k > n:
+            raise ValueError(f"kernel_size {k} is larger than the extent {n} of spatial dim {a}")
+        if k * d > n:
+            raise ValueError(f"dilation * kernel_size = {d} * {k} = {d * k} exceeds the extent {n} of "
+                             f"spatial dim {a}: every dilation group needs at least kernel_size tokens")
+        if s > k:
+            raise ValueError(f"stride {s} is larger than kernel_size {k} in spatial dim {a}: "
+                             f"some keys would be seen by no query")
+    return ks, ds, ss, cs
+
+
+def window_bounds(i: torch.Tensor, n: int, k: int, d: int = 1, s: int = 1, causal: bool = False):
+    """Per query position ``i`` (any integer tensor) on an axis of length ``n``.
+
+    Returns ``(g, u, L, start, end)``: dilation group, in-group coordinate, group length and the
+    window ``[start, end)`` in in-group coordinates (local.md §1.2, steps 1-4). Pure tensor
+    arithmetic, so it also runs inside flex's vmapped ``mask_mod``.
+    """
+    g = i % d
+    u = i // d
+    L = (n - g + d - 1) // d  # tokens in group g
+    if causal:
+        lead = torch.minimum((u // s) * s + (s - 1), L - 1)
+        start = torch.clamp(lead - (k - 1), min=0)
+        end = u + 1
+    else:
+        lead = torch.minimum((u // s) * s + s // 2, L - 1)
+        start = torch.minimum(torch.clamp(lead - k // 2, min=0), L - k)
+        end = start + k
+    return g, u, L, start, end
+
+
+def axis_windows(n: int, k: int, d: int = 1, s: int = 1, causal: bool = False):
+    """:func:`window_bounds` for every position ``0..n-1`` of one axis (long tensors of shape ``(n,)``)."""
+    return window_bounds(torch.arange(n), n, k, d, s, causal)
+
+
+def axis_allowed(i: torch.Tensor, j: torch.Tensor, n: int, k: int, d: int, s: int, causal: bool) -> torch.Tensor:
+    """Whether key position ``j`` is in the neighbourhood of query position ``i`` on one axis."""
+    g, _u, _L, start, end = window_bounds(i, n, k, d, s, causal)
+    t = j // d
+    return (j % d == g) & (t >= start) & (t < end)
+
+
+def _unravel(idx: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    coords = []
+    for n in reversed(shape):  # row-major: last axis varies fastest
+        coords.append(idx % n)
+        idx = idx // n
+    return coords[::-1]
+
+
+@dataclass(frozen=True)
+class NeighborhoodMask:
+    """The NA/DiNA/causal-NA/GNA pattern on a row-major flattened grid, as a mask object.
+
+    ``True`` = may attend. Works with flex (``mask_mod``), the dense reference (``to_dense``),
+    tile schedulers (``blocks``) and pictures (``query``, ``picture``).
+
+    Example:
+        >>> m = neighborhood_mask((8, 8), 3)
+        >>> m.to_dense(64, 64).sum(-1)  # every query sees 3 * 3 keys
+    """
+
+    shape: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...]
+    stride: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def __name__(self) -> str:  # readable name for tables/plots (attention-gym style)
+        parts = ["neighborhood_" + "x".join(map(str, self.kernel_size))]
+        if any(d > 1 for d in self.dilation):
+            parts.append("d" + "x".join(map(str, self.dilation)))
+        if any(s > 1 for s in self.stride):
+            parts.append("s" + "x".join(map(str, self.stride)))
+        if any(self.is_causal):
+            parts.append("causal" + "".join("1" if c else "0" for c in self.is_causal))
+        return "_".join(parts)
+
+    def __repr__(self) -> str:
+        return (f"neighborhood(shape={self.shape}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
+                f"stride={self.stride}, is_causal={self.is_causal})")
+
+    def _axes(self):
+        return zip(self.shape, self.kernel_size, self.dilation, self.stride, self.is_causal)
+
+    def mask_mod(self, b, h, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        """FlexAttention signature; ``q_idx``/``kv_idx`` index the row-major flattened grid."""
+        qc, kc = _unravel(q_idx, self.shape), _unravel(kv_idx, self.shape)
+        ok = None
+        for (n, k, d, s, c), qa, ka in zip(self._axes(), qc, kc):
+            a = axis_allowed(qa, ka, n, k, d, s, c)
+            ok = a if ok is None else ok & a
+        return ok
+
+    def _check_len(self, nq: int | None, nk: int | None) -> None:
+        for name, v in (("nq", nq), ("nk", nk)):
+            if v is not None and v != self.n:
+                raise ValueError(f"{name}={v} does not match the grid {self.shape} ({self.n} tokens)")
+
+    def axis_dense(self) -> list[torch.Tensor]:
+        """Per axis, the ``(n_a, n_a)`` bool pattern; the full mask is their Kronecker (AND) product."""
+        out = []
+        for n, k, d, s, c in self._axes():
+            i = torch.arange(n)
+            out.append(axis_allowed(i[:, None], i[None, :], n, k, d, s, c))
+        return out
+
+    def to_dense(self, nq: int | None = None, nk: int | None = None) -> torch.Tensor:
+        """The ``(N, N)`` bool mask (row = query, column = key), N = prod(shape)."""
+        self._check_len(nq, nk)
+        full = torch.ones(1, 1, dtype=torch.bool)
+        for m in self.axis_dense():  # Kronecker product of per-axis patterns, row-major
+            full = (full[:, None, :, None] & m[None, :, None, :]).reshape(full.shape[0] * m.shape[0], -1)
+        return full
+
+    def row_counts(self) -> torch.Tensor:
+        """Number of keys each query sees, shape ``shape`` (product of per-axis counts)."""
+        cnt = torch.ones((), dtype=torch.long)
+        for m in self.axis_dense():
+            cnt = cnt[..., None] * m.sum(-1)
+        return cnt
+
+    def density(self, nq: int | None = None, nk: int | None = None) -> float:
+        """Exact fraction of allowed (query, key) pairs."""
+        self._check_len(nq, nk)
+        return self.row_counts().sum().item() / float(self.n) ** 2
+
+    def pairs(self) -> int:
+        """Exact number of allowed (query, key) pairs (for FLOP counts)."""
+        return int(self.row_counts().sum().item())
+
+    def blocks(self, nq: int | None, nk: int | None, bq: int, bk: int) -> torch.Tensor:
+        """``(ceil(N/bq), ceil(N/bk))`` int8 tiles: 0 empty, 1 partial, 2 full; never builds N x N."""
+        self._check_len(nq, nk)
+        n = self.n
+        nqb, nkb = -(-n // bq), -(-n // bk)
+        counts = torch.zeros(nqb * nkb, dtype=torch.long)
+        axes = self.axis_dense()
+        # per-axis allowed key lists; a query's keys are their Cartesian product
+        for q0 in range(0, n, bq):
+            qi = torch.arange(q0, min(q0 + bq, n))
+            coords = _unravel(qi, self.shape)
+            keys = torch.zeros(len(qi), 1, dtype=torch.long)
+            valid = torch.ones(len(qi), 1, dtype=torch.bool)
+            for (na, m), ca in zip(zip(self.shape, axes), coords):
+                row = m[ca]  # (nq_chunk, n_a) allowed keys along this axis
+                keys = (keys[:, :, None] * na + torch.arange(na)).reshape(len(qi), -1)
+                valid = (valid[:, :, None] & row[:, None, :]).reshape(len(qi), -1)
+            kb = keys[valid] // bk
+            counts += torch.bincount((q0 // bq) * nkb + kb, minlength=nqb * nkb)
+        counts = counts.view(nqb, nkb)
+        rows = torch.full((nqb,), bq)
+        rows[-1] = n - (nqb - 1) * bq
+        cols = torch.full((nkb,), bk)
+        cols[-1] = n - (nkb - 1) * bk
+        out = torch.zeros(nqb, nkb, dtype=torch.int8)
+        out[counts > 0] = 1
+        out[counts == rows[:, None] * cols[None, :]] = 2
+        return out
+
+    def query(self, i: int | tuple[int, ...]) -> torch.Tensor:
+        """Bool tensor of shape ``shape``: the keys query ``i`` (flat index or coordinate) sees."""
+        if isinstance(i, int):
+            if not 0 <= i < self.n:
+                raise ValueError(f"query index {i} out of range for grid {self.shape}")
+            coords = [int(c) for c in _unravel(torch.tensor(i), self.shape)]
+        else:
+            coords = list(i)
+            if len(coords) != len(self.shape) or any(not 0 <= c < n for c, n in zip(coords, self.shape)):
+                raise ValueError(f"query coordinate {i} out of range for grid {self.shape}")
+        out = torch.ones((), dtype=torch.bool)
+        for m, c in zip(self.axis_dense(), coords):
+            out = out[..., None] & m[c]
+        return out
+
+    def picture(self, i: int | tuple[int, ...]) -> str:
+        """Text picture of one query's neighbourhood: ``Q`` the query, ``#`` a key it sees, ``.`` not.
+
+        1-D: one line; 2-D: rows are the first axis; 3-D: one block per slice of the first axis.
+        """
+        m = self.query(i)
+        coords = tuple(int(c) for c in _unravel(torch.tensor(i), self.shape)) if isinstance(i, int) else tuple(i)
+
+        def grid2(sl: torch.Tensor, qc: tuple[int, ...] | None) -> list[str]:
+            lines = []
+            for y in range(sl.shape[0]):
+                chars = ["#" if sl[y, x] else "." for x in range(sl.shape[1])]
+                if qc is not None and qc[0] == y:
+                    chars[qc[1]] = "Q"
+                lines.append("".join(chars))
+            return lines
+
+        head = f"{self!r}, query {coords}"
+        if m.dim() == 1:
+            return head + "\n" + grid2(m[None], (0, coords[0]))[0]
+        if m.dim() == 2:
+            return "\n".join([head, *grid2(m, coords)])
+        out = [head]
+        for t in range(m.shape[0]):
+            out.append(f"[{t}]")
+            out.extend(grid2(m[t], coords[1:] if t == coords[0] else None))
+        return "\n".join(out)
+
+
+def neighborhood_mask(shape: int | tuple[int, ...], kernel_size: object, dilation: object = 1, stride: object = 1,
+                      is_causal: object = False) -> NeighborhoodMask:
+    """The neighbourhood pattern on a spatial grid, flattened row-major (NATTEN semantics).
+
+    Args:
+        shape: spatial extent, ``N`` or ``(X0, X1[, X2])``.
+        kernel_size, dilation, stride, is_causal: an int/bool or one entry per spatial dim.
+
+    Returns:
+        A :class:`NeighborhoodMask` with ``mask_mod``, ``to_dense``, ``blocks``, ``density``, ``query``.
+
+    Example:
+        >>> print(neighborhood_mask((7, 7), 3, dilation=2).picture((3, 3)))
+    """
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not 1 <= len(shape) <= 3 or any((not isinstance(n, int)) or n < 1 for n in shape):
+        raise ValueError(f"shape must be 1 to 3 positive ints, got {shape}")
+    ks, ds, ss, cs = check_na_params(shape, kernel_size, dilation, stride, is_causal)
+    return NeighborhoodMask(shape, ks, ds, ss, cs)
