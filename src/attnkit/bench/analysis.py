@@ -1,0 +1,123 @@
+"""What the reports derive from the records: speedups, series over N, crossover lengths.
+
+*Efficiency length* (CAB, arXiv 2210.07661): the sequence length from which an
+implementation beats dense attention. Here it is read off the measurements, not a
+fitted model: the speedup vs dense SDPA is interpolated linearly in (log N, log speedup)
+between the two measured lengths where it crosses 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+Record = dict[str, Any]
+
+
+def baseline_of(rec: Record, by_group: dict[tuple[str, str], Record]) -> Record | None:
+    """The dense-SDPA record ``rec`` is compared with: its group's baseline or ``baseline_group``'s."""
+    p = rec.get("params", {})
+    for g in (rec.get("group"), p.get("baseline_group")):
+        b = by_group.get((g, rec.get("pass")))
+        if b is not None:
+            return b
+    return None
+
+
+def with_speedups(records: list[Record]) -> list[Record]:
+    """Copies of ``records`` with ``speedup_vs_baseline`` filled in wherever a baseline was measured."""
+    by_group = {(r["group"], r["pass"]): r for r in records if r.get("baseline") and r.get("status") == "ok"}
+    out = []
+    for r in records:
+        r = dict(r)
+        b = baseline_of(r, by_group)
+        if b is not None and r.get("median_s") and b.get("median_s"):
+            r["speedup_vs_baseline"] = b["median_s"] / r["median_s"]
+            r["baseline_id"] = b["id"]
+        out.append(r)
+    return out
+
+
+def series_label(rec: Record) -> str:
+    """What a curve over N is called in plots: ``impl`` plus the pass."""
+    return f"{rec['impl']} {rec['pass']}"
+
+
+def panel_key(rec: Record) -> str:
+    """Which plot panel a record goes to: the op and its mask (or the group without N)."""
+    p = rec.get("params", {})
+    extra = "".join(f" {k}={p[k]}" for k in ("H", "dtype") if k in p and (k, p[k]) not in (("H", 8),
+                                                                                       ("dtype", "float32")))
+    if "mask" in p:
+        return f"{rec['op']}: {p['mask']}{extra}"
+    return f"{rec['op']}{extra}"
+
+
+def series(records: list[Record]) -> dict[str, dict[str, list[Record]]]:
+    """``panel -> label -> records sorted by N`` for every ok record that has an ``N``."""
+    out: dict[str, dict[str, list[Record]]] = {}
+    for r in records:
+        if r.get("status") != "ok" or "N" not in r.get("params", {}):
+            continue
+        out.setdefault(panel_key(r), {}).setdefault(series_label(r), []).append(r)
+    for panel in out.values():
+        for label in panel:
+            panel[label].sort(key=lambda r: r["params"]["N"])
+    return out
+
+
+@dataclass(frozen=True)
+class Crossover:
+    """Where a series starts beating dense SDPA."""
+
+    panel: str
+    label: str
+    n: float | None  # interpolated crossing; None when there is none in range
+    text: str  # "~2.9K", "< 512 (faster at every N)", "> 8192 (slower at every N)"
+
+
+def _fmt_n(n: float) -> str:
+    return f"{n / 1024:.1f}K" if n >= 1024 else f"{n:.0f}"
+
+
+def crossovers(records: list[Record], key: str = "speedup_vs_baseline") -> list[Crossover]:
+    """Efficiency length of every series with at least two N and a speedup figure."""
+    out = []
+    for panel, by_label in series(with_speedups(records)).items():
+        for label, rs in by_label.items():
+            pts = [(r["params"]["N"], r[key]) for r in rs if r.get(key)]
+            if len(pts) < 2 or all(r.get("baseline") for r in rs):
+                continue
+            cross = None
+            for (n0, s0), (n1, s1) in itertools.pairwise(pts):
+                if s0 < 1 <= s1:
+                    t = (0 - math.log(s0)) / (math.log(s1) - math.log(s0))
+                    cross = math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0)))
+            if cross is not None:
+                out.append(Crossover(panel, label, cross, f"~{_fmt_n(cross)}"))
+            elif all(s >= 1 for _, s in pts):
+                out.append(Crossover(panel, label, None, f"< {pts[0][0]} (faster at every N)"))
+            elif all(s < 1 for _, s in pts):
+                out.append(Crossover(panel, label, None, f"> {pts[-1][0]} (slower at every N)"))
+            else:
+                out.append(Crossover(panel, label, None, "no single crossing"))
+    return out
+
+
+def summary_rows(records: list[Record]) -> list[Record]:
+    """One row per comparison (group, pass): the fastest ok implementation and the runner-up."""
+    by: dict[tuple[str, str, str], list[Record]] = {}
+    for r in with_speedups(records):
+        by.setdefault((r["op"], r["group"], r["pass"]), []).append(r)
+    rows = []
+    for (op, group, pass_), rs in by.items():
+        ok = sorted((r for r in rs if r.get("status") == "ok"), key=lambda r: r["median_s"])
+        failed = [r for r in rs if r.get("status") != "ok"]
+        row: Record = {"op": op, "group": group, "pass": pass_, "n_impls": len(rs), "failed": failed}
+        if ok:
+            row["best"] = ok[0]
+            row["runner_up"] = ok[1] if len(ok) > 1 else None
+        rows.append(row)
+    return rows

@@ -1,0 +1,218 @@
+"""Cases for ``ak.attention``: LongCA-bench's mask zoo x implementations x N x pass.
+
+Implementations compared (``Case.impl``):
+
+* ``sdpa``: ``F.scaled_dot_product_attention`` with no mask on heads-first tensors -- dense
+  attention, the baseline every speedup is divided by (group ``full/N=...``);
+* ``sdpa_causal``: the same with ``is_causal=True`` (plain causal masks only);
+* ``sdpa_dense_mask``: SDPA with a dense ``(N, N)`` boolean mask -- what a user without
+  attnkit would write; building the mask is timed apart (``mask_build_s``);
+* ``blocked``: ``ak.attention(..., backend="blocked")``; its tile plan is built in setup and
+  timed apart (``mask_build_s``);
+* ``flex``: ``ak.attention(..., backend="flex")`` = ``torch.compile(flex_attention)`` with a
+  BlockMask; forward only on CPU; BlockMask build and compile timed apart.
+
+Shapes follow the foundation's performance checks: B=1, H=8, D=64, fp32, heads-last.
+Each case checks its output on 64 query rows (all heads) against an fp64 reference.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnkit.bench.case import Case, Runner
+from attnkit.bench.flops import attention_flops, mask_area
+
+B, H, D = 1, 8, 64
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def _masks() -> Any:
+    import attnkit.masks as m
+
+    return m
+
+
+def named_mask(name: str, n: int) -> Any:
+    """The mask called ``name`` for ``n`` tokens: ``sliding_window_512``, ``causal``, a zoo name, ..."""
+    m = _masks()
+    fixed: dict[str, Callable[[], Any]] = {
+        "full": lambda: None,
+        "causal": m.causal,
+        "causal_document": lambda: m.causal() & m.document(m._doc_lengths(n)),
+        "full_document": lambda: m.document(m._doc_lengths(n)),
+    }
+    if name in fixed:
+        return fixed[name]()
+    for prefix, make in (("sliding_window_causal_", lambda w: m.causal() & m.sliding_window(w)),
+                         ("sliding_window_", m.sliding_window), ("block_causal_", m.block_causal),
+                         ("chunked_", m.chunked)):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return make(int(name[len(prefix):]))
+    return m.zoo(name, n)
+
+
+def _qkv(n: int, h: int, dtype: torch.dtype, heads_first: bool, grad: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, h, n, D) if heads_first else (B, n, h, D)
+    q, k, v, do = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(grad)
+    return q, k, v, do
+
+
+def _check(fn: Callable[[], torch.Tensor], q, k, v, mask, heads_first: bool) -> tuple[float, float]:
+    """Output rows of ``fn`` vs an fp64 reference on 64 query rows (all heads)."""
+    with torch.no_grad():
+        out = fn().detach()
+        if heads_first:
+            out, q, k, v = (t.transpose(1, 2) for t in (out, q, k, v))  # (B, N, H, D)
+        n = q.shape[1]
+        rows = torch.linspace(0, n - 1, min(64, n)).long()
+        qs = q[0, rows].double().transpose(0, 1)                               # (H, R, D)
+        ks, vs = k[0].double().transpose(0, 1), v[0].double().transpose(0, 1)  # (H, N, D)
+        s = qs @ ks.transpose(-1, -2) * D**-0.5                                 # (H, R, N)
+        if mask is not None:
+            allowed = mask.mask_mod(0, 0, rows[:, None], torch.arange(n)[None, :])  # (R, N)
+            s = s.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)  # an empty row gives zeros
+        ref = (p @ vs).transpose(0, 1)                                          # (R, H, D)
+        got = out[0, rows].double()                                             # (R, H, D)
+        err = (got - ref).abs().max().item()
+        rel = ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+    return err, rel
+
+
+def _runner(fn: Callable[[], torch.Tensor], q, k, v, do, pass_: str, check, **kw: Any) -> Runner:
+    if pass_ == "fwd":
+        def run() -> Any:
+            with torch.no_grad():
+                return fn()
+    else:
+        def run() -> Any:
+            return torch.autograd.grad(fn(), (q, k, v), do)
+    return Runner(run=run, check=check, **kw)
+
+
+def _setup(impl: str, mask_name: str, n: int, h: int, dtype_name: str, pass_: str) -> Callable[[], Runner]:
+    def setup() -> Runner:
+        import attnkit as ak
+
+        dtype = DTYPES[dtype_name]
+        mask = named_mask(mask_name, n)
+        heads_first = impl.startswith("sdpa")
+        q, k, v, do = _qkv(n, h, dtype, heads_first, pass_ == "fwd+bwd")
+        oneoff: dict[str, float] = {}
+        first_oneoff = False
+        if impl == "sdpa":
+            def fn() -> torch.Tensor:
+                return F.scaled_dot_product_attention(q, k, v)
+        elif impl == "sdpa_causal":
+            def fn() -> torch.Tensor:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif impl == "sdpa_dense_mask":
+            t0 = time.perf_counter()
+            dense = mask.to_dense(n, n)                                    # (N, N) bool
+            oneoff["mask_build_s"] = time.perf_counter() - t0
+
+            def fn() -> torch.Tensor:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        elif impl == "blocked":
+            from attnkit.backends.blocked import tile_sizes
+            from attnkit.backends.blocked_plan import build_plan
+
+            t0 = time.perf_counter()
+            build_plan(mask, n, n, *tile_sizes(n, n))  # cached; the timed calls reuse it
+            oneoff["mask_build_s"] = time.perf_counter() - t0
+
+            def fn() -> torch.Tensor:
+                return ak.attention(q, k, v, mask, backend="blocked")
+        elif impl == "flex":
+            from attnkit.backends.flex import block_mask_for
+
+            t0 = time.perf_counter()
+            block_mask_for(mask, B, h, n, n, q.device)
+            oneoff["mask_build_s"] = time.perf_counter() - t0
+            first_oneoff = True
+
+            def fn() -> torch.Tensor:
+                return ak.attention(q, k, v, mask, backend="flex")
+        else:
+            raise ValueError(f"unknown impl {impl!r}")
+        return _runner(fn, q, k, v, do, pass_, lambda: _check(fn, q, k, v, mask, heads_first),
+                       oneoff=oneoff, first_call_is_oneoff=first_oneoff)
+
+    return setup
+
+
+def _impls(mask_name: str) -> list[str]:
+    if mask_name == "full":
+        return ["sdpa", "blocked"]
+    return (["sdpa_causal"] if mask_name == "causal" else []) + ["sdpa_dense_mask", "blocked"]
+
+
+def grid(masks: list[str], ns: list[int], passes: tuple[str, ...], suites: set[str], *, h: int = H,
+         dtype: str = "float32", impls: Callable[[str], list[str]] = _impls) -> list[Case]:
+    """Cases for every (mask, N, pass, impl); each group's speedups refer to dense SDPA at its N."""
+    out = []
+    suffix = (f"/H={h}" if h != H else "") + (f"/{dtype}" if dtype != "float32" else "")
+    for n in ns:
+        for mask_name in masks:
+            mask = named_mask(mask_name, n)
+            fl = attention_flops(mask_area(mask, n, n), h, D, batch=B)
+            params = (("mask", mask_name), ("mask_repr", repr(mask) if mask is not None else "full"),
+                      ("N", n), ("B", B), ("H", h), ("D", D), ("dtype", dtype),
+                      ("density", round(fl / attention_flops(n * n, h, D, batch=B), 6)),
+                      ("baseline_group", f"full/N={n}{suffix}"))
+            for pass_ in passes:
+                for impl in impls(mask_name):
+                    if impl == "flex" and pass_ != "fwd":
+                        continue  # FlexAttention has no CPU backward
+                    out.append(Case(op="attention", impl=impl, group=f"{mask_name}/N={n}{suffix}", pass_=pass_,
+                                    suites=frozenset(suites), params=params, flops=fl,
+                                    setup=_setup(impl, mask_name, n, h, dtype, pass_),
+                                    baseline=impl == "sdpa" and mask_name == "full"))
+    return out
+
+
+def _merge(groups: list[list[Case]]) -> list[Case]:
+    """One case per id; a case listed twice belongs to the union of its suites."""
+    by: dict[str, Case] = {}
+    for cs in groups:
+        for c in cs:
+            if c.id in by:
+                old = by[c.id]
+                by[c.id] = Case(**{**{f: getattr(old, f) for f in old.__dataclass_fields__},
+                                   "suites": old.suites | c.suites})
+            else:
+                by[c.id] = c
+    return list(by.values())
+
+
+FWD, BOTH = ("fwd",), ("fwd", "fwd+bwd")
+
+
+def cases() -> list[Case]:
+    """Every ak.attention case, suites attached (see module docstring)."""
+    m = _masks()
+    zoo = [z for z in m.ZOO]
+    with_flex = lambda name: [*_impls(name), "flex"]  # noqa: E731
+    return _merge([
+        grid(["full", "causal", "sliding_window_128"], [512], BOTH, {"quick"}),
+        grid(["full", "causal", "sliding_window_256", "causal_document", "block_causal_256",
+              "global_sliding_window"], [1024, 2048], BOTH, {"default", "full"}),
+        grid(["full", "causal", "sliding_window_256"], [4096], FWD, {"default", "full"}),
+        grid(zoo, [1024, 2048, 4096, 8192], BOTH, {"masks", "full"}),
+        grid(["full", "causal", "sliding_window_256"], [512 * 2**i for i in range(8)], BOTH, {"scaling"}),
+        # the foundation's performance checks
+        grid(["full", "sliding_window_512"], [16384], FWD, {"full"}, impls=with_flex),
+        grid(["full", "sliding_window_512", "causal", "causal_document"], [8192], BOTH, {"full"}),
+        grid(["full", "causal", "sliding_window_256"], [4096], FWD, {"full"}, impls=with_flex),
+        grid(["sliding_window_causal_512"], [65536], ("fwd+bwd",), {"full"}, h=4,
+             impls=lambda name: ["blocked", "sdpa_dense_mask"]),
+    ])

@@ -1,0 +1,203 @@
+"""Reports from a results file: ``report.md``, a self-contained ``report.html`` and its PNGs.
+
+Both read only ``results.jsonl`` (the latest record per case), so a report can be rebuilt
+at any time, for a finished, interrupted or resumed run alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+from pathlib import Path
+from typing import Any
+
+from attnkit.bench.analysis import Record, crossovers, summary_rows, with_speedups
+from attnkit.bench.plots import make_plots
+from attnkit.bench.results import latest_cases, load, runs
+
+MEMORY_NOTE = ("peak memory: resident growth of a fresh process forked from an idle worker while it builds "
+               "the inputs and runs one pass (Linux VmHWM after clear_refs); compile residue excluded")
+
+
+def _num(x: Any, fmt: str = "{:.3g}") -> str:
+    return "" if x is None else fmt.format(x)
+
+
+def ms(r: Record) -> str:
+    if r.get("median_s") is None:
+        return ""
+    return f"{r['median_s'] * 1e3:.3g}"
+
+
+def spread(r: Record) -> str:
+    if r.get("p20_s") is None:
+        return ""
+    return f"{r['p20_s'] * 1e3:.3g}–{r['p80_s'] * 1e3:.3g}"
+
+
+def oneoffs(r: Record) -> str:
+    parts = []
+    for key, label in (("compile_s", "compile"), ("setup_s", "setup")):
+        if r.get(key) is not None and (key == "compile_s" or r[key] >= 0.05):
+            parts.append(f"{label} {r[key]:.2g}s")
+    for k, v in (r.get("oneoff") or {}).items():
+        parts.append(f"{k.removesuffix('_s').replace('_', ' ')} {v:.2g}s")
+    return ", ".join(parts)
+
+
+def status(r: Record) -> str:
+    s = r.get("status", "?")
+    return s if s == "ok" else f"{s}: {r.get('reason', '')}"[:160]
+
+
+CASE_COLUMNS = (
+    ("group", lambda r: r["group"]), ("impl", lambda r: r["impl"]), ("pass", lambda r: r["pass"]),
+    ("median ms", ms), ("p20–p80 ms", spread), ("GFLOP/s", lambda r: _num(r.get("gflops"), "{:.1f}")),
+    ("% roof", lambda r: _num(r.get("pct_roof"), "{:.0f}")),
+    ("× dense SDPA", lambda r: _num(r.get("speedup_vs_baseline"), "{:.2f}")),
+    ("peak MiB", lambda r: _num(r.get("peak_rss_mb"), "{:.0f}")),
+    ("max abs err", lambda r: _num(r.get("max_abs_err"), "{:.1e}")),
+    ("rel err", lambda r: _num(r.get("rel_rmse"), "{:.1e}")),
+    ("one-off", oneoffs), ("status", status),
+)
+
+SUMMARY_COLUMNS = ("comparison", "pass", "fastest", "median ms", "GFLOP/s", "% roof", "× dense SDPA",
+                   "next best", "max abs err", "failed")
+
+
+def summary_cells(row: Record) -> list[str]:
+    """The cells of one summary row (shared by the terminal, markdown and HTML tables)."""
+    b, nxt = row.get("best"), row.get("runner_up")
+    failed = ", ".join(f"{f['impl']} ({f['status']})" for f in row["failed"])
+    if b is None:
+        return [f"{row['op']}/{row['group']}", row["pass"], "—", "", "", "", "", "", "", failed]
+    return [f"{row['op']}/{row['group']}", row["pass"], b["impl"], ms(b), _num(b.get("gflops"), "{:.1f}"),
+            _num(b.get("pct_roof"), "{:.0f}"), _num(b.get("speedup_vs_baseline"), "{:.2f}"),
+            f"{nxt['impl']} ×{nxt['median_s'] / b['median_s']:.2f} slower" if nxt else "",
+            _num(b.get("max_abs_err"), "{:.1e}"), failed]
+
+
+def _md_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
+    esc = [[c.replace("|", "\\|") for c in row] for row in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in esc])
+
+
+def _context(path: Path) -> dict[str, Any]:
+    records = load(path)
+    latest = list(latest_cases(records).values())
+    rs = runs(records)
+    last = rs[-1] if rs else {}
+    ends = [r for r in records if r.get("kind") == "run_end"]
+    not_installed: dict[str, int] = {}
+    provider_errors: dict[str, str] = {}
+    for r in rs:
+        not_installed.update(r.get("not_installed") or {})
+        provider_errors.update(r.get("provider_errors") or {})
+    return {"cases": with_speedups(latest), "run": last, "runs": rs, "wall_s": sum(e.get("wall_s", 0) for e in ends),
+            "interrupted": bool(ends and ends[-1].get("interrupted")), "not_installed": not_installed,
+            "provider_errors": provider_errors}
+
+
+def _header_lines(ctx: dict[str, Any]) -> list[str]:
+    run, m = ctx["run"], ctx["run"].get("machine", {})
+    roofs = ", ".join(f"{k} {v:.1f}" for k, v in (run.get("roof_gflops") or {}).items() if v)
+    when = _dt.datetime.fromtimestamp(run.get("time", 0)).strftime("%Y-%m-%d %H:%M") if run else "?"
+    ok = sum(r["status"] == "ok" for r in ctx["cases"])
+    lines = [
+        f"suite `{run.get('suite', '?')}`, last run {when}; {len(ctx['cases'])} cases ({ok} ok), "
+        f"{len(ctx['runs'])} invocation(s), {ctx['wall_s']:.0f} s in total"
+        + (" — **interrupted** (rerun with the same --out to finish)" if ctx["interrupted"] else ""),
+        f"machine: {m.get('cpu', '?')}, {m.get('physical_cores', '?')} cores / {m.get('logical_cores', '?')} "
+        f"threads, {m.get('ram_gb', '?')} GiB; torch {m.get('torch', '?')}, python {m.get('python', '?')}, "
+        f"{m.get('threads', '?')} torch threads",
+        f"matmul roof (GFLOP/s, measured in this run): {roofs or 'n/a'}",
+        "FLOPs: useful only — 4·area·H·D forward over the mask's exact allowed pairs, fwd+bwd = 3.5× "
+        "(LongCA-bench); mechanisms: their registered flops()",
+        "timing: warm-up, then interleaved rounds within each comparison; median with 20th–80th percentiles; "
+        "one-off costs (setup, mask/plan build, compile) apart",
+        MEMORY_NOTE,
+        "error: vs an fp64 reference on a slice (64 query rows, all heads) or the same module in fp64",
+    ]
+    if ctx["not_installed"]:
+        lines.append("not installed: " + ", ".join(f"{k} ({v} cases skipped)" for k, v in ctx["not_installed"].items()))
+    for name, err in ctx["provider_errors"].items():
+        lines.append(f"provider failed: {name}: {err}")
+    return lines
+
+
+def write_markdown(ctx: dict[str, Any], path: Path, figures: list[tuple[str, str]]) -> None:
+    cases = ctx["cases"]
+    parts = ["# attnkit benchmark", "", *(f"- {line}" for line in _header_lines(ctx)), "",
+             "## Summary (fastest implementation per comparison)", "",
+             _md_table(SUMMARY_COLUMNS, [summary_cells(r) for r in summary_rows(cases)]), ""]
+    cross = crossovers(cases)
+    if cross:
+        parts += ["## Efficiency length (where an implementation starts beating dense SDPA)", "",
+                  _md_table(("panel", "series", "crossover N"), [[c.panel, c.label, c.text] for c in cross]), ""]
+    for op in dict.fromkeys(r["op"] for r in cases):
+        rs = [r for r in cases if r["op"] == op]
+        parts += [f"## {op}", "", _md_table([c for c, _ in CASE_COLUMNS], [[f(r) for _, f in CASE_COLUMNS]
+                                                                            for r in rs]), ""]
+    if figures:
+        parts += ["## Figures", ""] + [f"![{t}]({f})" for t, f in figures] + [""]
+    path.write_text("\n".join(parts))
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;
+font-size:12px;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+td:nth-child(-n+3),th{text-align:left}th{background:#f0f0f0}tr.bad td{background:#fde8e8}
+tr.base td{background:#eef5ff}img{max-width:100%;border:1px solid #ddd;margin:.5em 0}ul{font-size:13px}"""
+
+
+def _html_table(header: list[str] | tuple[str, ...], rows: list[tuple[list[str], str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+                   for cells, cls in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_html(ctx: dict[str, Any], path: Path, figures: list[tuple[str, str]]) -> None:
+    cases = ctx["cases"]
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>attnkit benchmark</title><style>{CSS}"
+           "</style></head><body><h1>attnkit benchmark</h1><ul>"]
+    out += [f"<li>{html.escape(line)}</li>" for line in _header_lines(ctx)]
+    out.append("</ul><h2>Summary (fastest implementation per comparison)</h2>")
+    out.append(_html_table(SUMMARY_COLUMNS, [(summary_cells(r), "bad" if r["failed"] else "")
+                                             for r in summary_rows(cases)]))
+    if figures:
+        out.append("<h2>Figures</h2>")
+        for title, fname in figures:
+            data = base64.b64encode((path.parent / fname).read_bytes()).decode()
+            out.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+                       f"<figcaption>{html.escape(title)} ({html.escape(fname)})</figcaption></figure>")
+    cross = crossovers(cases)
+    if cross:
+        out.append("<h2>Efficiency length</h2>")
+        out.append(_html_table(("panel", "series", "crossover N"), [([c.panel, c.label, c.text], "") for c in cross]))
+    for op in dict.fromkeys(r["op"] for r in cases):
+        rs = [r for r in cases if r["op"] == op]
+        out.append(f"<h2>{html.escape(op)}</h2>")
+        out.append(_html_table([c for c, _ in CASE_COLUMNS], [
+            ([f(r) for _, f in CASE_COLUMNS], "bad" if r["status"] != "ok" else "base" if r.get("baseline") else "")
+            for r in rs]))
+    out.append("</body></html>")
+    path.write_text("\n".join(out))
+
+
+def write_reports(out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` and the PNGs from ``out_dir/results.jsonl``."""
+    out_dir = Path(out_dir)
+    ctx = _context(out_dir / "results.jsonl")
+    figures = make_plots(ctx["cases"], out_dir) if ctx["cases"] else []
+    write_markdown(ctx, out_dir / "report.md", figures)
+    write_html(ctx, out_dir / "report.html", figures)
+    return {"md": out_dir / "report.md", "html": out_dir / "report.html",
+            **{f: out_dir / f for _, f in figures}}
+
+
+def summary_table(out_dir: str | Path) -> tuple[tuple[str, ...], list[list[str]]]:
+    """The summary table (header, rows) of a results directory, for the terminal."""
+    ctx = _context(Path(out_dir) / "results.jsonl")
+    return SUMMARY_COLUMNS, [summary_cells(r) for r in summary_rows(ctx["cases"])]

@@ -1,0 +1,68 @@
+"""Benchmark suites as data: which cases run, and how hard each is measured.
+
+A case names the suites it belongs to (``Case.suites``); a :class:`Suite` says how
+to measure them: repeats, warm-up, the time budget of one comparison, whether a
+fresh process measures peak memory, and (for ``scaling``) when a series of
+growing ``N`` stops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Suite:
+    """How one suite is measured.
+
+    Attributes:
+        name: the suite's name, as cases list it in ``Case.suites``.
+        description: one line for ``attnkit bench list-suites``.
+        repeat: timed samples per case (each sample may loop a fast call several times).
+        min_repeat: fewest samples kept when the unit's budget forces fewer than ``repeat``.
+        warmup_s: warm-up time per case after the first call (at least one call).
+        min_sample_s: a sample loops a fast call until it lasts this long (timer resolution).
+        unit_budget_s: time budget for the timed rounds of one comparison (group, pass).
+        case_timeout_s: a single call longer than this kills the worker; the case is
+            recorded as ``timeout`` and the run goes on.
+        memory: measure each case's peak RSS in a fresh forked process.
+        stop_series_over_s: in a series of growing ``N`` (same op, impl, pass and other
+            params), skip the larger ``N`` once a case's median exceeds this or fails.
+    """
+
+    name: str
+    description: str
+    repeat: int = 5
+    min_repeat: int = 3
+    warmup_s: float = 0.05
+    min_sample_s: float = 0.005
+    unit_budget_s: float = 8.0
+    case_timeout_s: float = 120.0
+    memory: bool = True
+    stop_series_over_s: float | None = None
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite("quick", "smoke test of the harness and every provider (< 1 min; used by tests)",
+              repeat=3, min_repeat=2, warmup_s=0.0, unit_budget_s=1.0, case_timeout_s=30.0, memory=True),
+        Suite("default", "the CPU suite `make bench` runs: dense vs each mask family vs backends, "
+                         "fwd and fwd+bwd, a few N (< 5 min on 2 cores)",
+              repeat=5, min_repeat=3, warmup_s=0.02, unit_budget_s=4.0, case_timeout_s=60.0),
+        Suite("masks", "LongCA-bench's mask zoo x N, every backend that runs it",
+              repeat=5, unit_budget_s=10.0, case_timeout_s=120.0),
+        Suite("scaling", "N doubling per mechanism until a case takes > 2 s or fails (crossover lengths)",
+              repeat=3, min_repeat=2, unit_budget_s=10.0, case_timeout_s=60.0, stop_series_over_s=2.0),
+        Suite("full", "everything, including the foundation's N=8192/16384/65536 checks and flex",
+              repeat=5, unit_budget_s=30.0, case_timeout_s=600.0),
+    )
+}
+
+
+def get_suite(name: str) -> Suite:
+    """The suite called ``name``; unknown names raise ``KeyError`` listing the valid ones."""
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise KeyError(f"unknown suite {name!r}; suites: {', '.join(SUITES)}") from None
