@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from attnkit._validate import per_dim
+from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask
 
 
 def check_na_params(shape: tuple[int, ...], kernel_size: object, dilation: object = 1, stride: object = 1,
@@ -95,11 +96,12 @@ def _unravel(idx: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class NeighborhoodMask:
-    """The NA/DiNA/causal-NA/GNA pattern on a row-major flattened grid, as a mask object.
+class NeighborhoodMask(Mask):
+    """The NA/DiNA/causal-NA/GNA pattern on a row-major flattened grid, as an attnkit :class:`Mask`.
 
-    ``True`` = may attend. Works with flex (``mask_mod``), the dense reference (``to_dense``),
-    tile schedulers (``blocks``) and pictures (``query``, ``picture``).
+    ``True`` = may attend. Works with flex (``mask_mod``), ``ak.attention(mask=...)`` and the
+    dense reference (``to_dense``), tile schedulers (``blocks``, exact) and pictures
+    (``query``, ``picture``, ``ak.masks.show``). Composes with ``&``, ``|``, ``~``.
 
     Example:
         >>> m = neighborhood_mask((8, 8), 3)
@@ -116,8 +118,11 @@ class NeighborhoodMask:
     def n(self) -> int:
         return math.prod(self.shape)
 
+    _coarse_is_exact = True  # blocks are classified exactly from per-axis tables
+
     @property
-    def __name__(self) -> str:  # readable name for tables/plots (attention-gym style)
+    def name(self) -> str:
+        """Readable name for tables and plots, e.g. ``neighborhood_13x13_d2x2``."""
         parts = ["neighborhood_" + "x".join(map(str, self.kernel_size))]
         if any(d > 1 for d in self.dilation):
             parts.append("d" + "x".join(map(str, self.dilation)))
@@ -143,6 +148,11 @@ class NeighborhoodMask:
             ok = a if ok is None else ok & a
         return ok
 
+    def validate(self, nq: int, nk: int) -> None:
+        """The pattern lives on one grid: ``nq == nk == prod(shape)``."""
+        super().validate(nq, nk)
+        self._check_len(nq, nk)
+
     def _check_len(self, nq: int | None, nk: int | None) -> None:
         for name, v in (("nq", nq), ("nk", nk)):
             if v is not None and v != self.n:
@@ -156,13 +166,13 @@ class NeighborhoodMask:
             out.append(axis_allowed(i[:, None], i[None, :], n, k, d, s, c))
         return out
 
-    def to_dense(self, nq: int | None = None, nk: int | None = None) -> torch.Tensor:
+    def to_dense(self, nq: int | None = None, nk: int | None = None, device=None) -> torch.Tensor:
         """The ``(N, N)`` bool mask (row = query, column = key), N = prod(shape)."""
         self._check_len(nq, nk)
         full = torch.ones(1, 1, dtype=torch.bool)
         for m in self.axis_dense():  # Kronecker product of per-axis patterns, row-major
             full = (full[:, None, :, None] & m[None, :, None, :]).reshape(full.shape[0] * m.shape[0], -1)
-        return full
+        return full if device is None else full.to(device)
 
     def row_counts(self) -> torch.Tensor:
         """Number of keys each query sees, shape ``shape`` (product of per-axis counts)."""
@@ -171,42 +181,51 @@ class NeighborhoodMask:
             cnt = cnt[..., None] * m.sum(-1)
         return cnt
 
+    def count(self, nq: int | None = None, nk: int | None = None) -> int:
+        """Exact number of allowed (query, key) pairs (for FLOP counts)."""
+        self._check_len(nq, nk)
+        return int(self.row_counts().sum().item())
+
     def density(self, nq: int | None = None, nk: int | None = None) -> float:
         """Exact fraction of allowed (query, key) pairs."""
-        self._check_len(nq, nk)
-        return self.row_counts().sum().item() / float(self.n) ** 2
+        return self.count(nq, nk) / float(self.n) ** 2
 
     def pairs(self) -> int:
         """Exact number of allowed (query, key) pairs (for FLOP counts)."""
-        return int(self.row_counts().sum().item())
+        return self.count()
 
-    def blocks(self, nq: int | None, nk: int | None, bq: int, bk: int) -> torch.Tensor:
-        """``(ceil(N/bq), ceil(N/bk))`` int8 tiles: 0 empty, 1 partial, 2 full; never builds N x N."""
-        self._check_len(nq, nk)
+    def axis_keys(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per axis, the gather table ``(keys (n_a, k_a), valid (n_a, k_a))`` (local.md §1.2)."""
+        out = []
+        for n, k, d, s, c in self._axes():
+            g, _u, _L, start, end = axis_windows(n, k, d, s, c)
+            t = start[:, None] + torch.arange(k)  # (n, k) in-group key coords
+            valid = t < end[:, None]
+            out.append(((g[:, None] + d * t).clamp(max=n - 1), valid))
+        return out
+
+    def _coarse_blocks(self, nq: int, nk: int, bq: int, bk: int) -> torch.Tensor:
+        """Exact ``(ceil(N/bq), ceil(N/bk))`` int8 tile classes; ``O(N * prod(k))`` work, no N x N."""
         n = self.n
         nqb, nkb = -(-n // bq), -(-n // bk)
         counts = torch.zeros(nqb * nkb, dtype=torch.long)
-        axes = self.axis_dense()
-        # per-axis allowed key lists; a query's keys are their Cartesian product
-        for q0 in range(0, n, bq):
+        tables = self.axis_keys()
+        for q0 in range(0, n, bq):  # a query's keys are the Cartesian product of its per-axis keys
             qi = torch.arange(q0, min(q0 + bq, n))
-            coords = _unravel(qi, self.shape)
             keys = torch.zeros(len(qi), 1, dtype=torch.long)
             valid = torch.ones(len(qi), 1, dtype=torch.bool)
-            for (na, m), ca in zip(zip(self.shape, axes), coords):
-                row = m[ca]  # (nq_chunk, n_a) allowed keys along this axis
-                keys = (keys[:, :, None] * na + torch.arange(na)).reshape(len(qi), -1)
-                valid = (valid[:, :, None] & row[:, None, :]).reshape(len(qi), -1)
-            kb = keys[valid] // bk
-            counts += torch.bincount((q0 // bq) * nkb + kb, minlength=nqb * nkb)
+            for na, (kt, vt), ca in zip(self.shape, tables, _unravel(qi, self.shape)):
+                keys = (keys[:, :, None] * na + kt[ca][:, None, :]).reshape(len(qi), -1)
+                valid = (valid[:, :, None] & vt[ca][:, None, :]).reshape(len(qi), -1)
+            counts += torch.bincount((q0 // bq) * nkb + keys[valid] // bk, minlength=nqb * nkb)
         counts = counts.view(nqb, nkb)
         rows = torch.full((nqb,), bq)
         rows[-1] = n - (nqb - 1) * bq
         cols = torch.full((nkb,), bk)
         cols[-1] = n - (nkb - 1) * bk
-        out = torch.zeros(nqb, nkb, dtype=torch.int8)
-        out[counts > 0] = 1
-        out[counts == rows[:, None] * cols[None, :]] = 2
+        out = torch.full((nqb, nkb), EMPTY, dtype=torch.int8)
+        out[counts > 0] = PARTIAL
+        out[counts == rows[:, None] * cols[None, :]] = FULL
         return out
 
     def query(self, i: int | tuple[int, ...]) -> torch.Tensor:
