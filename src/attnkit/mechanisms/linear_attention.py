@@ -1,0 +1,173 @@
+"""Kernelized linear attention modules: Katharopoulos et al., and two vision configs of the same op.
+
+"Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention", arXiv 2006.16236;
+"The Linear Attention Resurrection in Vision Transformer" (L2ViT), arXiv 2501.16182 — its linear
+global attention (LGA); "CARE Transformer: Mobile-Friendly Linear Visual Transformer via Decoupled
+Dual Interaction", arXiv 2411.16170 — its global (linear-attention) branch. Spec: papers/linear.md
+§1, §6.1, §7.1. All three are ``ak.linear_attention`` plus projections; only the normaliser differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attnkit.ops.linear import linear_attention
+from attnkit.registry import Paper, register
+
+
+@dataclass(frozen=True)
+class LinearAttentionConfig:
+    dim: int
+    num_heads: int
+    causal: bool = True
+    feature_map: str = "elu+1"
+    normalize: bool = True
+    eps: float = 1e-6
+
+
+class LinearAttention(nn.Module):
+    """Linear attention on ``x (B, N, C)`` (or cross: ``forward(x, context)``): Katharopoulos defaults.
+
+    ``q, k, v = x W_q, x W_k, x W_v`` (no bias) -> ``(B, N, H, D)`` -> ``ak.linear_attention`` with
+    phi = elu+1, normalisation, no q scale -> ``W_o``.
+
+    Example:
+        >>> m = LinearAttention(64, 4)             # causal
+        >>> y = m(torch.randn(2, 100, 64))
+    """
+
+    def __init__(self, dim: int, num_heads: int, causal: bool = True, feature_map: str = "elu+1",
+                 normalize: bool = True, eps: float = 1e-6):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.config = LinearAttentionConfig(dim, num_heads, causal, feature_map, normalize, eps)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.config
+        B, N, C = x.shape
+        ctx = x if context is None else context
+        q = self.q(x).view(B, N, c.num_heads, C // c.num_heads)  # (B, N, H, D)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, c.num_heads, C // c.num_heads).unbind(2)  # (B, M, H, D)
+        o = linear_attention(q, k, v, causal=c.causal, feature_map=c.feature_map, normalize=c.normalize,
+                             scale=1.0, eps=c.eps)
+        return self.out(o.reshape(B, N, C))  # (B, N, C)
+
+
+class L2ViTAttention(nn.Module):
+    """L2ViT linear global attention (LGA) on channels-last ``x (B, h, w, C)`` (papers/linear.md §6.1).
+
+    phi = ReLU; ``O = tau_h * phi(Q)(phi(K)^T V) / max(phi(Q) . sum_s phi(k_s), 100)``; tau learnable per
+    head, init D^-1/2. Both numerator and denominator are ``ak.linear_attention`` calls (non-causal,
+    unnormalised; the denominator is the op with v = 1). The clamp is part of the trained function.
+    The local concentration module (LCM) is a separate conv block, not included here.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, clamp_min: float = 100.0):
+        super().__init__()
+        self.num_heads, self.clamp_min = num_heads, clamp_min
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.temperature = nn.Parameter(torch.full((num_heads,), (dim // num_heads) ** -0.5))
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, h, w, C = x.shape
+        H = self.num_heads
+        q, k, v = self.qkv(x).view(B, h * w, 3, H, C // H).unbind(2)  # (B, N, H, D) each
+        num = linear_attention(q, k, v, causal=False, feature_map="relu", scale=1.0)
+        den = linear_attention(q, k, torch.ones_like(v[..., :1]), causal=False, feature_map="relu", scale=1.0)
+        o = self.temperature[:, None] * num / den.clamp_min(self.clamp_min)  # (B, N, H, D)
+        return self.out(o.reshape(B, h, w, C))
+
+
+class CAREAttention(nn.Module):
+    """CARE global branch on channels-last ``x (B, h, w, g)`` (papers/linear.md §7.1).
+
+    ``[Q, K] = x W_qk`` (1x1 conv = Linear, with bias), ``V = x`` (no value projection), heads of width
+    ``d_att``; phi = elu+1; normalised non-causal with the *mean* normaliser, i.e. the sum-normalised op
+    with eps scaled by N. The depthwise-conv branches and the dual interaction are conv blocks, not here.
+    """
+
+    def __init__(self, dim: int, head_dim: int = 16, eps: float = 1e-6):
+        super().__init__()
+        if dim % head_dim:
+            raise ValueError(f"dim ({dim}) must be divisible by head_dim ({head_dim})")
+        self.head_dim, self.eps = head_dim, eps
+        self.qk = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, h, w, C = x.shape
+        N, H = h * w, C // self.head_dim
+        q, k = self.qk(x).view(B, N, 2, H, self.head_dim).unbind(2)  # (B, N, H, d_att)
+        v = x.reshape(B, N, H, self.head_dim)  # (B, N, H, d_att)
+        o = linear_attention(q, k, v, causal=False, feature_map="elu+1", normalize=True, scale=1.0,
+                             eps=self.eps * N)
+        return o.reshape(B, h, w, C)
+
+
+def _lin_flops(cfg: dict) -> float:
+    B, N, C, H = cfg.get("batch", 1), cfg["seq_len"], cfg["dim"], cfg["num_heads"]
+    D = C // H
+    return float(2 * B * N * C * C * 4 + B * H * N * 4 * D * (D + 1))
+
+
+def _vis_flops(cfg: dict) -> float:
+    B, N, C = cfg.get("batch", 1), cfg["height"] * cfg["width"], cfg["dim"]
+    H = cfg.get("num_heads") or C // cfg.get("head_dim", 16)
+    D = C // H
+    return float(2 * B * N * C * C * 4 + B * H * N * 4 * D * (D + 1))
+
+
+_LIN = {"batch": 2, "seq_len": 33, "dim": 32, "num_heads": 4, "causal": True}
+_L2 = {"batch": 2, "height": 6, "width": 5, "dim": 32, "num_heads": 2}
+_CARE = {"batch": 2, "height": 6, "width": 5, "dim": 32, "head_dim": 16}
+
+
+def _lin_example(config=None):
+    c = {**_LIN, **(config or {})}
+    return LinearAttention(c["dim"], c["num_heads"], causal=c["causal"]), (torch.randn(c["batch"], c["seq_len"],
+                                                                                         c["dim"]),)
+
+
+def _l2_example(config=None):
+    c = {**_L2, **(config or {})}
+    return L2ViTAttention(c["dim"], c["num_heads"]), (torch.randn(c["batch"], c["height"], c["width"], c["dim"]),)
+
+
+def _care_example(config=None):
+    c = {**_CARE, **(config or {})}
+    return CAREAttention(c["dim"], c["head_dim"]), (torch.randn(c["batch"], c["height"], c["width"], c["dim"]),)
+
+
+register(
+    name="linear_attention", family="linear",
+    paper=Paper("Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention", "2006.16236", 2020),
+    patterns=("noncausal-self", "causal-self", "noncausal-cross", "causal-cross"),
+    complexity="O(N H D^2)", flops=_lin_flops, example=_lin_example, default_config=_LIN,
+    notes="phi = elu+1, normalised, eps 1e-6 added to the denominator, no q scale (it would cancel).",
+)(LinearAttention)
+
+register(
+    name="l2vit_lga", family="linear",
+    paper=Paper("The Linear Attention Resurrection in Vision Transformer", "2501.16182", 2025),
+    patterns=("noncausal-self",), complexity="O(N H D^2)", flops=_vis_flops, example=_l2_example,
+    default_config=_L2, input_kind="image",
+    notes="LGA op only (ReLU kernel, learnable per-head numerator temperature, denominator clamped at 100); "
+          "LCM/LWA blocks are outside this token mixer.",
+)(L2ViTAttention)
+
+register(
+    name="care_attention", family="linear",
+    paper=Paper("CARE Transformer: Mobile-Friendly Linear Visual Transformer via Decoupled Dual Interaction",
+                "2411.16170", 2024),
+    patterns=("noncausal-self",), complexity="O(N g d_att)", flops=_vis_flops, example=_care_example,
+    default_config=_CARE, input_kind="image",
+    notes="Global branch only (elu+1, mean normaliser = sum normaliser with eps*N, V = input without "
+          "projection); channel split, conv branches and dual interaction are not token mixing.",
+)(CAREAttention)
