@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tolerances import assert_close
 
 import attnkit as ak
+from tolerances import assert_close
 
 
 def _fla_dir() -> Path | None:
