@@ -232,6 +232,30 @@ class IntervalMask(Mask):
         miss = ((hi_p.amax(-1)[..., None] < k0) | (lo_p.amin(-1)[..., None] > k1)).all(0)
         return torch.where(full, FULL, torch.where(miss, EMPTY, PARTIAL)).to(torch.int8)
 
+    def _covered(self, ti, tj, nq, nk, bq, bk):
+        """Keys each row of tiles ``(ti, tj)`` allows inside the tile: ``(P, bq)``, row validity, tile widths.
+
+        Exact in ``O(bq * R)`` per tile because a row's intervals are disjoint.
+        """
+        lo, hi = self.clipped_intervals(nq, nk)
+        q = ti[:, None] * bq + torch.arange(bq)[None]                    # (P, bq)
+        valid = q < nq
+        q = q.clamp_max(nq - 1)
+        k0 = (tj * bk)[:, None]                                          # (P, 1)
+        k1 = torch.clamp(k0 + bk, max=nk) - 1
+        cov = (torch.minimum(hi[:, q], k1) - torch.maximum(lo[:, q], k0) + 1).clamp_min(0).sum(0)   # (P, bq)
+        return cov, valid, k1 - k0 + 1
+
+    def _refine(self, cls, nq, nk, bq, bk):
+        cls = cls.clone()
+        ti, tj = (cls == PARTIAL).nonzero(as_tuple=True)
+        if ti.numel():
+            cov, valid, width = self._covered(ti, tj, nq, nk, bq, bk)
+            full = ((cov == width) | ~valid).all(1)
+            empty = ((cov == 0) | ~valid).all(1)
+            cls[ti, tj] = torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
+        return cls
+
     def count(self, nq: int, nk: int) -> int:
         self.validate(nq, nk)
         lo, hi = self.clipped_intervals(nq, nk)

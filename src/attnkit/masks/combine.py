@@ -176,13 +176,13 @@ class _GenericNot(Mask):
         return torch.where(x == FULL, EMPTY, torch.where(x == EMPTY, FULL, PARTIAL)).to(torch.int8)
 
 
-def And(a: Mask, b: Mask) -> Mask:  # noqa: N802 - reads like the type it builds
+def And(a: Mask, b: Mask) -> Mask:
     if _arity(a) and _arity(b):
         return _IntervalAnd(a, b)
     return _GenericAnd(a, b)
 
 
-def Or(a: Mask, b: Mask) -> Mask:  # noqa: N802
+def Or(a: Mask, b: Mask) -> Mask:
     if _arity(a) == 1 and _arity(b):
         return _IntervalOr(a, b)
     if _arity(b) == 1 and _arity(a):
@@ -190,7 +190,7 @@ def Or(a: Mask, b: Mask) -> Mask:  # noqa: N802
     return _GenericOr(a, b)
 
 
-def Not(a: Mask) -> Mask:  # noqa: N802
+def Not(a: Mask) -> Mask:
     if _arity(a) == 1:
         return _IntervalNot(a)
     return _GenericNot(a)

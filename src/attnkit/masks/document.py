@@ -14,14 +14,14 @@ import torch
 from attnkit.masks.base import IntervalMask, interval
 
 
-def _lengths(lengths: object, name: str = "lengths") -> tuple[int, ...]:
+def _lengths(lengths: object, name: str = "lengths", minimum: int = 1) -> tuple[int, ...]:
     if isinstance(lengths, torch.Tensor):
         lengths = lengths.tolist()
     if not isinstance(lengths, (list, tuple)) or not lengths:
         raise TypeError(f"{name} must be a non-empty list of ints, got {lengths!r}")
     out = tuple(int(x) for x in lengths)
-    if any(x < 1 for x in out):
-        raise ValueError(f"{name} must all be >= 1, got {out}")
+    if any(x < minimum for x in out):
+        raise ValueError(f"{name} must all be >= {minimum}, got {out}")
     return out
 
 
@@ -147,7 +147,7 @@ def document(lengths) -> Document:
 def prefix_lm_document(lengths, prefix) -> PrefixLMDocument:
     """Per document: a fully visible prefix (``prefix``: an int for all, or one per document), then causal."""
     lengths = _lengths(lengths)
-    prefix = (int(prefix),) * len(lengths) if isinstance(prefix, int) else _lengths(prefix, "prefix")
+    prefix = (int(prefix),) * len(lengths) if isinstance(prefix, int) else _lengths(prefix, "prefix", minimum=0)
     if len(prefix) != len(lengths):
         raise ValueError(f"prefix has {len(prefix)} entries but there are {len(lengths)} documents")
     if any(p > n for p, n in zip(prefix, lengths)) or any(p < 0 for p in prefix):
