@@ -1,0 +1,242 @@
+"""ak.attention: every backend x mask x dtype x head layout against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tolerances import DTYPES, assert_close, compare_fn
+
+import attnkit as ak
+from attnkit.backends.blocked import blocked_attention
+from attnkit.reference.naive_attention import naive_attention
+
+M = ak.masks
+
+# (B, Nq, Nk, Hq, Hkv, D, Dv)
+LAYOUTS = {
+    "MHA": (2, 45, 45, 4, 4, 16, 16),
+    "GQA": (1, 45, 45, 6, 2, 8, 12),
+    "cross": (2, 19, 45, 4, 1, 16, 8),
+}
+MASKS = {
+    "none": None,
+    "causal": M.causal(),
+    "sw_causal": M.causal() & M.sliding_window(9),
+    "document": M.document([15, 6, 24]),
+    "causal_document": M.causal() & M.document([15, 6, 24]),
+    "global_sw": M.sliding_window(4) | M.global_tokens(3),
+    "strided": M.strided(5),
+    "empty_rows": ~M.chunked(45) | M.sliding_window(0, 0) & M.chunked(3),
+    "random_tensor": torch.rand(45, 45, generator=torch.Generator().manual_seed(0)) > 0.7,
+}
+SELF_ONLY = {"document", "causal_document", "empty_rows", "random_tensor"}
+BACKENDS = ("blocked", "sdpa", "reference")
+
+
+def make_inputs(layout, seed=0):
+    b, nq, nk, hq, hkv, d, dv = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "q": torch.randn(b, nq, hq, d, generator=g, dtype=torch.float64),
+        "k": torch.randn(b, nk, hkv, d, generator=g, dtype=torch.float64),
+        "v": torch.randn(b, nk, hkv, dv, generator=g, dtype=torch.float64),
+    }
+
+
+def reference(mask):
+    def ref(q, k, v):
+        allowed = None if mask is None else M.as_mask(mask).to_dense(q.shape[1], k.shape[1])
+        return naive_attention(q, k, v, allowed)
+    return ref
+
+
+def cases():
+    for backend in BACKENDS:
+        for mname in MASKS:
+            for layout in LAYOUTS:
+                if layout == "cross" and mname in SELF_ONLY:
+                    continue
+                for dtype in DTYPES:
+                    yield pytest.param(backend, mname, layout, dtype, id=f"{backend}-{mname}-{layout}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("backend, mname, layout, dtype", list(cases()))
+def test_backend_matches_reference(backend, mname, layout, dtype):
+    mask = MASKS[mname]
+
+    def fast(q, k, v):
+        return ak.attention(q, k, v, mask=mask, backend=backend)
+
+    compare_fn(fast, reference(mask), make_inputs(layout), dtype)
+
+
+@pytest.mark.parametrize("tiles", [(4, 4, 8), (7, 3, 5), (16, 16, 16)])
+@pytest.mark.parametrize("mname", ["none", "causal", "global_sw", "strided", "empty_rows", "document"])
+def test_blocked_small_tiles_multi_chunk(mname, tiles):
+    """Tiny tiles force many chunks per row: online-softmax merging and gathered key chunks."""
+    mask = MASKS[mname]
+    m = None if mask is None else M.as_mask(mask)
+
+    def fast(q, k, v):
+        return blocked_attention(q, k, v, m, q.shape[-1] ** -0.5, tiles=tiles)
+
+    def ref(q, k, v):
+        allowed = None if m is None else m.to_dense(q.shape[1], k.shape[1])
+        return naive_attention(q, k, v, allowed, return_lse=True)
+
+    compare_fn(fast, ref, make_inputs("GQA"), torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["blocked", "reference"])
+def test_return_lse(backend):
+    x = make_inputs("GQA")
+    mask = MASKS["sw_causal"]
+    out, lse = ak.attention(x["q"], x["k"], x["v"], mask=mask, backend=backend, return_lse=True)
+    ref_out, ref_lse = naive_attention(x["q"], x["k"], x["v"], mask.to_dense(45, 45), return_lse=True)
+    assert lse.shape == (1, 45, 6)
+    assert_close(out, ref_out, torch.float64, "out")
+    assert_close(lse, ref_lse, torch.float64, "lse")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows_are_zero_with_zero_grads(backend):
+    x = {n: t.float().requires_grad_() for n, t in make_inputs("MHA").items()}
+    allowed = torch.ones(45, 45, dtype=torch.bool)
+    allowed[[3, 20, 44]] = False
+    out = ak.attention(x["q"], x["k"], x["v"], mask=allowed, backend=backend)
+    assert torch.isfinite(out).all()
+    assert out[:, [3, 20, 44]].abs().max() == 0
+    out.sum().backward()
+    for n, t in x.items():
+        assert torch.isfinite(t.grad).all(), n
+    assert x["q"].grad[:, [3, 20, 44]].abs().max() == 0
+    if backend != "sdpa":
+        _, lse = ak.attention(x["q"], x["k"], x["v"], mask=allowed, backend=backend, return_lse=True)
+        assert torch.isneginf(lse[:, [3, 20, 44]]).all() and torch.isfinite(lse[:, :3]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_stable(backend):
+    x = make_inputs("MHA")
+    q = x["q"] * 60  # logits in the thousands: exp overflows without max-subtraction
+    mask = MASKS["causal"]
+    out = ak.attention(q.float(), x["k"].float(), x["v"].float(), mask=mask, backend=backend)
+    ref = naive_attention(q, x["k"], x["v"], mask.to_dense(45, 45))
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, torch.float32, "out", factor=10)
+
+
+@pytest.mark.parametrize("mname", ["none", "causal", "sw_causal", "empty_rows"])
+def test_gradcheck_blocked_fp64(mname):
+    mask = MASKS[mname]
+    m = None if mask is None else M.as_mask(mask)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 12, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 12, 1, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 12, 1, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    if m is not None and mname == "empty_rows":
+        m = M.as_mask(mask.to_dense(45, 45)[:12, :12])
+
+    def f(q, k, v):
+        out, lse = blocked_attention(q, k, v, m, 0.5, tiles=(4, 3, 6))
+        return out, torch.where(torch.isfinite(lse), lse, 0.0)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_scale_override():
+    x = make_inputs("MHA")
+    out = ak.attention(x["q"], x["k"], x["v"], scale=0.3, backend="blocked")
+    assert_close(out, naive_attention(x["q"], x["k"], x["v"], scale=0.3), torch.float64, "out")
+
+
+def test_auto_choice_and_explain():
+    q = torch.randn(1, 2048, 2, 16)
+    assert "-> sdpa" in ak.explain("attention", q, q, q)
+    assert "-> sdpa" in ak.explain("attention", q, q, q, mask=M.causal())
+    text = ak.explain("attention", q, q, q, mask=M.sliding_window(64))
+    assert "-> blocked" in text and "passed over" in text and "flex" in text
+    text = ak.explain("attention", q.requires_grad_(), q, q, mask=M.causal(), backend="flex")
+    assert "no backward on CPU" in text
+
+
+def test_forced_backend_refusals():
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="log-sum-exp"):
+        ak.attention(q, q, q, backend="sdpa", return_lse=True)
+    with pytest.raises(ValueError, match="float64"):
+        ak.attention(q.double(), q.double(), q.double(), backend="flex")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'.*blocked"):
+        ak.attention(q, q, q, backend="cuda")
+
+
+@pytest.mark.parametrize("args, kwargs, err, match", [
+    ((torch.randn(8, 2, 4),) * 3, {}, ValueError, "rank 4"),
+    ((torch.randn(1, 8, 2, 4), torch.randn(2, 8, 2, 4), torch.randn(2, 8, 2, 4)), {}, ValueError, "batch"),
+    ((torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 5), torch.randn(1, 8, 2, 4)), {}, ValueError, "head dims"),
+    ((torch.randn(1, 8, 3, 4), torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4)), {}, ValueError, "multiple"),
+    ((torch.randn(1, 8, 2, 4), torch.randn(1, 9, 2, 4), torch.randn(1, 8, 2, 4)), {}, ValueError, "k and v"),
+    ((torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4).double(), torch.randn(1, 8, 2, 4)), {}, TypeError, "dtype"),
+    ((torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4, device="meta"), torch.randn(1, 8, 2, 4)), {},
+     ValueError, "device"),
+    ((torch.ones(1, 8, 2, 4, dtype=torch.long),) * 3, {}, TypeError, "float"),
+    (("q", "k", "v"), {}, TypeError, "Tensor"),
+    ((torch.randn(1, 8, 2, 4),) * 3, {"mask": torch.ones(8, 9, dtype=torch.bool)}, ValueError, "broadcast"),
+    ((torch.randn(1, 8, 2, 4),) * 3, {"mask": torch.ones(8, 8)}, TypeError, "bool"),
+    ((torch.randn(1, 8, 2, 4),) * 3, {"mask": torch.ones(3, 2, 8, 8, dtype=torch.bool)}, ValueError, "broadcast"),
+    ((torch.randn(1, 8, 2, 4),) * 3, {"mask": M.document([4, 5])}, ValueError, "sum of lengths"),
+    ((torch.randn(1, 8, 2, 4),) * 3, {"mask": "causal"}, TypeError, "mask"),
+    ((torch.randn(1, 8, 2, 4),) * 3, {"scale": float("nan")}, ValueError, "scale"),
+    ((torch.full((1, 8, 2, 4), float("nan")),) * 3, {}, ValueError, "NaN"),
+    ((torch.randn(1, 8, 2, 4),) * 3, {"backend": 3}, TypeError, "backend"),
+])
+def test_bad_input(args, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        ak.attention(*args, **kwargs)
+
+
+@pytest.mark.slow
+def test_flex_forward_matches_reference():
+    """torch.compile(flex_attention) forward and lse, for a partial-tile mask (compiles once, ~20 s)."""
+    x = {n: t.float() for n, t in make_inputs("GQA").items()}
+    mask = MASKS["global_sw"]
+    out, lse = ak.attention(x["q"], x["k"], x["v"], mask=mask, backend="flex", return_lse=True)
+    ref_out, ref_lse = naive_attention(x["q"].double(), x["k"].double(), x["v"].double(), mask.to_dense(45, 45),
+                                       return_lse=True)
+    assert_close(out, ref_out, torch.float32, "out")
+    assert_close(lse, ref_lse, torch.float32, "lse")
+
+
+# ---- property-based ------------------------------------------------------------------------
+
+_mask_choice = st.sampled_from([None, M.causal(), M.sliding_window(3), M.chunked(4), M.strided(3),
+                                M.causal() & M.sliding_window(5), M.sliding_window(1) | M.global_tokens(2),
+                                ~M.sliding_window(2)])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 2), nq=st.integers(1, 33), nk=st.integers(1, 33), hkv=st.integers(1, 2),
+       group=st.integers(1, 3), d=st.integers(1, 9), dv=st.integers(1, 9), mask=_mask_choice,
+       bq=st.integers(1, 12), bk=st.integers(1, 12), max_keys=st.integers(1, 24), seed=st.integers(0, 99))
+def test_blocked_random_shapes(b, nq, nk, hkv, group, d, dv, mask, bq, bk, max_keys, seed):
+    inputs = make_inputs_shape(b, nq, nk, hkv * group, hkv, d, dv, seed)
+
+    def fast(q, k, v):
+        return blocked_attention(q, k, v, mask, d ** -0.5, tiles=(bq, bk, max_keys))
+
+    def ref(q, k, v):
+        allowed = None if mask is None else mask.to_dense(nq, nk)
+        return naive_attention(q, k, v, allowed, return_lse=True)
+
+    compare_fn(fast, ref, inputs, torch.float64)
+
+
+def make_inputs_shape(b, nq, nk, hq, hkv, d, dv, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "q": torch.randn(b, nq, hq, d, generator=g, dtype=torch.float64),
+        "k": torch.randn(b, nk, hkv, d, generator=g, dtype=torch.float64),
+        "v": torch.randn(b, nk, hkv, dv, generator=g, dtype=torch.float64),
+    }
