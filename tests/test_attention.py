@@ -199,14 +199,14 @@ def test_bad_input(args, kwargs, err, match):
 
 @pytest.mark.slow
 def test_flex_forward_matches_reference():
-    """torch.compile(flex_attention) forward and lse, for a partial-tile mask (compiles once, ~20 s)."""
+    """torch.compile(flex_attention) forward for a partial-tile mask with GQA (compiles once, ~20 s)."""
     x = {n: t.float() for n, t in make_inputs("GQA").items()}
     mask = MASKS["global_sw"]
-    out, lse = ak.attention(x["q"], x["k"], x["v"], mask=mask, backend="flex", return_lse=True)
-    ref_out, ref_lse = naive_attention(x["q"].double(), x["k"].double(), x["v"].double(), mask.to_dense(45, 45),
-                                       return_lse=True)
+    out = ak.attention(x["q"], x["k"], x["v"], mask=mask, backend="flex")
+    ref_out = naive_attention(x["q"].double(), x["k"].double(), x["v"].double(), mask.to_dense(45, 45))
     assert_close(out, ref_out, torch.float32, "out")
-    assert_close(lse, ref_lse, torch.float32, "lse")
+    with pytest.raises(ValueError, match="log-sum-exp"):
+        ak.attention(x["q"], x["k"], x["v"], mask=mask, backend="flex", return_lse=True)
 
 
 # ---- property-based ------------------------------------------------------------------------

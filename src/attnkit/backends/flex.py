@@ -35,7 +35,7 @@ def _block_mask_cached(mask, b, h, nq, nk, device):
     from torch.nn.attention.flex_attention import create_block_mask
 
     mask.validate(nq, nk)
-    return create_block_mask(mask.mask_mod, b, h, nq, nk, device=device)
+    return create_block_mask(mask.as_mask_mod(), b, h, nq, nk, device=device)
 
 
 def flex_available() -> tuple[bool, str]:
@@ -52,23 +52,25 @@ def _supports(call):
         return False, why
     if call.q.dtype not in _FLEX_DTYPES:
         return False, f"FlexAttention on CPU supports float32/bfloat16/float16, not {call.q.dtype}"
-    if call.needs_grad and call.q.device.type == "cpu":
-        return False, "FlexAttention has no backward on CPU"
+    if call.q.device.type == "cpu":
+        if call.needs_grad:
+            return False, "FlexAttention has no backward on CPU"
+        if call.return_lse:
+            return False, "FlexAttention on CPU does not return the log-sum-exp"
     return True, ""
 
 
 def _run(call):
     q, k, v = (t.transpose(1, 2) for t in (call.q, call.k, call.v))      # (B, H, N, D)
     bm = block_mask_for(call.mask, call.batch, call.hq, call.nq, call.nk, q.device)
+    if not call.return_lse:
+        out = compiled_flex()(q, k, v, block_mask=bm, scale=call.scale, enable_gqa=call.hq != call.hkv)
+        return out.transpose(1, 2)                                       # (B, Nq, H, Dv)
     from torch.nn.attention.flex_attention import AuxRequest
 
     out, aux = compiled_flex()(q, k, v, block_mask=bm, scale=call.scale, enable_gqa=call.hq != call.hkv,
                                return_aux=AuxRequest(lse=True))
-    out = out.transpose(1, 2)                                            # (B, Nq, H, Dv)
-    if call.return_lse:
-        # flex reports lse in log base e of the scaled scores, (B, H, Nq)
-        return out, aux.lse.transpose(1, 2).float()                      # (B, Nq, H)
-    return out
+    return out.transpose(1, 2), aux.lse.transpose(1, 2).float()          # (B, Nq, H, Dv), (B, Nq, H)
 
 
 BACKEND = Backend(name="flex", run=_run, supports=_supports, auto=False,

@@ -56,6 +56,15 @@ class Mask:
         """Elementwise predicate with FlexAttention's signature; index tensors broadcast."""
         raise NotImplementedError
 
+    def as_mask_mod(self):
+        """A plain function ``mask_mod(b, h, q_idx, kv_idx)`` (FlexAttention rejects bound methods),
+        named after the mask so tables read well (attention-gym's convention)."""
+        def mask_mod(b, h, q_idx, kv_idx):
+            return self.mask_mod(b, h, q_idx, kv_idx)
+
+        mask_mod.__name__ = "".join(c if c.isalnum() else "_" for c in repr(self)).strip("_")
+        return mask_mod
+
     def validate(self, nq: int, nk: int) -> None:
         """Raise ``ValueError`` if the pattern cannot apply to ``nq`` queries and ``nk`` keys."""
         _check_sizes(nq, nk)
