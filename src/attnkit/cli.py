@@ -25,7 +25,7 @@ masks_app = typer.Typer(help="Mask patterns: list the zoo, draw one.", no_args_i
 bench_app = typer.Typer(help="Benchmark every mechanism and backend side by side.")
 app.add_typer(masks_app, name="masks")
 app.add_typer(bench_app, name="bench")
-console = Console()
+console = Console() if Console().is_terminal else Console(width=160)
 DEFAULT_OUT = Path("bench-results")
 
 
@@ -138,6 +138,7 @@ def bench(
     provider: Annotated[list[str] | None, typer.Option(help="extra cases: module:func or file.py:func")] = None,
     builtin: Annotated[bool, typer.Option("--builtin/--no-builtin", help="attnkit's own cases")] = True,
     retry_failed: Annotated[bool, typer.Option(help="rerun cases recorded as error/oom/timeout")] = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="write report.md/.html at the end")] = True,
 ) -> None:
     """Run a suite; every finished case is appended to OUT/results.jsonl, then reports are written."""
     if ctx.invoked_subcommand is not None:
@@ -157,8 +158,13 @@ def bench(
         passes=tuple(pass_ or ()), case_timeout_s=case_timeout, repeat=repeat, threads=threads, memory=memory,
         mem_limit_gb=mem_limit if mem_limit is not None else 0.85 * psutil.virtual_memory().available / 2**30,
         providers=tuple(provider or ()), builtin=builtin, retry_failed=retry_failed)
-    with LiveView(console) as view:
-        summary = Harness(opts, on_event=view).run()
+    view = LiveView(console)
+    harness = Harness(opts, on_event=view, fork_worker=True)  # forks before the live view starts a thread
+    with view:
+        summary = harness.run()
+    if not report:
+        console.print(f"{len(summary.recorded)} cases recorded this run in {summary.wall_s:.0f} s -> {out}")
+        raise typer.Exit(130 if summary.interrupted else 0)
     paths = write_reports(out)
     header, rows = summary_table(out)
     t = Table(title="summary: fastest implementation per comparison", header_style="bold")
@@ -237,3 +243,7 @@ def compare_cmd(old: Path, new: Path,
     console.print(f"{len(bad)} regression(s) flagged")
     if fail and bad:
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -46,13 +46,18 @@ class Worker:
         threads: torch threads in each job's child.
         mem_limit_gb: cap on a child's private memory (``RLIMIT_DATA``); None: no cap.
         log_path: the zygote's and children's stderr (compile logs, warnings) go here.
+        fork: fork the zygote from this process instead of starting an interpreter (saves the
+            torch import). Only safe while this process has run no parallel torch op and has
+            no other threads: the CLI does it first thing.
     """
 
     def __init__(self, providers: list[str], threads: int, mem_limit_gb: float | None,
-                 log_path: str | os.PathLike[str], builtin: bool = True) -> None:
+                 log_path: str | os.PathLike[str], builtin: bool = True, fork: bool = False) -> None:
         self.cfg = {"providers": list(providers), "threads": threads, "mem_limit_gb": mem_limit_gb,
                     "builtin": builtin}
         self.log_path = log_path
+        self.fork = fork
+        self.pid: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.ready: dict[str, Any] = {}
@@ -65,15 +70,46 @@ class Worker:
         self.close()
 
     def start(self, timeout: float = 300.0) -> dict[str, Any]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
+        """Launch the zygote and wait until it has discovered the cases."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the zygote (forked from here when ``fork=True``, else a fresh interpreter); no wait."""
+        if self.pid is not None:
+            return
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "attnkit.bench.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log, env=env, start_new_session=True,  # Ctrl-C reaches only the parent
-        )
+        if self.fork:
+            from attnkit.bench.worker import forked_zygote
+
+            cmd_r, cmd_w = os.pipe()
+            ev_r, ev_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(cmd_w)
+                os.close(ev_r)
+                forked_zygote(self.cfg, cmd_r, ev_w, self._log.fileno())
+            os.close(cmd_r)
+            os.close(ev_w)
+            self.pid = pid
+            self._stdin = os.fdopen(cmd_w, "wb")
+            self._stdout = os.fdopen(ev_r, "rb")
+        else:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "attnkit.bench.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=self._log, env=env, start_new_session=True,  # Ctrl-C reaches only the parent
+            )
+            self.pid = self.proc.pid
+            self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
+            self._send(self.cfg)
         threading.Thread(target=self._read, daemon=True).start()
-        self._send(self.cfg)
+
+    def wait_ready(self, timeout: float = 300.0) -> dict[str, Any]:
+        """Wait for the zygote's ``ready`` event (it carries the providers' import errors)."""
+        if self.ready:
+            return self.ready
         ev = self._next(timeout)
         if ev is None or ev.get("event") != "ready":
             raise WorkerError(f"benchmark worker did not start (see {self.log_path})")
@@ -81,8 +117,7 @@ class Worker:
         return ev
 
     def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
+        for line in self._stdout:
             try:
                 self.q.put(json.loads(line))
             except json.JSONDecodeError:
@@ -90,9 +125,8 @@ class Worker:
         self.q.put(None)  # EOF: the zygote is gone
 
     def _send(self, obj: dict[str, Any]) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
-        self.proc.stdin.flush()
+        self._stdin.write((json.dumps(obj) + "\n").encode())
+        self._stdin.flush()
 
     def _next(self, timeout: float) -> dict[str, Any] | None:
         end = time.monotonic() + timeout
@@ -153,14 +187,26 @@ class Worker:
                         pass
 
     def close(self) -> None:
-        if self.proc is None:
+        if self.pid is None:
             return
         try:
             self._send({"job": "quit"})
-            self.proc.stdin.close()  # type: ignore[union-attr]
-            self.proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired, ValueError):
-            self.proc.kill()
-            self.proc.wait()
+            self._stdin.close()
+        except (OSError, ValueError):
+            pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        else:
+            end = time.monotonic() + 5
+            while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > end:
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.02)
         self._log.close()
-        self.proc = None
+        self.pid = None

@@ -22,7 +22,7 @@ def mask_area(mask: Any, nq: int, nk: int) -> int:
 
     Args:
         mask: ``None`` (dense), a boolean tensor whose last two dims are ``(Nq, Nk)``
-            (its first slice is counted), or an ``ak.masks`` mask (exact ``count``, else ``density``).
+            (its first slice is counted), or an ``ak.masks`` mask (its exact ``count``).
         nq, nk: query and key lengths.
 
     Returns:

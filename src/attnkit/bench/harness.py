@@ -98,7 +98,8 @@ def series_key(c: Case) -> tuple[Any, ...]:
 class Harness:
     """Runs one invocation; ``on_event(kind, payload)`` feeds a live display."""
 
-    def __init__(self, opts: BenchOptions, on_event: Callable[[str, Any], None] | None = None) -> None:
+    def __init__(self, opts: BenchOptions, on_event: Callable[[str, Any], None] | None = None,
+                 fork_worker: bool = False) -> None:
         self.opts = opts
         self.suite: Suite = get_suite(opts.suite)
         self.on_event = on_event or (lambda kind, payload: None)
@@ -109,6 +110,15 @@ class Harness:
         out = Path(opts.out)
         self.results = ResultsFile(out / "results.jsonl")
         self.summary = RunSummary(out=out, results_path=self.results.path, run_id=uuid.uuid4().hex[:12])
+        # fork_worker: fork the worker now, before this process runs any torch op or starts a thread
+        # (the CLI's case); otherwise a fresh interpreter is started when there is work to do.
+        self.worker = self._worker(fork=True) if fork_worker else None
+        if self.worker is not None:
+            self.worker.launch()
+
+    def _worker(self, fork: bool) -> Worker:
+        return Worker(list(self.opts.providers), self.threads, self.opts.mem_limit_gb,
+                      self.summary.out / "worker.log", builtin=self.opts.builtin, fork=fork)
 
     def _sigint(self, signum: int, frame: Any) -> None:
         if self.stop:  # a second Ctrl-C: stop now
@@ -151,29 +161,35 @@ class Harness:
         sm.planned, sm.skipped_done = len(todo), len(runnable) - len(todo)
         self.on_event("plan", {"total": len(todo), "skipped_done": sm.skipped_done,
                                "not_installed": sm.not_installed, "provider_errors": sm.provider_errors})
-        if not todo:
-            self._write_run_line({})
-            return
-        log = sm.out / "worker.log"
-        with Worker(list(self.opts.providers), self.threads, self.opts.mem_limit_gb, log,
-                    builtin=self.opts.builtin) as w:
-            dtypes = sorted({str(c.param.get("dtype", "float32")) for c in todo})
-            out = w.run_job({"job": "roof", "dtypes": dtypes}, timeout_s=120, should_stop=lambda: self.stop)
-            self.roofs = {e["dtype"]: e["gflops"] for e in out.events if e.get("event") == "roof"}
-            self._write_run_line(self.roofs)
-            self.on_event("roof", self.roofs)
-            stopped: set[tuple[Any, ...]] = set()
-            plan = units(todo)
-            if self.suite.stop_series_over_s is not None:
-                plan.sort(key=lambda u: int(u[0].param.get("N", 0)))
-            for unit in plan:
-                if self.stop:
-                    break
-                skip = [c for c in unit if series_key(c) in stopped]
-                for c in skip:
-                    self._record(c, {"status": "skipped", "reason": "a smaller N of this series exceeded "
-                                     f"{self.suite.stop_series_over_s:g} s or failed"})
-                self._run_unit(w, [c for c in unit if c not in skip], stopped)
+        w = self.worker or self._worker(fork=False)
+        try:
+            if not todo:
+                self._write_run_line({})
+                return
+            w.launch()
+            w.wait_ready()
+            self._measure(w, todo)
+        finally:
+            w.close()
+
+    def _measure(self, w: Worker, todo: list[Case]) -> None:
+        dtypes = sorted({str(c.param.get("dtype", "float32")) for c in todo})
+        out = w.run_job({"job": "roof", "dtypes": dtypes}, timeout_s=120, should_stop=lambda: self.stop)
+        self.roofs = {e["dtype"]: e["gflops"] for e in out.events if e.get("event") == "roof"}
+        self._write_run_line(self.roofs)
+        self.on_event("roof", self.roofs)
+        stopped: set[tuple[Any, ...]] = set()
+        plan = units(todo)
+        if self.suite.stop_series_over_s is not None:
+            plan.sort(key=lambda u: int(u[0].param.get("N", 0)))
+        for unit in plan:
+            if self.stop:
+                break
+            skip = [c for c in unit if series_key(c) in stopped]
+            for c in skip:
+                self._record(c, {"status": "skipped", "reason": "a smaller N of this series exceeded "
+                                 f"{self.suite.stop_series_over_s:g} s or failed"})
+            self._run_unit(w, [c for c in unit if c not in skip], stopped)
 
     def _write_run_line(self, roofs: dict[str, float]) -> None:
         sm = self.summary

@@ -14,20 +14,21 @@ from attnkit.bench.analysis import Crossover, Record, crossovers, series, with_s
 
 FIGURES = (
     ("time_vs_n.png", "Time vs N (median, log-log)", "median_s", "seconds", True),
-    ("speedup_vs_dense.png", "Speedup vs dense SDPA at the same N", "speedup_vs_baseline", "x dense SDPA", False),
+    ("speedup_vs_dense.png", "Speedup vs dense SDPA at the same N", "speedup_vs_baseline", "x dense SDPA", True),
     ("efficiency_vs_roof.png", "Efficiency: useful GFLOP/s as % of the matmul roof", "pct_roof", "% of roof",
      False),
     ("memory_vs_n.png", "Peak RSS vs N (fresh process per case)", "peak_rss_mb", "MiB", True),
 )
 
 
-def _plt() -> Any:
-    import matplotlib
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A bare Agg figure: no pyplot (its import costs a second and it keeps global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -44,16 +45,18 @@ def _style(label: str, labels: list[str]) -> dict[str, Any]:
 
 def _series_figure(path: Path, title: str, key: str, ylabel: str, logy: bool,
                    panels: dict[str, dict[str, list[Record]]], cross: list[Crossover]) -> bool:
-    plt = _plt()
-    names = [p for p, by in panels.items() if any(r.get(key) is not None for rs in by.values() for r in rs)]
+    names = [p for p, by in panels.items() if any(r.get(key) is not None and not (
+        key == "speedup_vs_baseline" and r.get("baseline")) for rs in by.values() for r in rs)]
     if not names:
         return False
     rows, cols = _grid(len(names))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    fig = _figure((5.2 * cols, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     all_labels = sorted({lab for by in panels.values() for lab in by})
     for ax, name in zip(axes.flat, names):
         for label, rs in sorted(panels[name].items()):
-            pts = [(r["params"]["N"], r[key]) for r in rs if r.get(key) is not None]
+            pts = [(r["params"]["N"], r[key]) for r in rs if r.get(key) is not None
+                   and not (key == "speedup_vs_baseline" and r.get("baseline"))]
             if pts:
                 ax.plot(*zip(*pts), label=label, **_style(label, all_labels))
         if key == "speedup_vs_baseline":
@@ -77,7 +80,6 @@ def _series_figure(path: Path, title: str, key: str, ylabel: str, logy: bool,
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return True
 
 
@@ -86,9 +88,9 @@ def _bar_figure(path: Path, records: list[Record]) -> bool:
     rs = [r for r in records if r.get("status") == "ok" and "N" not in r.get("params", {})]
     if not rs:
         return False
-    plt = _plt()
     rs.sort(key=lambda r: (r["op"], r["pass"]))
-    fig, ax = plt.subplots(figsize=(8, 0.28 * len(rs) + 1.2))
+    fig = _figure((8, 0.28 * len(rs) + 1.2))
+    ax = fig.subplots()
     labels = [f"{r['op']} ({r['impl']}, {r['pass']})" for r in rs]
     ax.barh(range(len(rs)), [r["median_s"] * 1e3 for r in rs],
             color=["C0" if r["pass"] == "fwd" else "C1" for r in rs])
@@ -100,7 +102,6 @@ def _bar_figure(path: Path, records: list[Record]) -> bool:
     ax.grid(True, axis="x", which="both", alpha=0.25)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return True
 
 

@@ -65,12 +65,9 @@ def _child(job: dict[str, Any], cases: dict[str, Any], cfg: dict[str, Any]) -> N
         timing.measure_memory(cases[job["id"]], _emit)
 
 
-def main() -> None:
-    global _PROTO_FD
-    _PROTO_FD = os.dup(1)
-    os.dup2(2, 1)  # stray prints (compile logs, warnings) go to the log, not the protocol
+def serve(cfg: dict[str, Any], commands: Any) -> None:
+    """Discover the cases, then fork a child per job read from ``commands`` (a text stream)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    cfg = json.loads(sys.stdin.readline())
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no thread pools to lose at fork
     import torch
 
@@ -80,7 +77,7 @@ def main() -> None:
     found, errors = discover(cfg.get("providers", []), builtin=cfg.get("builtin", True))
     cases = {c.id: c for c in found}
     _emit({"event": "ready", "n_cases": len(cases), "errors": errors})
-    for line in sys.stdin:
+    for line in commands:
         job = json.loads(line)
         if job.get("job") == "quit":
             break
@@ -102,6 +99,32 @@ def main() -> None:
             _emit({"event": "exit", "pid": pid, "signal": os.WTERMSIG(status)})
         else:
             _emit({"event": "exit", "pid": pid, "code": os.WEXITSTATUS(status)})
+
+
+def forked_zygote(cfg: dict[str, Any], cmd_fd: int, proto_fd: int, log_fd: int) -> None:
+    """Body of a zygote forked from the parent (which must not have run a parallel torch op yet)."""
+    global _PROTO_FD
+    os.setsid()  # Ctrl-C in the terminal reaches only the parent
+    _PROTO_FD = proto_fd
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    code = 0
+    try:
+        serve(cfg, os.fdopen(cmd_fd, "r"))
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def main() -> None:
+    """Entry point of a spawned zygote: config and jobs on stdin, events on (the original) stdout."""
+    global _PROTO_FD
+    _PROTO_FD = os.dup(1)
+    os.dup2(2, 1)  # stray prints (compile logs, warnings) go to the log, not the protocol
+    cfg = json.loads(sys.stdin.readline())
+    serve(cfg, sys.stdin)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,202 @@
+"""The benchmark harness end to end, on synthetic cases (independent of attention's speed).
+
+The providers below are loaded by the worker as ``tests/test_bench_harness.py:<function>``:
+the same path a user's own ``--provider`` takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnkit.bench.case import Case, Runner
+from attnkit.bench.discover import discover
+from attnkit.bench.results import latest_cases, load
+
+HERE = Path(__file__).resolve()
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the worker forks (Linux)")
+
+
+# ---- synthetic providers ------------------------------------------------------------------------
+
+def _mm_setup(n: int, pass_: str, sleep: float = 0.0):
+    def setup() -> Runner:
+        a = torch.randn(n, n, requires_grad=pass_ == "fwd+bwd")
+
+        def run():
+            if sleep:
+                time.sleep(sleep)
+            out = a @ a
+            return torch.autograd.grad(out.sum(), a) if pass_ == "fwd+bwd" else out
+
+        return Runner(run=run, check=lambda: (0.0, 0.0), oneoff={"mask_build_s": 0.001})
+
+    return setup
+
+
+def _case(group: str, impl: str, setup, pass_: str = "fwd", n: int = 64, baseline: bool = False, **kw) -> Case:
+    return Case(op="mm", impl=impl, group=group, pass_=pass_, suites=frozenset({"quick"}),
+                params=(("N", n), ("dtype", "float32")), flops=2.0 * n**3, setup=setup, baseline=baseline, **kw)
+
+
+def fake_cases() -> list[Case]:
+    out = []
+    for n in (32, 64, 128):
+        for pass_ in ("fwd", "fwd+bwd"):
+            out.append(_case(f"mm/N={n}", "dense", _mm_setup(n, pass_), pass_, n, baseline=True))
+            out.append(_case(f"mm/N={n}", "slow", _mm_setup(n, pass_, sleep=0.002), pass_, n))
+    out.append(_case("peer/N=64", "nope", _mm_setup(64, "fwd"), requires="surely_not_installed_peer"))
+    return out
+
+
+def slow_cases() -> list[Case]:
+    return [_case(f"slow/N={i}", "sleep", _mm_setup(16, "fwd", sleep=0.08), n=16 + i) for i in range(8)]
+
+
+def _boom():
+    raise RuntimeError("boom in run")
+
+
+def _setup_raises():
+    raise ValueError("bad setup")
+
+
+def _setup_oom():
+    def run():
+        return torch.empty(2**30, dtype=torch.float32).fill_(1.0)  # 4 GiB, above --mem-limit 1
+
+    return Runner(run=run)
+
+
+def _setup_hang():
+    return Runner(run=lambda: time.sleep(60))
+
+
+def _setup_segv():
+    return Runner(run=lambda: os.kill(os.getpid(), signal.SIGSEGV))
+
+
+def bad_cases() -> list[Case]:
+    return [
+        _case("bad/raises", "setup", _setup_raises),
+        _case("bad/raises", "run", lambda: Runner(run=_boom)),
+        _case("bad/raises", "fine", _mm_setup(32, "fwd")),
+        _case("bad/oom", "alloc", _setup_oom),
+        _case("bad/hang", "sleep", _setup_hang),
+        _case("bad/hang", "fine", _mm_setup(32, "fwd")),
+        _case("bad/segv", "kill", _setup_segv),
+        _case("good/after", "fine", _mm_setup(32, "fwd")),
+    ]
+
+
+def broken_provider() -> list[Case]:
+    raise ImportError("no module named 'imaginary_dependency'")
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+def bench_cmd(out: Path, provider: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "attnkit.cli", "bench", "--suite", "quick", "--out", str(out), "--no-builtin",
+            "--provider", f"{HERE}:{provider}", "--threads", "1", *extra]
+
+
+def run_bench(out: Path, provider: str, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(bench_cmd(out, provider, *extra), capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def case_lines(path: Path) -> list[dict]:
+    return [r for r in load(path) if r.get("kind") == "case"]
+
+
+# ---- tests ------------------------------------------------------------------------------------------
+
+def test_synthetic_run_end_to_end(tmp_path):
+    p = run_bench(tmp_path, "fake_cases")
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = latest_cases(load(tmp_path / "results.jsonl"))
+    assert len(recs) == 12 and all(r["status"] == "ok" for r in recs.values())
+    slow = recs["mm/mm/N=64/slow/fwd"]
+    assert slow["median_s"] > 0.002 and slow["p20_s"] <= slow["median_s"] <= slow["p80_s"]
+    assert 0 < slow["speedup_vs_baseline"] < 1  # the sleeping impl is slower than its baseline
+    assert recs["mm/mm/N=64/dense/fwd"]["speedup_vs_baseline"] == pytest.approx(1.0)
+    assert slow["flops"] == 2.0 * 64**3 and recs["mm/mm/N=64/slow/fwd+bwd"]["flops"] == 3.5 * 2.0 * 64**3
+    assert slow["gflops"] == pytest.approx(slow["flops"] / slow["median_s"] / 1e9)
+    assert slow["pct_roof"] == pytest.approx(100 * slow["gflops"] / slow["roof_gflops"])
+    assert slow["peak_rss_mb"] is not None and slow["oneoff"] == {"mask_build_s": 0.001}
+    assert slow["max_abs_err"] == 0.0 and slow["samples"] >= 2
+    run = next(r for r in load(tmp_path / "results.jsonl") if r.get("kind") == "run")
+    assert run["machine"]["torch"] == torch.__version__ and run["machine"]["threads"] == 1
+    assert run["roof_gflops"]["float32"] > 0
+    assert run["not_installed"] == {"surely_not_installed_peer": 1}
+    assert "not installed: surely_not_installed_peer" in p.stdout
+    for f in ("report.md", "report.html", "time_vs_n.png", "speedup_vs_dense.png"):
+        assert (tmp_path / f).stat().st_size > 0
+
+
+def test_failures_are_recorded_and_the_run_goes_on(tmp_path):
+    p = run_bench(tmp_path, "bad_cases", "--case-timeout", "3", "--mem-limit", "1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = latest_cases(load(tmp_path / "results.jsonl"))
+    st = {cid.split("/", 2)[2]: (r["status"], r.get("reason", "")) for cid, r in recs.items()}
+    assert st["raises/setup/fwd"][0] == "error" and "bad setup" in st["raises/setup/fwd"][1]
+    assert st["raises/run/fwd"][0] == "error" and "boom in run" in st["raises/run/fwd"][1]
+    assert st["oom/alloc/fwd"][0] == "oom"
+    assert st["hang/sleep/fwd"][0] == "timeout" and "case-timeout" in st["hang/sleep/fwd"][1]
+    assert st["segv/kill/fwd"][0] == "crashed" and "signal 11" in st["segv/kill/fwd"][1]
+    for ok in ("raises/fine/fwd", "hang/fine/fwd", "after/fine/fwd"):  # neighbours and later cases still run
+        assert st[ok][0] == "ok", st[ok]
+    assert len(case_lines(tmp_path / "results.jsonl")) == 8
+
+
+def test_sigint_then_rerun_loses_and_duplicates_nothing(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(bench_cmd(tmp_path, "slow_cases"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    results = tmp_path / "results.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(case_lines(results)) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    first = case_lines(results)
+    assert 2 <= len(first) < 8, "interrupt came too late to test anything"
+    assert any(r.get("kind") == "run_end" and r["interrupted"] for r in load(results))
+    assert (tmp_path / "report.html").exists()  # reports are written for the partial run too
+    p = run_bench(tmp_path, "slow_cases", "--no-report")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"{8 - len(first)} cases to run, {len(first)} already in the results file" in p.stdout
+    ids = [r["id"] for r in case_lines(results)]
+    assert len(ids) == len(set(ids)) == 8
+    assert {r["id"] for r in first} <= set(ids)
+
+
+def test_discover_tolerates_a_broken_provider():
+    cases, errors = discover([f"{HERE}:broken_provider", f"{HERE}:slow_cases"], builtin=False)
+    assert len(cases) == 8
+    assert "imaginary_dependency" in errors[f"{HERE}:broken_provider"]
+    _, errors = discover(["no_such_module_xyz:cases"], builtin=False)
+    assert "ModuleNotFoundError" in errors["no_such_module_xyz:cases"]
+
+
+def test_results_file_tolerates_a_torn_line(tmp_path):
+    from attnkit.bench.results import ResultsFile
+
+    f = ResultsFile(tmp_path / "r.jsonl")
+    f.append({"kind": "case", "id": "a", "status": "ok"})
+    f.append({"kind": "case", "id": "b", "status": "error"})
+    with open(f.path, "a") as fh:
+        fh.write('{"kind": "case", "id": "c", "sta')  # killed mid-write
+    assert f.done_ids() == {"a", "b"}
+    assert f.done_ids(retry_failed=True) == {"a"}
+    assert json.loads(f.path.read_text().splitlines()[0])["id"] == "a"

@@ -1,0 +1,79 @@
+"""The `attnkit` command line: list, info, masks, bench list-suites / list, and the quick suite end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+import attnkit as ak
+from attnkit.bench.results import latest_cases, load
+from attnkit.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    res = runner.invoke(app, list(args))
+    return res.exit_code, res.output
+
+
+def test_list_and_info():
+    code, out = invoke("list")
+    assert code == 0 and "mechanisms" in out
+    specs = ak.list_mechanisms()
+    if specs:
+        s = specs[0]
+        code, out = invoke("info", s.name)
+        assert code == 0 and s.paper.arxiv in out and s.family in out
+    code, out = invoke("info", "no_such_mechanism")
+    assert code == 1 and "unknown mechanism" in out
+
+
+def test_masks_list_and_show():
+    code, out = invoke("masks", "list")
+    assert code == 0 and "causal_document" in out and "sliding_window" in out
+    code, out = invoke("masks", "show", "causal", "--n", "4")
+    assert code == 0
+    assert out.splitlines()[1:5] == ["█···", "██··", "███·", "████"]
+    code, out = invoke("masks", "show", "sliding_window", "1", "--n", "4")
+    assert code == 0 and out.splitlines()[1:5] == ["██··", "███·", "·███", "··██"]
+    code, out = invoke("masks", "show", "document", "2", "2", "--n", "4")
+    assert code == 0 and out.splitlines()[1:5] == ["██··", "██··", "··██", "··██"]
+    code, out = invoke("masks", "show", "causal_document", "--n", "40")
+    assert code == 0 and "density" in out
+    code, out = invoke("masks", "show", "no_such_mask")
+    assert code == 1 and "unknown mask" in out
+
+
+def test_bench_list_suites_and_cases():
+    code, out = invoke("bench", "list-suites")
+    assert code == 0 and all(s in out for s in ("quick", "default", "masks", "scaling", "full"))
+    code, out = invoke("bench", "list", "--suite", "quick", "--only", "attention*")
+    assert code == 0 and "attention/full/N=256/sdpa/fwd" in out
+    code, out = invoke("bench", "--suite", "nope")
+    assert code == 2 and "unknown suite" in out
+
+
+@pytest.mark.slow
+def test_quick_suite_end_to_end(tmp_path):
+    """`attnkit bench --suite quick` over every registered provider: all cases recorded, reports written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    p = subprocess.run([sys.executable, "-m", "attnkit.cli", "bench", "--suite", "quick", "--out", str(tmp_path),
+                        "--threads", "1"],  # one thread: robust to a loaded CI machine
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = latest_cases(load(tmp_path / "results.jsonl"))
+    attention = {i: r for i, r in recs.items() if r["op"] == "attention"}
+    assert len(attention) == 14
+    bad = {i: r.get("reason") for i, r in recs.items() if r["status"] != "ok"}
+    assert not bad, bad
+    for r in attention.values():
+        assert r["max_abs_err"] < 1e-4 and r["gflops"] > 0 and r["peak_rss_mb"] is not None
+        assert r["speedup_vs_baseline"] > 0
+    for f in ("report.md", "report.html", "time_vs_n.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert "summary: fastest implementation per comparison" in p.stdout
