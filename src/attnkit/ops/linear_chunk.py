@@ -11,8 +11,12 @@ so there is no cumsum over N and every exponent is <= 0):
     inter:  O_c += exp(b_i) Q_c S_{c-1}                                   (carried state)
     state:  S_c  = exp(b_C) S_{c-1} + (exp(b_C - b_j) K_c)^T V_c
 
-Work is vectorised over the chunks of a *segment* of ``segment`` tokens (a few thousand), and
-segments are walked sequentially; only the state recursion is a Python loop over chunks.
+Work is batched over the chunks of a *segment* of ``segment`` tokens (a few thousand); segments
+are walked sequentially. Inside a segment each (batch, head) runs batched matmuls directly on
+strided views of the heads-last inputs and writes straight into the heads-last outputs (BLAS takes
+the row stride H*D), so q, k, v, o are never permuted or copied (GQA: a query head reads its kv
+head's view). The state recursion over the chunks of a segment is one small op per chunk, batched
+over (batch, head).
 
 Memory: forward+backward keep only q, k, v (the caller's tensors, not copies), the log-decay and
 one state per segment (``(N / segment) * B*H*D*Dv``); every per-chunk tensor (scores, chunk
@@ -27,15 +31,13 @@ import torch
 import torch.nn.functional as F
 
 
-def _chunks(x: torch.Tensor, s: int, e: int, rep: int, lpad: int, c: int, cdt: torch.dtype) -> torch.Tensor:
-    """Tokens [s, e) of a heads-last tensor as ``(B, H, nc, C, D)`` in ``cdt``; kv heads repeated, padded."""
-    B, _, _, D = x.shape
-    xs = x[:, s:e].permute(0, 2, 1, 3)  # (B, Hx, L, D)
-    if rep > 1:
-        xs = xs.repeat_interleave(rep, dim=1)  # (B, H, L, D): query head h reads kv head h // rep
-    if lpad > e - s:
-        xs = F.pad(xs, (0, 0, 0, lpad - (e - s)))
-    return xs.to(cdt).contiguous().view(B, xs.shape[1], lpad // c, c, D)  # (B, H, nc, C, D)
+def _seg(x: torch.Tensor, s: int, e: int, lpad: int, cdt: torch.dtype) -> torch.Tensor:
+    """Tokens [s, e) of a heads-last tensor in ``cdt`` with ``lpad`` rows: a view when possible, else a copy."""
+    if x.dtype == cdt and lpad == e - s and x.stride(-1) == 1:
+        return x[:, s:e]
+    buf = x.new_zeros((x.shape[0], lpad, *x.shape[2:]), dtype=cdt)  # (B, Lpad, Hx, D); padded rows are 0
+    buf[:, : e - s] = x[:, s:e]
+    return buf
 
 
 def _decays(g: torch.Tensor | None, s: int, e: int, lpad: int, c: int, H: int, cdt: torch.dtype):
@@ -66,22 +68,40 @@ def _decays(g: torch.Tensor | None, s: int, e: int, lpad: int, c: int, H: int, c
     return qdec, kdec, cdec, Dm
 
 
-def _scan_states(U, S, cdec):
-    """States before each chunk: Sprev[:, :, c] = S_{c-1}; returns (Sprev, S after the last chunk)."""
-    if cdec is None:
-        Sprev = torch.cumsum(U, dim=2) - U + S[:, :, None]  # exclusive prefix sum, (B, H, nc, D, Dv)
-        return Sprev, Sprev[:, :, -1] + U[:, :, -1]
-    Sprev = torch.empty_like(U)
-    cd = cdec[..., None, None]  # (Bg, H, nc, 1, 1)
-    for i in range(U.shape[2]):
-        Sprev[:, :, i] = S
-        S = torch.addcmul(U[:, :, i], cd[:, :, i], S)  # S_c = exp(b_C) S_{c-1} + U_c
-    return Sprev, S
+def _tril(c: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.ones(1, 1, 1, c, c, dtype=dtype).tril_()  # (1, 1, 1, C, C)
 
 
-def _bmm(a, b):
-    """Batched matmul of (..., m, k) @ (..., k, n) on the flattened batch (broadcast-free, fast path)."""
-    return torch.matmul(a, b)
+def _views(xs: torch.Tensor, b: int, h: int, c: int) -> torch.Tensor:
+    """Head h of batch b of a heads-last segment as chunks ``(nc, C, D)`` (a strided view, no copy)."""
+    return xs[b, :, h].view(-1, c, xs.shape[-1])  # (nc, C, D), row stride Hx*D
+
+
+def _prefix_states(U: torch.Tensor, S: torch.Tensor, cdec: torch.Tensor | None) -> torch.Tensor:
+    """``P[i]`` = state before chunk i, ``P[nc]`` = state after the segment; U, P are (nc(+1), B, H, D, Dv)."""
+    P = torch.empty((U.shape[0] + 1, *U.shape[1:]), dtype=U.dtype)
+    P[0] = S
+    if cdec is None:  # (torch.cumsum over the leading dim is far slower than this loop)
+        for i in range(U.shape[0]):
+            torch.add(U[i], P[i], out=P[i + 1])
+        return P
+    cd = cdec.permute(2, 0, 1)[..., None, None]  # (nc, Bg, H, 1, 1)
+    for i in range(U.shape[0]):
+        torch.addcmul(U[i], cd[i], P[i], out=P[i + 1])  # S_c = exp(b_C) S_{c-1} + U_c
+    return P
+
+
+def _state_updates(Ks, Vs, dec, B, H, rep, c, cdt):
+    """U[i, b, h] = (kdec * K_chunk)^T V_chunk for every chunk: (nc, B, H, D, Dv)."""
+    nc, D, Dv = Ks.shape[1] // c, Ks.shape[-1], Vs.shape[-1]
+    U = torch.empty(nc, B, H, D, Dv, dtype=cdt)
+    for b in range(B):
+        for h in range(H):
+            K, V = _views(Ks, b, h // rep, c), _views(Vs, b, h // rep, c)
+            if dec is not None:
+                K = K * dec[1][b if dec[1].shape[0] > 1 else 0, h, :, :, None]
+            torch.bmm(K.transpose(1, 2), V, out=U[:, b, h])
+    return U
 
 
 class _ChunkLinearAttention(torch.autograd.Function):
@@ -97,40 +117,40 @@ class _ChunkLinearAttention(torch.autograd.Function):
             e = min(s + seg, N)
             lpad = -(-(e - s) // c) * c
             bounds.append(S)
-            Q = _chunks(q, s, e, 1, lpad, c, cdt)  # (B, H, nc, C, D)
-            if scale != 1.0:
-                Q = Q * scale
-            K = _chunks(k, s, e, rep, lpad, c, cdt)  # (B, H, nc, C, D)
-            V = _chunks(v, s, e, rep, lpad, c, cdt)  # (B, H, nc, C, Dv)
+            Qs, Ks, Vs = (_seg(x, s, e, lpad, cdt) for x in (q, k, v))  # (B, Lpad, H|Hkv, D) heads-last
+            Os = o[:, s:e] if (out_dtype == cdt and lpad == e - s) else torch.empty(B, lpad, H, Dv, dtype=cdt)
             dec = _decays(g, s, e, lpad, c, H, cdt)
-            A = _bmm(Q, K.transpose(-1, -2))  # (B, H, nc, C, C)
-            if dec is None:
-                A.tril_()
-                U = _bmm(K.transpose(-1, -2), V)  # (B, H, nc, D, Dv)
-                Sprev, S = _scan_states(U, S, None)
-                Qd = Q
-            else:
-                qdec, kdec, cdec, Dm = dec
-                A.mul_(Dm)
-                U = _bmm((K * kdec[..., None]).transpose(-1, -2), V)  # (B, H, nc, D, Dv)
-                Sprev, S = _scan_states(U, S, cdec)
-                Qd = Q * qdec[..., None]
-            O = torch.matmul(Qd, Sprev).add_(_bmm(A, V))  # (B, H, nc, C, Dv)
-            O = O.view(B, H, lpad, Dv)[:, :, : e - s].permute(0, 2, 1, 3)  # (B, L, H, Dv)
-            o[:, s:e] = O
+            Dm = (_tril(c, cdt).expand(1, H, 1, c, c) if dec is None else dec[3]) * scale  # scale rides on the tile
+            U = _state_updates(Ks, Vs, dec, B, H, rep, c, cdt)
+            P = _prefix_states(U, S, None if dec is None else dec[2])  # (nc + 1, B, H, D, Dv)
+            S = P[-1].clone()
+            for b in range(B):
+                bg = b if Dm.shape[0] > 1 else 0
+                for h in range(H):
+                    Q, K, V = _views(Qs, b, h, c), _views(Ks, b, h // rep, c), _views(Vs, b, h // rep, c)
+                    A = torch.bmm(Q, K.transpose(1, 2)).mul_(Dm[bg, h])  # (nc, C, C) masked, decayed, scaled
+                    Qd = Q if dec is None else Q * (dec[0][bg, h, :, :, None] * scale)
+                    T = torch.bmm(Qd, P[:-1, b, h])  # (nc, C, Dv): inter
+                    # intra straight into the heads-last output (bmm takes a strided out; baddbmm would
+                    # fall back to one addmm per chunk), then the inter term added in place
+                    out = torch.bmm(A, V, out=_views(Os, b, h, c))
+                    out.add_(T, alpha=scale if dec is None else 1.0)
+            if Os.data_ptr() != o[:, s:e].data_ptr():
+                o[:, s:e] = Os[:, : e - s]
         ctx.save_for_backward(q, k, v, g, torch.stack(bounds))
-        ctx.conf = (scale, c, seg, s0 is not None, out_dtype)
+        ctx.conf = (scale, c, seg, s0 is not None)
         return o, S
 
     @staticmethod
     def backward(ctx, do, dS):
         q, k, v, g, bounds = ctx.saved_tensors
-        scale, c, seg, has_s0, _ = ctx.conf
+        scale, c, seg, has_s0 = ctx.conf
         B, N, H, D = q.shape
         Hkv, Dv = k.shape[2], v.shape[-1]
         rep = H // Hkv
         cdt = bounds.dtype
         need_g = g is not None and ctx.needs_input_grad[3]
+        do = do.contiguous()
         dq = torch.empty(B, N, H, D, dtype=cdt)
         dk = torch.empty(B, N, Hkv, D, dtype=cdt)
         dv = torch.empty(B, N, Hkv, Dv, dtype=cdt)
@@ -142,39 +162,72 @@ class _ChunkLinearAttention(torch.autograd.Function):
             e = min(s + seg, N)
             L = e - s
             lpad = -(-L // c) * c
-            Q = _chunks(q, s, e, 1, lpad, c, cdt)  # (B, H, nc, C, D)
-            if scale != 1.0:
-                Q = Q * scale
-            K = _chunks(k, s, e, rep, lpad, c, cdt)
-            V = _chunks(v, s, e, rep, lpad, c, cdt)
-            dO = _chunks(do, s, e, 1, lpad, c, cdt)  # (B, H, nc, C, Dv)
+            direct = lpad == L
+            Qs, Ks, Vs, dOs = (_seg(x, s, e, lpad, cdt) for x in (q, k, v, do))
+            dQs = dq[:, s:e] if direct else torch.zeros(B, lpad, H, D, dtype=cdt)
+            dKs = dk[:, s:e] if direct else torch.zeros(B, lpad, Hkv, D, dtype=cdt)
+            dVs = dv[:, s:e] if direct else torch.zeros(B, lpad, Hkv, Dv, dtype=cdt)
             dec = _decays(g, s, e, lpad, c, H, cdt)
-            QK = _bmm(Q, K.transpose(-1, -2))  # (B, H, nc, C, C)
-            dP = _bmm(dO, V.transpose(-1, -2))  # (B, H, nc, C, C): dL/dA
-            if dec is None:
-                A = QK.tril()
-                Kd, Qd, cdec = K, Q, None
-                U = _bmm(K.transpose(-1, -2), V)
-            else:
-                qdec, kdec, cdec, Dm = dec
-                A = QK.mul_(Dm)
-                Kd, Qd = K * kdec[..., None], Q * qdec[..., None]
-                U = _bmm(Kd.transpose(-1, -2), V)
-            Sprev, _ = _scan_states(U, bounds[i], cdec)  # (B, H, nc, D, Dv): state before each chunk
-            # dSc[:, :, j] = dL/d(state after chunk j); W_j = dL/dS_{j-1} through chunk j's inter term
-            W = _bmm(Qd.transpose(-1, -2), dO)  # (B, H, nc, D, Dv)
-            dSc = torch.empty_like(W)
-            for j in reversed(range(W.shape[2])):
-                dSc[:, :, j] = dS
-                dS = W[:, :, j] + (dS if cdec is None else cdec[:, :, j, None, None] * dS)
-            X = _bmm(dO, Sprev.transpose(-1, -2))  # (B, H, nc, C, D) = dO S_{c-1}^T
-            Y = _bmm(V, dSc.transpose(-1, -2))  # (B, H, nc, C, D) = V dS_c^T
+            nc = lpad // c
+            Dm = (_tril(c, cdt).expand(1, H, 1, c, c) if dec is None else dec[3]) * scale
+            cdec = None if dec is None else dec[2]
+            P = _prefix_states(_state_updates(Ks, Vs, dec, B, H, rep, c, cdt), bounds[i], cdec)
+            # W[j] = dL/dS_{j-1} through chunk j's inter term; reverse scan gives R[j] = dL/d(state after chunk j)
+            W = torch.empty(nc, B, H, D, Dv, dtype=cdt)
+            for b in range(B):
+                bg = b if Dm.shape[0] > 1 else 0
+                for h in range(H):
+                    Q, dO = _views(Qs, b, h, c), _views(dOs, b, h, c)
+                    Qd = Q * scale if dec is None else Q * (dec[0][bg, h, :, :, None] * scale)
+                    torch.bmm(Qd.transpose(1, 2), dO, out=W[:, b, h])
+            R = torch.empty(nc, B, H, D, Dv, dtype=cdt)
+            cd = None if cdec is None else cdec.permute(2, 0, 1)[..., None, None]  # (nc, Bg, H, 1, 1)
+            for j in reversed(range(nc)):
+                R[j] = dS
+                dS = W[j] + (dS if cd is None else cd[j] * dS)
+            gb = torch.empty(B, H, nc, c, dtype=cdt) if need_g else None
+            gend = torch.empty(B, H, nc, dtype=cdt) if need_g else None
+            for b in range(B):
+                bg = b if Dm.shape[0] > 1 else 0
+                for h in range(H):
+                    hk = h // rep
+                    Q, K, V, dO = (_views(Qs, b, h, c), _views(Ks, b, hk, c), _views(Vs, b, hk, c),
+                                   _views(dOs, b, h, c))
+                    A = torch.bmm(Q, K.transpose(1, 2)).mul_(Dm[bg, h])  # (nc, C, C), as in forward
+                    dP = torch.bmm(dO, V.transpose(1, 2))  # (nc, C, C): dL/dA
+                    X = torch.bmm(dO, P[:-1, b, h].transpose(1, 2))  # (nc, C, D) = dO S_{c-1}^T
+                    Y = torch.bmm(V, R[:, b, h].transpose(1, 2))  # (nc, C, D) = V dS_c^T
+                    if need_g:
+                        M = dP * A
+                        kterm = dec[1][bg, h] * (K * Y).sum(-1)  # (nc, C): through exp(b_end - b_j)
+                        gb[b, h] = M.sum(-1) - M.sum(-2) - kterm
+                        gb[b, h] += (dec[0][bg, h] * scale) * (Q * X).sum(-1)  # through exp(b_i), inter
+                        gend[b, h] = kterm.sum(-1) + cdec[bg, h] * (R[:, b, h] * P[:-1, b, h]).sum((-1, -2))
+                    dP.mul_(Dm[bg, h])
+                    if dec is None:
+                        X.mul_(scale)
+                        Kd = K
+                    else:
+                        X.mul_(dec[0][bg, h, :, :, None] * scale)
+                        Y.mul_(dec[1][bg, h, :, :, None])
+                        Kd = K * dec[1][bg, h, :, :, None]
+                    # products go straight into the heads-last grads (bmm takes a strided out, baddbmm
+                    # would loop addmm per chunk); the second term is added in place
+                    torch.bmm(dP, K, out=_views(dQs, b, h, c)).add_(X)
+                    KdR = torch.bmm(Kd, R[:, b, h])  # (nc, C, Dv)
+                    if rep == 1:
+                        torch.bmm(dP.transpose(1, 2), Q, out=_views(dKs, b, hk, c)).add_(Y)
+                        torch.bmm(A.transpose(1, 2), dO, out=_views(dVs, b, hk, c)).add_(KdR)
+                        continue
+                    dK = torch.baddbmm(Y, dP.transpose(1, 2), Q)  # (nc, C, D)
+                    dV = torch.baddbmm(KdR, A.transpose(1, 2), dO)  # (nc, C, Dv)
+                    if h % rep == 0:  # GQA: the group's first head writes, the others add
+                        _views(dKs, b, hk, c).copy_(dK)
+                        _views(dVs, b, hk, c).copy_(dV)
+                    else:
+                        _views(dKs, b, hk, c).add_(dK)
+                        _views(dVs, b, hk, c).add_(dV)
             if need_g:
-                gb = (dP * A).sum(-1) - (dP * A).sum(-2)  # (B, H, nc, C): d/db through exp(b_i - b_j)
-                gb += qdec * (Q * X).sum(-1)  # through exp(b_i) on the inter term
-                kterm = kdec * (K * Y).sum(-1)  # through exp(b_end - b_j) on the state update
-                gb -= kterm
-                gend = kterm.sum(-1) + cdec * (dSc * Sprev).sum((-1, -2))  # (B, H, nc): d/db_end
                 gb[..., -1] += gend
                 dgs = gb.flip(-1).cumsum(-1).flip(-1)  # b_i = sum_{r<=i} g_r  =>  dg_r = sum_{i>=r} db_i
                 dgs = dgs.reshape(B, H, lpad)[:, :, :L]  # (B, H, L)
@@ -182,22 +235,8 @@ class _ChunkLinearAttention(torch.autograd.Function):
                     dg[:, s:e] = dgs.permute(0, 2, 1)
                 else:
                     dg += dgs.sum((0, 2))
-            if dec is not None:
-                dP.mul_(Dm)
-                X.mul_(qdec[..., None])
-                Y.mul_(kdec[..., None])
-            else:
-                dP.tril_()
-            dQ = torch.matmul(dP, K).add_(X)  # (B, H, nc, C, D)
-            dK = torch.matmul(dP.transpose(-1, -2), Q).add_(Y)
-            dV = torch.matmul(A.transpose(-1, -2), dO).add_(_bmm(Kd, dSc))  # (B, H, nc, C, Dv)
-            if scale != 1.0:
-                dQ.mul_(scale)
-            dq[:, s:e] = dQ.view(B, H, lpad, D)[:, :, :L].permute(0, 2, 1, 3)  # (B, L, H, D)
-            dK = dK.view(B, Hkv, rep, lpad, D)[:, :, :, :L].sum(2)  # (B, Hkv, L, D): sum over the group
-            dV = dV.view(B, Hkv, rep, lpad, Dv)[:, :, :, :L].sum(2)
-            dk[:, s:e] = dK.permute(0, 2, 1, 3)
-            dv[:, s:e] = dV.permute(0, 2, 1, 3)
+            if not direct:
+                dq[:, s:e], dk[:, s:e], dv[:, s:e] = dQs[:, :L], dKs[:, :L], dVs[:, :L]
         ds0 = dS if has_s0 else None
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dg is None else dg.to(g.dtype),
                 ds0, None, None, None, None)

@@ -1,0 +1,172 @@
+"""Cases for ``ak.linear_attention`` (issue 4): chunked causal linear attention vs causal SDPA and fla.
+
+Groups and implementations (``Case.impl``):
+
+* ``causal_decay/N=...``: ``chunk`` = ``ak.linear_attention(q, k, v, decay=lambda (H,), backend="chunk")``
+  (Lightning-style, per-head TNL decay) and ``sdpa_causal`` = ``F.scaled_dot_product_attention(...,
+  is_causal=True)`` on heads-first tensors, the baseline — their timings give the crossover length;
+* ``causal/N=...``: ``chunk`` without decay and ``fla_naive`` = fla's ``naive_chunk_linear_attn``
+  (same math; ``requires="fla"``, loaded by file path), the baseline of that group.
+
+Shapes: B=1, H=8, D=Dv=64, fp32, heads-last. FLOPs (forward) of linear attention are the useful
+work of the chunk algorithm at C=64: ``H (N C (D + Dv) + 4 N D Dv)`` (causal half of each tile,
+state update and state read); SDPA counts ``4 * area * H * D`` over the causal area. Each case
+checks the first 256 output rows against the fp64 oracle (causality makes a prefix exact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnkit.bench.case import Case, Runner
+from attnkit.bench.flops import attention_flops
+
+B, H, D, CHUNK = 1, 8, 64, 64
+CHECK_ROWS = 256
+
+
+def linear_flops(n: int, h: int = H, d: int = D, dv: int = D, chunk: int = CHUNK, batch: int = B) -> float:
+    """Useful forward FLOPs of causal chunked linear attention (see module docstring)."""
+    return float(batch * h * (n * min(chunk, n) * (d + dv) + 4 * n * d * dv))
+
+
+def _decay() -> torch.Tensor:
+    from attnkit.mechanisms.lightning import tnl_decay
+
+    return tnl_decay(H, 0, 24)
+
+
+def _fla_naive():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("fla")
+    path = Path(next(iter(spec.submodule_search_locations))) / "ops" / "linear_attn" / "naive.py"
+    s = importlib.util.spec_from_file_location("_fla_naive_linear_attn", path)
+    mod = importlib.util.module_from_spec(s)
+    s.loader.exec_module(mod)
+    return mod.naive_chunk_linear_attn
+
+
+def _check(out: torch.Tensor, q, k, v, decay, heads_first: bool) -> tuple[float, float]:
+    from attnkit.reference.naive_linear import naive_linear_attention
+
+    with torch.no_grad():
+        if heads_first:
+            out, q, k, v = (t.transpose(1, 2) for t in (out, q, k, v))  # (B, N, H, D)
+        r = min(CHECK_ROWS, q.shape[1])
+        ref = naive_linear_attention(*(t[:, :r].double() for t in (q, k, v)),
+                                     decay=None if decay is None else decay.double())
+        got = out[:, :r].double()
+        err = (got - ref).abs().max().item()
+        rel = ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+    return err, rel
+
+
+def _sdpa_check(out, q, k, v) -> tuple[float, float]:
+    with torch.no_grad():
+        r = min(CHECK_ROWS, q.shape[2])
+        qs, ks, vs = (t[:, :, :r].double() for t in (q, k, v))  # (B, H, r, D)
+        ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        got = out[:, :, :r].double()
+        err = (got - ref).abs().max().item()
+        rel = ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+    return err, rel
+
+
+def _setup(impl: str, n: int, decay: bool, pass_: str) -> Callable[[], Runner]:
+    def setup() -> Runner:
+        import attnkit as ak
+
+        g = torch.Generator().manual_seed(0)
+        heads_first = impl == "sdpa_causal"
+        shape = (B, H, n, D) if heads_first else (B, n, H, D)
+        q, k, v, do = (torch.randn(shape, generator=g) for _ in range(4))
+        for t in (q, k, v):
+            t.requires_grad_(pass_ == "fwd+bwd")
+        lam = _decay() if decay else None
+        if impl == "chunk":
+            def fn() -> torch.Tensor:
+                return ak.linear_attention(q, k, v, decay=lam, backend="chunk")
+        elif impl == "sdpa_causal":
+            def fn() -> torch.Tensor:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif impl == "fla_naive":
+            naive = _fla_naive()
+
+            def fn() -> torch.Tensor:
+                return naive(q, k, v)
+        else:
+            raise ValueError(f"unknown impl {impl!r}")
+
+        def check() -> tuple[float, float]:
+            with torch.no_grad():
+                out = fn()
+            if heads_first:
+                return _sdpa_check(out, q, k, v)
+            return _check(out, q, k, v, lam, False)
+
+        if pass_ == "fwd":
+            def run() -> Any:
+                with torch.no_grad():
+                    return fn()
+        else:
+            def run() -> Any:
+                return torch.autograd.grad(fn(), (q, k, v), do)
+        return Runner(run=run, check=check)
+
+    return setup
+
+
+def _cases(group: str, impls: list[str], ns: list[int], passes: tuple[str, ...], suites: set[str]) -> list[Case]:
+    out = []
+    decay = group == "causal_decay"
+    for n in ns:
+        params = (("N", n), ("B", B), ("H", H), ("D", D), ("dtype", "float32"),
+                  ("decay", "per-head (TNL released, layer 0/24)" if decay else "none"), ("chunk", CHUNK))
+        for pass_ in passes:
+            for impl in impls:
+                fl = attention_flops(n * (n + 1) // 2, H, D, batch=B) if impl == "sdpa_causal" else linear_flops(n)
+                out.append(Case(op="linear_attention", impl=impl, group=f"{group}/N={n}", pass_=pass_,
+                                suites=frozenset(suites), params=params, flops=fl,
+                                setup=_setup(impl, n, decay, pass_),
+                                baseline=impl in ("sdpa_causal", "fla_naive"),
+                                requires="fla" if impl == "fla_naive" else None))
+    return out
+
+
+def _merge(groups: list[list[Case]]) -> list[Case]:
+    by: dict[str, Case] = {}
+    for cs in groups:
+        for c in cs:
+            if c.id in by:
+                old = by[c.id]
+                by[c.id] = Case(**{**{f: getattr(old, f) for f in old.__dataclass_fields__},
+                                   "suites": old.suites | c.suites})
+            else:
+                by[c.id] = c
+    return list(by.values())
+
+
+FWD, BOTH = ("fwd",), ("fwd", "fwd+bwd")
+
+
+def cases() -> list[Case]:
+    """Every linear-attention case, suites attached (see module docstring)."""
+    pow2 = [1024 * 2**i for i in range(7)]  # 1024 .. 65536
+    return _merge([
+        _cases("causal_decay", ["chunk", "sdpa_causal"], [256], BOTH, {"quick"}),
+        # default: cheap — linear up to 16384, SDPA only where it is fast
+        _cases("causal_decay", ["chunk"], [1024, 4096, 16384], BOTH, {"default", "full"}),
+        _cases("causal_decay", ["sdpa_causal"], [1024, 4096], FWD, {"default", "full"}),
+        _cases("causal", ["chunk", "fla_naive"], [16384], FWD, {"default", "full"}),
+        # scaling: N doubling up to 65536 (SDPA stops by itself past 2 s) -> crossover and time ratios
+        _cases("causal_decay", ["chunk", "sdpa_causal"], pow2, FWD, {"scaling", "full"}),
+        _cases("causal_decay", ["chunk"], pow2, ("fwd+bwd",), {"scaling", "full"}),
+        _cases("causal", ["chunk", "fla_naive"], [1024, 4096, 16384, 65536], FWD, {"scaling", "full"}),
+        _cases("causal_decay", ["sdpa_causal"], [8192, 16384], ("fwd+bwd",), {"full"}),
+    ])
