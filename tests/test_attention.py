@@ -265,3 +265,20 @@ def test_blocked_inference_head_dependent_mask():
         out = ak.attention(x["q"], x["k"], x["v"], mask=allowed, backend="blocked")
     assert_close(out, naive_attention(x["q"], x["k"], x["v"], allowed), torch.float64, "out")
     assert out[0, 7, 2].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["gather", "blocked", "sdpa", None])
+def test_routed_block_sparse_layout(backend):
+    """A per-(batch, head) layout, with a causal mask inside the blocks, through ak.attention."""
+    x = make_inputs("GQA")                                               # Nq = Nk = 45, Hq = 6
+    g = torch.Generator().manual_seed(2)
+    lay = torch.rand(1, 6, 6, 6, generator=g) > 0.5
+    lay |= torch.eye(6, dtype=torch.bool)                                # every query block sees its own
+    mask = M.block_sparse(lay, 8) & M.causal()
+    if backend is None:
+        assert "-> gather" in ak.explain("attention", *x.values(), mask=mask)
+
+    def fast(q, k, v):
+        return ak.attention(q, k, v, mask=mask, backend=backend)
+
+    compare_fn(fast, reference(mask), x, torch.float32)

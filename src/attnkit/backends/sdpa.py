@@ -37,6 +37,11 @@ def _suits(call):
         return True, "dense attention"
     if _is_plain_causal(call):
         return True, "causal via is_causal"
+    if call.mask.head_dependent:  # tiles are shared by heads; what counts is each head's own density
+        dens = call.mask.density(call.nq, call.nk)
+        if dens >= _DENSE_ENOUGH:
+            return True, f"{dens:.0%} of pairs are allowed"
+        return False, f"only {dens:.0%} of pairs are allowed per head; a dense mask computes all of them"
     frac = call.tile_fraction()
     if frac >= _DENSE_ENOUGH:
         return True, f"{frac:.0%} of tiles are non-empty"

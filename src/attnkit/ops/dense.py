@@ -8,7 +8,7 @@ from functools import cached_property
 import torch
 
 from attnkit._validate import check_qkv, resolve_scale
-from attnkit.backends import blocked, flex, reference, sdpa
+from attnkit.backends import block_gather_backend, blocked, flex, reference, sdpa
 from attnkit.backends.base import Dispatcher, register_op
 from attnkit.masks import Mask, as_mask
 from attnkit.masks.base import EMPTY
@@ -114,7 +114,8 @@ def make_call(q, k, v, mask=None, *, scale=None, return_lse=False) -> AttentionC
     return AttentionCall(q, k, v, m, resolve_scale(scale, q.shape[-1]), return_lse)
 
 
-DISPATCHER = Dispatcher("attention", [sdpa.BACKEND, blocked.BACKEND, flex.BACKEND, reference.BACKEND])
+DISPATCHER = Dispatcher(
+    "attention", [sdpa.BACKEND, block_gather_backend.BACKEND, blocked.BACKEND, flex.BACKEND, reference.BACKEND])
 register_op("attention", make_call, DISPATCHER)
 
 
@@ -138,7 +139,7 @@ def attention(
             (True = attend), or None. Causal is top-left aligned (``ak.masks.causal(offset)`` shifts it).
         scale: score scale, default ``D ** -0.5``.
         backend: None picks automatically (see ``ak.explain``); ``"sdpa"``, ``"blocked"``,
-            ``"flex"`` or ``"reference"`` force one (ValueError with the reason if it cannot run).
+            ``"gather"`` (routed block-sparse), ``"flex"`` or ``"reference"`` force one (ValueError with the reason if it cannot run).
         return_lse: also return the natural-log sum-exp of the scaled, masked scores.
 
     Returns:
