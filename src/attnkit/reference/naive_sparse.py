@@ -8,6 +8,8 @@ softplus_attention, gaussian_adaptive, rcmha, single_head}.py``. Imports only to
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -57,3 +59,90 @@ def causal_dense(nq: int, nk: int, device=None) -> torch.Tensor:
     """Causal mask ``q_idx >= kv_idx`` (top-left aligned, as ``masks.causal()``), ``(nq, nk)``."""
     return torch.arange(nq, device=device)[:, None] >= torch.arange(nk, device=device)[None, :]
 
+
+
+# ---- head-level mechanisms ----------------------------------------------------------------
+
+
+def naive_moh_gates(x, w_h, w_s, w_r, topk):
+    """MoH gates token by token (released-code rescaling) and ``L_b = sum_j f_j P_j``."""
+    B, N, _ = x.shape
+    gates, sel_count, p_sum = [], 0, 0
+    for b in range(B):
+        for t in range(N):
+            xt = x[b, t]
+            row = []
+            both = w_s is not None and w_r is not None
+            a = torch.softmax(xt @ w_h, -1) * 2 if both else torch.ones(2, dtype=x.dtype)
+            if w_s is not None:
+                row.append(a[0] * torch.softmax(xt @ w_s, -1) * w_s.shape[1])
+            if w_r is not None:
+                p = torch.softmax(xt @ w_r, -1)
+                chosen = torch.zeros_like(p)
+                for j in torch.argsort(p, descending=True, stable=True)[:topk]:
+                    chosen[j] = 1.0
+                row.append(a[1] * p * chosen / (p * chosen).sum() * topk)
+                sel_count = sel_count + chosen
+                p_sum = p_sum + p
+            gates.append(torch.cat(row))
+    loss = (sel_count / (B * N) * p_sum / (B * N)).sum() if w_r is not None else torch.zeros((), dtype=x.dtype)
+    return torch.stack(gates).view(B, N, -1), loss
+
+
+def naive_lssa(q, k, v, causal=True, p=None, offset=1.0, short_rows=3, eps=1e-6):
+    """LSSA / LSSAR row by row, exactly as the paper's equations read."""
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    v = v.repeat_interleave(H // v.shape[2], dim=2)
+    out = torch.zeros(B, Nq, H, v.shape[-1], dtype=q.dtype)
+    qn = q / q.norm(dim=-1, keepdim=True).clamp_min(eps)
+    kn = k / k.norm(dim=-1, keepdim=True).clamp_min(eps)
+    for t in range(Nq):
+        vis = torch.tensor([(u <= t) or not causal for u in range(Nk)], dtype=q.dtype)
+        n_t = vis.sum()
+        lam = math.log(D) * torch.log(n_t)
+        a = torch.nn.functional.softplus(lam * torch.einsum("bhd,bkhd->bhk", qn[:, t], kn)) * vis
+        a = a / a.sum(-1, keepdim=True)
+        if p is not None:
+            o_t = offset if n_t > short_rows else 0.0
+            r = torch.relu(n_t * a - o_t) * vis
+            r = r / r.amax(-1, keepdim=True).clamp_min(1e-300)  # scale-free: avoids N^p overflow
+            r = r ** p
+            a = r / r.sum(-1, keepdim=True).clamp_min(1e-300)
+        out[:, t] = torch.einsum("bhk,bkhd->bhd", a, v)
+    return out
+
+
+def naive_gaam(x, offsets, widths, mix_logits=None, axis=1, normalize=False, eps=1e-8):
+    """GAAM head by head with the population variance along ``axis`` of ``x (B, N, C)``."""
+    h, g = offsets.shape
+    chunks = x.chunk(h, dim=-1)
+    outs = []
+    for i, xi in enumerate(chunks):
+        dim = 1 if axis == 1 else 2
+        mu = xi.mean(dim, keepdim=True)
+        var = ((xi - mu) ** 2).mean(dim, keepdim=True)
+        w = torch.softmax(mix_logits[i], -1) if mix_logits is not None else torch.full((g,), 1.0 / g, dtype=x.dtype)
+        gate = 0
+        for j in range(g):
+            z = (xi - (mu + offsets[i, j])) / torch.sqrt(var + eps)
+            gate = gate + w[j] * torch.exp(-z ** 2 / (2 * widths[i, j] ** 2))
+        if normalize:
+            gate = gate / gate.sum(dim, keepdim=True)
+        outs.append(xi * gate)
+    return torch.cat(outs, dim=-1)
+
+
+def naive_relative_attention(q, k, v, u, rel_k, rel_b, causal=True):
+    """RCMHA scores ``[(q_t + u)·k_s + q_t·R[t-s] + b[t-s]] / sqrt(D)`` with R gathered per pair."""
+    _B, Nq, _H, D = q.shape
+    Nk = k.shape[1]
+    P = rel_k.shape[0] // 2
+    delta = torch.arange(Nq)[:, None] - torch.arange(Nk)[None, :] + P  # (Nq, Nk)
+    r = rel_k[delta]  # (Nq, Nk, H, D)
+    s = (torch.einsum("bqhd,bkhd->bhqk", q + u, k) + torch.einsum("bqhd,qkhd->bhqk", q, r)
+         + rel_b[delta].permute(2, 0, 1)) / math.sqrt(D)
+    if causal:
+        s = s.masked_fill(~causal_dense(Nq, Nk), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v)

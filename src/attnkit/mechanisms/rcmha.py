@@ -1,0 +1,134 @@
+"""RCMHA: Relative Convolutional Multi-Head Attention for Natural Language Modelling (arXiv 2308.03429).
+
+Projected q, k, v each pass a causal depthwise 1-D convolution along the sequence (Primer's
+MDHA), and the scores get learned relative-position terms (Transformer-XL style, labml's
+learned variant): ``[(q_t + u)·k_s + q_t·R[t-s] + b[t-s]] / sqrt(D)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnkit._validate import check_qkv, resolve_scale
+from attnkit.backends.block_gather import attend_gathered, compute_dtype
+from attnkit.registry import Paper, register
+
+
+def relative_position_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
+                                rel_k: torch.Tensor, rel_b: torch.Tensor, *, causal: bool = True,
+                                scale: float | None = None) -> torch.Tensor:
+    """Attention with a content bias and learned relative key/scalar terms.
+
+    Args:
+        q: ``(B, Nq, H, D)``; k: ``(B, Nk, H, D)``; v: ``(B, Nk, H, Dv)``.
+        u: ``(H, D)`` global content bias.
+        rel_k: ``(2P, H, D)`` relative key embeddings, index ``t - s + P`` for offset ``t - s``.
+        rel_b: ``(2P, H)`` relative scalar biases, same indexing.
+        causal: keys ``s <= t`` only.
+
+    Returns:
+        ``(B, Nq, H, Dv)``.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 16, 2, 8)
+        >>> out = relative_position_attention(q, k, v, torch.zeros(2, 8), torch.zeros(64, 2, 8), torch.zeros(64, 2))
+    """
+    check_qkv(q, k, v)
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    P = rel_k.shape[0] // 2
+    if max(Nq, Nk) > P:
+        raise ValueError(f"sequence length {max(Nq, Nk)} exceeds the relative range P = {P} (rel_k has 2P rows)")
+    scale = resolve_scale(scale, D)
+    cdt = compute_dtype(q.dtype)
+    qh = q.to(cdt).transpose(1, 2)  # (B, H, Nq, D)
+    # q·R[delta] only for the offsets that occur: delta in [-(Nk-1), Nq-1]
+    lo = P - (Nk - 1)
+    rk = rel_k[lo:P + Nq].to(cdt)  # (Nq+Nk-1, H, D)
+    qr = torch.einsum("bhqd,rhd->bhqr", qh, rk) + rel_b[lo:P + Nq].to(cdt).t().unsqueeze(1)  # (B, H, Nq, R)
+    rel = torch.arange(Nq, device=q.device)[:, None] - torch.arange(Nk, device=q.device) + (Nk - 1)  # (Nq, Nk)
+    bias = torch.gather(qr, -1, rel.expand(B, H, Nq, Nk)) * scale  # (B, H, Nq, Nk)
+    allowed = (rel >= Nk - 1) if causal else None
+    out, _ = attend_gathered(qh + u.to(cdt).view(1, H, 1, D), k.to(cdt).transpose(1, 2), v.to(cdt).transpose(1, 2),
+                             allowed, scale, bias=bias)  # (B, H, Nq, Dv)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def _flops(cfg: dict) -> float:
+    b, n, c = cfg["batch"], cfg["seq_len"], cfg["dim"]
+    return 8 * b * n * c * c + 6 * b * n * n * c + 18 * b * n * c
+
+
+_DEFAULT = {"batch": 2, "seq_len": 32, "dim": 64, "num_heads": 4, "max_rel": 64, "causal": True}
+
+
+def _example(config: dict | None = None):
+    c = {**_DEFAULT, **(config or {})}
+    m = RCMHA(c["dim"], c["num_heads"], max_rel=c["max_rel"], causal=c["causal"])
+    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
+
+
+@register(
+    name="rcmha", family="sparse",
+    paper=Paper("RCMHA: Relative Convolutional Multi-Head Attention for Natural Language Modelling",
+                "2308.03429", 2023),
+    patterns=("causal-self", "noncausal-self"), complexity="O(N^2 H D)", flops=_flops,
+    example=_example, default_config=_DEFAULT,
+    notes="Learned relative key embeddings R and scalar biases b (labml variant, not sinusoidal), direct "
+          "t-s indexing instead of the shift trick; depthwise conv (kernel 3) shared by heads, causal left "
+          "padding (centred padding when causal=False). u, R, b init 0; q/k without bias, v with bias. "
+          "Lengths above P = max_rel raise.",
+)
+class RCMHA(nn.Module):
+    """Relative convolutional multi-head attention.
+
+    Args:
+        dim: ``C``; num_heads: ``H``; kernel_size: depthwise conv taps (3); max_rel: ``P``
+            (relative offsets in ``[-P, P)``); causal: causal attention and causal convolutions.
+
+    Shapes:
+        ``x (B, N, C)`` -> ``(B, N, C)``.
+
+    Example:
+        >>> y = RCMHA(64, 4, max_rel=512)(torch.randn(2, 128, 64))
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, kernel_size: int = 3, max_rel: int = 4096, causal: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads, self.head_dim, self.causal, self.kernel_size = num_heads, dim // num_heads, causal, kernel_size
+        d = self.head_dim
+        self.wq, self.wk = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.wv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.convs = nn.ModuleList(nn.Conv1d(d, d, kernel_size, groups=d) for _ in range(3))
+        self.u = nn.Parameter(torch.zeros(num_heads, d))
+        self.rel_k = nn.Parameter(torch.zeros(2 * max_rel, num_heads, d))
+        self.rel_b = nn.Parameter(torch.zeros(2 * max_rel, num_heads))
+
+    def _dwconv(self, conv: nn.Conv1d, t: torch.Tensor) -> torch.Tensor:
+        """Depthwise conv along N of ``t (B, N, H, D)``, one kernel shared by heads.
+
+        Written as a sum of shifted copies: ``Conv1d`` with ``groups=D`` takes a slow im2col
+        path on CPU (fp64 especially) and costs more than the attention at these sizes.
+        """
+        n, kk = t.shape[1], self.kernel_size - 1
+        left = kk if self.causal else kk // 2  # causal: left padding only, no future leak
+        tp = F.pad(t, (0, 0, 0, 0, left, kk - left))  # (B, N + K - 1, H, D)
+        w = conv.weight[:, 0].t()  # (K, D)
+        out = conv.bias.view(1, 1, 1, -1).expand_as(t)
+        for j in range(self.kernel_size):
+            out = out + tp[:, j:j + n] * w[j]
+        return out  # (B, N, H, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        shape = (b, n, self.num_heads, self.head_dim)
+        q, k, v = (self._dwconv(cv, w(x).view(shape)) for cv, w in zip(self.convs, (self.wq, self.wk, self.wv)))
+        o = relative_position_attention(q, k, v, self.u, self.rel_k, self.rel_b, causal=self.causal)
+        return self.proj(o.reshape(b, n, c))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kernel={self.kernel_size}, P={self.rel_k.shape[0] // 2}, causal={self.causal}"

@@ -1,0 +1,79 @@
+"""SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design (arXiv 2401.16456) —
+single-head self-attention (SHSA) on a channel slice.
+
+One attention head (``d_qk = 16``) runs on the first ``C_p`` channels (GroupNorm first); the
+other channels pass through untouched and are concatenated back before ReLU and a projection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnkit.ops.dense import attention
+from attnkit.registry import Paper, register
+
+
+def _flops(cfg: dict) -> float:
+    b, n, c, cp, d = cfg["batch"], cfg["size"] ** 2, cfg["dim"], cfg["partial_dim"], cfg["qk_dim"]
+    return 2 * b * n * (cp * (2 * d + cp) + c * c) + 2 * b * n * n * (d + cp)
+
+
+_DEFAULT = {"batch": 2, "size": 6, "dim": 48, "partial_dim": 12, "qk_dim": 16}
+
+
+def _example(config: dict | None = None):
+    c = {**_DEFAULT, **(config or {})}
+    m = SingleHeadAttention(c["dim"], c["partial_dim"], qk_dim=c["qk_dim"])
+    return m, (torch.randn(c["batch"], c["size"], c["size"], c["dim"]),)
+
+
+@register(
+    name="single_head", family="sparse",
+    paper=Paper("SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design", "2401.16456", 2024),
+    patterns=("noncausal-self",), complexity="O(N^2 (d_qk + C_p) + N C^2)", flops=_flops,
+    example=_example, default_config=_DEFAULT, input_kind="image",
+    notes="Channels-last input. The 1x1 conv + BN projections are Linear layers (BN folded; no train/eval "
+          "difference); the output projection's BN (zero-init in the paper) is omitted. The residual and "
+          "the DWConv/FFN of the SHViT block are outside this module. C_p need not divide C.",
+)
+class SingleHeadAttention(nn.Module):
+    """SHSA token mixer.
+
+    Args:
+        dim: channels ``C``; partial_dim: attention channels ``C_p`` (paper: about ``C / 4.67``);
+        qk_dim: query/key width (16).
+
+    Shapes:
+        ``x (B, Y, X, C)`` channels-last -> ``(B, Y, X, C)``.
+
+    Example:
+        >>> y = SingleHeadAttention(128, 32)(torch.randn(2, 14, 14, 128))
+    """
+
+    def __init__(self, dim: int, partial_dim: int, *, qk_dim: int = 16):
+        super().__init__()
+        if not 0 < partial_dim <= dim:
+            raise ValueError(f"partial_dim must be in [1, dim={dim}], got {partial_dim}")
+        self.dim, self.partial_dim, self.qk_dim = dim, partial_dim, qk_dim
+        self.norm = nn.GroupNorm(1, partial_dim)
+        self.qk = nn.Linear(partial_dim, 2 * qk_dim)
+        self.v = nn.Linear(partial_dim, partial_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, Y, X, C={self.dim}) channels-last, got shape {tuple(x.shape)}")
+        b, yy, xx, c = x.shape
+        x1, x2 = x.split([self.partial_dim, c - self.partial_dim], dim=-1)
+        # .contiguous(): GroupNorm's CPU backward segfaults (torch 2.13) on a strided input that
+        # does not require grad (here a channel slice of a permuted tensor)
+        x1 = self.norm(x1.permute(0, 3, 1, 2).contiguous())  # (B, C_p, Y, X)
+        x1 = x1.permute(0, 2, 3, 1).reshape(b, yy * xx, 1, -1)  # (B, N, 1, C_p)
+        q, k = self.qk(x1).chunk(2, dim=-1)  # (B, N, 1, d_qk)
+        o = attention(q, k, self.v(x1))  # (B, N, 1, C_p): one head
+        y = torch.cat([o.view(b, yy, xx, -1), x2], dim=-1)  # (B, Y, X, C)
+        return self.proj(torch.relu(y))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, partial_dim={self.partial_dim}, qk_dim={self.qk_dim}"
