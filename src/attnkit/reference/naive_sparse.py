@@ -146,3 +146,34 @@ def naive_relative_attention(q, k, v, u, rel_k, rel_b, causal=True):
     if causal:
         s = s.masked_fill(~causal_dense(Nq, Nk), float("-inf"))
     return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v)
+
+
+# ---- routed mechanisms ---------------------------------------------------------------------
+
+
+def naive_moba_mask(q, k, block, topk, causal=True, routing="token"):
+    """MoBA's element mask ``(B, H, N, Nk)`` built query by query from the paper's rule."""
+    B, N, H, _D = q.shape
+    Nk = k.shape[1]
+    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    n = math.ceil(Nk / block)
+    kbar = torch.stack([k[:, j * block:(j + 1) * block].mean(1) for j in range(n)], 1)  # (B, n, H, D)
+    allowed = torch.zeros(B, H, N, Nk, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for t in range(N):
+                qt = q[b, t, h] if routing == "token" else q[b, (t // block) * block:(t // block + 1) * block, h].mean(0)
+                own = t // block if N == Nk else None
+                cands = [j for j in range(n) if own is None or (j != own and (j < own or not causal))]
+                cands.sort(key=lambda j: (-float(qt @ kbar[b, j, h]), j))
+                chosen = ([own] if own is not None else []) + cands[: topk - (own is not None)]
+                for j in chosen:
+                    allowed[b, h, t, j * block:(j + 1) * block] = True
+    if causal:
+        allowed &= causal_dense(N, Nk)
+    return allowed
+
+
+def naive_moba(q, k, v, block, topk, causal=True, routing="token"):
+    """MoBA reference: explicit mask, one softmax over the selected tokens."""
+    return naive_masked_attention(q, k, v, naive_moba_mask(q.detach(), k.detach(), block, topk, causal, routing))[0]

@@ -1,0 +1,188 @@
+"""MoBA: Mixture of Block Attention for Long-Context LLMs (arXiv 2502.13189).
+
+Keys are cut into blocks; a parameter-free router scores every block by its mean key and
+each query attends, at token level, only inside its top-k blocks. Causal: the query's own
+block is always selected (causally masked inside) and blocks past the query are never
+candidates; the top-k budget counts the own block. Runs on the block-gather engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attnkit._validate import check_qkv
+from attnkit.backends.block_gather import block_gather_attention
+from attnkit.registry import Paper, register
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over each block of ``block`` tokens of ``x (B, N, H, D)`` -> ``(B, n, H, D)``; a partial
+    last block is divided by its real token count."""
+    B, N, H, D = x.shape
+    n = math.ceil(N / block)
+    pad = n * block - N
+    xp = torch.cat([x, x.new_zeros(B, pad, H, D)], 1) if pad else x
+    counts = torch.full((n,), float(block), dtype=x.dtype, device=x.device)
+    counts[-1] = block - pad
+    return xp.view(B, n, block, H, D).sum(2) / counts.view(1, n, 1, 1)  # (B, n, H, D)
+
+
+def route_topk(scores: torch.Tensor, own: torch.Tensor | None, topk: int, causal: bool) -> torch.Tensor:
+    """MoBA's router on gate scores ``(..., R, n)`` (R query rows, n key blocks) -> bool selection.
+
+    ``own`` (R,) is each row's own block (forced in; causal: later blocks excluded) or None.
+    Ties go to the lower block index (stable sort), so exactly ``min(topk, #candidates)`` are chosen.
+    """
+    n = scores.shape[-1]
+    s = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores.clone()
+    if own is not None:
+        j = torch.arange(n, device=s.device)
+        if causal:
+            s = s.masked_fill(j > own.unsqueeze(-1), float("-inf"))
+        s = s.masked_fill(j == own.unsqueeze(-1), float("inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :topk]
+    chosen = torch.gather(s, -1, order) > float("-inf")  # never count an excluded block as chosen
+    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, order, chosen)
+
+
+@dataclass(frozen=True)
+class _TokenRoutes:
+    """Element mask of per-token routing: query ``t`` may see key ``u`` iff its route table selects
+    ``u``'s block (and ``u <= t`` when causal). Has the ``mask_mod`` protocol of ``ak.masks``."""
+
+    table: torch.Tensor  # (B, H, N, n) bool
+    block: int
+    causal: bool
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        ok = self.table[b, h, q_idx, kv_idx // self.block]
+        return ok & (q_idx >= kv_idx) if self.causal else ok
+
+
+class _Causal:
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+
+def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, topk: int, *,
+                   causal: bool = True, routing: str = "token", scale: float | None = None,
+                   return_layout: bool = False):
+    """Mixture of block attention.
+
+    Args:
+        q: ``(B, N, Hq, D)``; k: ``(B, Nk, Hkv, D)``; v: ``(B, Nk, Hkv, Dv)`` (GQA: keys pooled per KV
+            head, routed per query head).
+        block_size: key block ``Bk`` (and query block of the engine); the last block may be partial.
+        topk: selected blocks per query, the own block included (``1 <= topk <= ceil(Nk / Bk)``).
+        causal: causal self-attention (``N == Nk``); non-causal self forces the own block,
+            non-causal cross (``N != Nk``) is plain top-k.
+        routing: ``"token"`` (paper: every query scores blocks) or ``"block"`` (the mean query of
+            each query block routes for the block; cheaper and exactly ``topk`` blocks per row).
+
+    Returns:
+        ``(B, N, Hq, Dv)``; with ``return_layout`` also the bool selection ``(B, Hq, rows, n)``.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 1024, 4, 32)
+        >>> out = moba_attention(q, k, v, block_size=128, topk=3)
+    """
+    hq, hkv = check_qkv(q, k, v)
+    if routing not in ("token", "block"):
+        raise ValueError(f"routing must be 'token' or 'block', got {routing!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    B, N = q.shape[:2]
+    Nk = k.shape[1]
+    n = math.ceil(Nk / block_size)
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= n:
+        raise ValueError(f"topk must be in [1, number of key blocks = ceil({Nk} / {block_size}) = {n}], got {topk}")
+    self_attn = N == Nk
+    if causal and not self_attn:
+        raise ValueError(f"causal MoBA needs self-attention (Nq == Nk), got Nq={N}, Nk={Nk}")
+    cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    kbar = block_means(k.detach().to(cdt), block_size).repeat_interleave(hq // hkv, dim=2)  # (B, n, Hq, D)
+    qr = q.detach().to(cdt)
+    if routing == "block":
+        qr = block_means(qr, block_size)  # (B, nqb, Hq, D): one route per query block
+    scores = torch.einsum("bqhd,bnhd->bhqn", qr, kbar)  # (B, Hq, rows, n); no gradient through routing
+    rows = scores.shape[2]
+    own = None
+    if self_attn:
+        own = torch.arange(rows, device=q.device) // (1 if routing == "block" else block_size)
+    sel = route_topk(scores, own, topk, causal)  # (B, Hq, rows, n)
+    if routing == "block":
+        out = block_gather_attention(q, k, v, sel, block_size, extra_mask=_Causal() if causal else None, scale=scale)
+    else:
+        nqb = math.ceil(N / block_size)
+        pad = nqb * block_size - N
+        tab = torch.cat([sel, sel.new_zeros(B, hq, pad, n)], 2) if pad else sel
+        layout = tab.view(B, hq, nqb, block_size, n).any(3)  # (B, Hq, nqb, n): union over the block's queries
+        out = block_gather_attention(q, k, v, layout, block_size, extra_mask=_TokenRoutes(sel, block_size, causal),
+                                     scale=scale)
+    return (out, sel) if return_layout else out
+
+
+def _flops(cfg: dict) -> float:
+    b, n, c, h, bs, k = cfg["batch"], cfg["seq_len"], cfg["dim"], cfg["num_heads"], cfg["block_size"], cfg["topk"]
+    d = c // h
+    return 8 * b * n * c * c + 2 * b * h * n * math.ceil(n / bs) * d + 4 * b * h * n * min(n, k * bs) * d
+
+
+_DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "block_size": 8, "topk": 3, "causal": True,
+            "routing": "token"}
+
+
+def _example(config: dict | None = None):
+    c = {**_DEFAULT, **(config or {})}
+    m = MoBA(c["dim"], c["num_heads"], block_size=c["block_size"], topk=c["topk"], causal=c["causal"],
+             routing=c["routing"])
+    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
+
+
+@register(
+    name="moba", family="sparse",
+    paper=Paper("MoBA: Mixture of Block Attention for Long-Context LLMs", "2502.13189", 2025),
+    patterns=("causal-self", "noncausal-self"), complexity="O(N^2 D / Bk + N k Bk D)", flops=_flops,
+    example=_example, default_config=_DEFAULT,
+    notes="topk counts the own block; ties go to the lower block index; gate scores in fp32 without "
+          "1/sqrt(D) and without gradient. routing='token' is the paper (per-query routes, run as the "
+          "union layout per query block + a per-token mask); routing='block' routes each query block by "
+          "its mean query (exactly topk blocks per row, the fast path). VMoBA (2506.23858) not implemented.",
+)
+class MoBA(nn.Module):
+    """MoBA self-attention layer.
+
+    Args:
+        dim: ``C``; num_heads: ``H``; block_size: ``Bk``; topk: blocks per query incl. its own;
+        causal: causal LM attention; routing: ``"token"`` (paper) or ``"block"``.
+
+    Shapes:
+        ``x (B, N, C)`` -> ``(B, N, C)``; ``topk <= ceil(N / block_size)`` is required.
+
+    Example:
+        >>> y = MoBA(256, 4, block_size=512, topk=3)(torch.randn(1, 4096, 256))
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, block_size: int = 512, topk: int = 3, causal: bool = True,
+                 routing: str = "token", bias: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads, self.block_size, self.topk, self.causal, self.routing = (
+            num_heads, block_size, topk, causal, routing)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).unbind(2)  # (B, N, H, D)
+        o = moba_attention(q, k, v, self.block_size, self.topk, causal=self.causal, routing=self.routing)
+        return self.proj(o.reshape(b, n, c))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, block={self.block_size}, topk={self.topk}, causal={self.causal}, " \
+               f"routing={self.routing}"
