@@ -42,7 +42,8 @@ def test_moba_identities(routing):
     torch.testing.assert_close(moba_attention(q, k, v, 8, 5, routing=routing), dense_c)  # topk = all blocks
     torch.testing.assert_close(moba_attention(q, k, v, 64, 1, routing=routing), dense_c)  # one block
     blockdiag = causal_dense(37, 37) & (torch.arange(37)[:, None] // 8 == torch.arange(37)[None] // 8)
-    torch.testing.assert_close(moba_attention(q, k, v, 8, 1, routing=routing), naive_masked_attention(q, k, v, blockdiag)[0])
+    torch.testing.assert_close(moba_attention(q, k, v, 8, 1, routing=routing),
+                               naive_masked_attention(q, k, v, blockdiag)[0])
     dense, _ = naive_masked_attention(q, k, v)
     torch.testing.assert_close(moba_attention(q, k, v, 8, 5, causal=False, routing=routing), dense)
 

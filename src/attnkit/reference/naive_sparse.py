@@ -162,7 +162,8 @@ def naive_moba_mask(q, k, block, topk, causal=True, routing="token"):
     for b in range(B):
         for h in range(H):
             for t in range(N):
-                qt = q[b, t, h] if routing == "token" else q[b, (t // block) * block:(t // block + 1) * block, h].mean(0)
+                qblk = q[b, (t // block) * block:(t // block + 1) * block, h]
+                qt = q[b, t, h] if routing == "token" else qblk.mean(0)
                 own = t // block if N == Nk else None
                 cands = [j for j in range(n) if own is None or (j != own and (j < own or not causal))]
                 cands.sort(key=lambda j: (-float(qt @ kbar[b, j, h]), j))
