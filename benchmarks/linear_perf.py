@@ -43,6 +43,9 @@ def inputs(N, grad=False, seed=0):
     return [torch.randn(B, N, H, D, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
+CLOCK = time.perf_counter
+
+
 def alternate(fns: dict, rounds: int, warmup: int = 1) -> dict:
     """Median seconds per implementation, calling them in turn (a, b, c, a, b, c, ...)."""
     for f in fns.values():
@@ -51,9 +54,9 @@ def alternate(fns: dict, rounds: int, warmup: int = 1) -> dict:
     times = {n: [] for n in fns}
     for _ in range(rounds):
         for n, f in fns.items():
-            t = time.perf_counter()
+            t = CLOCK()
             f()
-            times[n].append(time.perf_counter() - t)
+            times[n].append(CLOCK() - t)
     return {n: statistics.median(ts) for n, ts in times.items()}
 
 
@@ -99,8 +102,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--memory-child", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: process CPU time (use with --threads 1 on a loaded machine: excludes time "
+                        "spent descheduled)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.set_num_threads(args.threads)
+    print(f"threads={args.threads} clock={args.clock}", flush=True)
     if args.memory_child:
         memory_child(args.memory_child)
         return
