@@ -178,3 +178,31 @@ def naive_moba_mask(q, k, block, topk, causal=True, routing="token"):
 def naive_moba(q, k, v, block, topk, causal=True, routing="token"):
     """MoBA reference: explicit mask, one softmax over the selected tokens."""
     return naive_masked_attention(q, k, v, naive_moba_mask(q.detach(), k.detach(), block, topk, causal, routing))[0]
+
+
+def naive_biformer(q, k, v, n_win, topk, scale=None, route_q=None, route_k=None):
+    """BRA reference on the raster grid: region affinities, top-k by loop, element mask, one softmax.
+
+    ``q, k, v (B, Y, X, H, D)``; returns ``(B, Y, X, H, Dv)``. ``route_q/route_k`` (default q, k)
+    are what the router sees (tests pass half-rounded copies).
+    """
+    B, Y, X, H, D = q.shape
+    scale = (H * D) ** -0.5 if scale is None else scale
+    ry, rx = Y // n_win, X // n_win
+    region = (torch.arange(Y)[:, None] // ry * n_win + torch.arange(X)[None, :] // rx).reshape(-1)  # (Y*X,)
+    R = n_win * n_win
+    rq = q if route_q is None else route_q
+    rk = k if route_k is None else route_k
+    qf, kf = rq.detach().reshape(B, Y * X, H * D), rk.detach().reshape(B, Y * X, H * D)
+    allowed = torch.zeros(B, 1, Y * X, Y * X, dtype=torch.bool)
+    for b in range(B):
+        qbar = torch.stack([qf[b, region == r].mean(0) for r in range(R)])
+        kbar = torch.stack([kf[b, region == r].mean(0) for r in range(R)])
+        aff = (qbar * scale) @ kbar.T
+        for r in range(R):
+            chosen = sorted(range(R), key=lambda j, r=r: (-float(aff[r, j]), j))[:topk]
+            for j in chosen:
+                allowed[b, 0, region == r] |= (region == j)[None, :]
+    out, _ = naive_masked_attention(q.reshape(B, Y * X, H, D), k.reshape(B, Y * X, H, D),
+                                    v.reshape(B, Y * X, H, -1), allowed, scale)
+    return out.view(B, Y, X, H, -1)
