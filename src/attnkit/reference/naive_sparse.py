@@ -206,3 +206,34 @@ def naive_biformer(q, k, v, n_win, topk, scale=None, route_q=None, route_k=None)
     out, _ = naive_masked_attention(q.reshape(B, Y * X, H, D), k.reshape(B, Y * X, H, D),
                                     v.reshape(B, Y * X, H, -1), allowed, scale)
     return out.view(B, Y, X, H, -1)
+
+
+# ---- static per-head patterns --------------------------------------------------------------
+
+
+def naive_s2_mask(H, N, block, local, vert, causal=True):
+    """S2-Attention element mask ``(1, H, N, N)`` pair by pair from dkernel's rule."""
+    sigma = max(1, vert // H)
+    m = torch.zeros(1, H, N, N, dtype=torch.bool)
+    for h in range(H):
+        for t in range(N):
+            for u in range(N):
+                i, j = t // block, u // block
+                if causal:
+                    ok = u <= t and (i - j < local or (j + h * sigma) % vert == 0)
+                else:
+                    left, right = max(0, i - j - local + 1), max(0, j - i - local + 1)
+                    ok = (left + right) % vert == 0
+                m[0, h, t, u] = ok
+    return m
+
+
+def naive_moa_mask(spans, sink, N):
+    """MoA element mask ``(1, H, N, N)``: ``u <= t and (t - u < S_h or u < g)``."""
+    H = len(spans)
+    m = torch.zeros(1, H, N, N, dtype=torch.bool)
+    for h in range(H):
+        for t in range(N):
+            for u in range(t + 1):
+                m[0, h, t, u] = (t - u < int(spans[h])) or (u < sink)
+    return m
