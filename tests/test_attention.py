@@ -282,3 +282,22 @@ def test_routed_block_sparse_layout(backend):
         return ak.attention(q, k, v, mask=mask, backend=backend)
 
     compare_fn(fast, reference(mask), x, torch.float32)
+
+
+@pytest.mark.parametrize("mname", ["none", "causal", "sw_causal", "global_sw", "strided", "doc300"])
+def test_blocked_grouped_tiles(mname):
+    """N = 600 gives several full 128-row tiles, batched into groups (padded widths masked), with
+    and without grad; plus a tiny group budget that forces one tile per group."""
+    mask = M.document([250, 50, 300]) if mname == "doc300" else MASKS[mname]
+    x = make_inputs_shape(1, 600, 600, 4, 2, 8, 8, seed=3)
+
+    def fast(q, k, v):
+        return ak.attention(q, k, v, mask=mask, backend="blocked")
+
+    compare_fn(fast, reference(mask), x, torch.float32)
+    with torch.no_grad():
+        out = fast(*(t.float() for t in x.values()))
+    assert_close(out, reference(mask)(**x), torch.float32, "out (inference)")
+    m = None if mask is None else M.as_mask(mask)
+    small = blocked_attention(*x.values(), m, 8 ** -0.5, tiles=(64, 32, 4096))[0]
+    assert_close(small, reference(mask)(**x), torch.float64, "out (small tiles)")

@@ -14,7 +14,7 @@ import torch
 from attnkit.masks.base import EMPTY, PARTIAL, Mask
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Chunk:
     """Keys one query tile visits in one matmul.
 
@@ -33,12 +33,27 @@ class Chunk:
         return self.k1 - self.k0 if self.index is None else self.index.numel()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
+class Group:
+    """``R`` consecutive full-height query tiles, each with one chunk, run as one batched matmul.
+
+    ``index (R, W)``: the keys of each tile, padded to the widest with key ``Nk - 1``;
+    ``allowed (R, bq, W)``: the tiles' masks with padding False, or None when all True.
+    """
+
+    q0: int
+    tiles: int
+    index: torch.Tensor
+    allowed: torch.Tensor | None
+
+
+@dataclass(frozen=True, eq=False)
 class Plan:
     bq: int
     rows: tuple[tuple[int, int, tuple[Chunk, ...]], ...]  # (q0, q1, chunks) per non-empty query tile
     empty_rows: tuple[tuple[int, int], ...]  # query tiles that see no key at all
     computed_pairs: int  # query-key pairs the plan computes (useful + masked-out in partial tiles)
+    groups: tuple[Group, ...] = ()  # batched tiles; ``rows`` then holds only the tiles left over
 
 
 def _runs(cols: list[int]) -> list[tuple[int, int]]:
@@ -52,8 +67,66 @@ def _runs(cols: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def build_plan(mask: Mask | None, nq: int, nk: int, bq: int, bk: int, max_keys: int) -> Plan:
-    return _build_plan_cached(mask, nq, nk, bq, bk, max_keys)
+def build_plan(mask: Mask | None, nq: int, nk: int, bq: int, bk: int, max_keys: int,
+               group_elements: int = 0) -> Plan:
+    """The tile plan; with ``group_elements > 0``, consecutive single-chunk tiles are batched into
+    groups of at most that many score entries per (batch, head) (``R * bq * W``)."""
+    plan = _build_plan_cached(mask, nq, nk, bq, bk, max_keys)
+    if group_elements <= 0 or (mask is not None and mask.head_dependent):
+        return plan
+    return _group_cached(plan, nk, group_elements)
+
+
+# padded columns a group may add, as a fraction of its computed columns
+_MAX_PAD = 0.125
+
+
+@lru_cache(maxsize=64)
+def _group_cached(plan: Plan, nk: int, group_elements: int) -> Plan:
+    bq = plan.bq
+    groups, rest, run = [], [], []
+
+    def flush():
+        if len(run) == 1:
+            rest.append(run[0])
+        elif run:
+            groups.append(_group(run, bq, nk))
+        run.clear()
+
+    for row in plan.rows:
+        q0, q1, chunks = row
+        if len(chunks) != 1 or q1 - q0 != bq:
+            flush()
+            rest.append(row)
+            continue
+        if run:
+            widths = [r[2][0].width for r in run] + [chunks[0].width]
+            wmax = max(widths)
+            padded = wmax * len(widths)
+            if (run[-1][0] + bq != q0 or padded * bq > group_elements
+                    or padded - sum(widths) > _MAX_PAD * padded):
+                flush()
+        run.append(row)
+    flush()
+    return Plan(bq=bq, rows=tuple(rest), empty_rows=plan.empty_rows, computed_pairs=plan.computed_pairs,
+                groups=tuple(groups))
+
+
+def _group(run, bq: int, nk: int) -> Group:
+    chunks = [r[2][0] for r in run]
+    width = max(c.width for c in chunks)
+    index = torch.full((len(run), width), nk - 1, dtype=torch.long)
+    allowed = torch.ones(len(run), bq, width, dtype=torch.bool)
+    needs_mask = False
+    for i, c in enumerate(chunks):
+        index[i, :c.width] = c.index if c.index is not None else torch.arange(c.k0, c.k1)
+        if c.width < width:
+            allowed[i, :, c.width:] = False
+            needs_mask = True
+        for c0, c1, a in c.partial:
+            allowed[i, :, c0:c1] = a
+            needs_mask = True
+    return Group(run[0][0], len(run), index, allowed if needs_mask else None)
 
 
 @lru_cache(maxsize=64)
