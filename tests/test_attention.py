@@ -6,11 +6,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tolerances import DTYPES, assert_close, compare_fn
 
 import attnkit as ak
 from attnkit.backends.blocked import blocked_attention
 from attnkit.reference.naive_attention import naive_attention
+from tolerances import DTYPES, assert_close, compare_fn
 
 M = ak.masks
 
@@ -168,7 +168,7 @@ def test_forced_backend_refusals():
         ak.attention(q, q, q, backend="sdpa", return_lse=True)
     with pytest.raises(ValueError, match="float64"):
         ak.attention(q.double(), q.double(), q.double(), backend="flex")
-    with pytest.raises(ValueError, match="unknown backend 'cuda'.*blocked"):
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*blocked"):
         ak.attention(q, q, q, backend="cuda")
 
 

@@ -116,8 +116,8 @@ def test_head_dependent_layout_blocks():
     assert dense.shape == (2, 3, 32, 32)
     assert torch.equal(dense, lay.repeat_interleave(8, 2).repeat_interleave(8, 3))
     # a tile is FULL only if it is for every (b, h), EMPTY only if it is for every (b, h)
-    assert torch.equal(m.blocks(32, 32, 8, 8), torch.where(lay.all(1).all(0), FULL,
-                                                            torch.where(lay.any(1).any(0), PARTIAL, EMPTY)).to(torch.int8))
+    expected = torch.where(lay.all(1).all(0), FULL, torch.where(lay.any(1).any(0), PARTIAL, EMPTY))
+    assert torch.equal(m.blocks(32, 32, 8, 8), expected.to(torch.int8))
     assert abs(m.density(32, 32) - lay.double().mean().item()) < 1e-12
 
 

@@ -41,8 +41,10 @@ def errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
     return max_abs, rrmse
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str, *, grad: bool = False,
-                 factor: float = 1.0) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str, *, grad: bool = False,
+    factor: float = 1.0,
+) -> None:
     """Assert ``actual`` matches ``expected`` within the table entry for ``dtype``."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
@@ -50,7 +52,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     f = factor * (GRAD_FACTOR if grad else 1.0)
     max_abs, rrmse = errors(actual, expected)
     assert max_abs <= tol.atol * f or rrmse <= tol.rrmse * f, (
-        f"{name} ({dtype}): max-abs {max_abs:.3e} (tol {tol.atol * f:.1e}), rel-RMSE {rrmse:.3e} (tol {tol.rrmse * f:.1e})"
+        f"{name} ({dtype}): max-abs {max_abs:.3e} (tol {tol.atol * f:.1e}), "
+        f"rel-RMSE {rrmse:.3e} (tol {tol.rrmse * f:.1e})"
     )
 
 
@@ -76,7 +79,8 @@ def compare_fn(fast, ref, inputs: dict[str, torch.Tensor], dtype: torch.dtype, *
         if a.dtype.is_floating_point:
             assert a.dtype == dtype, f"output {i}: dtype {a.dtype}, expected {dtype}"
         finite = torch.isfinite(b)
-        assert_close(torch.where(finite, a.double(), 0.0), torch.where(finite, b, 0.0), dtype, f"out[{i}]", factor=factor)
+        a_fin, b_fin = torch.where(finite, a.double(), 0.0), torch.where(finite, b, 0.0)
+        assert_close(a_fin, b_fin, dtype, f"out[{i}]", factor=factor)
         assert torch.equal(torch.isfinite(a), finite), f"out[{i}]: infinities differ from the reference"
         if a.requires_grad and b.requires_grad:
             g = torch.randn(b.shape, generator=gen, dtype=torch.float64) * (1.0 if i == 0 else 0.1)

@@ -17,14 +17,17 @@ def check_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def check_qkv(q: object, k: object, v: object, *, spatial_rank: int = 1, same_extent: bool = False) -> tuple[int, int]:
+def check_qkv(
+    q: object, k: object, v: object, *, spatial_rank: int = 1, same_extent: bool = False
+) -> tuple[int, int]:
     """Validate heads-last ``q (B, *Sq, Hq, D)``, ``k (B, *Sk, Hkv, D)``, ``v (B, *Sk, Hkv, Dv)``.
 
     Returns ``(Hq, Hkv)``. ``same_extent`` requires ``Sq == Sk`` (self-attention ops).
     """
     q, k, v = check_tensor("q", q), check_tensor("k", k), check_tensor("v", v)
     rank = spatial_rank + 3
-    layout = "(B, " + ", ".join(f"X{i}" for i in range(spatial_rank)) + ", H, D)" if spatial_rank > 1 else "(B, N, H, D)"
+    spatial = ", ".join(f"X{i}" for i in range(spatial_rank))
+    layout = f"(B, {spatial}, H, D)" if spatial_rank > 1 else "(B, N, H, D)"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != rank:
             raise ValueError(f"{name} must have rank {rank}, heads-last {layout}; got shape {tuple(t.shape)}")
@@ -39,7 +42,8 @@ def check_qkv(q: object, k: object, v: object, *, spatial_rank: int = 1, same_ex
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k head dims differ: q D={q.shape[-1]}, k D={k.shape[-1]}")
     if same_extent and q.shape[1:-2] != k.shape[1:-2]:
-        raise ValueError(f"q and k must have the same spatial extent, got {tuple(q.shape[1:-2])} and {tuple(k.shape[1:-2])}")
+        raise ValueError(
+            f"q and k must have the same spatial extent, got {tuple(q.shape[1:-2])} and {tuple(k.shape[1:-2])}")
     hq, hkv = q.shape[-2], k.shape[-2]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"number of query heads ({hq}) must be a multiple of key/value heads ({hkv}) (GQA/MQA)")

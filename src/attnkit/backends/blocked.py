@@ -123,7 +123,7 @@ def _forward(q, k, v, plan: Plan, scale: float):
 
 
 def _backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
-    b, hkv, nq, g, _ = q.shape
+    b, hkv, _, g, _ = q.shape
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     delta = (dout * out).sum(-1)                                          # (B, Hkv, Nq, G)
     if dlse is not None:
@@ -260,7 +260,8 @@ def _supports(call):
 def _run(call):
     if not call.needs_grad and not call.return_lse:
         bq, bk, _ = tile_sizes(call.nq, call.nk)
-        plan = build_plan(call.mask, call.nq, call.nk, bq, bk, 1 << 62, group_elements=_group_budget(call.batch, call.hq))
+        plan = build_plan(call.mask, call.nq, call.nk, bq, bk, 1 << 62,
+                          group_elements=_group_budget(call.batch, call.hq))
         q, k, v = (t.transpose(1, 2) for t in (call.q, call.k, call.v))  # (B, H, N, D)
         return _forward_sdpa_tiles(q, k, v, plan, call.scale, call.hq != call.hkv).transpose(1, 2)
     out, lse = blocked_attention(call.q, call.k, call.v, call.mask, call.scale)

@@ -197,7 +197,7 @@ def _count_cached(mask: Mask, nq: int, nk: int) -> int:
     cols = torch.full((cls.shape[1],), bk, dtype=torch.long)
     cols[-1] = nk - bk * (cls.shape[1] - 1)
     full = ((cls == FULL).long() * rows[:, None] * cols[None, :]).sum().item()
-    return int(round(full + mask._partial_count(cls, nq, nk, bq, bk)))
+    return round(full + mask._partial_count(cls, nq, nk, bq, bk))
 
 
 class IntervalMask(Mask):

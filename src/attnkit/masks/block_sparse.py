@@ -11,7 +11,11 @@ from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask, _ceil_div
 
 @dataclass(frozen=True, eq=False)
 class BlockSparse(Mask):
-    """``layout[..., q // block_q, kv // block_k]``; layout ``(nqb, nkb)`` or ``(B|1, H|1, nqb, nkb)``."""
+    """``layout[..., q // block_q, kv // block_k]``; layout ``(nqb, nkb)`` or ``(B|1, H|1, nqb, nkb)``.
+
+    A 4-D layout that differs across batch or heads is a routed pattern (MoBA, BiFormer);
+    ``ak.attention`` runs it with the block-gather engine.
+    """
 
     layout: torch.Tensor
     block_q: int
@@ -36,7 +40,8 @@ class BlockSparse(Mask):
         if nqb != _ceil_div(nq, self.block_q) or nkb != _ceil_div(nk, self.block_k):
             raise ValueError(
                 f"block layout {tuple(self.layout.shape)} with blocks ({self.block_q}, {self.block_k}) "
-                f"does not cover Nq={nq}, Nk={nk} (needs {_ceil_div(nq, self.block_q)} x {_ceil_div(nk, self.block_k)})")
+                f"does not cover Nq={nq}, Nk={nk} "
+                f"(needs {_ceil_div(nq, self.block_q)} x {_ceil_div(nk, self.block_k)})")
 
     def mask_mod(self, b, h, q_idx, kv_idx):
         lay = self.l4

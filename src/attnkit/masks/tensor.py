@@ -11,7 +11,7 @@ from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask, _ceil_div
 
 @dataclass(frozen=True, eq=False)
 class TensorMask(Mask):
-    """Wraps a bool tensor of shape ``(Nq, Nk)``, ``(H, Nq, Nk)`` or ``(B, H, Nq, Nk)`` (dims may be 1)."""
+    """Wraps a bool tensor of shape ``(Nq, Nk)``, ``(H, Nq, Nk)`` or ``(B, H, Nq, Nk)``, dims may be 1."""
 
     tensor: torch.Tensor
     _coarse_is_exact = True
@@ -21,7 +21,7 @@ class TensorMask(Mask):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.bool:
             raise TypeError(f"mask tensor must be a bool tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         if not 2 <= t.dim() <= 4:
-            raise ValueError(f"mask tensor must have 2 to 4 dims (broadcastable to (B, H, Nq, Nk)), got {tuple(t.shape)}")
+            raise ValueError(f"mask tensor must have 2 to 4 dims (broadcast to (B, H, Nq, Nk)), got {tuple(t.shape)}")
 
     def __repr__(self) -> str:
         return f"tensor_mask{tuple(self.tensor.shape)}"

@@ -86,14 +86,16 @@ def _check_mask(mask: object, b: int, hq: int, nq: int, nk: int) -> Mask | None:
         if mask.dtype != torch.bool:
             raise TypeError(f"mask tensor must be bool (True = attend), got {mask.dtype}")
         if not 2 <= mask.dim() <= 4:
-            raise ValueError(f"mask must broadcast to (B, H, Nq, Nk) = ({b}, {hq}, {nq}, {nk}); got {tuple(mask.shape)}")
+            raise ValueError(f"mask must broadcast to (B, H, Nq, Nk) = ({b}, {hq}, {nq}, {nk}); "
+                             f"got {tuple(mask.shape)}")
         lead = (1,) * (4 - mask.dim()) + tuple(mask.shape)
         if lead[0] not in (1, b) or lead[1] not in (1, hq) or lead[2] not in (1, nq) or lead[3] not in (1, nk):
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to (B, H, Nq, Nk) = ({b}, {hq}, {nq}, {nk})")
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"(B, H, Nq, Nk) = ({b}, {hq}, {nq}, {nk})")
     m = as_mask(mask)
     m.validate(nq, nk)
     if m.head_dependent:
-        lead = getattr(m, "l4", None) if hasattr(m, "l4") else getattr(m, "t4", None)
+        lead = getattr(m, "l4", None) if hasattr(m, "l4") else getattr(m, "t4", None)  # (B|1, H|1, ...)
         if lead is not None and (lead.shape[0] not in (1, b) or lead.shape[1] not in (1, hq)):
             raise ValueError(f"mask batch/head dims {tuple(lead.shape[:2])} do not match (B, H) = ({b}, {hq})")
     return m
@@ -114,8 +116,8 @@ def make_call(q, k, v, mask=None, *, scale=None, return_lse=False) -> AttentionC
     return AttentionCall(q, k, v, m, resolve_scale(scale, q.shape[-1]), return_lse)
 
 
-DISPATCHER = Dispatcher(
-    "attention", [sdpa.BACKEND, block_gather_backend.BACKEND, blocked.BACKEND, flex.BACKEND, reference.BACKEND])
+_BACKENDS = [sdpa.BACKEND, block_gather_backend.BACKEND, blocked.BACKEND, flex.BACKEND, reference.BACKEND]
+DISPATCHER = Dispatcher("attention", _BACKENDS)
 register_op("attention", make_call, DISPATCHER)
 
 
@@ -139,7 +141,8 @@ def attention(
             (True = attend), or None. Causal is top-left aligned (``ak.masks.causal(offset)`` shifts it).
         scale: score scale, default ``D ** -0.5``.
         backend: None picks automatically (see ``ak.explain``); ``"sdpa"``, ``"blocked"``,
-            ``"gather"`` (routed block-sparse), ``"flex"`` or ``"reference"`` force one (ValueError with the reason if it cannot run).
+            ``"gather"`` (routed block-sparse), ``"flex"`` or ``"reference"`` force one (ValueError
+            with the reason if it cannot run).
         return_lse: also return the natural-log sum-exp of the scaled, masked scores.
 
     Returns:
