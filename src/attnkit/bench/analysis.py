@@ -36,6 +36,8 @@ def with_speedups(records: list[Record]) -> list[Record]:
         if b is not None and r.get("median_s") and b.get("median_s"):
             r["speedup_vs_baseline"] = b["median_s"] / r["median_s"]
             r["baseline_id"] = b["id"]
+        if b is not None and r.get("peak_rss_mb") and b.get("peak_rss_mb"):
+            r["mem_saving_vs_baseline"] = b["peak_rss_mb"] / r["peak_rss_mb"]
         out.append(r)
     return out
 
@@ -83,7 +85,11 @@ def _fmt_n(n: float) -> str:
 
 
 def crossovers(records: list[Record], key: str = "speedup_vs_baseline") -> list[Crossover]:
-    """Efficiency length of every series with at least two N and a speedup figure."""
+    """Efficiency length of every series with at least two N and a ratio vs dense SDPA.
+
+    Args:
+        key: ``"speedup_vs_baseline"`` (time) or ``"mem_saving_vs_baseline"`` (peak memory).
+    """
     out = []
     for panel, by_label in series(with_speedups(records)).items():
         for label, rs in by_label.items():

@@ -78,6 +78,26 @@ def summary_cells(row: Record) -> list[str]:
             _num(b.get("max_abs_err"), "{:.1e}"), failed]
 
 
+CROSS_COLUMNS = ("panel", "series", "time crossover N", "memory crossover N")
+
+
+def efficiency_lengths(cases: list[Record]) -> list[list[str]]:
+    """Rows of (panel, series, time crossover, memory crossover) -- CAB's efficiency lengths."""
+    mem = {(c.panel, c.label): c.text for c in crossovers(cases, "mem_saving_vs_baseline")}
+    return [[c.panel, c.label, c.text, mem.get((c.panel, c.label), "")] for c in crossovers(cases)]
+
+
+def sections(ctx: dict[str, Any]) -> list[tuple[str, str, list[Record]]]:
+    """(suite, op, records) per suite that was run and op that it measured."""
+    suites = list(dict.fromkeys(r.get("suite", "?") for r in ctx["runs"])) or ["?"]
+    out = []
+    for suite in suites:
+        in_suite = [r for r in ctx["cases"] if suite in r.get("suites", [suite])]
+        for op in dict.fromkeys(r["op"] for r in in_suite):
+            out.append((suite, op, [r for r in in_suite if r["op"] == op]))
+    return out
+
+
 def _md_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
     esc = [[c.replace("|", "\\|") for c in row] for row in rows]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -117,6 +137,8 @@ def _header_lines(ctx: dict[str, Any]) -> list[str]:
         "(LongCA-bench); mechanisms: their registered flops()",
         "timing: warm-up, then interleaved rounds within each comparison; median with 20th–80th percentiles; "
         "one-off costs (setup, mask/plan build, compile) apart",
+        "× dense SDPA: time of SDPA without a mask at the same N, H, D, dtype and pass (the `full/N=…` "
+        "comparison) over this case's time; > 1 means faster than simply ignoring the mask's sparsity",
         MEMORY_NOTE,
         "error: vs an fp64 reference on a slice (64 query rows, all heads) or the same module in fp64",
     ]
@@ -132,14 +154,13 @@ def write_markdown(ctx: dict[str, Any], path: Path, figures: list[tuple[str, str
     parts = ["# attnkit benchmark", "", *(f"- {line}" for line in _header_lines(ctx)), "",
              "## Summary (fastest implementation per comparison)", "",
              _md_table(SUMMARY_COLUMNS, [summary_cells(r) for r in summary_rows(cases)]), ""]
-    cross = crossovers(cases)
+    cross = efficiency_lengths(cases)
     if cross:
-        parts += ["## Efficiency length (where an implementation starts beating dense SDPA)", "",
-                  _md_table(("panel", "series", "crossover N"), [[c.panel, c.label, c.text] for c in cross]), ""]
-    for op in dict.fromkeys(r["op"] for r in cases):
-        rs = [r for r in cases if r["op"] == op]
-        parts += [f"## {op}", "", _md_table([c for c, _ in CASE_COLUMNS], [[f(r) for _, f in CASE_COLUMNS]
-                                                                            for r in rs]), ""]
+        parts += ["## Efficiency length (N from which an implementation beats dense SDPA)", "",
+                  _md_table(CROSS_COLUMNS, cross), ""]
+    for suite, op, rs in sections(ctx):
+        parts += [f"## {op} — suite `{suite}`", "",
+                  _md_table([c for c, _ in CASE_COLUMNS], [[f(r) for _, f in CASE_COLUMNS] for r in rs]), ""]
     if figures:
         parts += ["## Figures", ""] + [f"![{t}]({f})" for t, f in figures] + [""]
     path.write_text("\n".join(parts))
@@ -172,13 +193,12 @@ def write_html(ctx: dict[str, Any], path: Path, figures: list[tuple[str, str]]) 
             data = base64.b64encode((path.parent / fname).read_bytes()).decode()
             out.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
                        f"<figcaption>{html.escape(title)} ({html.escape(fname)})</figcaption></figure>")
-    cross = crossovers(cases)
+    cross = efficiency_lengths(cases)
     if cross:
-        out.append("<h2>Efficiency length</h2>")
-        out.append(_html_table(("panel", "series", "crossover N"), [([c.panel, c.label, c.text], "") for c in cross]))
-    for op in dict.fromkeys(r["op"] for r in cases):
-        rs = [r for r in cases if r["op"] == op]
-        out.append(f"<h2>{html.escape(op)}</h2>")
+        out.append("<h2>Efficiency length (N from which an implementation beats dense SDPA)</h2>")
+        out.append(_html_table(CROSS_COLUMNS, [(row, "") for row in cross]))
+    for suite, op, rs in sections(ctx):
+        out.append(f"<h2>{html.escape(op)} — suite {html.escape(suite)}</h2>")
         out.append(_html_table([c for c, _ in CASE_COLUMNS], [
             ([f(r) for _, f in CASE_COLUMNS], "bad" if r["status"] != "ok" else "base" if r.get("baseline") else "")
             for r in rs]))
