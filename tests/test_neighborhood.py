@@ -9,6 +9,7 @@ import torch
 
 import attnkit as ak
 from attnkit.backends import neighborhood_tiled as tiled_mod
+from attnkit.backends import neighborhood_tiles as tiles_mod
 from attnkit.backends.neighborhood_tiled import neighborhood_tiled
 from attnkit.backends.neighborhood_tiles import choose_tile, make_plan
 from attnkit.ops.neighborhood_mask import neighborhood_mask
@@ -160,11 +161,13 @@ def test_tiled_lse_and_its_gradient(dtype):
                lambda q, k, v: naive_neighborhood_attention(q, k, v, 3, return_lse=True, **kw), inputs, dtype)
 
 
-def test_tiled_random_sweep_fp64_with_forced_tiles_and_chunks(monkeypatch):
-    # small chunks force many chunk boundaries, mixing full and partial tiles
-    monkeypatch.setattr(tiled_mod, "_CHUNK_BYTES", 1)
-    rng = random.Random(7)
-    for it in range(15):
+@pytest.mark.parametrize("table_bytes", [64 << 20, 0], ids=["mask-table", "one-class-chunks"])
+def test_tiled_random_sweep_fp64_with_forced_tiles_and_chunks(monkeypatch, table_bytes):
+    # tiny chunks force many chunk boundaries; table_bytes=0 makes every chunk hold one mask class
+    monkeypatch.setattr(tiled_mod, "_CHUNK_BYTES", 1 if table_bytes else 1 << 20)
+    monkeypatch.setattr(tiles_mod, "_TABLE_BYTES", table_bytes)
+    rng = random.Random(7 + table_bytes)
+    for it in range(10):
         shape, k, d, s, c = _random_config(rng, max_n=7)
         tile = tuple(rng.choice([1, 2, 3, 5]) for _ in shape)
         plan = make_plan(shape, k, d, s, c, tile)

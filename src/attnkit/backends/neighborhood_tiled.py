@@ -19,7 +19,7 @@ import torch
 
 from attnkit.backends.neighborhood_tiles import TilePlan
 
-_CHUNK_BYTES = 48 << 20  # gathered K/V (and scores on the fallback path) per chunk
+_CHUNK_BYTES = 256 << 20  # gathered rows, gradients (and scores on the matmul path) per chunk
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -32,13 +32,6 @@ def _flash_ops():
 def use_flash(q: torch.Tensor, v: torch.Tensor) -> bool:
     """The fused CPU kernel needs a CPU tensor and ``Dv == D``."""
     return q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and _flash_ops()[0] is not None
-
-
-def _bias(allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """``(C, M, Hk)`` bool -> ``(C, 1, M, Hk)`` additive mask (0 / -inf), broadcast over heads."""
-    if allowed is None:
-        return None
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
 
 
 # ----- chunk math: q (C, H, M, D), k (C, Hkv, Hk, D), v (C, Hkv, Hk, Dv), bias (C|1, 1, M, Hk) or None -----
@@ -94,26 +87,38 @@ def chunk_backward(do, q, k, v, out, lse, bias, scale, dlse=None):
 
 
 # ----- whole op -----
+# On a busy machine every parallel op pays a thread wake-up, so the loops below keep the number
+# of ops per chunk small: 1-D chunks are strided views (no gather), others do one gather for
+# queries and one for keys+values, and outputs are scattered back once at the end.
 
-def _chunks(plan: TilePlan, B: int, H: int, Hkv: int, D: int, Dv: int, itemsize: int):
-    per_tile = B * (plan.Hk * Hkv * (D + Dv) + plan.M * H * (D + Dv)) * itemsize
-    per_tile += B * plan.M * H * plan.Hk * 4 * 2  # scores/probabilities on the fallback path
-    step = max(1, _CHUNK_BYTES // max(per_tile, 1))
-    bounds = []
-    lo = 0
-    while lo < plan.nt:
-        hi = min(plan.nt, lo + step)
-        if lo < plan.n_full < hi:  # keep full tiles in mask-free chunks
-            hi = plan.n_full
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
+def _step(plan: TilePlan, B: int, H: int, Hkv: int, D: int, Dv: int, itemsize: int, fused: bool) -> int:
+    """Tiles per chunk so that the chunk's gathers, gradients (and fallback scores) stay within ``_CHUNK_BYTES``."""
+    per_tile = B * 2 * (plan.Hk * Hkv * (D + Dv) + plan.M * H * (D + 2 * Dv)) * itemsize
+    if not fused:
+        per_tile += B * plan.M * H * plan.Hk * 4 * 3  # scores, probabilities, dS on the matmul path
+    return max(1, _CHUNK_BYTES // max(per_tile, 1))
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor, C: int, rows: int) -> torch.Tensor:
-    """``x (B, N, H, D)`` -> ``(B*C, H, rows, D)`` strided view of the gathered rows."""
-    B, _, H, D = x.shape
-    return x.index_select(1, idx).view(B * C, rows, H, D).transpose(1, 2)  # (B*C, H, rows, D)
+def _view(x: torch.Tensor, aff: tuple[int, int, int], C: int, R: int) -> torch.Tensor:
+    """Rows ``off + c*cs + r*rs`` of ``x (1, N, H, Dx)`` as a ``(C, H, R, Dx)`` strided view (no copy)."""
+    _, _, H, Dx = x.shape
+    off, cs, rs = aff
+    return x.as_strided((C, H, R, Dx), (cs * H * Dx, Dx, rs * H * Dx, 1), x.storage_offset() + off * H * Dx)
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor, aff, C: int, R: int) -> torch.Tensor:
+    """Rows ``idx`` of ``x (B, N, H, Dx)`` as ``(B*C, H, R, Dx)``: a strided view when affine (B=1), else one gather."""
+    if aff is not None and x.shape[0] == 1:
+        return _view(x, aff, C, R)
+    B, _, H, Dx = x.shape
+    return x.index_select(1, idx).view(B * C, R, H, Dx).transpose(1, 2)  # (B*C, H, R, Dx)
+
+
+def _bias(plan: TilePlan, ch, x: torch.Tensor, B: int) -> torch.Tensor | None:
+    bias = plan.chunk_bias(ch, x.dtype, x.device)  # None, (1, 1, M, Hk) or (C, 1, M, Hk)
+    if bias is not None and B > 1 and bias.shape[0] > 1:
+        bias = bias.repeat(B, 1, 1, 1)  # (B*C, 1, M, Hk): batch-major like the gathered rows
+    return bias
 
 
 def tiled_forward(q, k, v, plan: TilePlan, scale: float):
@@ -122,19 +127,18 @@ def tiled_forward(q, k, v, plan: TilePlan, scale: float):
     Hkv, Dv = k.shape[2], v.shape[3]
     M, Hk = plan.M, plan.Hk
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out_t = q.new_empty(B, plan.nt * M, H, Dv)  # tile-major layout
-    lse_t = torch.empty(B, plan.nt * M, H, dtype=lse_dtype, device=q.device)
-    for lo, hi in _chunks(plan, B, H, Hkv, D, Dv, q.element_size()):
-        C = hi - lo
-        qidx, _qvalid, kidx, allowed = plan.chunk(lo, hi)
-        bias = _bias(allowed, q.dtype)
-        if bias is not None and B > 1:
-            bias = bias.repeat(B, 1, 1, 1)  # (B*C, 1, M, Hk)
-        o, lse = chunk_forward(_gather(q, qidx, C, M), _gather(k, kidx, C, Hk), _gather(v, kidx, C, Hk), bias, scale)
-        out_t[:, lo * M:hi * M] = o.transpose(1, 2).reshape(B, C * M, H, Dv)  # (B, C*M, H, Dv)
-        lse_t[:, lo * M:hi * M] = lse.transpose(1, 2).reshape(B, C * M, H).to(lse_dtype)
-    inv = plan.inv.to(q.device)
-    return out_t.index_select(1, inv), lse_t.index_select(1, inv)
+    outs, lses = [], []
+    for ch in plan.chunks(_step(plan, B, H, Hkv, D, Dv, q.element_size(), use_flash(q, v))):
+        C = ch.hi - ch.lo
+        qidx, kidx = ch.qidx.to(q.device), ch.kidx.to(q.device)
+        o, lse = chunk_forward(_rows(q, qidx, ch.qaff, C, M), _rows(k, kidx, ch.kaff, C, Hk),
+                               _rows(v, kidx, ch.kaff, C, Hk), _bias(plan, ch, q, B), scale)
+        outs.append(o.transpose(1, 2).reshape(B, C * M, H, Dv))  # (B, C*M, H, Dv); a view for the fused kernel
+        lses.append(lse.transpose(1, 2).reshape(B, C * M, H))  # (B, C*M, H)
+    inv = plan.inv.to(q.device)  # tile-major slot of every real token
+    out = (torch.cat(outs, 1) if len(outs) > 1 else outs[0]).index_select(1, inv)
+    lse = (torch.cat(lses, 1) if len(lses) > 1 else lses[0]).index_select(1, inv).to(lse_dtype)
+    return out, lse
 
 
 def tiled_backward(do, q, k, v, out, lse, plan: TilePlan, scale: float, dlse=None):
@@ -143,28 +147,29 @@ def tiled_backward(do, q, k, v, out, lse, plan: TilePlan, scale: float, dlse=Non
     Hkv, Dv = k.shape[2], v.shape[3]
     M, Hk = plan.M, plan.Hk
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq_t = torch.empty(B, plan.nt * M, H, D, dtype=q.dtype, device=q.device)
     dk = torch.zeros(B, N, Hkv, D, dtype=acc, device=q.device)  # halos overlap: accumulate
     dv = torch.zeros(B, N, Hkv, Dv, dtype=acc, device=q.device)
-    for lo, hi in _chunks(plan, B, H, Hkv, D, Dv, q.element_size()):
-        C = hi - lo
-        qidx, qvalid, kidx, allowed = plan.chunk(lo, hi)
-        bias = _bias(allowed, q.dtype)
-        if bias is not None and B > 1:
-            bias = bias.repeat(B, 1, 1, 1)  # (B*C, 1, M, Hk)
-        keep = qvalid.to(do.dtype)[None, :, None, None]  # padded slots must not feed dK/dV
-        do_c = (do.index_select(1, qidx) * keep).view(B * C, M, H, Dv).transpose(1, 2)  # (B*C, H, M, Dv)
+    dqs = []
+    for ch in plan.chunks(_step(plan, B, H, Hkv, D, Dv, q.element_size(), use_flash(q, v) and dlse is None)):
+        C = ch.hi - ch.lo
+        qidx, kidx = ch.qidx.to(q.device), ch.kidx.to(q.device)
+        doc = _rows(do, qidx, ch.qaff, C, M)
+        keep = None
+        if not ch.all_valid:  # padded slots repeat a real query: they must not feed dK/dV
+            keep = ch.qvalid.to(q.device).view(C, 1, M).repeat(B, 1, 1)  # (B*C, 1, M)
+            doc = doc * keep[..., None].to(doc.dtype)
         lse_c = lse.index_select(1, qidx).view(B * C, M, H).transpose(1, 2).contiguous()  # (B*C, H, M)
         dlse_c = None
         if dlse is not None:
-            dlse_c = (dlse.index_select(1, qidx) * keep[..., 0]).view(B * C, M, H).transpose(1, 2)
-        kc, vc = _gather(k, kidx, C, Hk), _gather(v, kidx, C, Hk)
-        dq_c, dk_c, dv_c = chunk_backward(do_c, _gather(q, qidx, C, M), kc, vc, _gather(out, qidx, C, M),
-                                          lse_c, bias, scale, dlse_c)
-        dq_t[:, lo * M:hi * M] = dq_c.transpose(1, 2).reshape(B, C * M, H, D)
+            dlse_c = dlse.index_select(1, qidx).view(B * C, M, H).transpose(1, 2)  # (B*C, H, M)
+            dlse_c = dlse_c if keep is None else dlse_c * keep.to(dlse_c.dtype)
+        dq_c, dk_c, dv_c = chunk_backward(doc, _rows(q, qidx, ch.qaff, C, M), _rows(k, kidx, ch.kaff, C, Hk),
+                                          _rows(v, kidx, ch.kaff, C, Hk), _rows(out, qidx, ch.qaff, C, M), lse_c,
+                                          _bias(plan, ch, q, B), scale, dlse_c)
+        dqs.append(dq_c.transpose(1, 2).reshape(B, C * M, H, D))  # (B, C*M, H, D)
         dk.index_add_(1, kidx, dk_c.transpose(1, 2).reshape(B, C * Hk, Hkv, D).to(acc))
         dv.index_add_(1, kidx, dv_c.transpose(1, 2).reshape(B, C * Hk, Hkv, Dv).to(acc))
-    dq = dq_t.index_select(1, plan.inv.to(q.device))
+    dq = (torch.cat(dqs, 1) if len(dqs) > 1 else dqs[0]).index_select(1, plan.inv.to(q.device))
     return dq, dk.to(q.dtype), dv.to(q.dtype)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,9 +30,10 @@ class AxisTiles:
         qpos: ``(nt, T)`` axis position of each query slot (padded slots repeat the group's last query).
         qvalid: ``(nt, T)`` False for padded slots.
         kpos: ``(nt, Hs)`` axis position of each halo key (out-of-group slots clamped, and masked).
-        allowed: ``(nt, T, Hs)`` whether slot ``r`` may attend to halo key ``h``.
-        full: ``(nt,)`` every slot may attend to every halo key (no mask needed).
         inv: ``(n,)`` flat ``tile * T + slot`` of each real position.
+        pattern: ``(nt,)`` id of the tile's mask in ``patterns``; interior tiles share one
+            (translation invariance), so there are only a few distinct masks per axis.
+        patterns: ``(P, T, Hs)`` the distinct tile masks: slot ``r`` may attend to halo key ``h``.
     """
 
     T: int
@@ -40,13 +41,23 @@ class AxisTiles:
     qpos: torch.Tensor
     qvalid: torch.Tensor
     kpos: torch.Tensor
-    allowed: torch.Tensor
-    full: torch.Tensor
     inv: torch.Tensor
+    pattern: torch.Tensor
+    patterns: torch.Tensor
 
     @property
     def nt(self) -> int:
         return self.qpos.shape[0]
+
+    @property
+    def full(self) -> torch.Tensor:
+        """``(nt,)`` every slot may attend to every halo key (no mask needed)."""
+        return self.patterns.flatten(1).all(1)[self.pattern]
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """``(nt, T, Hs)`` the mask of every tile (materialised on demand; for tests)."""
+        return self.patterns[self.pattern]
 
 
 def _halo_size(n: int, k: int, d: int, s: int, c: bool, T: int) -> int:
@@ -61,12 +72,15 @@ def _halo_size(n: int, k: int, d: int, s: int, c: bool, T: int) -> int:
     return need
 
 
+_TABLE_BYTES = 64 << 20  # largest per-tile mask table a plan keeps (else chunks hold one class)
+
+
 @functools.lru_cache(maxsize=256)
 def axis_tiles(n: int, k: int, d: int, s: int, c: bool, T: int) -> AxisTiles:
-    """Build the tiles of one axis (cached; cost O(n * (T + Hs)))."""
+    """Build the tiles of one axis (cached; cost O(n + distinct patterns * T * Hs))."""
     _g, _u, _L, start, end = axis_windows(n, k, d, s, c)
     Hs = _halo_size(n, k, d, s, c, T)
-    qpos, qvalid, kpos, allowed = [], [], [], []
+    qpos, qvalid, kpos, rel = [], [], [], []
     inv = torch.empty(n, dtype=torch.long)
     base = 0  # tiles built so far
     for grp in range(d):
@@ -82,14 +96,16 @@ def axis_tiles(n: int, k: int, d: int, s: int, c: bool, T: int) -> AxisTiles:
         qpos.append(grp + d * uc)
         qvalid.append(valid)
         kpos.append(grp + d * tt.clamp(max=Lg - 1))
-        allowed.append((tt[:, None, :] >= st[uc][:, :, None]) & (tt[:, None, :] < en[uc][:, :, None])
-                       & (tt < Lg)[:, None, :])  # (ntg, T, Hs)
+        # a tile's mask is fixed by its slots' windows and the group end, relative to the halo start
+        rel.append(torch.cat([st[uc] - hs[:, None], en[uc] - hs[:, None], (Lg - hs).clamp(max=Hs)[:, None]], 1))
         flat = base * T + torch.arange(uu.numel())
         inv[grp + d * uu[valid]] = flat[valid.reshape(-1)]
         base += uu.shape[0]
-    allowed_t = torch.cat(allowed)
-    return AxisTiles(T, Hs, torch.cat(qpos), torch.cat(qvalid), torch.cat(kpos), allowed_t,
-                     allowed_t.flatten(1).all(1), inv)
+    uniq, pattern = torch.unique(torch.cat(rel), dim=0, return_inverse=True)  # (P, 2T + 1)
+    h = torch.arange(Hs)
+    patterns = ((h >= uniq[:, :T, None]) & (h < uniq[:, T:2 * T, None])
+                & (h < uniq[:, 2 * T:, None]))  # (P, T, Hs)
+    return AxisTiles(T, Hs, torch.cat(qpos), torch.cat(qvalid), torch.cat(kpos), inv, pattern, patterns)
 
 
 def _outer(parts: list[torch.Tensor], strides: list[int]) -> torch.Tensor:
@@ -110,20 +126,25 @@ def _and_outer(parts: list[torch.Tensor]) -> torch.Tensor:
     return acc
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TilePlan:
     """Multi-dim tile plan: per-axis tiles combined as a Cartesian product.
 
-    Tiles are ordered with full (unmasked) tiles first, so most chunks of a blocked pattern run
-    without any mask. ``inv[p]`` is the position of real token ``p`` in the tile-major layout
-    ``(order position * M + slot)``.
+    Tiles are grouped by mask class (the tuple of per-axis mask patterns); interior tiles share
+    one class, so there are few. Full classes (every slot sees every halo key) come first and run
+    with no mask at all. A chunk of partial tiles takes its masks from a per-tile table (built
+    once per plan and dtype), or, when that table would be large, holds tiles of one class and
+    broadcasts that class's single ``(M, Hk)`` mask.
+    ``inv[p]`` is the position of real token ``p`` in the tile-major layout ``(order position * M + slot)``.
     """
 
     shape: tuple[int, ...]
     axes: tuple[AxisTiles, ...]
-    order: torch.Tensor  # (nt,) tile ids, full tiles first
-    n_full: int
+    order: torch.Tensor  # (nt,) tile ids grouped by class, full classes first
+    segments: tuple[tuple[int, int, int], ...]  # (lo, hi, class) runs of `order` sharing one mask
+    n_full: int  # tiles order[:n_full] need no mask
     inv: torch.Tensor  # (N,)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def nt(self) -> int:
@@ -148,39 +169,131 @@ class TilePlan:
             ids = ids // a.nt
         return out[::-1]
 
-    def _strides(self) -> list[int]:
-        return [math.prod(self.shape[a + 1:]) for a in range(len(self.shape))]
+    def _class_patterns(self, cls: int) -> list[int]:
+        out = []
+        for a in reversed(self.axes):
+            out.append(cls % a.patterns.shape[0])
+            cls //= a.patterns.shape[0]
+        return out[::-1]
 
-    def chunk(self, lo: int, hi: int):
-        """Tables for tiles ``order[lo:hi]``: q index ``(C*M,)``, q valid ``(C*M,)``, k index ``(C*Hk,)``,
-        allowed ``(C, M, Hk)`` or None when every tile of the chunk is full."""
-        ids = self._axis_ids(self.order[lo:hi])
-        strides = self._strides()
-        qidx = _outer([a.qpos[t] for a, t in zip(self.axes, ids)], strides).reshape(-1)
-        qvalid = _and_outer([a.qvalid[t] for a, t in zip(self.axes, ids)]).reshape(-1)
-        kidx = _outer([a.kpos[t] for a, t in zip(self.axes, ids)], strides).reshape(-1)
-        if hi <= self.n_full:
-            return qidx, qvalid, kidx, None
-        C = hi - lo
-        allowed = torch.ones(C, 1, 1, dtype=torch.bool)
-        for a, t in zip(self.axes, ids):  # (C, M_prev, Hk_prev) x (C, T_a, Hs_a) -> (C, M_prev*T_a, Hk_prev*Hs_a)
-            m = a.allowed[t]
-            allowed = (allowed[:, :, None, :, None] & m[:, None, :, None, :]).reshape(
-                C, allowed.shape[1] * a.T, allowed.shape[2] * a.Hs)
-        return qidx, qvalid, kidx, allowed
+    def allowed(self, cls: int) -> torch.Tensor | None:
+        """The ``(M, Hk)`` mask shared by every tile of class ``cls``; None when it is all True."""
+        acc = torch.ones(1, 1, dtype=torch.bool)
+        for a, pid in zip(self.axes, self._class_patterns(cls)):
+            m = a.patterns[pid]  # (T_a, Hs_a)
+            acc = (acc[:, None, :, None] & m[None, :, None, :]).reshape(acc.shape[0] * a.T, acc.shape[1] * a.Hs)
+        return None if bool(acc.all()) else acc
+
+    def bias(self, cls: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """Additive mask ``(1, 1, M, Hk)`` (0 / -inf) of class ``cls``, cached per dtype."""
+        key = ("bias", cls, dtype, str(device))
+        if key not in self._cache:
+            m = self.allowed(cls)
+            self._cache[key] = None if m is None else torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(
+                ~m.to(device), float("-inf"))[None, None]
+        return self._cache[key]
+
+    def chunk(self, lo: int, hi: int, cls: int | None) -> Chunk:
+        """Index tables of tiles ``order[lo:hi]`` (cached); ``cls`` when they share one mask class."""
+        key = ("chunk", lo, hi, cls)
+        if key not in self._cache:
+            ids = self._axis_ids(self.order[lo:hi])
+            strides = [math.prod(self.shape[a + 1:]) for a in range(len(self.shape))]
+            qidx = _outer([a.qpos[t] for a, t in zip(self.axes, ids)], strides).reshape(-1)
+            qvalid = _and_outer([a.qvalid[t] for a, t in zip(self.axes, ids)]).reshape(-1)
+            kidx = _outer([a.kpos[t] for a, t in zip(self.axes, ids)], strides).reshape(-1)
+            C = hi - lo
+            all_valid = bool(qvalid.all())
+            self._cache[key] = Chunk(lo, hi, cls, qidx, qvalid, kidx, all_valid,
+                                     _affine(qidx.view(C, self.M)) if all_valid else None,
+                                     _affine(kidx.view(C, self.Hk)))
+        return self._cache[key]
+
+    def chunks(self, max_tiles: int, table_bytes: int | None = None) -> list[Chunk]:
+        """Chunks of at most ``max_tiles`` tiles; full tiles never share a chunk with partial ones.
+
+        Partial tiles of different classes share chunks when the per-tile mask table fits in
+        ``table_bytes`` (fewer, larger kernel calls); otherwise each chunk holds one class.
+        """
+        table_bytes = _TABLE_BYTES if table_bytes is None else table_bytes
+        key = ("chunks", max_tiles, table_bytes)
+        if key not in self._cache:
+            if (self.nt - self.n_full) * self.M * self.Hk * 4 <= table_bytes:
+                runs = [r for r in ((0, self.n_full, None), (self.n_full, self.nt, None)) if r[1] > r[0]]
+            else:
+                runs = list(self.segments)
+            self._cache[key] = [self.chunk(c0, min(hi, c0 + max_tiles), cls)
+                                for lo, hi, cls in runs for c0 in range(lo, hi, max_tiles)]
+        return self._cache[key]
+
+    def chunk_bias(self, ch: Chunk, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """Additive mask of a chunk: None (full tiles), ``(1, 1, M, Hk)`` (one class) or ``(C, 1, M, Hk)``."""
+        if ch.hi <= self.n_full:
+            return None
+        if ch.cls is not None:
+            return self.bias(ch.cls, dtype, device)
+        key = ("table", dtype, str(device))
+        if key not in self._cache:  # per-tile masks of all partial tiles, in `order`
+            cls_of = self._cache.setdefault("cls_of", torch.tensor(
+                [c for lo, hi, c in self.segments for _ in range(lo, hi)]))
+            uniq = sorted(set(cls_of[self.n_full:].tolist()))
+            stack = torch.stack([self.bias(c, dtype, device)[0] for c in uniq])  # (U, 1, M, Hk)
+            pos = torch.tensor([uniq.index(c) for c in cls_of[self.n_full:].tolist()], device=device)
+            self._cache[key] = stack.index_select(0, pos)  # (nt - n_full, 1, M, Hk)
+        return self._cache[key][ch.lo - self.n_full:ch.hi - self.n_full]
 
 
-@functools.lru_cache(maxsize=128)
+@dataclass(frozen=True)
+class Chunk:
+    """Index tables of a run of tiles ``order[lo:hi]`` (flat token indices, row-major).
+
+    ``qaff``/``kaff`` are ``(offset, tile_step, row_step)`` when the chunk's query (key) rows
+    are an affine grid of token indices (1-D patterns: consecutive tiles and halos): the chunk
+    is then a strided view of the input and needs no gather.
+    """
+
+    lo: int
+    hi: int
+    cls: int | None  # the tiles' shared mask class, or None (mixed classes / unknown)
+    qidx: torch.Tensor  # (C*M,)
+    qvalid: torch.Tensor  # (C*M,)
+    kidx: torch.Tensor  # (C*Hk,)
+    all_valid: bool
+    qaff: tuple[int, int, int] | None
+    kaff: tuple[int, int, int] | None
+
+
+def _affine(idx: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(off, cs, rs)`` if ``idx[c, r] == off + c*cs + r*rs`` for the ``(C, R)`` table ``idx``, else None."""
+    C, R = idx.shape
+    off = int(idx[0, 0])
+    cs = int(idx[1, 0] - off) if C > 1 else 0
+    rs = int(idx[0, 1] - off) if R > 1 else 1
+    if cs < 0 or rs <= 0:
+        return None
+    expect = off + torch.arange(C)[:, None] * cs + torch.arange(R)[None, :] * rs
+    return (off, cs, rs) if torch.equal(idx, expect) else None
+
+
+@functools.lru_cache(maxsize=64)
 def make_plan(shape: tuple[int, ...], kernel_size: tuple[int, ...], dilation: tuple[int, ...],
               stride: tuple[int, ...], is_causal: tuple[bool, ...], tile: tuple[int, ...]) -> TilePlan:
+    """Build (and cache) the tile plan of one pattern for the given per-axis tile sizes."""
     axes = tuple(axis_tiles(n, k, d, s, c, T)
                  for n, k, d, s, c, T in zip(shape, kernel_size, dilation, stride, is_causal, tile))
-    nts = [a.nt for a in axes]
-    nt = math.prod(nts)
+    nt = math.prod(a.nt for a in axes)
+    cls = torch.zeros(1, dtype=torch.long)  # per tile id: class = ravel of per-axis pattern ids
     full = torch.ones(1, dtype=torch.bool)
     for a in axes:
+        cls = (cls[:, None] * a.patterns.shape[0] + a.pattern[None, :]).reshape(-1)
         full = (full[:, None] & a.full[None, :]).reshape(-1)
-    order = torch.cat([torch.nonzero(full).flatten(), torch.nonzero(~full).flatten()])
+    order = torch.argsort(cls + (~full).long() * (cls.max() + 1), stable=True)  # full classes first
+    cls_sorted = cls[order].tolist()
+    segments, lo = [], 0
+    for i in range(1, nt + 1):
+        if i == nt or cls_sorted[i] != cls_sorted[lo]:
+            segments.append((lo, i, cls_sorted[lo]))
+            lo = i
     pos_of_tile = torch.empty(nt, dtype=torch.long)
     pos_of_tile[order] = torch.arange(nt)
     # real token -> (tile id, slot) from per-axis (tile, slot) pairs
@@ -192,7 +305,7 @@ def make_plan(shape: tuple[int, ...], kernel_size: tuple[int, ...], dilation: tu
         slot = (slot[:, None] * a.T + ra[None, :]).reshape(-1)
     M = math.prod(a.T for a in axes)
     inv = pos_of_tile[tid] * M + slot
-    return TilePlan(tuple(shape), axes, order, int(full.sum()), inv)
+    return TilePlan(tuple(shape), axes, order, tuple(segments), int(full.sum()), inv)
 
 
 # Cost of one (tile, head) call of the fused kernel, in units of one score element: measured on
