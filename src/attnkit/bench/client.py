@@ -58,6 +58,7 @@ class Worker:
         self.log_path = log_path
         self.fork = fork
         self.pid: int | None = None
+        self._child: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.ready: dict[str, Any] = {}
@@ -162,10 +163,12 @@ class Worker:
             kind = ev.get("event")
             if kind == "forked":
                 pid, last = ev["pid"], time.monotonic()
+                self._child = pid
             elif kind == "begin":
                 out.current, out.phase, last = ev["id"], ev["phase"], time.monotonic()
             elif kind == "exit":
                 out.signal, out.code = ev.get("signal"), ev.get("code")
+                self._child = None
                 return out
             elif kind == "crash":
                 out.crash = ev.get("reason")
@@ -189,6 +192,12 @@ class Worker:
     def close(self) -> None:
         if self.pid is None:
             return
+        if self._child is not None:  # left mid-job (a second Ctrl-C): the child goes first
+            try:
+                os.kill(self._child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._child = None
         try:
             self._send({"job": "quit"})
             self._stdin.close()

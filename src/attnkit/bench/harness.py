@@ -137,6 +137,8 @@ class Harness:
         old = signal.signal(signal.SIGINT, self._sigint)
         try:
             self._run()
+        except KeyboardInterrupt:  # a second Ctrl-C: the unit in flight is dropped, the rest is saved
+            self.stop = True
         finally:
             signal.signal(signal.SIGINT, old)
             self.summary.interrupted = self.stop
@@ -215,10 +217,13 @@ class Harness:
                 return  # nothing of this unit is written; a rerun does it again
             if out.current is not None and out.current not in measured:
                 measured[out.current] = self._abnormal(out)
+            before = len(pending)
             pending = [c for c in pending if c.id not in measured]
-            if pending and out.current is None and out.signal is None and out.code == 0:
-                for c in pending:  # the child finished but said nothing about these
-                    measured[c.id] = {"status": "error", "reason": out.crash or "no result reported"}
+            if pending and len(pending) == before:
+                # no progress: the child ended before any case began (or said nothing about these)
+                reason = self._abnormal(out)["reason"] if (out.code or out.signal) else "no result reported"
+                for c in pending:
+                    measured[c.id] = {"status": "error", "reason": reason}
                 pending = []
         if self.stop:
             return
