@@ -6,15 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnkit.masks._args import int_arg
 from attnkit.masks.base import IntervalMask, interval
-
-
-def _positive(name: str, v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
 
 
 @dataclass(frozen=True)
@@ -53,9 +46,9 @@ class BlockCausal(IntervalMask):
 
 def chunked(block: int) -> Chunked:
     """Block-diagonal attention within chunks of ``block`` tokens."""
-    return Chunked(_positive("block", block))
+    return Chunked(int_arg("block", block, 1))
 
 
 def block_causal(block: int) -> BlockCausal:
     """Causal at block granularity: block i sees blocks 0..i in full."""
-    return BlockCausal(_positive("block", block))
+    return BlockCausal(int_arg("block", block, 1))

@@ -6,15 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnkit.masks._args import int_arg
 from attnkit.masks.base import IntervalMask, interval
-
-
-def _count(name: str, v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
 
 
 @dataclass(frozen=True)
@@ -56,9 +49,9 @@ class GlobalTokens(IntervalMask):
 
 def prefix_lm(prefix: int) -> PrefixLM:
     """Prefix-LM: bidirectional over the first ``prefix`` tokens, causal after."""
-    return PrefixLM(_count("prefix", prefix))
+    return PrefixLM(int_arg("prefix", prefix, 0))
 
 
 def global_tokens(n: int) -> GlobalTokens:
     """``n`` global tokens at the start (BigBird/Longformer-style), seen by and seeing everyone."""
-    return GlobalTokens(_count("n", n))
+    return GlobalTokens(int_arg("n", n, 0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from attnkit.masks._args import int_arg
 from attnkit.masks.base import Mask
 
 
@@ -29,10 +30,6 @@ class Strided(Mask):
 def strided(stride: int, *, relative: bool = True, offset: int = 0) -> Strided:
     """Every ``stride``-th key: relative to the query (Sparse Transformer's strided head) or at fixed
     columns ``offset, offset + stride, ...`` (``relative=False``: one shard of S²-Attention)."""
-    if isinstance(stride, bool) or not isinstance(stride, int):
-        raise TypeError(f"stride must be an int, got {type(stride).__name__}")
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    stride = int_arg("stride", stride, 1)
+    offset = int_arg("offset", offset, -(1 << 62))
     return Strided(stride, bool(relative), offset % stride)

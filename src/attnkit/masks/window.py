@@ -6,15 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnkit.masks._args import int_arg
 from attnkit.masks.base import EMPTY, PARTIAL, IntervalMask, Mask, interval
-
-
-def _nonneg(name: str, v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
 
 
 @dataclass(frozen=True)
@@ -43,8 +36,8 @@ def sliding_window(left: int, right: int | None = None) -> SlidingWindow:
     ``sliding_window(w)`` is LongCA-bench's ``|i - j| <= w``; ``causal() & sliding_window(w)``
     (or ``sliding_window(w, 0)``) its causal form ``0 <= i - j <= w``.
     """
-    left = _nonneg("left", left)
-    right = left if right is None else _nonneg("right", right)
+    left = int_arg("left", left, 0)
+    right = left if right is None else int_arg("right", right, 0)
     return SlidingWindow(left, right)
 
 
@@ -71,11 +64,9 @@ class DilatedSlidingWindow(Mask):
 
 def dilated_sliding_window(left: int, dilation: int, right: int | None = None) -> Mask:
     """Longformer's dilated window: ``left``/``right`` keys each side, ``dilation`` apart."""
-    left = _nonneg("left", left)
-    right = left if right is None else _nonneg("right", right)
-    dilation = _nonneg("dilation", dilation)
-    if dilation < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    left = int_arg("left", left, 0)
+    right = left if right is None else int_arg("right", right, 0)
+    dilation = int_arg("dilation", dilation, 1)
     if dilation == 1:
         return SlidingWindow(left, right)
     return DilatedSlidingWindow(left, right, dilation)
