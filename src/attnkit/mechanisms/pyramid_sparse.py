@@ -1,0 +1,300 @@
+"""PSA: Pyramid Sparse Attention for Efficient Video Understanding and Generation (arXiv 2512.04025).
+
+Instead of a keep/drop choice per (query block, KV block), every KV block exists as a small
+pyramid of mean-pooled copies (pool factors 1, 2, 4, 8). Per query block, the most important
+KV blocks are attended at full resolution, less important ones through a pooled copy, the
+rest are skipped. A pooled key stands for the ``r`` tokens it replaces through a ``+ln r``
+logit bias, exact when those tokens are equal. One softmax runs over all visible tokens of
+all levels: per level the selected pooled blocks are gathered as in the block-gather engine,
+concatenated along the key axis and attended with ``attend_gathered`` (bias = ``ln r``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attnkit._validate import check_qkv, resolve_scale
+from attnkit.backends.block_gather import _blocks, attend_gathered, check_layout, compute_dtype, layout_indices
+from attnkit.registry import Paper, register
+
+_CHUNK_BYTES = 64 * 2**20
+DEFAULT_RATIOS = (0.10, 0.05, 0.0, 0.20)  # repository default: ~85% of blocks skipped
+
+
+@dataclass(frozen=True)
+class PSAConfig:
+    """Block sizes, pyramid depth (pool factors ``2**l``, ``l < levels``) and rank bands per level."""
+
+    block_q: int = 128
+    block_kv: int = 64
+    levels: int = 4
+    mask_ratios: tuple[float, ...] = DEFAULT_RATIOS
+    causal: bool = False
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv", "levels"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.block_kv % 2 ** (self.levels - 1):
+            raise ValueError(f"block_kv ({self.block_kv}) must be divisible by the largest pool factor "
+                             f"2**(levels-1) = {2 ** (self.levels - 1)} (pooling happens inside KV blocks)")
+        r = tuple(self.mask_ratios)
+        if len(r) != self.levels or any(x < 0 for x in r) or sum(r) > 1 + 1e-9:
+            raise ValueError(f"mask_ratios must be {self.levels} non-negative fractions (one per level) "
+                             f"summing to <= 1, got {self.mask_ratios!r}")
+
+
+def band_ends(n: int, ratios: tuple[float, ...], forced: int = 0) -> list[int]:
+    """Rank boundaries of the levels for a row with ``n`` candidate blocks (``forced`` of them
+    pinned at full resolution): level ``l`` takes ranks ``[ends[l-1], ends[l])``. Cumulative
+    round-half-up, so the counts add up; the top block is always kept at full resolution."""
+    ends, acc, prev = [], 0.0, 0
+    for i, x in enumerate(ratios):
+        acc += x
+        e = math.floor(n * acc + 0.5)
+        if i == 0:
+            e = max(e, forced, min(n, 1))
+        prev = min(n, max(prev, e))
+        ends.append(prev)
+    return ends
+
+
+def psa_importance(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int, *, causal: bool = False,
+                   scale: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """PSA's sampled block-importance estimate ``S (B, Hq, nqb, nkb)``.
+
+    ``block_q // 4`` queries per query block and ``block_kv // 4`` keys per KV block (one offset
+    subset shared by all blocks: strided ``0, 4, 8, ...`` without ``generator``, else random)
+    attend with softmax over all sampled keys (causal: sampled keys after the sampled query are
+    masked); ``S_ij`` is the largest probability inside tile ``(i, j)``. No gradient.
+    """
+    B, Nq, hq, D = q.shape
+    Nk, hkv = k.shape[1], k.shape[2]
+    nqb, nkb = math.ceil(Nq / block_q), Nk // block_kv
+    cdt = compute_dtype(q.dtype)
+
+    def offsets(b: int) -> torch.Tensor:
+        m = max(1, b // 4)
+        if generator is None:
+            return torch.arange(m) * (b // m)
+        return torch.randperm(b, generator=generator)[:m].sort().values
+
+    qpos = (torch.arange(nqb).view(-1, 1) * block_q + offsets(block_q)).clamp_max(Nq - 1).to(q.device)  # (nqb, mq)
+    kpos = (torch.arange(nkb).view(-1, 1) * block_kv + offsets(block_kv)).to(q.device)  # (nkb, mk)
+    qs = q.detach().to(cdt)[:, qpos.flatten()]  # (B, nqb*mq, Hq, D)
+    ks = k.detach().to(cdt)[:, kpos.flatten()].repeat_interleave(hq // hkv, dim=2)  # (B, nkb*mk, Hq, D)
+    s = torch.einsum("bqhd,bkhd->bhqk", qs, ks) * resolve_scale(scale, D)  # (B, Hq, nqb*mq, nkb*mk)
+    if causal:
+        s = s.masked_fill(kpos.flatten()[None, :] > qpos.flatten()[:, None], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return p.view(B, hq, nqb, qpos.shape[1], nkb, kpos.shape[1]).amax(dim=(3, 5))  # (B, Hq, nqb, nkb)
+
+
+def psa_level_map(scores: torch.Tensor, mask_ratios: tuple[float, ...], *, causal: bool = False,
+                  block_q: int = 1, block_kv: int = 1) -> torch.Tensor:
+    """Per query-block row, levels from rank quantiles of ``scores (..., nqb, nkb)``.
+
+    Returns int64 pool factors ``M (..., nqb, nkb)`` in ``{0, 1, 2, 4, ...}`` (0 = skip). Causal:
+    KV blocks starting after the query block's last token are never candidates and the blocks
+    overlapping its diagonal are pinned at factor 1 (every query sees itself). Ties go to the
+    lower block index.
+    """
+    nqb, nkb = scores.shape[-2:]
+    dev = scores.device
+    s = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores.clone()
+    n_cand = torch.full((nqb,), nkb, dtype=torch.long)
+    forced = torch.zeros(nqb, dtype=torch.long)
+    if causal:
+        last = torch.minimum((torch.arange(nqb) + 1) * block_q - 1, torch.tensor(nkb * block_kv - 1))
+        first = torch.arange(nqb) * block_q
+        n_cand = last // block_kv + 1  # blocks starting at or before the last query
+        forced = n_cand - torch.div(first, block_kv, rounding_mode="floor")  # blocks touching the diagonal
+        j = torch.arange(nkb)
+        s = s.masked_fill((j[None] >= n_cand[:, None]).to(dev), float("-inf"))
+        s = s.masked_fill(((j[None] < n_cand[:, None]) & (j[None] >= n_cand[:, None] - forced[:, None])).to(dev),
+                          float("inf"))
+    ends = torch.tensor([band_ends(int(n), mask_ratios, int(f)) for n, f in zip(n_cand, forced, strict=True)],
+                        device=dev)  # (nqb, levels)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nkb, device=dev).expand_as(order))
+    lvl = (rank.unsqueeze(-1) >= ends.unsqueeze(-2)).sum(-1)  # (..., nqb, nkb): band index, levels = skip
+    factor = torch.tensor([2 ** i for i in range(len(mask_ratios))] + [0], device=dev)
+    return factor[lvl]
+
+
+def pyramid_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, level_map: torch.Tensor,
+                             block_q: int, block_kv: int, *, causal: bool = False,
+                             scale: float | None = None) -> torch.Tensor:
+    """Attention over a pyramid of pooled KV blocks chosen per (batch, head, query block).
+
+    Args:
+        q: ``(B, Nq, Hq, D)``; k: ``(B, Nk, Hkv, D)``; v: ``(B, Nk, Hkv, Dv)``; GQA by ``Hq % Hkv``.
+            ``Nk % block_kv == 0`` (pooling stays inside blocks); ``Nq`` may be ragged.
+        level_map: int ``(B or 1, Hq or 1, nqb, nkb)`` pool factors (0 = skip, else a power of two
+            dividing ``block_kv``), ``nqb = ceil(Nq / block_q)``, ``nkb = Nk / block_kv``.
+        causal: a pooled key covering tokens ``[p r, (p+1) r)`` is visible to query ``t`` only if
+            ``(p+1) r - 1 <= t`` (self-attention, ``Nq == Nk``).
+        scale: logit scale, default ``D ** -0.5``; each pooled logit gets ``+ ln r``.
+
+    Returns:
+        ``(B, Nq, Hq, Dv)``; rows that see no key are zeros.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 512, 4, 32)
+        >>> M = torch.ones(4, 8, dtype=torch.long)         # every block at full resolution: dense
+        >>> out = pyramid_sparse_attention(q, k, v, M, 128, 64)
+    """
+    hq, hkv = check_qkv(q, k, v)
+    for name, val in (("block_q", block_q), ("block_kv", block_kv)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    B, Nq, _, D = q.shape
+    Nk, Dv = k.shape[1], v.shape[-1]
+    if Nk % block_kv:
+        raise ValueError(f"Nk ({Nk}) must be divisible by block_kv ({block_kv}): pooled levels live inside KV blocks")
+    if causal and Nq != Nk:
+        raise ValueError(f"causal PSA needs self-attention (Nq == Nk), got Nq={Nq}, Nk={Nk}")
+    if not isinstance(level_map, torch.Tensor) or level_map.dtype.is_floating_point or level_map.dtype == torch.bool:
+        raise TypeError("level_map must be an integer tensor of pool factors (0 = skip)")
+    nqb, nkb = math.ceil(Nq / block_q), Nk // block_kv
+    lm = check_layout(level_map != 0, B, hq, nqb, nkb).to(q.device)  # validates the shape
+    lm = level_map.to(q.device).reshape(lm.shape).expand(B, hq, nqb, nkb)  # (B, Hq, nqb, nkb)
+    factors = sorted(int(f) for f in torch.unique(lm) if f != 0)
+    bad = [f for f in factors if f & (f - 1) or block_kv % f]
+    if bad or bool((lm < 0).any()):
+        raise ValueError(f"level_map values must be 0 or powers of two dividing block_kv ({block_kv}), got {bad}")
+    scale = resolve_scale(scale, D)
+    cdt = compute_dtype(q.dtype)
+    dev = q.device
+    b_ar = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    kvh = (torch.arange(hq, device=dev) // (hq // hkv)).view(1, hq, 1, 1)
+    levels = []  # per factor: flat K/V blocks, flat gather ids, slot validity, last covered token per slot
+    for r in factors:
+        br = block_kv // r
+        kr = k.to(cdt).view(B, Nk // r, r, hkv, D).mean(2)  # (B, Nk/r, Hkv, D)
+        vr = v.to(cdt).view(B, Nk // r, r, hkv, Dv).mean(2)  # (B, Nk/r, Hkv, Dv)
+        idx, valid = layout_indices(lm == r)  # (B, Hq, nqb, kmax)
+        flat = (b_ar * hkv + kvh) * nkb + idx  # (B, Hq, nqb, kmax)
+        last = (idx.unsqueeze(-1) * block_kv + (torch.arange(br, device=dev) + 1) * r - 1).flatten(-2)
+        ok = valid.unsqueeze(-1).expand(*valid.shape, br).flatten(-2)  # (B, Hq, nqb, kmax*br)
+        levels.append((_blocks(kr, nkb, br).reshape(-1, br, D), _blocks(vr, nkb, br).reshape(-1, br, Dv),
+                       flat, ok, last, math.log(r)))
+    L = sum(lv[3].shape[-1] for lv in levels)
+    bias = torch.cat([torch.full((lv[3].shape[-1],), lv[5], dtype=cdt, device=dev) for lv in levels])  # (L,)
+    ok_all = torch.cat([lv[3] for lv in levels], -1)  # (B, Hq, nqb, L)
+    last_all = torch.cat([lv[4] for lv in levels], -1)  # (B, Hq, nqb, L)
+    qb = _blocks(q.to(cdt), nqb, block_q)  # (B, Hq, nqb, bq, D)
+    per_block = B * hq * L * (block_q + D + Dv) * torch.finfo(cdt).bits // 8
+    chunk = max(1, min(nqb, _CHUNK_BYTES // max(per_block, 1)))
+    outs = []
+    for i0 in range(0, nqb, chunk):
+        i1 = min(nqb, i0 + chunk)
+        c = i1 - i0
+        kg = torch.cat([kf.index_select(0, fl[:, :, i0:i1].reshape(-1)).view(B * hq, c, -1, D)
+                        for kf, _, fl, *_ in levels], -2)  # (B*Hq, c, L, D)
+        vg = torch.cat([vf.index_select(0, fl[:, :, i0:i1].reshape(-1)).view(B * hq, c, -1, Dv)
+                        for _, vf, fl, *_ in levels], -2)  # (B*Hq, c, L, Dv)
+        allowed = ok_all[:, :, i0:i1].unsqueeze(-2)  # (B, Hq, c, 1, L)
+        if causal:
+            q_idx = torch.arange(i0 * block_q, i1 * block_q, device=dev).view(c, block_q, 1)
+            allowed = allowed & (last_all[:, :, i0:i1].unsqueeze(-2) <= q_idx)  # (B, Hq, c, bq, L)
+        allowed = allowed.expand(B, hq, c, allowed.shape[-2], L).reshape(B * hq, c, -1, L)
+        o, _ = attend_gathered(qb[:, :, i0:i1].reshape(B * hq, c, block_q, D), kg, vg, allowed, scale, bias)
+        outs.append(o.view(B, hq, c, block_q, Dv))
+    out = torch.cat(outs, 2).flatten(2, 3)[:, :, :Nq]  # (B, Hq, Nq, Dv)
+    return out.permute(0, 2, 1, 3).to(q.dtype)  # (B, Nq, Hq, Dv)
+
+
+def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PSAConfig = PSAConfig(), *,
+                  scale: float | None = None, generator: torch.Generator | None = None,
+                  return_levels: bool = False):
+    """PSA end to end: sampled importance -> rank-band level map -> pyramid attention.
+
+    Args:
+        q, k, v: heads-last as in :func:`pyramid_sparse_attention`. config: :class:`PSAConfig`.
+        generator: random sampled offsets for the importance estimate (default strided).
+
+    Returns:
+        ``(B, Nq, Hq, Dv)``; with ``return_levels`` also the level map ``(B, Hq, nqb, nkb)``.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 1024, 4, 64)
+        >>> out = psa_attention(q, k, v, PSAConfig(block_q=128, block_kv=64))
+    """
+    if not isinstance(config, PSAConfig):
+        raise TypeError(f"config must be a PSAConfig, got {type(config).__name__}")
+    check_qkv(q, k, v)
+    if k.shape[1] % config.block_kv:
+        raise ValueError(f"Nk ({k.shape[1]}) must be divisible by block_kv ({config.block_kv})")
+    s = psa_importance(q, k, config.block_q, config.block_kv, causal=config.causal, scale=scale, generator=generator)
+    lm = psa_level_map(s, config.mask_ratios, causal=config.causal, block_q=config.block_q, block_kv=config.block_kv)
+    out = pyramid_sparse_attention(q, k, v, lm, config.block_q, config.block_kv, causal=config.causal, scale=scale)
+    return (out, lm) if return_levels else out
+
+
+def _flops(cfg: dict) -> float:
+    b, n, c, h = cfg["batch"], cfg["seq_len"], cfg["dim"], cfg["num_heads"]
+    dens = sum(f / 2 ** i for i, f in enumerate(cfg["mask_ratios"]))
+    d = c // h
+    return 8 * b * n * c * c + 4 * b * h * (n / 4) ** 2 * d + 4 * b * h * n * n * dens * d
+
+
+_DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "block_q": 16, "block_kv": 8, "levels": 4,
+            "mask_ratios": (0.25, 0.25, 0.0, 0.25), "causal": False}
+
+
+def _example(config: dict | None = None):
+    c = {**_DEFAULT, **(config or {})}
+    m = PyramidSparseAttention(c["dim"], c["num_heads"], block_q=c["block_q"], block_kv=c["block_kv"],
+                               levels=c["levels"], mask_ratios=c["mask_ratios"], causal=c["causal"])
+    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
+
+
+@register(
+    name="pyramid_sparse", family="sparse",
+    paper=Paper("PSA: Pyramid Sparse Attention for Efficient Video Understanding and Generation", "2512.04025", 2025),
+    patterns=("noncausal-self", "causal-self"), complexity="O(N^2 D / 16 + N D sum_l f_l N / r_l)", flops=_flops,
+    example=_example, default_config=_DEFAULT,
+    notes="Level map = pool factors {0,1,2,4,8} from rank bands per query-block row (cumulative round-half-up, "
+          "top block always x1, ties to the lower index); importance = the sampled estimator (bq/4 x bk/4 "
+          "strided samples, or random with a generator) for both causal and non-causal (the reference's causal "
+          "anti-diagonal estimator is not reproduced; causal masks sampled future keys, excludes blocks starting "
+          "after the query block and pins diagonal blocks at x1); pooled tokens are visible causally only when "
+          "their last member is in the past; Nk % block_kv == 0 required; similarity constraint and "
+          "thresholdbound mode not implemented; no gradient through routing.",
+)
+class PyramidSparseAttention(nn.Module):
+    """PSA self-attention layer (projections -> :func:`psa_attention` -> projection).
+
+    Args:
+        dim: ``C``; num_heads: ``H``; block_q, block_kv, levels, mask_ratios, causal: see :class:`PSAConfig`.
+
+    Shapes:
+        ``x (B, N, C)`` -> ``(B, N, C)``, ``N % block_kv == 0``.
+
+    Example:
+        >>> y = PyramidSparseAttention(256, 4)(torch.randn(1, 4096, 256))
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, block_q: int = 128, block_kv: int = 64, levels: int = 4,
+                 mask_ratios: tuple[float, ...] = DEFAULT_RATIOS, causal: bool = False, bias: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.config = PSAConfig(block_q, block_kv, levels, tuple(mask_ratios), causal)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).unbind(2)  # (B, N, H, D)
+        return self.proj(psa_attention(q, k, v, self.config).reshape(b, n, c))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, {self.config}"
