@@ -20,7 +20,7 @@ import torch
 from attnkit.backends.neighborhood_tiles import TilePlan
 
 _CHUNK_BYTES = 256 << 20  # gathered rows, gradients (and scores on the matmul path) per chunk
-_HALF = (torch.float16, torch.bfloat16)
+_KEEP_HALO_BYTES = 256 << 20  # forward's gathered K/V halos kept for backward when at most this big
 
 
 def _flash_ops():
@@ -121,8 +121,20 @@ def _bias(plan: TilePlan, ch, x: torch.Tensor, B: int) -> torch.Tensor | None:
     return bias
 
 
-def tiled_forward(q, k, v, plan: TilePlan, scale: float):
-    """q ``(B, N, H, D)``, k/v ``(B, N, Hkv, D|Dv)`` (contiguous) -> out ``(B, N, H, Dv)``, lse ``(B, N, H)``."""
+def _untile(plan: TilePlan, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Tile-major chunk results ``(B, C*M, ...)`` -> token order ``(B, N, ...)``."""
+    x = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    if plan.inv_is_identity:
+        return x.contiguous()
+    return x.index_select(1, plan.inv.to(x.device))
+
+
+def tiled_forward(q, k, v, plan: TilePlan, scale: float, halos: dict | None = None):
+    """q ``(B, N, H, D)``, k/v ``(B, N, Hkv, D|Dv)`` (contiguous) -> out ``(B, N, H, Dv)``, lse ``(B, N, H)``.
+
+    ``halos``: if a dict is given, each chunk's gathered ``(k, v)`` halos are stored in it by
+    ``(lo, hi)`` so a backward pass can reuse them instead of gathering again.
+    """
     B, _, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     M, Hk = plan.M, plan.Hk
@@ -131,18 +143,17 @@ def tiled_forward(q, k, v, plan: TilePlan, scale: float):
     for ch in plan.chunks(_step(plan, B, H, Hkv, D, Dv, q.element_size(), use_flash(q, v))):
         C = ch.hi - ch.lo
         qidx, kidx = ch.qidx.to(q.device), ch.kidx.to(q.device)
-        o, lse = chunk_forward(_rows(q, qidx, ch.qaff, C, M), _rows(k, kidx, ch.kaff, C, Hk),
-                               _rows(v, kidx, ch.kaff, C, Hk), _bias(plan, ch, q, B), scale)
+        kc, vc = _rows(k, kidx, ch.kaff, C, Hk), _rows(v, kidx, ch.kaff, C, Hk)
+        if halos is not None:
+            halos[ch.lo, ch.hi] = (kc, vc)
+        o, lse = chunk_forward(_rows(q, qidx, ch.qaff, C, M), kc, vc, _bias(plan, ch, q, B), scale)
         outs.append(o.transpose(1, 2).reshape(B, C * M, H, Dv))  # (B, C*M, H, Dv); a view for the fused kernel
         lses.append(lse.transpose(1, 2).reshape(B, C * M, H))  # (B, C*M, H)
-    inv = plan.inv.to(q.device)  # tile-major slot of every real token
-    out = (torch.cat(outs, 1) if len(outs) > 1 else outs[0]).index_select(1, inv)
-    lse = (torch.cat(lses, 1) if len(lses) > 1 else lses[0]).index_select(1, inv).to(lse_dtype)
-    return out, lse
+    return _untile(plan, outs), _untile(plan, lses).to(lse_dtype)
 
 
-def tiled_backward(do, q, k, v, out, lse, plan: TilePlan, scale: float, dlse=None):
-    """Gradients of :func:`tiled_forward`; ``do (B, N, H, Dv)``, ``dlse (B, N, H)`` or None."""
+def tiled_backward(do, q, k, v, out, lse, plan: TilePlan, scale: float, dlse=None, halos: dict | None = None):
+    """Gradients of :func:`tiled_forward`; ``do (B, N, H, Dv)``, ``dlse (B, N, H)`` or None, ``halos`` from it."""
     B, N, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     M, Hk = plan.M, plan.Hk
@@ -163,14 +174,14 @@ def tiled_backward(do, q, k, v, out, lse, plan: TilePlan, scale: float, dlse=Non
         if dlse is not None:
             dlse_c = dlse.index_select(1, qidx).view(B * C, M, H).transpose(1, 2)  # (B*C, H, M)
             dlse_c = dlse_c if keep is None else dlse_c * keep.to(dlse_c.dtype)
-        dq_c, dk_c, dv_c = chunk_backward(doc, _rows(q, qidx, ch.qaff, C, M), _rows(k, kidx, ch.kaff, C, Hk),
-                                          _rows(v, kidx, ch.kaff, C, Hk), _rows(out, qidx, ch.qaff, C, M), lse_c,
-                                          _bias(plan, ch, q, B), scale, dlse_c)
+        kv = (halos or {}).get((ch.lo, ch.hi))
+        kc, vc = kv if kv is not None else (_rows(k, kidx, ch.kaff, C, Hk), _rows(v, kidx, ch.kaff, C, Hk))
+        dq_c, dk_c, dv_c = chunk_backward(doc, _rows(q, qidx, ch.qaff, C, M), kc, vc, _rows(out, qidx, ch.qaff, C, M),
+                                          lse_c, _bias(plan, ch, q, B), scale, dlse_c)
         dqs.append(dq_c.transpose(1, 2).reshape(B, C * M, H, D))  # (B, C*M, H, D)
         dk.index_add_(1, kidx, dk_c.transpose(1, 2).reshape(B, C * Hk, Hkv, D).to(acc))
         dv.index_add_(1, kidx, dv_c.transpose(1, 2).reshape(B, C * Hk, Hkv, Dv).to(acc))
-    dq = (torch.cat(dqs, 1) if len(dqs) > 1 else dqs[0]).index_select(1, plan.inv.to(q.device))
-    return dq, dk.to(q.dtype), dv.to(q.dtype)
+    return _untile(plan, dqs), dk.to(q.dtype), dv.to(q.dtype)
 
 
 class TiledNA(torch.autograd.Function):
@@ -178,9 +189,12 @@ class TiledNA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
-        out, lse = tiled_forward(q, k, v, plan, scale)
+        B, _, Hkv, D = k.shape
+        keep = plan.nt * plan.Hk * B * Hkv * (D + v.shape[-1]) * k.element_size() <= _KEEP_HALO_BYTES
+        halos = {} if keep and any(ctx.needs_input_grad[:3]) else None  # reused by backward, no regather
+        out, lse = tiled_forward(q, k, v, plan, scale, halos)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.halos = plan, scale, halos
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -190,7 +204,8 @@ class TiledNA(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = tiled_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan, ctx.scale,
-                                    None if dlse is None else dlse.contiguous())
+                                    None if dlse is None else dlse.contiguous(), ctx.halos)
+        ctx.halos = None
         return dq, dk, dv, None, None
 
 

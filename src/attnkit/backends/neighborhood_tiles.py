@@ -144,6 +144,7 @@ class TilePlan:
     segments: tuple[tuple[int, int, int], ...]  # (lo, hi, class) runs of `order` sharing one mask
     n_full: int  # tiles order[:n_full] need no mask
     inv: torch.Tensor  # (N,)
+    inv_is_identity: bool  # tile-major layout == token order (no scatter needed)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -287,7 +288,9 @@ def make_plan(shape: tuple[int, ...], kernel_size: tuple[int, ...], dilation: tu
     for a in axes:
         cls = (cls[:, None] * a.patterns.shape[0] + a.pattern[None, :]).reshape(-1)
         full = (full[:, None] & a.full[None, :]).reshape(-1)
-    order = torch.argsort(cls + (~full).long() * (cls.max() + 1), stable=True)  # full classes first
+    # full classes first; classes by their first tile, so a 1-D plan keeps tiles in token order
+    first = torch.full((int(cls.max()) + 1,), nt, dtype=torch.long).scatter_reduce_(0, cls, torch.arange(nt), "amin")
+    order = torch.argsort(first[cls] + (~full).long() * nt, stable=True)
     cls_sorted = cls[order].tolist()
     segments, lo = [], 0
     for i in range(1, nt + 1):
@@ -305,12 +308,13 @@ def make_plan(shape: tuple[int, ...], kernel_size: tuple[int, ...], dilation: tu
         slot = (slot[:, None] * a.T + ra[None, :]).reshape(-1)
     M = math.prod(a.T for a in axes)
     inv = pos_of_tile[tid] * M + slot
-    return TilePlan(tuple(shape), axes, order, tuple(segments), int(full.sum()), inv)
+    identity = bool(inv.numel() == nt * M and torch.equal(inv, torch.arange(inv.numel())))
+    return TilePlan(tuple(shape), axes, order, tuple(segments), int(full.sum()), inv, identity)
 
 
-# Cost of one (tile, head) call of the fused kernel, in units of one score element: measured on
-# a 2-core x86 CPU (per-call overhead of the CPU flash kernel is worth ~8k score elements).
-_CALL_OVERHEAD = 8192
+# Fixed cost of one tile (per head) in units of one score element, fitted on a 2-core x86 CPU
+# (fused-kernel setup plus gathering and scattering the tile's rows): ~16k score elements.
+_CALL_OVERHEAD = 16384
 
 
 def _candidates(n: int, d: int, s: int) -> list[int]:
