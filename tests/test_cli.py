@@ -67,8 +67,11 @@ def test_quick_suite_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     recs = latest_cases(load(tmp_path / "results.jsonl"))
-    attention = {i: r for i, r in recs.items() if r["op"] == "attention"}
-    assert len(attention) == 14
+    from attnkit.bench.cases.attention import cases
+
+    mine = {c.id for c in cases() if "quick" in c.suites}
+    assert len(mine) == 14 and mine <= recs.keys()
+    attention = {i: recs[i] for i in mine}
     bad = {i: r.get("reason") for i, r in recs.items() if r["status"] != "ok"}
     assert not bad, bad
     for r in attention.values():
