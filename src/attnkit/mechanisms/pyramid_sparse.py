@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnkit._validate import check_qkv, resolve_scale
@@ -86,13 +87,16 @@ def psa_importance(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int
 
     qpos = (torch.arange(nqb).view(-1, 1) * block_q + offsets(block_q)).clamp_max(Nq - 1).to(q.device)  # (nqb, mq)
     kpos = (torch.arange(nkb).view(-1, 1) * block_kv + offsets(block_kv)).to(q.device)  # (nkb, mk)
-    qs = q.detach().to(cdt)[:, qpos.flatten()]  # (B, nqb*mq, Hq, D)
+    qs = q.detach().to(cdt)[:, qpos.flatten()] * resolve_scale(scale, D)  # (B, nqb*mq, Hq, D)
     ks = k.detach().to(cdt)[:, kpos.flatten()].repeat_interleave(hq // hkv, dim=2)  # (B, nkb*mk, Hq, D)
-    s = torch.einsum("bqhd,bkhd->bhqk", qs, ks) * resolve_scale(scale, D)  # (B, Hq, nqb*mq, nkb*mk)
-    if causal:
+    s = torch.einsum("bqhd,bkhd->bhqk", qs, ks)  # (B, Hq, nqb*mq, nkb*mk)
+    if causal:  # every sampled query sees the first sample of its own block: no empty row
         s = s.masked_fill(kpos.flatten()[None, :] > qpos.flatten()[:, None], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return p.view(B, hq, nqb, qpos.shape[1], nkb, kpos.shape[1]).amax(dim=(3, 5))  # (B, Hq, nqb, nkb)
+    # the largest probability of a tile is exp(largest logit - row lse): no full softmax needed
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, Hq, Q, 1)
+    smax = s.view(B, hq, s.shape[2], nkb, kpos.shape[1]).amax(-1)  # (B, Hq, Q, nkb)
+    p = torch.exp(smax - lse).view(B, hq, nqb, qpos.shape[1], nkb)  # (B, Hq, nqb, mq, nkb)
+    return p.amax(3)  # (B, Hq, nqb, nkb)
 
 
 def psa_level_map(scores: torch.Tensor, mask_ratios: tuple[float, ...], *, causal: bool = False,
@@ -171,40 +175,59 @@ def pyramid_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     scale = resolve_scale(scale, D)
     cdt = compute_dtype(q.dtype)
     dev = q.device
+    if not factors:  # nothing visible anywhere
+        return q.new_zeros(B, Nq, hq, Dv)
     b_ar = torch.arange(B, device=dev).view(B, 1, 1, 1)
     kvh = (torch.arange(hq, device=dev) // (hq // hkv)).view(1, hq, 1, 1)
-    levels = []  # per factor: flat K/V blocks, flat gather ids, slot validity, last covered token per slot
+    # one bank of every level's pooled tokens in granules of g tokens (g = the smallest pooled block),
+    # so that a single index_select gathers a row's blocks of all levels without a concatenation
+    g = block_kv // factors[-1] if factors else block_kv
+    kbank, vbank, ids, oks, lasts, biases, off = [], [], [], [], [], [], 0
     for r in factors:
-        br = block_kv // r
-        kr = k.to(cdt).view(B, Nk // r, r, hkv, D).mean(2)  # (B, Nk/r, Hkv, D)
-        vr = v.to(cdt).view(B, Nk // r, r, hkv, Dv).mean(2)  # (B, Nk/r, Hkv, Dv)
+        per = block_kv // r // g  # granules per pooled block
+        kr = k.to(cdt).view(B, Nk // r // g, g, r, hkv, D).mean(3)  # (B, Nk/r/g, g, Hkv, D)
+        vr = v.to(cdt).view(B, Nk // r // g, g, r, hkv, Dv).mean(3)  # (B, Nk/r/g, g, Hkv, Dv)
+        kbank.append(kr.permute(0, 3, 1, 2, 4))  # (B, Hkv, Nk/r/g, g, D)
+        vbank.append(vr.permute(0, 3, 1, 2, 4))  # (B, Hkv, Nk/r/g, g, Dv)
         idx, valid = layout_indices(lm == r)  # (B, Hq, nqb, kmax)
-        flat = (b_ar * hkv + kvh) * nkb + idx  # (B, Hq, nqb, kmax)
-        last = (idx.unsqueeze(-1) * block_kv + (torch.arange(br, device=dev) + 1) * r - 1).flatten(-2)
-        ok = valid.unsqueeze(-1).expand(*valid.shape, br).flatten(-2)  # (B, Hq, nqb, kmax*br)
-        levels.append((_blocks(kr, nkb, br).reshape(-1, br, D), _blocks(vr, nkb, br).reshape(-1, br, Dv),
-                       flat, ok, last, math.log(r)))
-    L = sum(lv[3].shape[-1] for lv in levels)
-    bias = torch.cat([torch.full((lv[3].shape[-1],), lv[5], dtype=cdt, device=dev) for lv in levels])  # (L,)
-    ok_all = torch.cat([lv[3] for lv in levels], -1)  # (B, Hq, nqb, L)
-    last_all = torch.cat([lv[4] for lv in levels], -1)  # (B, Hq, nqb, L)
+        ids.append((off + idx.unsqueeze(-1) * per + torch.arange(per, device=dev)).flatten(-2))  # granule ids
+        n_tok = idx.shape[-1] * per * g
+        oks.append(valid.unsqueeze(-1).expand(*valid.shape, per * g).flatten(-2))  # (B, Hq, nqb, kmax*per*g)
+        # last original token covered by each pooled slot (causal visibility is about the last member)
+        lasts.append((idx.unsqueeze(-1) * block_kv + (torch.arange(per * g, device=dev) + 1) * r - 1).flatten(-2))
+        biases.append(torch.full((n_tok,), math.log(r), dtype=cdt, device=dev))
+        off += nkb * per
+    kb = torch.cat(kbank, 2).reshape(-1, g, D)  # (B*Hkv*off, g, D)
+    vb = torch.cat(vbank, 2).reshape(-1, g, Dv)  # (B*Hkv*off, g, Dv)
+    flat = (b_ar * hkv + kvh) * off + torch.cat(ids, -1)  # (B, Hq, nqb, L/g)
+    ok_all = torch.cat(oks, -1)  # (B, Hq, nqb, L)
+    last_all = torch.cat(lasts, -1)  # (B, Hq, nqb, L)
+    bias = torch.cat(biases)  # (L,)
+    L = bias.numel()
     qb = _blocks(q.to(cdt), nqb, block_q)  # (B, Hq, nqb, bq, D)
     per_block = B * hq * L * (block_q + D + Dv) * torch.finfo(cdt).bits // 8
     chunk = max(1, min(nqb, _CHUNK_BYTES // max(per_block, 1)))
+    # without autograd the fused SDPA kernel runs on a float mask (ln r where visible, -inf elsewhere);
+    # with autograd the explicit softmax of attend_gathered (exact zeros and finite grads on empty rows)
+    fused = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     outs = []
     for i0 in range(0, nqb, chunk):
         i1 = min(nqb, i0 + chunk)
         c = i1 - i0
-        kg = torch.cat([kf.index_select(0, fl[:, :, i0:i1].reshape(-1)).view(B * hq, c, -1, D)
-                        for kf, _, fl, *_ in levels], -2)  # (B*Hq, c, L, D)
-        vg = torch.cat([vf.index_select(0, fl[:, :, i0:i1].reshape(-1)).view(B * hq, c, -1, Dv)
-                        for _, vf, fl, *_ in levels], -2)  # (B*Hq, c, L, Dv)
+        fl = flat[:, :, i0:i1].reshape(-1)
+        kg = kb.index_select(0, fl).view(B * hq, c, L, D)  # (B*Hq, c, L, D)
+        vg = vb.index_select(0, fl).view(B * hq, c, L, Dv)  # (B*Hq, c, L, Dv)
         allowed = ok_all[:, :, i0:i1].unsqueeze(-2)  # (B, Hq, c, 1, L)
         if causal:
             q_idx = torch.arange(i0 * block_q, i1 * block_q, device=dev).view(c, block_q, 1)
             allowed = allowed & (last_all[:, :, i0:i1].unsqueeze(-2) <= q_idx)  # (B, Hq, c, bq, L)
-        allowed = allowed.expand(B, hq, c, allowed.shape[-2], L).reshape(B * hq, c, -1, L)
-        o, _ = attend_gathered(qb[:, :, i0:i1].reshape(B * hq, c, block_q, D), kg, vg, allowed, scale, bias)
+        allowed = allowed.reshape(B * hq, c, -1, L)
+        qc = qb[:, :, i0:i1].reshape(B * hq, c, block_q, D)  # (B*Hq, c, bq, D)
+        if fused:
+            fmask = torch.where(allowed, bias, float("-inf"))  # (B*Hq, c, bq or 1, L)
+            o = F.scaled_dot_product_attention(qc, kg, vg, attn_mask=fmask, scale=scale).nan_to_num_(0.0)
+        else:
+            o, _ = attend_gathered(qc, kg, vg, allowed, scale, bias)
         outs.append(o.view(B, hq, c, block_q, Dv))
     out = torch.cat(outs, 2).flatten(2, 3)[:, :, :Nq]  # (B, Hq, Nq, Dv)
     return out.permute(0, 2, 1, 3).to(q.dtype)  # (B, Nq, Hq, Dv)
