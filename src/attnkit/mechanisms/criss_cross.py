@@ -1,0 +1,99 @@
+"""CCNet criss-cross attention: each pixel attends to its row and its column (centre counted once).
+
+"CCNet: Criss-Cross Attention for Semantic Segmentation", arXiv 1811.11721 (ICCV 2019).
+Spec: papers/local.md §4. One joint softmax over the ``Y + X - 1`` positions; no logit
+scaling; ``out = gamma * attn + x`` with ``gamma`` initialised to 0; recurrence ``R`` reuses
+the same weights (RCCA, ``R = 2`` gives full reachability).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnkit.registry import Paper, register
+
+
+def criss_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Criss-cross attention, heads-last.
+
+    Args:
+        q: ``(B, Y, X, H, D)``; k: ``(B, Y, X, H, D)``; v: ``(B, Y, X, H, Dv)``.
+        scale: logit scale; CCNet uses none (1.0).
+
+    Returns:
+        ``(B, Y, X, H, Dv)``: for pixel (y, x), softmax over row y and column x (the centre once) of ``v``.
+
+    Example:
+        >>> out = criss_cross_attention(q, k, v)
+    """
+    Y = q.shape[1]
+    ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # no scaling: softmax in fp32
+    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
+    e_col = torch.einsum("byxhd,bzxhd->byxhz", qf, kf) * scale  # (B, Y, X, H, Y): same column, key row z
+    e_row = torch.einsum("byxhd,byzhd->byxhz", qf, kf) * scale  # (B, Y, X, H, X): same row, key column z
+    self_pos = torch.eye(Y, dtype=torch.bool, device=q.device)[:, None, None, :]  # (Y, 1, 1, Y)
+    e_col = e_col.masked_fill(self_pos, float("-inf"))  # the centre is counted in the row branch only
+    a = torch.softmax(torch.cat([e_col, e_row], -1), -1)
+    out = torch.einsum("byxhz,bzxhd->byxhd", a[..., :Y], vf) + torch.einsum("byxhz,byzhd->byxhd", a[..., Y:], vf)
+    return out.to(q.dtype)
+
+
+class CrissCrossAttention(nn.Module):
+    """CCNet (recurrent) criss-cross attention on CNN feature maps ``(B, C, Y, X)``.
+
+    1x1 convs give ``Q, K`` with ``C // reduction`` channels and ``V`` with ``C``; the output is
+    ``gamma * CCA(x) + x``, applied ``recurrence`` times with shared weights.
+    """
+
+    def __init__(self, in_channels: int, reduction: int = 8, recurrence: int = 1, num_heads: int = 1,
+                 gamma_init: float = 0.0):
+        super().__init__()
+        cq = max(1, in_channels // reduction)
+        if cq % num_heads or in_channels % num_heads:
+            raise ValueError(f"channels ({cq}, {in_channels}) must be multiples of num_heads ({num_heads})")
+        self.num_heads, self.recurrence = num_heads, recurrence
+        self.query = nn.Conv2d(in_channels, cq, 1)
+        self.key = nn.Conv2d(in_channels, cq, 1)
+        self.value = nn.Conv2d(in_channels, in_channels, 1)
+        self.gamma = nn.Parameter(torch.full((1,), float(gamma_init)))
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, C, Y, X = t.shape
+        return t.permute(0, 2, 3, 1).reshape(B, Y, X, self.num_heads, C // self.num_heads)  # (B, Y, X, H, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, C, Y, X)`` -> ``(B, C, Y, X)``."""
+        for _ in range(self.recurrence):
+            q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+            out = criss_cross_attention(q, k, v)  # (B, Y, X, H, Dv)
+            out = out.reshape(*out.shape[:3], -1).permute(0, 3, 1, 2)  # (B, C, Y, X)
+            x = self.gamma * out + x
+        return x
+
+
+def _flops(cfg: dict) -> float:
+    B, C = cfg.get("batch", 1), cfg["in_channels"]
+    Y, X = cfg["input_size"]
+    cq = C // cfg.get("reduction", 8)
+    per = 2 * Y * X * C * (2 * cq + C) + 2 * Y * X * (Y + X - 1) * (cq + C)
+    return float(B * cfg.get("recurrence", 1) * per)
+
+
+_DEFAULT = {"batch": 2, "in_channels": 16, "reduction": 8, "recurrence": 2, "gamma_init": 0.5, "input_size": (6, 7)}
+
+
+def _example(config=None):
+    c = {**_DEFAULT, **(config or {})}
+    m = CrissCrossAttention(c["in_channels"], c["reduction"], c["recurrence"], gamma_init=c["gamma_init"])
+    return m, (torch.randn(c["batch"], c["in_channels"], *c["input_size"]),)
+
+
+register(name="criss_cross", family="local",
+         paper=Paper("CCNet: Criss-Cross Attention for Semantic Segmentation", "1811.11721", 2018),
+         patterns=("noncausal-self",), complexity="O(N (Y + X) C)", flops=_flops, example=_example,
+         default_config=_DEFAULT,
+         notes="Centre kept in the row branch, removed from the column branch (one joint softmax); no scaling. "
+               "The paper initialises gamma to 0 (gamma_init=0.0, the class default); the example uses 0.5 "
+               "so that attention gradients are exercised. Single head as in the paper (num_heads option).",
+         input_kind="cnn")(CrissCrossAttention)

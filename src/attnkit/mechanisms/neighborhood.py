@@ -1,0 +1,173 @@
+"""Neighborhood attention modules: NA 1-D/2-D/3-D (NAT, FNA, GNA) and DiNAT-style dilated stacks.
+
+"Neighborhood Attention Transformer" (arXiv 2204.07143), "Dilated Neighborhood Attention
+Transformer" (arXiv 2209.15001), "Faster Neighborhood Attention" (arXiv 2403.04690),
+"Generalized Neighborhood Attention" (arXiv 2504.16922). Spec: papers/local.md §1.
+
+Module = ``Linear(C, 3C)`` -> heads-last q, k, v -> ``ak.neighborhood_attention`` ->
+``Linear(C, C)`` (NATTEN's module structure, local.md §1.7). Inputs are channels-last
+``(B, N, C)``, ``(B, X, Y, C)`` or ``(B, T, X, Y, C)``. No relative positional bias (NATTEN >=
+0.20 dropped it; our choice, noted in the registry).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from attnkit.ops.neighborhood import neighborhood_attention
+from attnkit.ops.neighborhood_mask import neighborhood_mask
+from attnkit.registry import Paper, register
+
+NAT = Paper("Neighborhood Attention Transformer", "2204.07143", 2022)
+DINAT = Paper("Dilated Neighborhood Attention Transformer", "2209.15001", 2022)
+
+
+class _NeighborhoodAttention(nn.Module):
+    """Shared body of NeighborhoodAttention1D/2D/3D; ``rank`` is the number of spatial dims."""
+
+    rank = 0
+
+    def __init__(self, dim: int, num_heads: int, kernel_size, dilation=1, stride=1, is_causal=False,
+                 qkv_bias: bool = True, backend: str | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads})")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.kernel_size, self.dilation, self.stride, self.is_causal = kernel_size, dilation, stride, is_causal
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, dilation=None) -> torch.Tensor:
+        """``x (B, *S, C)`` channels-last -> ``(B, *S, C)``; ``dilation`` overrides the configured one."""
+        if x.dim() != self.rank + 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__} expects channels-last (B, {self.rank} spatial dims, C={self.dim}),"
+                             f" got {tuple(x.shape)}")
+        spatial = x.shape[1:-1]
+        qkv = self.qkv(x).view(x.shape[0], *spatial, 3, self.num_heads, self.head_dim)  # (B, *S, 3, H, D)
+        q, k, v = qkv.unbind(-3)  # each (B, *S, H, D)
+        dil = self.dilation if dilation is None else dilation
+        out = neighborhood_attention(q, k, v, self.kernel_size, dilation=dil, stride=self.stride,
+                                     is_causal=self.is_causal, backend=self.backend)
+        return self.proj(out.reshape(x.shape))  # (B, *S, C)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+                f"dilation={self.dilation}, stride={self.stride}, is_causal={self.is_causal}")
+
+
+def _na_flops(cfg: dict) -> float:
+    """Projections plus attention over the exact number of allowed pairs."""
+    shape, C = tuple(cfg["input_size"]), cfg["dim"]
+    n = math.prod(shape)
+    pairs = neighborhood_mask(shape, cfg["kernel_size"], cfg.get("dilation", 1), cfg.get("stride", 1),
+                              cfg.get("is_causal", False)).count()
+    return float(cfg.get("batch", 1) * (2 * n * C * 4 * C + 4 * pairs * C))
+
+
+def _na_example(cls, default):
+    def example(config=None):
+        c = {**default, **(config or {})}
+        m = cls(c["dim"], c["num_heads"], c["kernel_size"], c.get("dilation", 1), c.get("stride", 1),
+                c.get("is_causal", False))
+        return m, (torch.randn(c.get("batch", 1), *c["input_size"], c["dim"]),)
+
+    return example
+
+
+_NA_NOTES = ("No relative positional bias (NATTEN >= 0.20 semantics). Windows shift at borders "
+             "(non-causal) and are clipped (causal, per axis). Runs on ak.neighborhood_attention (tiled CPU backend).")
+
+
+class NeighborhoodAttention1D(_NeighborhoodAttention):
+    """1-D neighborhood attention on ``(B, N, C)`` (NATTEN ``NeighborhoodAttention1D``)."""
+
+    rank = 1
+
+
+class NeighborhoodAttention2D(_NeighborhoodAttention):
+    """2-D neighborhood attention on channels-last images ``(B, X, Y, C)``."""
+
+    rank = 2
+
+
+class NeighborhoodAttention3D(_NeighborhoodAttention):
+    """3-D neighborhood attention on channels-last videos ``(B, T, X, Y, C)``."""
+
+    rank = 3
+
+
+_D1 = {"batch": 2, "dim": 32, "num_heads": 4, "kernel_size": 5, "input_size": (24,)}
+_D2 = {"batch": 2, "dim": 32, "num_heads": 4, "kernel_size": 3, "input_size": (8, 7)}
+_D3 = {"batch": 1, "dim": 16, "num_heads": 2, "kernel_size": 3, "input_size": (4, 5, 5)}
+for _cls, _name, _default, _kind in ((NeighborhoodAttention1D, "neighborhood_1d", _D1, "sequence"),
+                                     (NeighborhoodAttention2D, "neighborhood_2d", _D2, "image"),
+                                     (NeighborhoodAttention3D, "neighborhood_3d", _D3, "video")):
+    register(name=_name, family="local", paper=NAT, patterns=("noncausal-self", "causal-self"),
+             complexity="O(N prod(k) D)", flops=_na_flops, example=_na_example(_cls, _default),
+             default_config=_default, notes=_NA_NOTES, input_kind=_kind)(_cls)
+
+
+class DilatedNeighborhoodAttention(nn.Module):
+    """DiNAT-style stack: pre-norm residual NA layers whose dilations follow a schedule.
+
+    ``dilations=(1, "auto")`` alternates NA (dilation 1) and DiNA with ``floor(extent / kernel)``
+    per axis (DiNAT's rule, papers/local.md §1.8), computed from the input size. Each layer is a
+    :class:`NeighborhoodAttention2D` (or 1D/3D by ``rank``): ``x = x + NA_l(LN(x))``.
+
+    Example:
+        >>> m = DilatedNeighborhoodAttention(64, 4, 7, dilations=(1, "auto"))
+        >>> m(torch.randn(1, 56, 56, 64)).shape
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size, dilations=(1, "auto"), rank: int = 2,
+                 is_causal=False, qkv_bias: bool = True, backend: str | None = None):
+        super().__init__()
+        cls = {1: NeighborhoodAttention1D, 2: NeighborhoodAttention2D, 3: NeighborhoodAttention3D}.get(rank)
+        if cls is None:
+            raise ValueError(f"rank must be 1, 2 or 3, got {rank}")
+        for d in dilations:
+            if d != "auto" and not (isinstance(d, int) or isinstance(d, tuple)):
+                raise ValueError(f"dilations entries must be ints, per-dim tuples or 'auto', got {d!r}")
+        self.dilations, self.kernel_size = tuple(dilations), kernel_size
+        self.layers = nn.ModuleList(cls(dim, num_heads, kernel_size, 1, 1, is_causal, qkv_bias, backend)
+                                    for _ in dilations)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in dilations)
+
+    def resolve(self, spatial: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The per-layer dilation tuples for an input of spatial extent ``spatial``."""
+        ks = self.kernel_size if isinstance(self.kernel_size, tuple) else (self.kernel_size,) * len(spatial)
+        auto = tuple(max(1, n // k) for n, k in zip(spatial, ks))
+        return [auto if d == "auto" else (d if isinstance(d, tuple) else (d,) * len(spatial)) for d in self.dilations]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, *S, C)`` channels-last -> ``(B, *S, C)``."""
+        for layer, norm, d in zip(self.layers, self.norms, self.resolve(tuple(x.shape[1:-1]))):
+            x = x + layer(norm(x), dilation=d)
+        return x
+
+
+def _dinat_flops(cfg: dict) -> float:
+    m = DilatedNeighborhoodAttention(cfg["dim"], cfg["num_heads"], cfg["kernel_size"], cfg["dilations"],
+                                     rank=len(cfg["input_size"]))
+    return sum(_na_flops({**cfg, "dilation": d}) for d in m.resolve(tuple(cfg["input_size"])))
+
+
+_DD = {"batch": 2, "dim": 32, "num_heads": 4, "kernel_size": 3, "dilations": (1, "auto"), "input_size": (9, 8)}
+
+
+def _dinat_example(config=None):
+    c = {**_DD, **(config or {})}
+    m = DilatedNeighborhoodAttention(c["dim"], c["num_heads"], c["kernel_size"], c["dilations"],
+                                     rank=len(c["input_size"]))
+    return m, (torch.randn(c["batch"], *c["input_size"], c["dim"]),)
+
+
+register(name="dilated_neighborhood", family="local", paper=DINAT, patterns=("noncausal-self", "causal-self"),
+         complexity="O(N prod(k) D) per layer", flops=_dinat_flops, example=_dinat_example, default_config=_DD,
+         notes="A stack of pre-norm residual NA layers; dilations (1, 'auto') alternate NA and DiNA with "
+               "floor(extent / kernel) (DiNAT rule). MLPs and downsamplers of the DiNAT backbone are left out.",
+         input_kind="image")(DilatedNeighborhoodAttention)
