@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from attnkit.backends.base import Backend
-from attnkit.backends.blocked_plan import Chunk, Group, Plan, build_plan
+from attnkit.backends.blocked_groups import group_backward, group_forward, group_inference
+from attnkit.backends.blocked_plan import Chunk, Plan, build_plan
 
 _NEG_INF = float("-inf")
 
@@ -60,43 +61,14 @@ def _heads_to_groups(allowed: torch.Tensor, hkv: int) -> torch.Tensor:
     return allowed.view(bb, hkv, hh // hkv, bq, w).transpose(2, 3)       # (B, Hkv, bq, G, w)
 
 
-def _group_scores(qg, kg, grp: Group, scale: float, bq: int) -> torch.Tensor:
-    """Scores of a group: qg (B, Hkv, R, bq*G, D), kg (B, Hkv, R, W, D) -> (B, Hkv, R, bq, G, W), masked."""
-    b, hkv, r = qg.shape[:3]
-    s = torch.matmul(qg, kg.transpose(-1, -2)).mul_(scale)              # (B, Hkv, R, bq*G, W)
-    s = s.view(b, hkv, r, bq, -1, s.shape[-1])                           # (B, Hkv, R, bq, G, W)
-    if grp.allowed is not None:
-        s.masked_fill_(~grp.allowed[:, :, None, :], _NEG_INF)           # (R, bq, 1, W) over G
-    return s
-
-
-def _group_keys(t: torch.Tensor, grp: Group) -> torch.Tensor:
-    """Keys of a group from ``t (B, Hkv, Nk, X)``: ``(B, Hkv, R, W, X)``."""
-    b, hkv = t.shape[:2]
-    return t.index_select(2, grp.index.flatten()).view(b, hkv, grp.tiles, grp.index.shape[1], -1)
-
-
 def _forward(q, k, v, plan: Plan, scale: float):
     """q (B, Hkv, Nq, G, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hkv, Nq, G, Dv), lse (B, Hkv, Nq, G)."""
     b, hkv, nq, g, _ = q.shape
     dv = v.shape[-1]
     out = q.new_zeros(b, hkv, nq, g, dv)
     lse = q.new_full((b, hkv, nq, g), _NEG_INF)
-    bq = plan.bq
     for grp in plan.groups:
-        q0, q1 = grp.q0, grp.q0 + grp.tiles * bq
-        qg = q[:, :, q0:q1].reshape(b, hkv, grp.tiles, bq * g, -1)      # (B, Hkv, R, bq*G, D)
-        s = _group_scores(qg, _group_keys(k, grp), grp, scale, bq)       # (B, Hkv, R, bq, G, W)
-        m = s.amax(-1)
-        m_safe = torch.where(m == _NEG_INF, 0.0, m)
-        p = s.sub_(m_safe[..., None]).exp_()
-        l = p.sum(-1)                                                    # (B, Hkv, R, bq, G)
-        pv = torch.matmul(p.view(b, hkv, grp.tiles, bq * g, -1), _group_keys(v, grp))  # (B, Hkv, R, bq*G, Dv)
-        nonempty = l > 0
-        o = pv.view(b, hkv, grp.tiles, bq, g, dv) / torch.where(nonempty, l, 1.0)[..., None]
-        out[:, :, q0:q1] = o.view(b, hkv, q1 - q0, g, dv)
-        lg = torch.where(nonempty, m_safe + torch.log(torch.where(nonempty, l, 1.0)), _NEG_INF)
-        lse[:, :, q0:q1] = lg.view(b, hkv, q1 - q0, g)
+        group_forward(q, k, v, grp, scale, out, lse)
     for q0, q1, chunks in plan.rows:
         bq = q1 - q0
         qt = q[:, :, q0:q1].reshape(b, hkv, bq * g, -1)                 # (B, Hkv, bq*G, D)
@@ -129,22 +101,8 @@ def _backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
     if dlse is not None:
         delta = delta - dlse
     lse_safe = torch.where(lse == _NEG_INF, float("inf"), lse)          # empty rows -> P = 0
-    bq = plan.bq
     for grp in plan.groups:
-        r, q0 = grp.tiles, grp.q0
-        q1 = q0 + r * bq
-        qg = q[:, :, q0:q1].reshape(b, hkv, r, bq * g, -1)              # (B, Hkv, R, bq*G, D)
-        dog = dout[:, :, q0:q1].reshape(b, hkv, r, bq * g, -1)          # (B, Hkv, R, bq*G, Dv)
-        kg, vg = _group_keys(k, grp), _group_keys(v, grp)                # (B, Hkv, R, W, D|Dv)
-        s = _group_scores(qg, kg, grp, scale, bq)                        # (B, Hkv, R, bq, G, W)
-        p = s.sub_(lse_safe[:, :, q0:q1].view(b, hkv, r, bq, g, 1)).exp_().view(b, hkv, r, bq * g, -1)
-        dvg = torch.matmul(p.transpose(-1, -2), dog)                     # (B, Hkv, R, W, Dv)
-        dp = torch.matmul(dog, vg.transpose(-1, -2))                     # (B, Hkv, R, bq*G, W)
-        ds = p.mul_(dp.sub_(delta[:, :, q0:q1].reshape(b, hkv, r, bq * g, 1))).mul_(scale)
-        dq[:, :, q0:q1] = torch.matmul(ds, kg).view(b, hkv, r * bq, g, -1)
-        flat = grp.index.flatten()
-        dk.index_add_(2, flat, torch.matmul(ds.transpose(-1, -2), qg).view(b, hkv, flat.numel(), -1))
-        dv.index_add_(2, flat, dvg.view(b, hkv, flat.numel(), -1))
+        group_backward(q, k, v, out, lse_safe, dout, delta, grp, scale, dq, dk, dv, fused=dlse is None)
     for q0, q1, chunks in plan.rows:
         bq = q1 - q0
         qt = q[:, :, q0:q1].reshape(b, hkv, bq * g, -1)                 # (B, Hkv, bq*G, D)
@@ -177,24 +135,8 @@ def _forward_sdpa_tiles(q, k, v, plan: Plan, scale: float, gqa: bool) -> torch.T
     multi-pass one by ~30% here; it returns no log-sum-exp, so training uses :func:`_forward`.
     """
     out = q.new_zeros(*q.shape[:-1], v.shape[-1])
-    b, hq, _, d = q.shape
-    hkv, dv, bq = k.shape[1], v.shape[-1], plan.bq
     for grp in plan.groups:
-        r, q0 = grp.tiles, grp.q0
-        q1, w = q0 + r * bq, grp.index.shape[1]
-        # SDPA's fused CPU kernel wants 4-D: fold the R tiles into the batch
-        qg = q[:, :, q0:q1].reshape(b, hq, r, bq, d).transpose(1, 2).reshape(b * r, hq, bq, d)
-        kg = _group_keys(k, grp).transpose(1, 2).reshape(b * r, hkv, w, d)      # (B*R, Hkv, W, D)
-        vg = _group_keys(v, grp).transpose(1, 2).reshape(b * r, hkv, w, dv)
-        allowed, empty = grp.allowed, None
-        if allowed is not None:
-            allowed = allowed[None].expand(b, -1, -1, -1).reshape(b * r, 1, bq, w)
-            empty = ~allowed.any(-1, keepdim=True)                        # (B*R, 1, bq, 1)
-            allowed = allowed | empty if bool(empty.any()) else allowed
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=allowed, scale=scale, enable_gqa=gqa)
-        if empty is not None:
-            o = o.masked_fill(empty, 0.0)
-        out[:, :, q0:q1] = o.view(b, r, hq, bq, dv).transpose(1, 2).reshape(b, hq, q1 - q0, dv)
+        group_inference(q, k, v, grp, scale, gqa, out)
     for q0, q1, (c,) in plan.rows:
         allowed = _tile_mask(c, q1 - q0) if c.partial else None
         empty = None
@@ -223,12 +165,14 @@ class _BlockedAttention(torch.autograd.Function):
         out, lse = _forward(q, k, v, plan, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
+        ctx.set_materialize_grads(False)  # dlse stays None unless the caller differentiates the lse
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout.contiguous(), dlse, ctx.plan, ctx.scale)
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.scale)
         return dq, dk, dv, None, None
 
 

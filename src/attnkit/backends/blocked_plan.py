@@ -45,6 +45,7 @@ class Group:
     tiles: int
     index: torch.Tensor
     allowed: torch.Tensor | None
+    rows: int  # query rows per tile (bq, or fewer for the last tile)
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +54,7 @@ class Plan:
     rows: tuple[tuple[int, int, tuple[Chunk, ...]], ...]  # (q0, q1, chunks) per non-empty query tile
     empty_rows: tuple[tuple[int, int], ...]  # query tiles that see no key at all
     computed_pairs: int  # query-key pairs the plan computes (useful + masked-out in partial tiles)
-    groups: tuple[Group, ...] = ()  # batched tiles; ``rows`` then holds only the tiles left over
+    groups: tuple[Group, ...] = ()  # single-chunk tiles, batched; ``rows`` then holds the multi-chunk ones
 
 
 def _runs(cols: list[int]) -> list[tuple[int, int]]:
@@ -87,17 +88,20 @@ def _group_cached(plan: Plan, nk: int, group_elements: int) -> Plan:
     groups, rest, run = [], [], []
 
     def flush():
-        if len(run) == 1:
-            rest.append(run[0])
-        elif run:
-            groups.append(_group(run, bq, nk))
+        if run:
+            groups.append(_group(run, run[0][1] - run[0][0], nk))
         run.clear()
 
     for row in plan.rows:
         q0, q1, chunks = row
-        if len(chunks) != 1 or q1 - q0 != bq:
+        if len(chunks) != 1:
             flush()
             rest.append(row)
+            continue
+        if q1 - q0 != bq:  # the short last tile is a group of its own
+            flush()
+            run.append(row)
+            flush()
             continue
         if run:
             widths = [r[2][0].width for r in run] + [chunks[0].width]
@@ -126,7 +130,7 @@ def _group(run, bq: int, nk: int) -> Group:
         for c0, c1, a in c.partial:
             allowed[i, :, c0:c1] = a
             needs_mask = True
-    return Group(run[0][0], len(run), index, allowed if needs_mask else None)
+    return Group(run[0][0], len(run), index, allowed if needs_mask else None, bq)
 
 
 @lru_cache(maxsize=64)
