@@ -1,0 +1,221 @@
+"""HyperAttention: Long-context Attention in Near-Linear Time (arXiv 2310.05869).
+
+Attention is ``D^-1 A V`` with ``A = exp(s Q K^T)``. sortLSH hashes queries and keys with
+angular LSH (Gray-ranked buckets), sorts both, and computes ``A`` exactly inside the
+block-diagonal of the sorted order; everything outside is estimated from ``m`` uniformly
+sampled key columns, weighted by ``n_k / m`` (samples inside the query's own block are
+dropped: already counted). The two partial attentions are merged with their log-sum-exps.
+Causal attention recurses (Algorithm 4): exact below ``min_seq_len``, else two causal halves
+plus a non-causal HyperAttention of the bottom queries over the top keys.
+
+Randomness (``generator``): every non-causal call draws, in order, the LSH directions
+``W = randn(D, lsh_bits)`` and the samples ``randint(0, n_k, (B, Hq, m))`` on the CPU; the
+causal recursion visits top half, bottom half, then the off-diagonal part.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from attnkit import masks
+from attnkit._validate import check_qkv, resolve_scale
+from attnkit.backends.block_gather import attend_gathered, compute_dtype
+from attnkit.ops.dense import attention
+from attnkit.registry import Paper, register
+
+
+def gray_rank_table(bits: int) -> torch.Tensor:
+    """``rank[c] = g^{-1}(c)`` for the reflected Gray code ``g(i) = i ^ (i >> 1)``: buckets with
+    consecutive ranks differ in one bit, so sorting by rank keeps near buckets adjacent."""
+    table = torch.empty(2 ** bits, dtype=torch.long)
+    i = torch.arange(2 ** bits)
+    table[i ^ (i >> 1)] = i
+    return table
+
+
+def lsh_rank(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Gray rank of the angular-LSH bucket of ``x (..., n, D)`` under directions ``w (D, r)`` -> ``(..., n)``."""
+    bits = (x @ w > 0).long()  # (..., n, r)
+    code = (bits << torch.arange(w.shape[1], device=x.device)).sum(-1)  # (..., n): sum_i bit_i 2^i
+    return gray_rank_table(w.shape[1]).to(x.device)[code]
+
+
+def _merge(oa, la, ob, lb):
+    """Exact LSE merge of two partial attentions over disjoint key sets (``la`` finite)."""
+    lse = torch.logaddexp(la, lb)
+    return torch.exp(la - lse).unsqueeze(-1) * oa + torch.exp(lb - lse).unsqueeze(-1) * ob, lse
+
+
+def _noncausal(q, k, v, block, m, bits, scale, gen):
+    """Sampled non-causal HyperAttention on ``(B, H, n, D)`` tensors -> ``(out, lse)`` ``(B, H, nq, *)``."""
+    B, H, nq, D = q.shape
+    nk, Dv = k.shape[2], v.shape[-1]
+    dev = q.device
+    w = torch.randn(D, bits, generator=gen, dtype=torch.float64).to(dev, q.dtype)
+    samples = torch.randint(0, nk, (B, H, m), generator=gen).to(dev)
+    nb = math.ceil(nk / block)
+    bq = math.ceil(nq / nb)
+    with torch.no_grad():  # hashing and sorting carry no gradient
+        pq = torch.sort(lsh_rank(q, w), dim=-1, stable=True).indices  # (B, H, nq): sorted -> original
+        pk = torch.sort(lsh_rank(k, w), dim=-1, stable=True).indices  # (B, H, nk)
+        blk_k = torch.empty_like(pk).scatter_(-1, pk, torch.arange(nk, device=dev).expand_as(pk)) // block
+    qs = torch.gather(q, 2, pq.unsqueeze(-1).expand(-1, -1, -1, D))  # (B, H, nq, D) sorted
+    ks = torch.gather(k, 2, pk.unsqueeze(-1).expand(-1, -1, -1, D))  # (B, H, nk, D) sorted
+    vs = torch.gather(v, 2, pk.unsqueeze(-1).expand(-1, -1, -1, Dv))  # (B, H, nk, Dv) sorted
+    # block-diagonal part: query tile i (bq sorted queries) vs key tile i (block sorted keys), exact
+    qs_p = torch.cat([qs, qs.new_zeros(B, H, nb * bq - nq, D)], 2).view(B, H, nb, bq, D)  # (B, H, nb, bq, D)
+    ks_p = torch.cat([ks, ks.new_zeros(B, H, nb * block - nk, D)], 2).view(B, H, nb, block, D)  # (B, H, nb, b, D)
+    vs_p = torch.cat([vs, vs.new_zeros(B, H, nb * block - nk, Dv)], 2).view(B, H, nb, block, Dv)
+    real = (torch.arange(nb * block, device=dev) < nk).view(nb, 1, block)  # padded keys never attended
+    o_blk, l_blk = attend_gathered(qs_p, ks_p, vs_p, real, scale)  # (B, H, nb, bq, Dv), (B, H, nb, bq)
+    o_blk, l_blk = o_blk.flatten(2, 3)[:, :, :nq], l_blk.flatten(2, 3)[:, :, :nq]  # (B, H, nq, *)
+    # residual: all queries vs the m shared samples, own-block samples dropped, weight n_k / m
+    kx = torch.gather(k, 2, samples.unsqueeze(-1).expand(-1, -1, -1, D))  # (B, H, m, D)
+    vx = torch.gather(v, 2, samples.unsqueeze(-1).expand(-1, -1, -1, Dv))  # (B, H, m, Dv)
+    q_blk = (torch.arange(nq, device=dev) // bq).view(1, 1, nq, 1)  # sorted query i lies in block i // bq
+    other = torch.gather(blk_k, 2, samples).unsqueeze(2) != q_blk  # (B, H, nq, m)
+    o_res, l_res = attend_gathered(qs, kx, vx, other, scale, math.log(nk / m))
+    o, lse = _merge(o_blk, l_blk, o_res, l_res)  # sorted query order
+    inv = torch.empty_like(pq).scatter_(-1, pq, torch.arange(nq, device=dev).expand_as(pq))  # original -> sorted
+    o = torch.gather(o, 2, inv.unsqueeze(-1).expand(-1, -1, -1, Dv))  # (B, H, nq, Dv)
+    return o, torch.gather(lse, 2, inv)
+
+
+def _exact(q, k, v, scale, causal):
+    """Exact attention with lse on ``(B, H, n, D)`` through ``attention`` (heads-last inside)."""
+    mask = masks.causal() if causal else None
+    o, lse = attention(*(t.transpose(1, 2) for t in (q, k, v)), mask=mask, scale=scale, return_lse=True)
+    return o.transpose(1, 2), lse.transpose(1, 2)  # (B, H, n, Dv), (B, H, n)
+
+
+def _causal(q, k, v, block, m, bits, min_len, scale, gen):
+    n = q.shape[2]
+    if n <= min_len:
+        return _exact(q, k, v, scale, True)
+    h = n // 2
+    o_top, l_top = _causal(q[:, :, :h], k[:, :, :h], v[:, :, :h], block, m, bits, min_len, scale, gen)
+    o_bd, l_bd = _causal(q[:, :, h:], k[:, :, h:], v[:, :, h:], block, m, bits, min_len, scale, gen)
+    o_off, l_off = _noncausal(q[:, :, h:], k[:, :, :h], v[:, :, :h], block, m, bits, scale, gen)
+    o_bot, l_bot = _merge(o_bd, l_bd, o_off, l_off)
+    return torch.cat([o_top, o_bot], 2), torch.cat([l_top, l_bot], 2)
+
+
+def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 256,
+                    sample_size: int = 256, lsh_bits: int = 7, min_seq_len: int = 4096, causal: bool = False,
+                    scale: float | None = None, generator: torch.Generator | None = None,
+                    return_lse: bool = False):
+    """HyperAttention (sortLSH block-diagonal + uniform column sampling; causal by recursion).
+
+    Args:
+        q: ``(B, Nq, Hq, D)``; k: ``(B, Nk, Hkv, D)``; v: ``(B, Nk, Hkv, Dv)``; GQA by ``Hq % Hkv``.
+        block_size: sorted key block ``b`` (query block ``ceil(Nq / ceil(Nk / b))``); ragged ends padded.
+        sample_size: ``m`` residual key samples per (batch, head), with replacement.
+        lsh_bits: ``r`` hyperplanes (``2**r`` buckets). min_seq_len: exact attention for
+            ``max(Nq, Nk) <= min_seq_len`` and base of the causal recursion.
+        causal: causal self-attention (``Nq == Nk``).
+        generator: source of the LSH directions and samples (deterministic when seeded).
+
+    Returns:
+        ``(B, Nq, Hq, Dv)`` (and the estimated lse ``(B, Nq, Hq)`` with ``return_lse``).
+
+    Example:
+        >>> q = k = v = torch.randn(1, 8192, 4, 64)
+        >>> out = hyper_attention(q, k, v, generator=torch.Generator().manual_seed(0))
+    """
+    hq, hkv = check_qkv(q, k, v)
+    for name, val in (("block_size", block_size), ("sample_size", sample_size), ("lsh_bits", lsh_bits),
+                      ("min_seq_len", min_seq_len)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if lsh_bits > 30:
+        raise ValueError(f"lsh_bits must be <= 30, got {lsh_bits}")
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"causal HyperAttention needs self-attention (Nq == Nk), got {q.shape[1]} and {k.shape[1]}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    scale = resolve_scale(scale, q.shape[-1])
+    cdt = compute_dtype(q.dtype)
+    # (B, H, n, D) internally; KV heads expanded to query heads (each query head hashes on its own)
+    qh = q.to(cdt).transpose(1, 2)  # (B, Hq, Nq, D)
+    kh = k.to(cdt).repeat_interleave(hq // hkv, dim=2).transpose(1, 2)  # (B, Hq, Nk, D)
+    vh = v.to(cdt).repeat_interleave(hq // hkv, dim=2).transpose(1, 2)  # (B, Hq, Nk, Dv)
+    if causal:
+        o, lse = _causal(qh, kh, vh, block_size, sample_size, lsh_bits, min_seq_len, scale, generator)
+    elif max(q.shape[1], k.shape[1]) <= min_seq_len:
+        o, lse = _exact(qh, kh, vh, scale, False)
+    else:
+        o, lse = _noncausal(qh, kh, vh, block_size, sample_size, lsh_bits, scale, generator)
+    out = o.transpose(1, 2).to(q.dtype)  # (B, Nq, Hq, Dv)
+    return (out, lse.transpose(1, 2).to(q.dtype)) if return_lse else out
+
+
+def _flops(cfg: dict) -> float:
+    b, n, c, h = cfg["batch"], cfg["seq_len"], cfg["dim"], cfg["num_heads"]
+    bs, m, nmin = cfg["block_size"], cfg["sample_size"], cfg["min_seq_len"]
+    d = c // h
+    if n <= nmin:
+        return 8 * b * n * c * c + 4 * b * h * n * n * d / (2 if cfg["causal"] else 1)
+    levels = math.ceil(math.log2(n / nmin)) if cfg["causal"] else 1
+    return 8 * b * n * c * c + 4 * b * h * n * (bs + m) * d * levels + 4 * b * h * n * nmin * d / 2
+
+
+_DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "block_size": 8, "sample_size": 8,
+            "lsh_bits": 3, "min_seq_len": 16, "causal": True, "seed": 0}
+
+
+def _example(config: dict | None = None):
+    c = {**_DEFAULT, **(config or {})}
+    m = HyperAttention(c["dim"], c["num_heads"], block_size=c["block_size"], sample_size=c["sample_size"],
+                       lsh_bits=c["lsh_bits"], min_seq_len=c["min_seq_len"], causal=c["causal"], seed=c["seed"])
+    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
+
+
+@register(
+    name="hyper_attention", family="sparse",
+    paper=Paper("HyperAttention: Long-context Attention in Near-Linear Time", "2310.05869", 2023),
+    patterns=("noncausal-self", "causal-self", "noncausal-cross"),
+    complexity="O(N (b + m) D log(N / n_min) + n_min N D)", flops=_flops, example=_example, default_config=_DEFAULT,
+    notes="Released (practical) estimator: uniform sampling with replacement, own-block samples dropped, weight "
+          "n_k/m as an ln(n_k/m) lse shift; Gray rank g^-1(c) (not the reference's g(c)); one set of LSH "
+          "directions per call shared by all batch elements and heads (hashing per query head under GQA); ragged "
+          "lengths padded (padded keys masked, rank order unchanged); causal recursion splits at n//2; exact "
+          "attention (ak.attention) when max(Nq, Nk) <= min_seq_len. The module reseeds its generator from "
+          "`seed` every forward, so a layer is a fixed function of its input.",
+)
+class HyperAttention(nn.Module):
+    """HyperAttention self-attention layer (projections -> :func:`hyper_attention` -> projection).
+
+    Args:
+        dim: ``C``; num_heads: ``H``; block_size, sample_size, lsh_bits, min_seq_len, causal: see
+        :func:`hyper_attention`; seed: the generator seed used on every forward.
+
+    Shapes:
+        ``x (B, N, C)`` -> ``(B, N, C)``.
+
+    Example:
+        >>> y = HyperAttention(256, 4, causal=True)(torch.randn(1, 16384, 256))
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, block_size: int = 256, sample_size: int = 256,
+                 lsh_bits: int = 7, min_seq_len: int = 4096, causal: bool = False, seed: int = 0, bias: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads, self.causal, self.seed = num_heads, causal, seed
+        self.kw = {"block_size": block_size, "sample_size": sample_size, "lsh_bits": lsh_bits,
+                   "min_seq_len": min_seq_len}
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).unbind(2)  # (B, N, H, D)
+        gen = torch.Generator().manual_seed(self.seed)
+        o = hyper_attention(q, k, v, causal=self.causal, generator=gen, **self.kw)
+        return self.proj(o.reshape(b, n, c))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, causal={self.causal}, seed={self.seed}, {self.kw}"
