@@ -1,5 +1,7 @@
 """HyperAttention vs the naive estimator with the same randomness, exactness limits, error vs samples."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -56,7 +58,7 @@ def test_hyper_exact_limits():
     torch.testing.assert_close(hyper_attention(q, k, v, min_seq_len=40, causal=True), dense_c)
     torch.testing.assert_close(hyper_attention(q, k, v, block_size=64, min_seq_len=10, causal=True, generator=g),
                                dense_c)  # recursion with exact off-diagonal parts is exact
-    out, lse = hyper_attention(q, k, v, min_seq_len=40, return_lse=True)
+    _, lse = hyper_attention(q, k, v, min_seq_len=40, return_lse=True)
     torch.testing.assert_close(lse, naive_masked_attention(q, k, v)[1])
 
 
@@ -80,8 +82,9 @@ def test_hyper_error_falls_with_sample_size():
                                generator=torch.Generator().manual_seed(s)) - dense).norm() / dense.norm()).item()
              for s in range(4)]
         errs.append(sum(e) / len(e))
-    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
+    assert all(a > b for a, b in itertools.pairwise(errs)), errs
     assert errs[-1] < 0.5 * errs[0], errs
+    print('hyper rel err vs m (16, 64, 256, 1024):', [round(e, 4) for e in errs])
 
 
 def test_hyper_module_and_errors():

@@ -81,7 +81,8 @@ def naive_hyper_attention(q, k, v, block_size, sample_size, lsh_bits, min_seq_le
     H = q.shape[2]
     rep = H // k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qh, kh, vh = q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2), v.repeat_interleave(rep, 2).transpose(1, 2)
+    qh = q.transpose(1, 2)  # (B, H, Nq, D)
+    kh, vh = (t.repeat_interleave(rep, 2).transpose(1, 2) for t in (k, v))  # (B, H, Nk, *)
     hq = (q if hash_q is None else hash_q).detach().double().transpose(1, 2)
     hk = (k if hash_k is None else hash_k).detach().double().repeat_interleave(rep, 2).transpose(1, 2)
     if causal:
