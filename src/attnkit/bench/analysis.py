@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,13 +49,9 @@ def series_label(rec: Record) -> str:
 
 
 def panel_key(rec: Record) -> str:
-    """Which plot panel a record goes to: the op and its mask (or the group without N)."""
-    p = rec.get("params", {})
-    extra = "".join(f" {k}={p[k]}" for k in ("H", "dtype") if k in p and (k, p[k]) not in (("H", 8),
-                                                                                       ("dtype", "float32")))
-    if "mask" in p:
-        return f"{rec['op']}: {p['mask']}{extra}"
-    return f"{rec['op']}{extra}"
+    """Which plot panel a record goes to: its op and group with the ``N=...`` part removed."""
+    rest = re.sub(r"(^|/)N=\d+", "", rec["group"]).strip("/")
+    return f"{rec['op']}: {rest}" if rest and rest != rec["op"] else rec["op"]
 
 
 def series(records: list[Record]) -> dict[str, dict[str, list[Record]]]:

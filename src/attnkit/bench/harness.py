@@ -204,6 +204,7 @@ class Harness:
             "planned": sm.planned, "skipped_done": sm.skipped_done})
 
     def _run_unit(self, w: Worker, unit: list[Case], stopped: set[tuple[Any, ...]]) -> None:
+        t_unit = time.perf_counter()
         measured: dict[str, dict[str, Any]] = {}
         pending = list(unit)
         while pending and not self.stop:
@@ -242,8 +243,10 @@ class Harness:
                 else:
                     m["mem_note"] = self._abnormal(out)["reason"]
         base = next((c for c in unit if c.baseline), None)
+        unit_wall = time.perf_counter() - t_unit
         for c in unit:
             m = measured.get(c.id, {"status": "error", "reason": "not measured"})
+            m["wall_share_s"] = unit_wall / len(unit)  # this case's share of the unit's wall time
             ref = (c.group, c.pass_) if base is not None else (c.param.get("baseline_group"), c.pass_)
             if base is not None and base.id in measured:
                 self.base_times[ref] = (base.id, measured[base.id].get("median_s"))

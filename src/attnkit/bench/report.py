@@ -87,6 +87,16 @@ def efficiency_lengths(cases: list[Record]) -> list[list[str]]:
     return [[c.panel, c.label, c.text, mem.get((c.panel, c.label), "")] for c in crossovers(cases)]
 
 
+def time_by_op(cases: list[Record]) -> list[list[str]]:
+    """Wall time per op, largest first: what to trim when a suite outgrows its budget."""
+    tot: dict[str, list[float]] = {}
+    for r in cases:
+        t = tot.setdefault(r["op"], [0, 0.0])
+        t[0] += 1
+        t[1] += r.get("wall_share_s") or 0.0
+    return [[op, str(int(n)), f"{s:.0f}"] for op, (n, s) in sorted(tot.items(), key=lambda kv: -kv[1][1])]
+
+
 def sections(ctx: dict[str, Any]) -> list[tuple[str, str, list[Record]]]:
     """(suite, op, records) per suite that was run and op that it measured."""
     suites = list(dict.fromkeys(r.get("suite", "?") for r in ctx["runs"])) or ["?"]
@@ -158,6 +168,8 @@ def write_markdown(ctx: dict[str, Any], path: Path, figures: list[tuple[str, str
     if cross:
         parts += ["## Efficiency length (N from which an implementation beats dense SDPA)", "",
                   _md_table(CROSS_COLUMNS, cross), ""]
+    parts += ["## Where the time went (wall time per op, setup and memory runs included)", "",
+              _md_table(("op", "cases", "wall s"), time_by_op(cases)), ""]
     for suite, op, rs in sections(ctx):
         parts += [f"## {op} — suite `{suite}`", "",
                   _md_table([c for c, _ in CASE_COLUMNS], [[f(r) for _, f in CASE_COLUMNS] for r in rs]), ""]
