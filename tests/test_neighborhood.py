@@ -187,18 +187,18 @@ def test_tiled_random_sweep_fp64_with_forced_tiles_and_chunks(monkeypatch, table
 
 
 def test_gradcheck_fp64():
-    q = _rand(1, 4, 4, 2, 2, seed=1).requires_grad_()
-    k = _rand(1, 4, 4, 1, 2, seed=2).requires_grad_()
-    v = _rand(1, 4, 4, 1, 2, seed=3).requires_grad_()
+    q = _rand(1, 3, 4, 2, 2, seed=1).requires_grad_()
+    k = _rand(1, 3, 4, 1, 2, seed=2).requires_grad_()
+    v = _rand(1, 3, 4, 1, 2, seed=3).requires_grad_()
 
-    def f(q, k, v):
-        out, lse = ak.neighborhood_attention(q, k, v, (3, 2), dilation=(1, 2), stride=(2, 1),
-                                             is_causal=(False, True), backend="tiled", return_lse=True)
-        return out, lse
+    def f(q, k, v):  # the LSE output takes the matmul backward (gradient through lse)
+        return ak.neighborhood_attention(q, k, v, (2, 2), dilation=(1, 2), stride=(2, 1), is_causal=(False, True),
+                                         backend="tiled", return_lse=True)
 
     assert torch.autograd.gradcheck(f, (q, k, v))
+    q1, k1, v1 = (_rand(1, 7, 2, 2, seed=i).requires_grad_() for i in range(3))  # fused-kernel backward
     assert torch.autograd.gradcheck(lambda q, k, v: ak.neighborhood_attention(q, k, v, 3, backend="tiled"),
-                                    (q, k, v))
+                                    (q1, k1, v1))
 
 
 # ---------------------------------------------------------------- identities (local.md §1.11)
@@ -296,3 +296,17 @@ def test_explain_and_forced_backends():
         ak.neighborhood_attention(q, q, q, 5, backend="nope")
     ref = ak.neighborhood_attention(q, q, q, 5, backend="reference")
     torch.testing.assert_close(ak.neighborhood_attention(q, q, q, 5), ref)
+
+
+@pytest.mark.slow
+def test_flex_backend_forward_matches_reference():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = (_rand(1, 16, 10, 4, 16, dtype=torch.float32, seed=i) for i in range(3))
+    kw = dict(dilation=(2, 1), stride=(1, 2), is_causal=(False, True))
+    with torch.no_grad():
+        out = ak.neighborhood_attention(q, k, v, (3, 4), backend="flex", **kw)
+        with pytest.raises(ValueError, match="LSE"):
+            ak.neighborhood_attention(q, k, v, (3, 4), backend="flex", return_lse=True, **kw)
+        with pytest.raises(ValueError, match="at least 128 tokens"):
+            ak.neighborhood_attention(q[:, :8], k[:, :8], v[:, :8], (3, 4), backend="flex", **kw)
+    torch.testing.assert_close(out, naive_neighborhood_attention(q, k, v, (3, 4), **kw), atol=2e-5, rtol=1e-4)

@@ -58,6 +58,11 @@ def flex_supports(call) -> tuple[bool, str]:
         return False, "torch.nn.attention.flex_attention is not available in this torch"
     if call.requires_grad:
         return False, "forward only here (use backend='tiled' for gradients)"
+    if call.q.device.type == "cpu" and call.n < FLEX_BLOCK:
+        # torch 2.13's compiled CPU flex kernel returns NaN when the sequence is shorter than one block
+        return False, f"compiled flex on CPU needs at least {FLEX_BLOCK} tokens, got {call.n}"
+    if call.return_lse and call.q.device.type == "cpu":
+        return False, "compiled flex on CPU cannot return the LSE"
     if call.q.dtype not in _FLEX_DTYPES:
         return False, f"flex on this build runs float32/bfloat16/float16, got {call.q.dtype}"
     return True, ""
