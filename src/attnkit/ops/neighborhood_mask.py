@@ -175,10 +175,11 @@ class NeighborhoodMask(Mask):
         return full if device is None else full.to(device)
 
     def row_counts(self) -> torch.Tensor:
-        """Number of keys each query sees, shape ``shape`` (product of per-axis counts)."""
+        """Number of keys each query sees, shape ``shape`` (product of per-axis counts, O(N) memory)."""
         cnt = torch.ones((), dtype=torch.long)
-        for m in self.axis_dense():
-            cnt = cnt[..., None] * m.sum(-1)
+        for n, k, d, s, c in self._axes():
+            _g, _u, _L, start, end = axis_windows(n, k, d, s, c)
+            cnt = cnt[..., None] * (end - start)
         return cnt
 
     def count(self, nq: int | None = None, nk: int | None = None) -> int:
@@ -239,8 +240,8 @@ class NeighborhoodMask(Mask):
             if len(coords) != len(self.shape) or any(not 0 <= c < n for c, n in zip(coords, self.shape)):
                 raise ValueError(f"query coordinate {i} out of range for grid {self.shape}")
         out = torch.ones((), dtype=torch.bool)
-        for m, c in zip(self.axis_dense(), coords):
-            out = out[..., None] & m[c]
+        for (n, k, d, s, c), qc in zip(self._axes(), coords):  # one row per axis, never n x n
+            out = out[..., None] & axis_allowed(torch.tensor(qc), torch.arange(n), n, k, d, s, c)
         return out
 
     def picture(self, i: int | tuple[int, ...]) -> str:
