@@ -176,7 +176,8 @@ class Harness:
 
     def _measure(self, w: Worker, todo: list[Case]) -> None:
         dtypes = sorted({str(c.param.get("dtype", "float32")) for c in todo})
-        out = w.run_job({"job": "roof", "dtypes": dtypes}, timeout_s=120, should_stop=lambda: self.stop)
+        roof_job = {"job": "roof", "dtypes": dtypes, "n": self.suite.roof_n, "seconds": self.suite.roof_s}
+        out = w.run_job(roof_job, timeout_s=120, should_stop=lambda: self.stop)
         self.roofs = {e["dtype"]: e["gflops"] for e in out.events if e.get("event") == "roof"}
         self._write_run_line(self.roofs)
         self.on_event("roof", self.roofs)

@@ -142,7 +142,7 @@ def _header_lines(ctx: dict[str, Any]) -> list[str]:
         f"machine: {m.get('cpu', '?')}, {m.get('physical_cores', '?')} cores / {m.get('logical_cores', '?')} "
         f"threads, {m.get('ram_gb', '?')} GiB; torch {m.get('torch', '?')}, python {m.get('python', '?')}, "
         f"{m.get('threads', '?')} torch threads",
-        f"matmul roof (GFLOP/s, best 2048² matmul in this run, same threads): {roofs or 'n/a'}",
+        f"matmul roof (GFLOP/s, best square matmul in this run, same threads): {roofs or 'n/a'}",
         "FLOPs: useful only — 4·area·H·D forward over the mask's exact allowed pairs, fwd+bwd = 3.5× "
         "(LongCA-bench); mechanisms: their registered flops()",
         "timing: warm-up, then interleaved rounds within each comparison; median with 20th–80th percentiles; "

@@ -52,7 +52,8 @@ def _child(job: dict[str, Any], cases: dict[str, Any], cfg: dict[str, Any]) -> N
     if kind == "roof":
         for dt in job["dtypes"]:
             try:
-                _emit({"event": "roof", "dtype": dt, "gflops": machine.measure_roof(dt)})
+                gf = machine.measure_roof(dt, n=job.get("n", 2048), seconds=job.get("seconds", 1.0))
+                _emit({"event": "roof", "dtype": dt, "gflops": gf})
             except Exception as exc:
                 _emit({"event": "roof", "dtype": dt, "gflops": None, "reason": repr(exc)})
         return
