@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import attnkit as ak
 from attnkit.backends.neighborhood_flex import compiled_flex, na_block_mask
-from attnkit.ops.neighborhood_mask import neighborhood_mask
+from attnkit.masks.neighborhood import neighborhood_mask
 
 H, D = 8, 64
 

@@ -12,7 +12,7 @@ from attnkit.backends import neighborhood_tiled as tiled_mod
 from attnkit.backends import neighborhood_tiles as tiles_mod
 from attnkit.backends.neighborhood_tiled import neighborhood_tiled
 from attnkit.backends.neighborhood_tiles import choose_tile, make_plan
-from attnkit.ops.neighborhood_mask import neighborhood_mask
+from attnkit.masks.neighborhood import neighborhood_mask
 from attnkit.reference.naive_neighborhood import (
     naive_axis_neighbors,
     naive_neighborhood_attention,

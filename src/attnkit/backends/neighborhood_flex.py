@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from attnkit.ops.neighborhood_mask import NeighborhoodMask
+from attnkit.masks.neighborhood import NeighborhoodMask
 
 FLEX_BLOCK = 128  # flex's default tile on CPU and GPU
 _FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

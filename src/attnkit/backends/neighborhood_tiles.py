@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnkit.ops.neighborhood_mask import axis_windows
+from attnkit.masks.neighborhood import axis_windows
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from attnkit.masks.block_sparse import block_sparse
 from attnkit.masks.causal import causal
 from attnkit.masks.chunk import block_causal, chunked
 from attnkit.masks.document import causal_blockwise, document, prefix_lm_document, share_question
+from attnkit.masks.neighborhood import neighborhood_mask as neighborhood
 from attnkit.masks.prefix import global_tokens, prefix_lm
 from attnkit.masks.show import plot, show
 from attnkit.masks.strided import strided
@@ -73,6 +74,6 @@ def zoo(name: str, n: int) -> Mask | None:
 __all__ = [
     "EMPTY", "FULL", "PARTIAL", "ZOO", "IntervalMask", "Mask", "TensorMask", "as_mask", "block_causal",
     "block_sparse", "causal", "causal_blockwise", "chunked", "dilated_sliding_window", "document",
-    "global_tokens", "plot", "prefix_lm", "prefix_lm_document", "share_question", "show",
+    "global_tokens", "neighborhood", "plot", "prefix_lm", "prefix_lm_document", "share_question", "show",
     "sliding_window", "strided", "zoo",
 ]

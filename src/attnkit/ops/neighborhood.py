@@ -22,7 +22,7 @@ from attnkit.backends.neighborhood_flex import flex_supports, run_flex
 from attnkit.backends.neighborhood_natten import natten_supports, run_natten
 from attnkit.backends.neighborhood_tiled import neighborhood_tiled
 from attnkit.backends.neighborhood_tiles import choose_tile, make_plan
-from attnkit.ops.neighborhood_mask import NeighborhoodMask, check_na_params
+from attnkit.masks.neighborhood import NeighborhoodMask, check_na_params
 from attnkit.reference.naive_neighborhood import naive_neighborhood_attention
 
 _LAYOUTS = {1: "(B, X, H, D)", 2: "(B, X, Y, H, D)", 3: "(B, X, Y, Z, H, D)"}

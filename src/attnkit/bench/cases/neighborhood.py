@@ -61,7 +61,7 @@ def _check(fn, q, k, v, mask, heads_first: bool) -> tuple[float, float]:
 def _setup(impl: str, shape: tuple[int, ...], kernel: int, pass_: str) -> Callable[[], Runner]:
     def setup() -> Runner:
         import attnkit as ak
-        from attnkit.ops.neighborhood_mask import neighborhood_mask
+        from attnkit.masks.neighborhood import neighborhood_mask
 
         mask = neighborhood_mask(shape, kernel)
         n = mask.n
@@ -113,7 +113,7 @@ def _setup(impl: str, shape: tuple[int, ...], kernel: int, pass_: str) -> Callab
 
 def _group(shape: tuple[int, ...], kernel: int, passes: tuple[str, ...], impls: list[str],
            suites: set[str]) -> list[Case]:
-    from attnkit.ops.neighborhood_mask import neighborhood_mask
+    from attnkit.masks.neighborhood import neighborhood_mask
 
     mask = neighborhood_mask(shape, kernel)
     n = mask.n
