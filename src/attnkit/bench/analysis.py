@@ -74,7 +74,7 @@ class Crossover:
     panel: str
     label: str
     n: float | None  # interpolated crossing; None when there is none in range
-    text: str  # "~2.9K", "< 512 (faster at every N)", "> 8192 (slower at every N)"
+    text: str  # "~2.9K", "< 512 (better at every N)", "> 8192 (worse at every N)"
 
 
 def _fmt_n(n: float) -> str:
@@ -101,9 +101,9 @@ def crossovers(records: list[Record], key: str = "speedup_vs_baseline") -> list[
             if cross is not None:
                 out.append(Crossover(panel, label, cross, f"~{_fmt_n(cross)}"))
             elif all(s >= 1 for _, s in pts):
-                out.append(Crossover(panel, label, None, f"< {pts[0][0]} (faster at every N)"))
+                out.append(Crossover(panel, label, None, f"< {pts[0][0]} (better at every N)"))
             elif all(s < 1 for _, s in pts):
-                out.append(Crossover(panel, label, None, f"> {pts[-1][0]} (slower at every N)"))
+                out.append(Crossover(panel, label, None, f"> {pts[-1][0]} (worse at every N)"))
             else:
                 out.append(Crossover(panel, label, None, "no single crossing"))
     return out
