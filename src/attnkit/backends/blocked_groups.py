@@ -68,16 +68,15 @@ def _keys_fused(t: torch.Tensor, grp: Group) -> torch.Tensor:
 
 
 def _bias(grp: Group, b: int, dtype: torch.dtype):
-    """Additive mask ``(B*R, 1, bq, W)`` and the rows with no allowed key ``(B*R, 1, bq)``; empty rows are
-    left unmasked (the kernel needs a finite row) and fixed up by the caller."""
-    if grp.allowed is None:
+    """The plan's additive mask as ``(B*R, 1, bq, W)`` and its empty rows as ``(B*R, 1, bq)`` (or None);
+    empty rows run unmasked and the caller zeroes them."""
+    if grp.bias is None:
         return None, None
-    empty = ~grp.allowed.any(-1)                                           # (R, bq)
-    allowed = grp.allowed | empty[..., None]
-    bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, _NEG_INF)[:, None]  # (R, 1, bq, W)
+    bias, empty = grp.bias.to(dtype), grp.empty
     if b > 1:
-        bias, empty = bias.repeat(b, 1, 1, 1), empty.repeat(b, 1)
-    return bias, (empty[:, None] if bool(empty.any()) else None)
+        bias = bias.repeat(b, 1, 1, 1)
+        empty = None if empty is None else empty.repeat(b, 1)
+    return bias, (None if empty is None else empty[:, None])
 
 
 def _forward_fused(q, k, v, grp: Group, scale: float, out, lse) -> None:
@@ -170,21 +169,24 @@ def group_backward(q, k, v, out, lse_safe, dout, delta, grp: Group, scale: float
 
 
 def group_inference(q, k, v, grp: Group, scale: float, gqa: bool, out) -> None:
-    """Forward only, public SDPA: ``q (B, Hq, Nq, D)``, ``k/v (B, Hkv, Nk, D|Dv)``, ``out (B, Hq, Nq, Dv)``."""
+    """Forward only: ``q (B, Hq, Nq, D)``, ``k/v (B, Hkv, Nk, D|Dv)``, ``out (B, Hq, Nq, Dv)``.
+
+    The fused op with the plan's cached additive mask where it applies, else public SDPA with
+    the boolean mask; both want 4-D, so the R tiles fold into the batch.
+    """
     b, hq, _, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     r, bq, w = grp.tiles, grp.rows, grp.index.shape[1]
     q0, q1 = _span(grp)
-    # SDPA's fused CPU kernel wants 4-D: fold the R tiles into the batch
     qg = q[:, :, q0:q1].reshape(b, hq, r, bq, d).transpose(1, 2).reshape(b * r, hq, bq, d)
     kg = group_keys(k, grp).transpose(1, 2).reshape(b * r, hkv, w, d)     # (B*R, Hkv, W, D)
     vg = group_keys(v, grp).transpose(1, 2).reshape(b * r, hkv, w, dv)
-    allowed, empty = grp.allowed, None
-    if allowed is not None:
-        allowed = allowed[None].expand(b, -1, -1, -1).reshape(b * r, 1, bq, w)
-        empty = ~allowed.any(-1, keepdim=True)                             # (B*R, 1, bq, 1)
-        allowed = allowed | empty if bool(empty.any()) else allowed
-    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    bias, empty = _bias(grp, b, q.dtype)                                   # (B*R, 1, bq, W), (B*R, 1, bq)
+    if can_fuse(q, v):
+        o, _ = fused_ops()[0](qg, kg, vg, attn_mask=bias, scale=scale)
+    else:
+        allowed = None if bias is None else bias == 0
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=allowed, scale=scale, enable_gqa=gqa)
     if empty is not None:
-        o = o.masked_fill(empty, 0.0)
+        o = o.masked_fill(empty[..., None], 0.0)
     out[:, :, q0:q1] = o.view(b, r, hq, bq, dv).transpose(1, 2).reshape(b, hq, q1 - q0, dv)

@@ -38,7 +38,10 @@ class Group:
     """``R`` consecutive full-height query tiles, each with one chunk, run as one batched matmul.
 
     ``index (R, W)``: the keys of each tile, padded to the widest with key ``Nk - 1``;
-    ``allowed (R, bq, W)``: the tiles' masks with padding False, or None when all True.
+    ``allowed (R, bq, W)``: the tiles' masks with padding False, or None when all True;
+    ``bias (R, 1, bq, W)``: the same as an additive float32 mask for fused kernels, with rows
+    that allow no key left at 0 (kernels need a finite row) and listed in ``empty (R, bq)``.
+    Built once with the plan, so the timed calls do no mask work.
     """
 
     q0: int
@@ -46,6 +49,8 @@ class Group:
     index: torch.Tensor
     allowed: torch.Tensor | None
     rows: int  # query rows per tile (bq, or fewer for the last tile)
+    bias: torch.Tensor | None = None
+    empty: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,7 +135,11 @@ def _group(run, bq: int, nk: int) -> Group:
         for c0, c1, a in c.partial:
             allowed[i, :, c0:c1] = a
             needs_mask = True
-    return Group(run[0][0], len(run), index, allowed if needs_mask else None, bq)
+    if not needs_mask:
+        return Group(run[0][0], len(run), index, None, bq)
+    empty = ~allowed.any(-1)                                                 # (R, bq)
+    bias = torch.zeros(allowed.shape).masked_fill_(~(allowed | empty[..., None]), float("-inf"))
+    return Group(run[0][0], len(run), index, allowed, bq, bias[:, None], empty if bool(empty.any()) else None)
 
 
 @lru_cache(maxsize=64)
