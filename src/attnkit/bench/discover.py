@@ -1,6 +1,6 @@
 """Find every case: the built-in providers in ``attnkit.bench.cases`` plus extra ones.
 
-Discovery mirrors :func:`attnkit.bench.cases.all_cases` but tolerates a provider that
+Discovery imports every module of ``attnkit.bench.cases`` and tolerates a provider that
 fails to import or to list its cases: the failure is recorded and the others go on.
 Extra providers (``--provider``) are ``module:function`` or ``path/to/file.py:function``,
 so a user can benchmark their own cases with the same harness.

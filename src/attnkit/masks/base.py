@@ -280,6 +280,28 @@ def _intervals_cached(mask: IntervalMask, nq: int, nk: int) -> tuple[torch.Tenso
     return torch.where(empty, _BIG, lo), torch.where(empty, -1, hi)
 
 
+def residue_tiles(nq: int, nk: int, bq: int, bk: int, lo: torch.Tensor, hi: torch.Tensor, step: int) -> torch.Tensor:
+    """Exact classes of tiles whose allowed pairs are those with ``i - j`` a multiple of ``step``
+    inside per-tile bounds ``[lo, hi]`` (``(nqb, nkb)``, already intersected with the tiles' own
+    difference ranges). Non-empty iff the range holds a multiple of ``step``; FULL only for
+    single-pair tiles (``step > 1`` never allows two neighbouring keys or queries)."""
+    has = torch.div(hi, step, rounding_mode="floor") >= -torch.div(-lo, step, rounding_mode="floor")
+    has &= lo <= hi
+    rows = torch.clamp(torch.arange(_ceil_div(nq, bq)) * bq + bq, max=nq) - torch.arange(_ceil_div(nq, bq)) * bq
+    cols = torch.clamp(torch.arange(_ceil_div(nk, bk)) * bk + bk, max=nk) - torch.arange(_ceil_div(nk, bk)) * bk
+    single = (rows[:, None] == 1) & (cols[None, :] == 1)
+    full = has & (single | (step == 1))
+    return torch.where(full, FULL, torch.where(has, PARTIAL, EMPTY)).to(torch.int8)
+
+
+def tile_differences(nq: int, nk: int, bq: int, bk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest ``q - kv`` inside each tile: two ``(nqb, nkb)`` tables."""
+    q0 = torch.arange(_ceil_div(nq, bq)) * bq
+    k0 = torch.arange(_ceil_div(nk, bk)) * bk
+    q1, k1 = torch.clamp(q0 + bq, max=nq) - 1, torch.clamp(k0 + bk, max=nk) - 1
+    return q0[:, None] - k1[None, :], q1[:, None] - k0[None, :]
+
+
 def interval(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack one interval per row into the ``(1, Nq)`` tables :meth:`IntervalMask.intervals` returns."""
     return lo[None].long(), hi[None].long()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from attnkit.masks._args import int_arg
-from attnkit.masks.base import EMPTY, PARTIAL, IntervalMask, Mask, interval
+from attnkit.masks.base import IntervalMask, Mask, interval, residue_tiles, tile_differences
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,21 @@ class DilatedSlidingWindow(Mask):
         d = q_idx - kv_idx
         return (d <= self.left * self.dilation) & (-d <= self.right * self.dilation) & (d % self.dilation == 0)
 
+    _coarse_is_exact = True
+
     def _coarse_blocks(self, nq, nk, bq, bk):
-        env = SlidingWindow(self.left * self.dilation, self.right * self.dilation).blocks(nq, nk, bq, bk)
-        return torch.where(env == EMPTY, EMPTY, PARTIAL).to(torch.int8)
+        lo, hi = tile_differences(nq, nk, bq, bk)                          # q - kv per tile
+        lo = lo.clamp_min(-self.right * self.dilation)
+        hi = hi.clamp_max(self.left * self.dilation)
+        return residue_tiles(nq, nk, bq, bk, lo, hi, self.dilation)
+
+    def count(self, nq, nk):
+        self.validate(nq, nk)
+        i, d = torch.arange(nq), self.dilation
+        lo = (i - self.left * d).clamp_min(0)
+        hi = (i + self.right * d).clamp_max(nk - 1)
+        first = lo + (i - lo) % d                                         # first key of i's residue class
+        return int(torch.where(first <= hi, (hi - first) // d + 1, 0).sum())
 
 
 def dilated_sliding_window(left: int, dilation: int, right: int | None = None) -> Mask:
