@@ -161,9 +161,11 @@ def cases() -> list[Case]:
     return _merge([
         _cases("causal_decay", ["chunk", "sdpa_causal"], [256], BOTH, {"quick"}),
         # default: cheap — linear up to 16384, SDPA only where it is fast
-        _cases("causal_decay", ["chunk"], [1024, 4096, 16384], BOTH, {"default", "full"}),
+        _cases("causal_decay", ["chunk"], [1024, 4096], BOTH, {"default", "full"}),
+        _cases("causal_decay", ["chunk"], [16384], FWD, {"default", "full"}),
+        _cases("causal_decay", ["chunk"], [16384], ("fwd+bwd",), {"full"}),
         _cases("causal_decay", ["sdpa_causal"], [1024, 4096], FWD, {"default", "full"}),
-        _cases("causal", ["chunk", "fla_naive"], [16384], FWD, {"default", "full"}),
+        _cases("causal", ["chunk", "fla_naive"], [16384], FWD, {"full"}),
         # scaling: N doubling up to 65536 (SDPA stops by itself past 2 s) -> crossover and time ratios
         _cases("causal_decay", ["chunk", "sdpa_causal"], pow2, FWD, {"scaling", "full"}),
         _cases("causal_decay", ["chunk"], pow2, ("fwd+bwd",), {"scaling", "full"}),
