@@ -80,3 +80,17 @@ def test_quick_suite_end_to_end(tmp_path):
     for f in ("report.md", "report.html", "time_vs_n.png"):
         assert (tmp_path / f).stat().st_size > 0
     assert "summary: fastest implementation per comparison" in p.stdout
+
+
+def test_masks_show_neighborhood_one_query():
+    from typer.testing import CliRunner
+
+    from attnkit.cli import app
+
+    res = CliRunner().invoke(app, ["masks", "show", "neighborhood", "3", "--grid", "5x6", "--query", "0"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()[1:]
+    # the window is shifted, not clipped, at the corner: 3x3 keys starting at (0, 0)
+    assert lines == ["Q##...", "###...", "###...", "......", "......"]
+    bad = CliRunner().invoke(app, ["masks", "show", "neighborhood", "9", "--grid", "5x6"])
+    assert bad.exit_code == 1 and "kernel_size" in bad.output

@@ -103,14 +103,40 @@ def masks_list(n: Annotated[int, typer.Option("--n", help="length of the densiti
     console.print(f"factories: {', '.join(_FACTORIES)} (e.g. `attnkit masks show sliding_window 4 --n 16`)")
 
 
+def _neighborhood_picture(args: list[str], grid: str | None, query: int | None, dilation: int,
+                          causal: bool) -> str:
+    """``neighborhood K [K ...] --grid 16x16 --query I``: one query's window on the grid."""
+    import attnkit.masks as m
+
+    if not grid:
+        raise ValueError("neighborhood needs --grid, e.g. --grid 16x16 (one extent per dimension)")
+    shape = tuple(int(x) for x in grid.lower().split("x"))
+    kernel = tuple(int(a) for a in args) or (3,)
+    kernel = kernel * len(shape) if len(kernel) == 1 else kernel
+    mask = m.neighborhood(shape, kernel, dilation=dilation, is_causal=causal)
+    total = 1
+    for s in shape:
+        total *= s
+    q = total // 2 if query is None else query
+    return mask.picture(q)
+
+
 @masks_app.command("show")
 def masks_show(name: str,
                args: Annotated[list[str] | None, typer.Argument(help="integer args of the factory")] = None,
-               n: Annotated[int, typer.Option("--n", help="sequence length to draw")] = 32) -> None:
-    """Draw a mask: a zoo name (`causal_document`) or a factory with args (`sliding_window 4`)."""
+               n: Annotated[int, typer.Option("--n", help="sequence length to draw")] = 32,
+               grid: Annotated[str | None, typer.Option(help="neighborhood: grid extents, e.g. 16x16")] = None,
+               query: Annotated[int | None, typer.Option(help="neighborhood: flat query index to draw")] = None,
+               dilation: Annotated[int, typer.Option(help="neighborhood: dilation")] = 1,
+               causal: Annotated[bool, typer.Option(help="neighborhood: causal in every dim")] = False) -> None:
+    """Draw a mask: a zoo name (`causal_document`), a factory with args (`sliding_window 4`), or one
+    query's neighborhood (`neighborhood 7 --grid 16x16 --query 100`)."""
     import attnkit as ak
 
     try:
+        if name == "neighborhood":
+            console.print(_neighborhood_picture(list(args or []), grid, query, dilation, causal), highlight=False)
+            return
         mask = build_mask(name, list(args or []), n)
     except (KeyError, ValueError, TypeError) as e:
         console.print(f"[red]{e}[/red]")
