@@ -52,6 +52,19 @@ def test_vmoba_matches_reference(mode, selection, kw, dtype):
     compare_fn(fast, ref, ins, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("mode", ["1d", "3d"])
+def test_vmoba_gather_impl_matches_reference(mode, dtype):
+    ids = _ids(mode)
+
+    def ref(q, k, v):
+        rq, rk = (t.detach().to(dtype).double() for t in (q, k))
+        return naive_vmoba(q, k, v, ids, "threshold", 0.3, route_q=rq, route_k=rk)
+
+    compare_fn(lambda q, k, v: vmoba_attention(q, k, v, GRID, mode=mode, config=CFG, threshold=0.3, impl="gather",
+                                               query_block=8), ref, _ins(), dtype)
+
+
 def test_vmoba_selection_is_global_and_nontrivial():
     q, k, v = _ins().values()
     _, sel = vmoba_attention(q, k, v, GRID, mode="3d", config=CFG, threshold=0.25, return_layout=True)
@@ -126,6 +139,8 @@ def test_vmoba_module_shapes_gradcheck_and_errors():
             vmoba_attention(q, k, v, GRID, config=CFG, threshold=bad)
     with pytest.raises(ValueError, match="grid_shape"):
         vmoba_attention(q, k, v, (4, 4, 5), config=CFG)
+    with pytest.raises(ValueError, match="impl"):
+        vmoba_attention(q, k, v, GRID, config=CFG, impl="x")
     with pytest.raises(ValueError, match="selection"):
         vmoba_attention(q, k, v, GRID, config=CFG, selection="x")
     with pytest.raises(ValueError, match="layer_idx"):

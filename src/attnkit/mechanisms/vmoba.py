@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attnkit._validate import check_qkv
+from attnkit._validate import check_qkv, resolve_scale
 from attnkit.backends.block_gather import block_gather_attention
 from attnkit.mechanisms.moba import _TokenRoutes, block_means, route_topk
 from attnkit.registry import Paper, register
@@ -131,10 +131,72 @@ def select_pairs(scores: torch.Tensor, own: torch.Tensor, selection: str, thresh
     return sel.view(B, H, N, n)
 
 
+def _dispatch_attention(q, kp, vp, sel, bs, scale, tile=64):
+    """The paper's dispatch: per (batch, head, key block), the queries that chose it attend that block
+    in tiles of ``tile`` query rows; the partial outputs merge per query by the log-sum-exp rule.
+
+    Work is proportional to the selected pairs (plus < ``tile`` padding rows per block), unlike a
+    union layout per query tile. ``q (B, N, Hq, D)`` raster; ``kp, vp (B, N, Hkv, D)`` block-permuted;
+    ``sel (B, Hq, N, n)`` raster rows.
+    """
+    B, N, hq, D = q.shape
+    hkv, Dv, n = kp.shape[2], vp.shape[-1], sel.shape[-1]
+    dev, cdt = q.device, (torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
+    # pairs ordered by (b, h, block, token): one group per (b, h, block)
+    b_i, h_i, j_i, t_i = sel.permute(0, 1, 3, 2).nonzero(as_tuple=True)  # each (P,)
+    grp = (b_i * hq + h_i) * n + j_i  # (P,)
+    counts = torch.bincount(grp, minlength=B * hq * n)  # (G,)
+    starts = torch.cumsum(counts, 0) - counts
+    ntile_g = (counts + tile - 1) // tile
+    tstart = torch.cumsum(ntile_g, 0) - ntile_g
+    pos = torch.arange(grp.numel(), device=dev) - starts[grp]
+    tid = tstart[grp] + pos // tile  # (P,) tile of each pair
+    nt = int(ntile_g.sum())
+    dummy = B * hq * N  # padded rows read a zero query and write a discarded row
+    rows = torch.full((nt * tile,), dummy, dtype=torch.long, device=dev)
+    rows[tid * tile + pos % tile] = (b_i * hq + h_i) * N + t_i
+    rows = rows.view(nt, tile)  # (nt, tile) query rows
+    tg = torch.zeros(nt, dtype=torch.long, device=dev)
+    tg[tid] = grp
+    tb, th, tj = tg // (hq * n), tg // n % hq, tg % n
+    kv_blk = (tb * hkv + th // (hq // hkv)) * n + tj  # (nt,) flat key-block id
+    qf = torch.cat([q.to(cdt).permute(0, 2, 1, 3).reshape(B * hq * N, D), q.new_zeros(1, D, dtype=cdt)])
+    pad = n * bs - N
+    kp, vp = kp.to(cdt), vp.to(cdt)  # (B, N, Hkv, D) blocks contiguous
+    if pad:
+        kp = torch.cat([kp, kp.new_zeros(B, pad, hkv, D)], 1)
+        vp = torch.cat([vp, vp.new_zeros(B, pad, hkv, Dv)], 1)
+    kb = kp.view(B, n, bs, hkv, D).permute(0, 3, 1, 2, 4).reshape(B * hkv * n, bs, D)  # (B*Hkv*n, bs, D)
+    vb = vp.view(B, n, bs, hkv, Dv).permute(0, 3, 1, 2, 4).reshape(B * hkv * n, bs, Dv)
+    kbias = torch.zeros(n, bs, dtype=cdt, device=dev)
+    if pad:
+        kbias[-1, bs - pad:] = float("-inf")  # the ragged last 1-D block's missing keys
+    chunk = max(1, (64 * 2**20) // (tile * (bs + D + Dv) * torch.finfo(cdt).bits // 8))
+    outs, lses = [], []
+    for i0 in range(0, nt, chunk):
+        r, kv = rows[i0:i0 + chunk], kv_blk[i0:i0 + chunk]
+        s = torch.bmm(qf[r], kb[kv].transpose(1, 2)) * scale + kbias[tj[i0:i0 + chunk]].unsqueeze(1)  # (c, tile, bs)
+        m = s.amax(-1, keepdim=True).detach()
+        p = torch.exp(s - m)
+        den = p.sum(-1, keepdim=True)
+        outs.append(torch.bmm(p, vb[kv]) / den)  # (c, tile, Dv)
+        lses.append((m + torch.log(den)).squeeze(-1))  # (c, tile)
+    o = torch.cat(outs).reshape(-1, Dv)  # (nt*tile, Dv)
+    lse = torch.cat(lses).reshape(-1)
+    flat_rows = rows.reshape(-1)
+    top = torch.full((dummy + 1,), float("-inf"), dtype=cdt, device=dev)
+    top = top.scatter_reduce(0, flat_rows, lse.detach(), "amax")  # a shift only: exact without gradient
+    w = torch.exp(lse - top[flat_rows])  # (nt*tile,)
+    den = torch.zeros(dummy + 1, dtype=cdt, device=dev).index_add(0, flat_rows, w)
+    acc = torch.zeros(dummy + 1, Dv, dtype=cdt, device=dev).index_add(0, flat_rows, w.unsqueeze(-1) * o)
+    out = (acc[:dummy] / den[:dummy].unsqueeze(-1)).view(B, hq, N, Dv)  # every query has its own block
+    return out.permute(0, 2, 1, 3).to(q.dtype)  # (B, N, Hq, Dv)
+
+
 def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_shape, *, mode: str = "3d",
                     config: VMoBAConfig = VMoBAConfig(), selection: str = "threshold", threshold: float = 0.25,
-                    topk: float | None = None, query_block: int | None = None, scale: float | None = None,
-                    return_layout: bool = False):
+                    topk: float | None = None, impl: str = "dispatch", query_block: int | None = None,
+                    scale: float | None = None, return_layout: bool = False):
     """VMoBA self-attention on raster-ordered video tokens.
 
     Args:
@@ -144,8 +206,10 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_shap
         config: block extents per mode. selection: ``"threshold"`` (paper default, ``threshold`` in
             (0, 1]), ``"topk"`` (global, ``topk`` = average blocks per query in [1, n]) or ``"local"``
             (per-query top-k, = non-causal MoBA).
-        query_block: engine query tile (default: the key block size); smaller tiles shrink the
-            union of routes a tile must gather; the result does not depend on it.
+        impl: ``"dispatch"`` (the paper's varlen scheme: per key block, a tile of the queries that
+            chose it, merged by log-sum-exp; work ~ selected pairs) or ``"gather"`` (block-gather
+            engine on the union of routes per query tile + a token mask; slow when routes diverge).
+        query_block: the gather engine's query tile (default: the key block size).
 
     Returns:
         ``(B, N, Hq, Dv)``; with ``return_layout`` also the selection ``(B, Hq, N, n)`` (raster rows).
@@ -172,6 +236,8 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_shap
         raise ValueError(f"topk must be in [1, number of blocks = {n}] for mode {mode!r}, got {topk!r}")
     if selection == "local" and topk != int(topk):
         raise ValueError(f"topk must be an int for local selection, got {topk!r}")
+    if impl not in ("dispatch", "gather"):
+        raise ValueError(f"impl must be 'dispatch' or 'gather', got {impl!r}")
     bq = bs if query_block is None else _pos("query_block", query_block, 1)[0]
 
     ids = partition_ids((T, Y, X), bshape, q.device)  # (N,) raster -> block
@@ -182,6 +248,9 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_shap
     # the pool in raster order, so ties resolve by raster token (as the reference); no gradient
     scores = torch.einsum("bqhd,bnhd->bhqn", q.detach().to(cdt), kbar)  # (B, Hq, N, n)
     sel = select_pairs(scores, ids, selection, threshold, topk)  # (B, Hq, N, n) raster rows
+    if impl == "dispatch":
+        out = _dispatch_attention(q, kp, vp, sel, bs, resolve_scale(scale, q.shape[-1]))
+        return (out, sel) if return_layout else out
     sel_p = sel[:, :, perm]  # (B, Hq, N, n) permuted rows
     nqb = math.ceil(N / bq)
     pad = nqb * bq - N
