@@ -7,7 +7,7 @@ from functools import cached_property
 
 import torch
 
-from attnkit._validate import check_qkv, resolve_scale
+from attnkit._validate import check_finite, check_qkv, resolve_scale
 from attnkit.backends import block_gather_backend, blocked, flex, reference, sdpa
 from attnkit.backends.base import Dispatcher, register_op
 from attnkit.masks import Mask, as_mask
@@ -101,15 +101,9 @@ def _check_mask(mask: object, b: int, hq: int, nq: int, nk: int) -> Mask | None:
     return m
 
 
-def _check_finite(**tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name} contains NaN or infinity")
-
-
 def make_call(q, k, v, mask=None, *, scale=None, return_lse=False) -> AttentionCall:
     check_qkv(q, k, v)
-    _check_finite(q=q, k=k, v=v)
+    check_finite(q=q, k=k, v=v)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     m = _check_mask(mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
