@@ -62,7 +62,13 @@ def _from_fused(x: torch.Tensor, b: int, hkv: int, grp: Group) -> torch.Tensor:
 
 
 def _keys_fused(t: torch.Tensor, grp: Group) -> torch.Tensor:
+    """Keys of a group from ``t (B, Hkv, Nk, X)`` (any strides) as ``(B*R, Hkv, W, X)``."""
     b, hkv = t.shape[:2]
+    if grp.start is not None and b == 1:  # overlapping windows of one sequence: a view, no copy
+        _, sh, sn, sx = t.stride()
+        w = grp.index.shape[1]
+        return t.as_strided((grp.tiles, hkv, w, t.shape[-1]), (grp.rows * sn, sh, sn, sx),
+                            t.storage_offset() + grp.start * sn)
     kg = group_keys(t, grp)                                                # (B, Hkv, R, W, X)
     return kg.transpose(1, 2).reshape(b * grp.tiles, hkv, kg.shape[3], -1)  # (B*R, Hkv, W, X)
 
@@ -175,12 +181,11 @@ def group_inference(q, k, v, grp: Group, scale: float, gqa: bool, out) -> None:
     the boolean mask; both want 4-D, so the R tiles fold into the batch.
     """
     b, hq, _, d = q.shape
-    hkv, dv = k.shape[1], v.shape[-1]
-    r, bq, w = grp.tiles, grp.rows, grp.index.shape[1]
+    dv = v.shape[-1]
+    r, bq = grp.tiles, grp.rows
     q0, q1 = _span(grp)
     qg = q[:, :, q0:q1].reshape(b, hq, r, bq, d).transpose(1, 2).reshape(b * r, hq, bq, d)
-    kg = group_keys(k, grp).transpose(1, 2).reshape(b * r, hkv, w, d)     # (B*R, Hkv, W, D)
-    vg = group_keys(v, grp).transpose(1, 2).reshape(b * r, hkv, w, dv)
+    kg, vg = _keys_fused(k, grp), _keys_fused(v, grp)                     # (B*R, Hkv, W, D|Dv)
     bias, empty = _bias(grp, b, q.dtype)                                   # (B*R, 1, bq, W), (B*R, 1, bq)
     if can_fuse(q, v):
         o, _ = fused_ops()[0](qg, kg, vg, attn_mask=bias, scale=scale)

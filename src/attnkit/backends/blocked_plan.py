@@ -51,6 +51,9 @@ class Group:
     rows: int  # query rows per tile (bq, or fewer for the last tile)
     bias: torch.Tensor | None = None
     empty: torch.Tensor | None = None
+    # set when tile r's keys are exactly start + r * rows + arange(W): kernels can then read K/V
+    # through a strided view instead of gathering a copy (interior sliding-window tiles)
+    start: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,11 +138,16 @@ def _group(run, bq: int, nk: int) -> Group:
         for c0, c1, a in c.partial:
             allowed[i, :, c0:c1] = a
             needs_mask = True
+    starts = [c.k0 for c in chunks]
+    uniform = (all(c.index is None and c.width == width for c in chunks)
+               and all(s - starts[0] == i * bq for i, s in enumerate(starts)))
+    start = starts[0] if uniform else None
     if not needs_mask:
-        return Group(run[0][0], len(run), index, None, bq)
+        return Group(run[0][0], len(run), index, None, bq, start=start)
     empty = ~allowed.any(-1)                                                 # (R, bq)
     bias = torch.zeros(allowed.shape).masked_fill_(~(allowed | empty[..., None]), float("-inf"))
-    return Group(run[0][0], len(run), index, allowed, bq, bias[:, None], empty if bool(empty.any()) else None)
+    return Group(run[0][0], len(run), index, allowed, bq, bias[:, None], empty if bool(empty.any()) else None,
+                 start)
 
 
 @lru_cache(maxsize=64)
