@@ -131,7 +131,7 @@ def select_pairs(scores: torch.Tensor, own: torch.Tensor, selection: str, thresh
     return sel.view(B, H, N, n)
 
 
-def _dispatch_attention(q, kp, vp, sel, bs, scale, tile=64):
+def _dispatch_attention(q, kp, vp, sel, bs, scale, tile=128):
     """The paper's dispatch: per (batch, head, key block), the queries that chose it attend that block
     in tiles of ``tile`` query rows; the partial outputs merge per query by the log-sum-exp rule.
 
@@ -160,7 +160,7 @@ def _dispatch_attention(q, kp, vp, sel, bs, scale, tile=64):
     tg[tid] = grp
     tb, th, tj = tg // (hq * n), tg // n % hq, tg % n
     kv_blk = (tb * hkv + th // (hq // hkv)) * n + tj  # (nt,) flat key-block id
-    qf = torch.cat([q.to(cdt).permute(0, 2, 1, 3).reshape(B * hq * N, D), q.new_zeros(1, D, dtype=cdt)])
+    qf = torch.cat([q.to(cdt).permute(0, 2, 1, 3).reshape(B * hq * N, D) * scale, q.new_zeros(1, D, dtype=cdt)])
     pad = n * bs - N
     kp, vp = kp.to(cdt), vp.to(cdt)  # (B, N, Hkv, D) blocks contiguous
     if pad:
@@ -172,17 +172,28 @@ def _dispatch_attention(q, kp, vp, sel, bs, scale, tile=64):
     if pad:
         kbias[-1, bs - pad:] = float("-inf")  # the ragged last 1-D block's missing keys
     chunk = max(1, (64 * 2**20) // (tile * (bs + D + Dv) * torch.finfo(cdt).bits // 8))
+    # without autograd: in-place softmax and preallocated outputs (fresh big buffers page-fault)
+    inplace = not (torch.is_grad_enabled() and (q.requires_grad or kp.requires_grad or vp.requires_grad))
+    if inplace:
+        o, lse = qf.new_empty(nt, tile, Dv), qf.new_empty(nt, tile)
     outs, lses = [], []
     for i0 in range(0, nt, chunk):
-        r, kv = rows[i0:i0 + chunk], kv_blk[i0:i0 + chunk]
-        s = torch.bmm(qf[r], kb[kv].transpose(1, 2)) * scale + kbias[tj[i0:i0 + chunk]].unsqueeze(1)  # (c, tile, bs)
+        i1 = min(nt, i0 + chunk)
+        r, kv = rows[i0:i1], kv_blk[i0:i1]
+        s = torch.bmm(qf[r], kb[kv].transpose(1, 2))  # (c, tile, bs), scale folded into qf
+        if pad:
+            s = s + kbias[tj[i0:i1]].unsqueeze(1)
         m = s.amax(-1, keepdim=True).detach()
-        p = torch.exp(s - m)
+        p = torch.exp_(s.sub_(m)) if inplace else torch.exp(s - m)
         den = p.sum(-1, keepdim=True)
-        outs.append(torch.bmm(p, vb[kv]) / den)  # (c, tile, Dv)
-        lses.append((m + torch.log(den)).squeeze(-1))  # (c, tile)
-    o = torch.cat(outs).reshape(-1, Dv)  # (nt*tile, Dv)
-    lse = torch.cat(lses).reshape(-1)
+        if inplace:
+            torch.bmm(p, vb[kv], out=o[i0:i1]).div_(den)
+            torch.add(m, torch.log(den), out=lse[i0:i1].unsqueeze(-1))
+        else:
+            outs.append(torch.bmm(p, vb[kv]) / den)  # (c, tile, Dv)
+            lses.append((m + torch.log(den)).squeeze(-1))  # (c, tile)
+    o = (o if inplace else torch.cat(outs)).reshape(-1, Dv)  # (nt*tile, Dv)
+    lse = (lse if inplace else torch.cat(lses)).reshape(-1)
     flat_rows = rows.reshape(-1)
     top = torch.full((dummy + 1,), float("-inf"), dtype=cdt, device=dev)
     top = top.scatter_reduce(0, flat_rows, lse.detach(), "amax")  # a shift only: exact without gradient
