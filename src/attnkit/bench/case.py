@@ -7,9 +7,11 @@ times ``Runner.run`` and appends one JSON line per case.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import torch
 
 PASSES = ("fwd", "fwd+bwd")
 
@@ -75,3 +77,27 @@ class Case:
     @property
     def param(self) -> dict[str, Any]:
         return dict(self.params)
+
+
+def pass_fn(fn: Callable[[], Any], pass_: str, inputs: Sequence[torch.Tensor] = (),
+            grad_out: torch.Tensor | None = None) -> Callable[[], Any]:
+    """One timed pass of ``fn``: its forward under ``no_grad``, or forward plus the gradients of
+    ``inputs`` for the upstream gradient ``grad_out`` (``"fwd+bwd"``)."""
+    if pass_ == "fwd":
+        def run() -> Any:
+            with torch.no_grad():
+                return fn()
+        return run
+
+    def run_bwd() -> Any:
+        return torch.autograd.grad(fn(), tuple(inputs), grad_out)
+    return run_bwd
+
+
+def merge_cases(groups: Sequence[Sequence[Case]]) -> list[Case]:
+    """One case per id; a case listed in several groups belongs to the union of their suites."""
+    by: dict[str, Case] = {}
+    for cs in groups:
+        for c in cs:
+            by[c.id] = replace(by[c.id], suites=by[c.id].suites | c.suites) if c.id in by else c
+    return list(by.values())

@@ -17,8 +17,8 @@ import math
 import torch
 from torch import nn
 
-from attnkit.ops.neighborhood import neighborhood_attention
 from attnkit.masks.neighborhood import neighborhood_mask
+from attnkit.ops.neighborhood import neighborhood_attention
 from attnkit.registry import Paper, register
 
 NAT = Paper("Neighborhood Attention Transformer", "2204.07143", 2022)

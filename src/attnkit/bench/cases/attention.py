@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench.case import Case, Runner
+from attnkit.bench.case import Case, Runner, merge_cases, pass_fn
 from attnkit.bench.flops import attention_flops, mask_area
 
 B, H, D = 1, 8, 64
@@ -90,13 +90,7 @@ def _check(fn: Callable[[], torch.Tensor], q, k, v, mask, heads_first: bool) -> 
 
 
 def _runner(fn: Callable[[], torch.Tensor], q, k, v, do, pass_: str, check, **kw: Any) -> Runner:
-    if pass_ == "fwd":
-        def run() -> Any:
-            with torch.no_grad():
-                return fn()
-    else:
-        def run() -> Any:
-            return torch.autograd.grad(fn(), (q, k, v), do)
+    run = pass_fn(fn, pass_, (q, k, v), do)
     return Runner(run=run, check=check, **kw)
 
 
@@ -185,18 +179,6 @@ def grid(masks: list[str], ns: list[int], passes: tuple[str, ...], suites: set[s
     return out
 
 
-def _merge(groups: list[list[Case]]) -> list[Case]:
-    """One case per id; a case listed twice belongs to the union of its suites."""
-    by: dict[str, Case] = {}
-    for cs in groups:
-        for c in cs:
-            if c.id in by:
-                old = by[c.id]
-                by[c.id] = Case(**{**{f: getattr(old, f) for f in old.__dataclass_fields__},
-                                   "suites": old.suites | c.suites})
-            else:
-                by[c.id] = c
-    return list(by.values())
 
 
 FWD, BOTH = ("fwd",), ("fwd", "fwd+bwd")
@@ -208,7 +190,7 @@ def cases() -> list[Case]:
     m = _masks()
     zoo = [z for z in m.ZOO]
     with_flex = lambda name: [*_impls(name), "flex"]  # noqa: E731
-    return _merge([
+    return merge_cases([
         grid(["full", "causal", "sliding_window_64"], [256], BOTH, {"quick"}),
         # default (< 5 min on 2 cores with the other families): every mask family at N=1024 and 2048
         # fwd, the first four at N=1024 fwd+bwd too; the window at N=4096 where its sparsity pays

@@ -17,12 +17,11 @@ checks the first 256 output rows against the fp64 oracle (causality makes a pref
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench.case import Case, Runner
+from attnkit.bench.case import Case, Runner, merge_cases, pass_fn
 from attnkit.bench.flops import attention_flops
 
 B, H, D, CHUNK = 1, 8, 64, 64
@@ -110,13 +109,7 @@ def _setup(impl: str, n: int, decay: bool, pass_: str) -> Callable[[], Runner]:
                 return _sdpa_check(out, q, k, v)
             return _check(out, q, k, v, lam, False)
 
-        if pass_ == "fwd":
-            def run() -> Any:
-                with torch.no_grad():
-                    return fn()
-        else:
-            def run() -> Any:
-                return torch.autograd.grad(fn(), (q, k, v), do)
+        run = pass_fn(fn, pass_, (q, k, v), do)
         return Runner(run=run, check=check)
 
     return setup
@@ -139,17 +132,6 @@ def _cases(group: str, impls: list[str], ns: list[int], passes: tuple[str, ...],
     return out
 
 
-def _merge(groups: list[list[Case]]) -> list[Case]:
-    by: dict[str, Case] = {}
-    for cs in groups:
-        for c in cs:
-            if c.id in by:
-                old = by[c.id]
-                by[c.id] = Case(**{**{f: getattr(old, f) for f in old.__dataclass_fields__},
-                                   "suites": old.suites | c.suites})
-            else:
-                by[c.id] = c
-    return list(by.values())
 
 
 FWD, BOTH = ("fwd",), ("fwd", "fwd+bwd")
@@ -158,7 +140,7 @@ FWD, BOTH = ("fwd",), ("fwd", "fwd+bwd")
 def cases() -> list[Case]:
     """Every linear-attention case, suites attached (see module docstring)."""
     pow2 = [1024 * 2**i for i in range(7)]  # 1024 .. 65536
-    return _merge([
+    return merge_cases([
         _cases("causal_decay", ["chunk", "sdpa_causal"], [256], BOTH, {"quick"}),
         # default: cheap — linear up to 16384, SDPA only where it is fast
         _cases("causal_decay", ["chunk"], [1024, 4096], BOTH, {"default", "full"}),

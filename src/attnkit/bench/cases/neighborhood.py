@@ -19,12 +19,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench.case import Case, Runner
+from attnkit.bench.case import Case, Runner, pass_fn
 from attnkit.bench.flops import attention_flops
 
 B, H, D = 1, 8, 64
@@ -98,13 +97,7 @@ def _setup(impl: str, shape: tuple[int, ...], kernel: int, pass_: str) -> Callab
         else:
             raise ValueError(f"unknown impl {impl!r}")
         oneoff["mask_build_s"] = time.perf_counter() - t0
-        if pass_ == "fwd":
-            def run() -> Any:
-                with torch.no_grad():
-                    return fn()
-        else:
-            def run() -> Any:
-                return torch.autograd.grad(fn(), (q, k, v), do)
+        run = pass_fn(fn, pass_, (q, k, v), do)
         return Runner(run=run, check=lambda: _check(fn, q, k, v, mask, heads_first), oneoff=oneoff,
                       first_call_is_oneoff=first_oneoff)
 

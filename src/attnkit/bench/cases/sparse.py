@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench.case import Case, Runner
+from attnkit.bench.case import Case, Runner, pass_fn
 
 B, H, D = 1, 8, 64
 
@@ -117,15 +117,11 @@ def _setup(name: str, impl: str, args: tuple) -> Callable[[], Runner]:
         if impl == "sdpa":
             qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, N, D)
 
-            def run():
-                with torch.no_grad():
-                    return F.scaled_dot_product_attention(qh, kh, vh)
+            run = pass_fn(lambda: F.scaled_dot_product_attention(qh, kh, vh), "fwd")
 
             return Runner(run=run)
 
-        def run():
-            with torch.no_grad():
-                return fn()
+        run = pass_fn(fn, "fwd")
 
         return Runner(run=run, check=lambda: _check(run(), q, k, v, allowed))
 

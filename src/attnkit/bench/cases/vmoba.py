@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench.case import Case, Runner
+from attnkit.bench.case import Case, Runner, pass_fn
 
 B, H, D = 1, 8, 64
 GRID = (16, 32, 32)
@@ -42,16 +42,12 @@ def _setup(mode: str, impl: str) -> Callable[[], Runner]:
         if impl == "sdpa":
             qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, N, D)
 
-            def run():
-                with torch.no_grad():
-                    return F.scaled_dot_product_attention(qh, kh, vh)
+            run = pass_fn(lambda: F.scaled_dot_product_attention(qh, kh, vh), "fwd")
 
             return Runner(run=run)
         from attnkit.mechanisms.vmoba import vmoba_attention
 
-        def run():
-            with torch.no_grad():
-                return vmoba_attention(q, k, v, GRID, mode=mode, config=_config(), threshold=TAU)
+        run = pass_fn(lambda: vmoba_attention(q, k, v, GRID, mode=mode, config=_config(), threshold=TAU), "fwd")
 
         def check():
             with torch.no_grad():
