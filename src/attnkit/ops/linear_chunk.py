@@ -133,9 +133,9 @@ class _ChunkLinearAttention(torch.autograd.Function):
                     Q, K, V = _views(Qs, b, h, c), _views(Ks, b, h // rep, c), _views(Vs, b, h // rep, c)
                     A = torch.bmm(Q, K.transpose(1, 2)).mul_(Dm[bg, h])  # (nc, C, C) masked, decayed, scaled
                     Qd = Q * scale if dec is None else Q * (dec[0][bg, h, :, :, None] * scale)
-                    # inter straight into the heads-last output (bmm takes a strided out), then intra
-                    # accumulated in place (on a strided self this runs one addmm per chunk: as fast)
-                    torch.bmm(Qd, P[:-1, b, h], out=_views(Os, b, h, c)).baddbmm_(A, V)
+                    # inter + intra in one contiguous buffer (baddbmm_ on a strided self would run one
+                    # addmm per chunk), then a single strided copy into the heads-last output
+                    _views(Os, b, h, c).copy_(torch.bmm(Qd, P[:-1, b, h]).baddbmm_(A, V))
             if Os.data_ptr() != o[:, s:e].data_ptr():
                 o[:, s:e] = Os[:, : e - s]
         ctx.save_for_backward(q, k, v, g, torch.stack(bounds))
