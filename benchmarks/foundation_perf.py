@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import attnkit as ak
 from attnkit.backends.flex import block_mask_for, compiled_flex
 from attnkit.bench.machine import measure_roof
+from attnkit.bench.timing import alternate
 
 M = ak.masks
 B, H, D = 1, 8, 64
@@ -30,15 +31,7 @@ B, H, D = 1, 8, 64
 
 def interleaved(fns: dict, reps: int) -> dict[str, tuple[float, float, float]]:
     """``name -> (median, min, max)`` seconds; one warm-up call each, then round-robin repeats."""
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(reps):
-        for n, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[n].append(time.perf_counter() - t0)
-    return {n: (statistics.median(t), min(t), max(t)) for n, t in times.items()}
+    return {n: (statistics.median(t), min(t), max(t)) for n, t in alternate(fns, reps).items()}
 
 
 def qkv(n: int, h: int = H, grad: bool = False):

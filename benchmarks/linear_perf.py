@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from attnkit.bench import timing
+
 B, H, D = 1, 8, 64
 CHUNK = 64
 
@@ -48,15 +50,7 @@ CLOCK = time.perf_counter
 
 def alternate(fns: dict, rounds: int, warmup: int = 1) -> dict:
     """Median seconds per implementation, calling them in turn (a, b, c, a, b, c, ...)."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times = {n: [] for n in fns}
-    for _ in range(rounds):
-        for n, f in fns.items():
-            t = CLOCK()
-            f()
-            times[n].append(CLOCK() - t)
+    times = timing.alternate(fns, rounds, warmup, clock=CLOCK)
     return {n: statistics.median(ts) for n, ts in times.items()}
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import attnkit as ak
 from attnkit.backends.neighborhood_flex import compiled_flex, na_block_mask
+from attnkit.bench import timing
 from attnkit.masks.neighborhood import neighborhood_mask
 
 H, D = 8, 64
@@ -34,16 +35,7 @@ H, D = 8, 64
 
 def alternate(fns: dict, reps: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each callable, run in turn (a, b, a, b, ...) after ``warmup`` rounds."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in timing.alternate(fns, reps, warmup).items()}
 
 
 def inputs(shape, grad=False, seed=0):

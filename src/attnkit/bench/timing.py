@@ -33,6 +33,24 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def alternate(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of each function, calling them in turn (a, b, c, a, b, c, ...) so that
+    machine drift hits all alike; ``warmup`` untimed rounds first. Used by ``benchmarks/*_perf.py``."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, f in fns.items():
+            sync()
+            t0 = clock()
+            f()
+            sync()
+            times[n].append(clock() - t0)
+    return times
+
+
 def _failure(case: Case, exc: BaseException, phase: str) -> dict[str, Any]:
     status = "oom" if is_oom(exc) else "error"
     tb = traceback.extract_tb(exc.__traceback__)
