@@ -302,3 +302,10 @@ def test_blocked_grouped_tiles(mname):
     m = None if mask is None else M.as_mask(mask)
     small = blocked_attention(*x.values(), m, 8 ** -0.5, tiles=(64, 32, 4096))[0]
     assert_close(small, reference(mask)(**x), torch.float64, "out (small tiles)")
+
+
+def test_combined_routed_mask_with_wrong_heads_raises():
+    q = torch.randn(1, 32, 4, 8)
+    mask = M.block_sparse(torch.ones(1, 3, 4, 4, dtype=torch.bool), 8) & M.causal()
+    with pytest.raises(ValueError, match=r"batch/head dims \(1, 3\)"):
+        ak.attention(q, q, q, mask=mask)

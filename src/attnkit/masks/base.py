@@ -56,6 +56,11 @@ class Mask:
         """Elementwise predicate with FlexAttention's signature; index tensors broadcast."""
         raise NotImplementedError
 
+    @property
+    def lead_shape(self) -> tuple[int, int]:
+        """``(B|1, H|1)``: the batch and head extent of a head-dependent mask; ``(1, 1)`` otherwise."""
+        return (1, 1)
+
     def as_mask_mod(self):
         """A plain function ``mask_mod(b, h, q_idx, kv_idx)`` (FlexAttention rejects bound methods),
         named after the mask so tables read well (attention-gym's convention)."""

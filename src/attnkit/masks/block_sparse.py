@@ -31,6 +31,10 @@ class BlockSparse(Mask):
         return self.layout.dim() == 4 and (self.layout.shape[0] > 1 or self.layout.shape[1] > 1)
 
     @property
+    def lead_shape(self) -> tuple[int, int]:  # type: ignore[override]
+        return tuple(self.l4.shape[:2])
+
+    @property
     def l4(self) -> torch.Tensor:
         lay = self.layout
         return lay if lay.dim() == 4 else lay[None, None]              # (B|1, H|1, nqb, nkb)

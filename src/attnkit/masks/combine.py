@@ -27,6 +27,10 @@ class _Binary(Mask):
     def head_dependent(self) -> bool:  # type: ignore[override]
         return self.a.head_dependent or self.b.head_dependent
 
+    @property
+    def lead_shape(self) -> tuple[int, int]:  # type: ignore[override]
+        return tuple(torch.broadcast_shapes(self.a.lead_shape, self.b.lead_shape))
+
     def validate(self, nq: int, nk: int) -> None:
         self.a.validate(nq, nk)
         self.b.validate(nq, nk)
@@ -161,6 +165,10 @@ class _GenericNot(Mask):
     @property
     def head_dependent(self) -> bool:  # type: ignore[override]
         return self.a.head_dependent
+
+    @property
+    def lead_shape(self) -> tuple[int, int]:  # type: ignore[override]
+        return self.a.lead_shape
 
     def validate(self, nq, nk):
         self.a.validate(nq, nk)

@@ -31,6 +31,10 @@ class TensorMask(Mask):
         return any(s > 1 for s in self.tensor.shape[:-2])
 
     @property
+    def lead_shape(self) -> tuple[int, int]:  # type: ignore[override]
+        return tuple(self.t4.shape[:2])
+
+    @property
     def t4(self) -> torch.Tensor:
         t = self.tensor
         return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))        # (B|1, H|1, Nq|1, Nk|1)

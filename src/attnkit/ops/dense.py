@@ -94,10 +94,9 @@ def _check_mask(mask: object, b: int, hq: int, nq: int, nk: int) -> Mask | None:
                              f"(B, H, Nq, Nk) = ({b}, {hq}, {nq}, {nk})")
     m = as_mask(mask)
     m.validate(nq, nk)
-    if m.head_dependent:
-        lead = getattr(m, "l4", None) if hasattr(m, "l4") else getattr(m, "t4", None)  # (B|1, H|1, ...)
-        if lead is not None and (lead.shape[0] not in (1, b) or lead.shape[1] not in (1, hq)):
-            raise ValueError(f"mask batch/head dims {tuple(lead.shape[:2])} do not match (B, H) = ({b}, {hq})")
+    mb, mh = m.lead_shape
+    if mb not in (1, b) or mh not in (1, hq):
+        raise ValueError(f"mask batch/head dims {(mb, mh)} do not match (B, H) = ({b}, {hq})")
     return m
 
 
