@@ -35,6 +35,15 @@ def tile_sizes(nq: int, nk: int) -> tuple[int, int, int]:
     return min(128, nq), min(64, nk), 4096
 
 
+def plan_for(mask, nq: int, nk: int, batch: int, heads: int, *, inference: bool,
+             tiles: tuple[int, int, int] | None = None) -> Plan:
+    """The (cached) plan a call runs: one chunk per row for inference (fused SDPA takes any width),
+    rows split at ``max_keys`` for training (the backward recomputes one chunk's scores at a time)."""
+    bq, bk, max_keys = tiles or tile_sizes(nq, nk)
+    return build_plan(mask, nq, nk, bq, bk, 1 << 62 if inference else max_keys,
+                      group_elements=_group_budget(batch, heads))
+
+
 def _keys(t: torch.Tensor, c: Chunk) -> torch.Tensor:
     """Rows of ``t (B, Hkv, Nk, X)`` that chunk ``c`` visits: ``(B, Hkv, w, X)``."""
     return t[:, :, c.k0:c.k1] if c.index is None else t.index_select(2, c.index)
@@ -186,8 +195,7 @@ def blocked_attention(q, k, v, mask, scale: float, *, tiles: tuple[int, int, int
     nk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    bq, bk, max_keys = tiles or tile_sizes(nq, nk)
-    plan = build_plan(mask, nq, nk, bq, bk, max_keys, group_elements=_group_budget(bsz, hq))
+    plan = plan_for(mask, nq, nk, bsz, hq, inference=False, tiles=tiles)
     qi = q.to(work).view(bsz, nq, hkv, g, d).permute(0, 2, 1, 3, 4).contiguous()   # (B, Hkv, Nq, G, D)
     ki = k.to(work).permute(0, 2, 1, 3).contiguous()                                 # (B, Hkv, Nk, D)
     vi = v.to(work).permute(0, 2, 1, 3).contiguous()                                 # (B, Hkv, Nk, Dv)
@@ -203,9 +211,7 @@ def _supports(call):
 
 def _run(call):
     if not call.needs_grad and not call.return_lse:
-        bq, bk, _ = tile_sizes(call.nq, call.nk)
-        plan = build_plan(call.mask, call.nq, call.nk, bq, bk, 1 << 62,
-                          group_elements=_group_budget(call.batch, call.hq))
+        plan = plan_for(call.mask, call.nq, call.nk, call.batch, call.hq, inference=True)
         q, k, v = (t.transpose(1, 2) for t in (call.q, call.k, call.v))  # (B, H, N, D)
         return _forward_sdpa_tiles(q, k, v, plan, call.scale, call.hq != call.hkv).transpose(1, 2)
     out, lse = blocked_attention(call.q, call.k, call.v, call.mask, call.scale)
