@@ -15,8 +15,9 @@ Work is batched over the chunks of a *segment* of ``segment`` tokens (a few thou
 are walked sequentially. Inside a segment each (batch, head) runs batched matmuls directly on
 strided views of the heads-last inputs and writes straight into the heads-last outputs (BLAS takes
 the row stride H*D), so q, k, v, o are never permuted or copied (GQA: a query head reads its kv
-head's view). The state recursion over the chunks of a segment is one small op per chunk, batched
-over (batch, head).
+head's view). The state recursion over the chunks of a segment runs in two levels (a small matmul
+inside groups of 8 chunks, a sequential carry between groups), batched over (batch, head); the
+backward runs the same scan on the flipped chunks.
 
 Memory: forward+backward keep only q, k, v (the caller's tensors, not copies), the log-decay and
 one state per segment (``(N / segment) * B*H*D*Dv``); every per-chunk tensor (scores, chunk
@@ -44,9 +45,9 @@ def _seg(x: torch.Tensor, s: int, e: int, lpad: int, cdt: torch.dtype) -> torch.
 
 
 def _decays(g: torch.Tensor | None, s: int, e: int, lpad: int, c: int, H: int, cdt: torch.dtype):
-    """In-chunk decays of tokens [s, e): (qdec, kdec, cdec, Dm) or None when there is no decay.
+    """In-chunk decays of tokens [s, e): (qdec, kdec, cdec, Dm, lend) or None when there is no decay.
 
-    qdec (Bg, H, nc, C) = exp(b_i); kdec = exp(b_end - b_j); cdec (Bg, H, nc) = exp(b_end);
+    qdec (Bg, H, nc, C) = exp(b_i); kdec = exp(b_end - b_j); cdec (Bg, H, nc) = exp(b_end), lend = b_end;
     Dm (Bg, H, nc or 1, C, C) = exp(b_i - b_j) for j <= i, else 0. Padded positions get log-decay 0,
     so b_end of a ragged last chunk is the decay up to its last real token.
     """
@@ -63,12 +64,13 @@ def _decays(g: torch.Tensor | None, s: int, e: int, lpad: int, c: int, H: int, c
     b = gs.reshape(gs.shape[0], H, nc, c).cumsum(-1)  # (Bg, H, nc, C), restarted every chunk
     bend = b[..., -1:]  # (Bg, H, nc, 1)
     qdec, kdec, cdec = b.exp(), (bend - b).exp(), bend[..., 0].exp()
+    lend = bend[..., 0]
     # constant decay: exp(b_i - b_j) depends on i - j only, so chunk 0's matrix serves every chunk
     bb = b if per_token else b[:, :, :1]
     diff = bb[..., :, None] - bb[..., None, :]  # (Bg, H, nc|1, C, C)
     tril = torch.ones(c, c, dtype=torch.bool).tril()
     Dm = diff.masked_fill(~tril, float("-inf")).exp()  # mask BEFORE exp: the upper part is >= 0
-    return qdec, kdec, cdec, Dm
+    return qdec, kdec, cdec, Dm, lend
 
 
 def _tril(c: int, dtype: torch.dtype) -> torch.Tensor:
@@ -80,30 +82,54 @@ def _views(xs: torch.Tensor, b: int, h: int, c: int) -> torch.Tensor:
     return xs[b, :, h].view(-1, c, xs.shape[-1])  # (nc, C, D), row stride Hx*D
 
 
-def _prefix_states(U: torch.Tensor, S: torch.Tensor, cdec: torch.Tensor | None) -> torch.Tensor:
-    """``P[i]`` = state before chunk i, ``P[nc]`` = state after the segment; U, P are (nc(+1), B, H, D, Dv)."""
-    P = torch.empty((U.shape[0] + 1, *U.shape[1:]), dtype=U.dtype)
-    P[0] = S
-    if cdec is None:  # (torch.cumsum over the leading dim is far slower than this loop)
-        for i in range(U.shape[0]):
-            torch.add(U[i], P[i], out=P[i + 1])
-        return P
-    cd = cdec.permute(2, 0, 1)[..., None, None]  # (nc, Bg, H, 1, 1)
-    for i in range(U.shape[0]):
-        torch.addcmul(U[i], cd[i], P[i], out=P[i + 1])  # S_c = exp(b_C) S_{c-1} + U_c
-    return P
+GROUP = 8  # chunks per group of the two-level state scan
+
+
+def _prefix_states(U: torch.Tensor, S: torch.Tensor, lend: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """States before every chunk and after the last, for ``S_c = exp(lend_c) S_{c-1} + U_c``.
+
+    ``U (B, H, nc, D, Dv)``, ``S (B, H, D, Dv)``, ``lend (Bg, H, nc)`` or None (no decay). Returns
+    ``(P (B, H, nc, D, Dv), S_end (B, H, D, Dv))``. Two levels: inside groups of GROUP chunks the
+    recursion is one small matmul with ``M[i, m] = exp(Bc[i] - Bc[m])`` (``Bc`` the cumulative log
+    decay, masked to ``m < i`` before exp); only the group carries are sequential. That is ~nc/8
+    elementwise ops over the states instead of nc (the states are memory-bound: 8 MiB per segment).
+    """
+    B, H, nc, D, Dv = U.shape
+    g = GROUP
+    ng = -(-nc // g)
+    pad = ng * g - nc
+    Uf = U.view(B, H, nc, D * Dv)
+    if pad:
+        Uf = F.pad(Uf, (0, 0, 0, pad))
+    Ug = Uf.view(B, H, ng, g, D * Dv)  # (B, H, ng, g, D*Dv)
+    l = torch.zeros(1, 1, ng * g, dtype=U.dtype) if lend is None else F.pad(lend, (0, pad))
+    Bc = F.pad(l.reshape(*l.shape[:2], ng, g).cumsum(-1), (1, 0))  # (Bg, H, ng, g + 1), Bc[..., 0] = 0
+    tril = torch.ones(g + 1, g + 1, dtype=torch.bool).tril()
+    M = (Bc[..., :, None] - Bc[..., None, :]).masked_fill(~tril, float("-inf")).exp()  # (Bg, H, ng, g+1, g+1)
+    Mu = M[..., 1:]  # coefficients of U_0..U_{g-1}
+    P = torch.matmul(Mu[..., :g, :], Ug)  # (B, H, ng, g, D*Dv): states before each chunk, zero entry state
+    ends = torch.matmul(Mu[..., g:, :], Ug)  # (B, H, ng, 1, D*Dv): group end states, zero entry state
+    gdec = M[..., g, 0]  # (Bg, H, ng) decay across a whole group
+    carry = S.reshape(B, H, D * Dv)
+    Sin = torch.empty(B, H, ng, D * Dv, dtype=U.dtype)
+    for j in range(ng):
+        Sin[:, :, j] = carry
+        carry = torch.addcmul(ends[:, :, j, 0], gdec[:, :, j, None], carry)
+    P.addcmul_(M[..., :g, :1], Sin[:, :, :, None])  # + exp(Bc[i]) * entry state of the group
+    return P.view(B, H, ng * g, D, Dv)[:, :, :nc], carry.view(B, H, D, Dv)
 
 
 def _state_updates(Ks, Vs, dec, B, H, rep, c, cdt):
-    """U[i, b, h] = (kdec * K_chunk)^T V_chunk for every chunk: (nc, B, H, D, Dv)."""
+    """U[b, h, i] = (kdec * K_chunk)^T V_chunk for every chunk: (B, H, nc, D, Dv) (each U[b, h] contiguous:
+    bmm into a batch-strided ``out`` falls back to one gemm per chunk)."""
     nc, D, Dv = Ks.shape[1] // c, Ks.shape[-1], Vs.shape[-1]
-    U = torch.empty(nc, B, H, D, Dv, dtype=cdt)
+    U = torch.empty(B, H, nc, D, Dv, dtype=cdt)
     for b in range(B):
         for h in range(H):
             K, V = _views(Ks, b, h // rep, c), _views(Vs, b, h // rep, c)
             if dec is not None:
                 K = K * dec[1][b if dec[1].shape[0] > 1 else 0, h, :, :, None]
-            torch.bmm(K.transpose(1, 2), V, out=U[:, b, h])
+            torch.bmm(K.transpose(1, 2), V, out=U[b, h])
     return U
 
 
@@ -125,8 +151,7 @@ class _ChunkLinearAttention(torch.autograd.Function):
             dec = _decays(g, s, e, lpad, c, H, cdt)
             Dm = (_tril(c, cdt).expand(1, H, 1, c, c) if dec is None else dec[3]) * scale  # scale rides on the tile
             U = _state_updates(Ks, Vs, dec, B, H, rep, c, cdt)
-            P = _prefix_states(U, S, None if dec is None else dec[2])  # (nc + 1, B, H, D, Dv)
-            S = P[-1].clone()
+            P, S = _prefix_states(U, S, None if dec is None else dec[4])  # (B, H, nc, D, Dv)
             for b in range(B):
                 bg = b if Dm.shape[0] > 1 else 0
                 for h in range(H):
@@ -135,7 +160,7 @@ class _ChunkLinearAttention(torch.autograd.Function):
                     Qd = Q * scale if dec is None else Q * (dec[0][bg, h, :, :, None] * scale)
                     # inter + intra in one contiguous buffer (baddbmm_ on a strided self would run one
                     # addmm per chunk), then a single strided copy into the heads-last output
-                    _views(Os, b, h, c).copy_(torch.bmm(Qd, P[:-1, b, h]).baddbmm_(A, V))
+                    _views(Os, b, h, c).copy_(torch.bmm(Qd, P[b, h]).baddbmm_(A, V))
             if Os.data_ptr() != o[:, s:e].data_ptr():
                 o[:, s:e] = Os[:, : e - s]
         ctx.save_for_backward(q, k, v, g, torch.stack(bounds))
@@ -156,7 +181,7 @@ class _ChunkLinearAttention(torch.autograd.Function):
         dk = torch.empty(B, N, Hkv, D, dtype=cdt)
         dv = torch.empty(B, N, Hkv, Dv, dtype=cdt)
         dg = torch.zeros(g.shape, dtype=cdt) if need_g else None
-        dS = torch.zeros(B, H, D, Dv, dtype=cdt) if dS is None else dS.to(cdt).clone()
+        dS = torch.zeros(B, H, D, Dv, dtype=cdt) if dS is None else dS.to(cdt)
         starts = list(range(0, N, seg))
         for i in reversed(range(len(starts))):
             s = starts[i]
@@ -172,20 +197,19 @@ class _ChunkLinearAttention(torch.autograd.Function):
             nc = lpad // c
             Dm = (_tril(c, cdt).expand(1, H, 1, c, c) if dec is None else dec[3]) * scale
             cdec = None if dec is None else dec[2]
-            P = _prefix_states(_state_updates(Ks, Vs, dec, B, H, rep, c, cdt), bounds[i], cdec)
-            # W[j] = dL/dS_{j-1} through chunk j's inter term; reverse scan gives R[j] = dL/d(state after chunk j)
-            W = torch.empty(nc, B, H, D, Dv, dtype=cdt)
+            lend = None if dec is None else dec[4]
+            P, _ = _prefix_states(_state_updates(Ks, Vs, dec, B, H, rep, c, cdt), bounds[i], lend)  # (B, H, nc, D, Dv)
+            # W[j] = dL/dS_{j-1} through chunk j's inter term. The reverse recursion T[j] = W[j] + cd[j] T[j+1]
+            # (T[nc] = incoming dS) is the forward scan on the flipped chunks; R[j] = T[j+1] = dL/d(state after j)
+            W = torch.empty(B, H, nc, D, Dv, dtype=cdt)
             for b in range(B):
                 bg = b if Dm.shape[0] > 1 else 0
                 for h in range(H):
                     Q, dO = _views(Qs, b, h, c), _views(dOs, b, h, c)
                     Qd = Q * scale if dec is None else Q * (dec[0][bg, h, :, :, None] * scale)
-                    torch.bmm(Qd.transpose(1, 2), dO, out=W[:, b, h])
-            R = torch.empty(nc, B, H, D, Dv, dtype=cdt)
-            cd = None if cdec is None else cdec.permute(2, 0, 1)[..., None, None]  # (nc, Bg, H, 1, 1)
-            for j in reversed(range(nc)):
-                R[j] = dS
-                dS = W[j] + (dS if cd is None else cd[j] * dS)
+                    torch.bmm(Qd.transpose(1, 2), dO, out=W[b, h])
+            Rf, dS = _prefix_states(W.flip(2), dS, None if lend is None else lend.flip(-1))
+            R = Rf.flip(2)  # (B, H, nc, D, Dv)
             gb = torch.empty(B, H, nc, c, dtype=cdt) if need_g else None
             gend = torch.empty(B, H, nc, dtype=cdt) if need_g else None
             for b in range(B):
@@ -196,14 +220,14 @@ class _ChunkLinearAttention(torch.autograd.Function):
                                    _views(dOs, b, h, c))
                     A = torch.bmm(Q, K.transpose(1, 2)).mul_(Dm[bg, h])  # (nc, C, C), as in forward
                     dP = torch.bmm(dO, V.transpose(1, 2))  # (nc, C, C): dL/dA
-                    X = torch.bmm(dO, P[:-1, b, h].transpose(1, 2))  # (nc, C, D) = dO S_{c-1}^T
-                    Y = torch.bmm(V, R[:, b, h].transpose(1, 2))  # (nc, C, D) = V dS_c^T
+                    X = torch.bmm(dO, P[b, h].transpose(1, 2))  # (nc, C, D) = dO S_{c-1}^T
+                    Y = torch.bmm(V, R[b, h].transpose(1, 2))  # (nc, C, D) = V dS_c^T
                     if need_g:
                         M = dP * A
                         kterm = dec[1][bg, h] * (K * Y).sum(-1)  # (nc, C): through exp(b_end - b_j)
                         gb[b, h] = M.sum(-1) - M.sum(-2) - kterm
                         gb[b, h] += (dec[0][bg, h] * scale) * (Q * X).sum(-1)  # through exp(b_i), inter
-                        gend[b, h] = kterm.sum(-1) + cdec[bg, h] * (R[:, b, h] * P[:-1, b, h]).sum((-1, -2))
+                        gend[b, h] = kterm.sum(-1) + cdec[bg, h] * (R[b, h] * P[b, h]).sum((-1, -2))
                     dP.mul_(Dm[bg, h])
                     if dec is None:
                         X.mul_(scale)
@@ -215,7 +239,7 @@ class _ChunkLinearAttention(torch.autograd.Function):
                     # products go straight into the heads-last grads (bmm takes a strided out, baddbmm
                     # would loop addmm per chunk); the second term is added in place
                     torch.bmm(dP, K, out=_views(dQs, b, h, c)).add_(X)
-                    KdR = torch.bmm(Kd, R[:, b, h])  # (nc, C, Dv)
+                    KdR = torch.bmm(Kd, R[b, h])  # (nc, C, Dv)
                     if rep == 1:
                         torch.bmm(dP.transpose(1, 2), Q, out=_views(dKs, b, hk, c)).add_(Y)
                         torch.bmm(A.transpose(1, 2), dO, out=_views(dVs, b, hk, c)).add_(KdR)
