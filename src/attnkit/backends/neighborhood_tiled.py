@@ -3,7 +3,7 @@
 "Faster Neighborhood Attention" (arXiv 2403.04690): run NA as dense attention of each query
 tile against its halo. Each chunk of tiles gathers its queries and halo keys once
 (``index_select``), runs one batched dense attention (tile x halo) with the tiles' small
-mask (none for full tiles), and scatters results back. Keys outside a tile's halo are never
+mask (none for full tiles), and writes results to their tokens. Keys outside a tile's halo are never
 touched. The dense inner kernel is PyTorch's fused CPU flash-attention op when present (it
 takes strided heads-last views, GQA and a broadcast float mask, and returns the LSE); a plain
 matmul/softmax version of the same chunk math is the fallback and also serves gradients that
@@ -15,11 +15,15 @@ memory is one chunk (bounded by ``_CHUNK_BYTES``) plus fp32 accumulators for dK/
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from attnkit.backends.neighborhood_tiles import TilePlan
 
-_CHUNK_BYTES = 256 << 20  # gathered rows, gradients (and scores on the matmul path) per chunk
+_CHUNK_BYTES = 32 << 20  # per chunk: gathered rows, gradients (and matmul-path scores); small enough that
+# glibc recycles the buffers from one chunk to the next instead of mapping fresh pages (page faults
+# cost ~1/3 of the time with 256 MiB chunks on a 2-core VM)
 _KEEP_HALO_BYTES = 256 << 20  # forward's gathered K/V halos kept for backward when at most this big
 
 
@@ -106,12 +110,45 @@ def _view(x: torch.Tensor, aff: tuple[int, int, int], C: int, R: int) -> torch.T
     return x.as_strided((C, H, R, Dx), (cs * H * Dx, Dx, rs * H * Dx, 1), x.storage_offset() + off * H * Dx)
 
 
-def _rows(x: torch.Tensor, idx: torch.Tensor, aff, C: int, R: int) -> torch.Tensor:
-    """Rows ``idx`` of ``x (B, N, H, Dx)`` as ``(B*C, H, R, Dx)``: a strided view when affine (B=1), else one gather."""
+# Halo buffers handed from one call to the next. On this class of machine a page fault costs
+# ~3 us, so gathering halos into fresh memory (6x the size of K and V for 2-D tiles) was ~1/5 of
+# a forward+backward; recycled buffers are already mapped. Bounded; a buffer whose graph is
+# dropped without a backward is simply freed.
+_POOL: dict[tuple[int, torch.dtype, str], list[torch.Tensor]] = {}
+_POOL_BYTES = 512 << 20
+
+
+def _take(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    free = _POOL.get((math.prod(shape), like.dtype, str(like.device)))
+    if free:
+        return free.pop().view(shape)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _give(*bufs: torch.Tensor) -> None:
+    held = sum(t.numel() * t.element_size() for ts in _POOL.values() for t in ts)
+    for t in bufs:
+        if t._base is not None:
+            t = t._base
+        size = t.numel() * t.element_size()
+        if held + size <= _POOL_BYTES:
+            _POOL.setdefault((t.numel(), t.dtype, str(t.device)), []).append(t)
+            held += size
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor, aff, C: int, R: int, pooled: list | None = None) -> torch.Tensor:
+    """Rows ``idx`` of ``x (B, N, H, Dx)`` as ``(B*C, H, R, Dx)``: a strided view when affine (B=1), else one gather.
+
+    ``pooled``: gather into a recycled buffer and append that buffer to the list (for :func:`_give`).
+    """
     if aff is not None and x.shape[0] == 1:
         return _view(x, aff, C, R)
     B, _, H, Dx = x.shape
-    return x.index_select(1, idx).view(B * C, R, H, Dx).transpose(1, 2)  # (B*C, H, R, Dx)
+    if pooled is None:
+        return x.index_select(1, idx).view(B * C, R, H, Dx).transpose(1, 2)  # (B*C, H, R, Dx)
+    buf = _take((B, C * R, H, Dx), x)
+    pooled.append(buf)
+    return torch.index_select(x, 1, idx, out=buf).view(B * C, R, H, Dx).transpose(1, 2)  # (B*C, H, R, Dx)
 
 
 def _bias(plan: TilePlan, ch, x: torch.Tensor, B: int) -> torch.Tensor | None:
@@ -121,12 +158,17 @@ def _bias(plan: TilePlan, ch, x: torch.Tensor, B: int) -> torch.Tensor | None:
     return bias
 
 
-def _untile(plan: TilePlan, parts: list[torch.Tensor]) -> torch.Tensor:
-    """Tile-major chunk results ``(B, C*M, ...)`` -> token order ``(B, N, ...)``."""
-    x = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-    if plan.inv_is_identity:
-        return x.contiguous()
-    return x.index_select(1, plan.inv.to(x.device))
+def _put(dst: torch.Tensor, ch, part: torch.Tensor) -> None:
+    """Write a chunk's tile-major rows ``part (B, C*M, ...)`` to their tokens in ``dst (B, N, ...)``.
+
+    Straight into the result (no concatenation of chunks, no final reorder). Padded slots repeat
+    a real query and are dropped.
+    """
+    idx = ch.qidx.to(dst.device)
+    if not ch.all_valid:
+        keep = ch.qvalid.to(dst.device).nonzero().squeeze(1)
+        idx, part = idx.index_select(0, keep), part.index_select(1, keep)
+    dst.index_copy_(1, idx, part.to(dst.dtype))
 
 
 def tiled_forward(q, k, v, plan: TilePlan, scale: float, halos: dict | None = None):
@@ -139,17 +181,21 @@ def tiled_forward(q, k, v, plan: TilePlan, scale: float, halos: dict | None = No
     Hkv, Dv = k.shape[2], v.shape[3]
     M, Hk = plan.M, plan.Hk
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    outs, lses = [], []
+    out = torch.empty(B, q.shape[1], H, Dv, dtype=q.dtype, device=q.device)
+    lse_all = torch.empty(B, q.shape[1], H, dtype=lse_dtype, device=q.device)
     for ch in plan.chunks(_step(plan, B, H, Hkv, D, Dv, q.element_size(), use_flash(q, v))):
         C = ch.hi - ch.lo
         qidx, kidx = ch.qidx.to(q.device), ch.kidx.to(q.device)
-        kc, vc = _rows(k, kidx, ch.kaff, C, Hk), _rows(v, kidx, ch.kaff, C, Hk)
+        pooled: list[torch.Tensor] = []
+        kc, vc = _rows(k, kidx, ch.kaff, C, Hk, pooled), _rows(v, kidx, ch.kaff, C, Hk, pooled)
         if halos is not None:
-            halos[ch.lo, ch.hi] = (kc, vc)
+            halos[ch.lo, ch.hi] = (kc, vc, pooled)
         o, lse = chunk_forward(_rows(q, qidx, ch.qaff, C, M), kc, vc, _bias(plan, ch, q, B), scale)
-        outs.append(o.transpose(1, 2).reshape(B, C * M, H, Dv))  # (B, C*M, H, Dv); a view for the fused kernel
-        lses.append(lse.transpose(1, 2).reshape(B, C * M, H))  # (B, C*M, H)
-    return _untile(plan, outs), _untile(plan, lses).to(lse_dtype)
+        if halos is None:
+            _give(*pooled)
+        _put(out, ch, o.transpose(1, 2).reshape(B, C * M, H, Dv))  # (B, C*M, H, Dv); a view for the fused kernel
+        _put(lse_all, ch, lse.transpose(1, 2).reshape(B, C * M, H))  # (B, C*M, H)
+    return out, lse_all
 
 
 def tiled_backward(do, q, k, v, out, lse, plan: TilePlan, scale: float, dlse=None, halos: dict | None = None):
@@ -160,7 +206,7 @@ def tiled_backward(do, q, k, v, out, lse, plan: TilePlan, scale: float, dlse=Non
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dk = torch.zeros(B, N, Hkv, D, dtype=acc, device=q.device)  # halos overlap: accumulate
     dv = torch.zeros(B, N, Hkv, Dv, dtype=acc, device=q.device)
-    dqs = []
+    dq = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)
     for ch in plan.chunks(_step(plan, B, H, Hkv, D, Dv, q.element_size(), use_flash(q, v) and dlse is None)):
         C = ch.hi - ch.lo
         qidx, kidx = ch.qidx.to(q.device), ch.kidx.to(q.device)
@@ -174,14 +220,18 @@ def tiled_backward(do, q, k, v, out, lse, plan: TilePlan, scale: float, dlse=Non
         if dlse is not None:
             dlse_c = dlse.index_select(1, qidx).view(B * C, M, H).transpose(1, 2)  # (B*C, H, M)
             dlse_c = dlse_c if keep is None else dlse_c * keep.to(dlse_c.dtype)
-        kv = (halos or {}).get((ch.lo, ch.hi))
-        kc, vc = kv if kv is not None else (_rows(k, kidx, ch.kaff, C, Hk), _rows(v, kidx, ch.kaff, C, Hk))
+        kv = (halos or {}).pop((ch.lo, ch.hi), None)
+        pooled: list[torch.Tensor] = []
+        kc, vc, pooled = kv if kv is not None else (_rows(k, kidx, ch.kaff, C, Hk, pooled),
+                                                    _rows(v, kidx, ch.kaff, C, Hk, pooled), pooled)
         dq_c, dk_c, dv_c = chunk_backward(doc, _rows(q, qidx, ch.qaff, C, M), kc, vc, _rows(out, qidx, ch.qaff, C, M),
                                           lse_c, _bias(plan, ch, q, B), scale, dlse_c)
-        dqs.append(dq_c.transpose(1, 2).reshape(B, C * M, H, D))  # (B, C*M, H, D)
+        del kc, vc
+        _give(*pooled)
+        _put(dq, ch, dq_c.transpose(1, 2).reshape(B, C * M, H, D))  # (B, C*M, H, D)
         dk.index_add_(1, kidx, dk_c.transpose(1, 2).reshape(B, C * Hk, Hkv, D).to(acc))
         dv.index_add_(1, kidx, dv_c.transpose(1, 2).reshape(B, C * Hk, Hkv, Dv).to(acc))
-    return _untile(plan, dqs), dk.to(q.dtype), dv.to(q.dtype)
+    return dq, dk.to(q.dtype), dv.to(q.dtype)
 
 
 class TiledNA(torch.autograd.Function):

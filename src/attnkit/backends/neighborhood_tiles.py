@@ -144,7 +144,6 @@ class TilePlan:
     segments: tuple[tuple[int, int, int], ...]  # (lo, hi, class) runs of `order` sharing one mask
     n_full: int  # tiles order[:n_full] need no mask
     inv: torch.Tensor  # (N,)
-    inv_is_identity: bool  # tile-major layout == token order (no scatter needed)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -308,8 +307,7 @@ def make_plan(shape: tuple[int, ...], kernel_size: tuple[int, ...], dilation: tu
         slot = (slot[:, None] * a.T + ra[None, :]).reshape(-1)
     M = math.prod(a.T for a in axes)
     inv = pos_of_tile[tid] * M + slot
-    identity = bool(inv.numel() == nt * M and torch.equal(inv, torch.arange(inv.numel())))
-    return TilePlan(tuple(shape), axes, order, tuple(segments), int(full.sum()), inv, identity)
+    return TilePlan(tuple(shape), axes, order, tuple(segments), int(full.sum()), inv)
 
 
 # Fixed cost of one tile (per head) in units of one score element, fitted on a 2-core x86 CPU
