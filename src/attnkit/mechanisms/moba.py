@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from attnkit._validate import check_qkv
+from attnkit.backends.block_dispatch import routed_block_attention
 from attnkit.backends.block_gather import block_gather_attention
 from attnkit.registry import Paper, register
 
@@ -95,7 +96,7 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
         raise ValueError(f"routing must be 'token' or 'block', got {routing!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    B, N = q.shape[:2]
+    N = q.shape[1]
     Nk = k.shape[1]
     n = math.ceil(Nk / block_size)
     if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= n:
@@ -117,12 +118,13 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     if routing == "block":
         out = block_gather_attention(q, k, v, sel, block_size, extra_mask=_Causal() if causal else None, scale=scale)
     else:
-        nqb = math.ceil(N / block_size)
-        pad = nqb * block_size - N
-        tab = torch.cat([sel, sel.new_zeros(B, hq, pad, n)], 2) if pad else sel
-        layout = tab.view(B, hq, nqb, block_size, n).any(3)  # (B, Hq, nqb, n): union over the block's queries
-        out = block_gather_attention(q, k, v, layout, block_size, extra_mask=_TokenRoutes(sel, block_size, causal),
-                                     scale=scale)
+        # the paper's dispatch: own block as one batched (causal) block-diagonal part, every other
+        # selected block attended in full by the queries that chose it, merged by log-sum-exp
+        routes = sel
+        if own is not None:
+            routes = sel & (torch.arange(n, device=q.device) != own.unsqueeze(-1))  # (B, Hq, N, n)
+        out = routed_block_attention(q, k, v, routes, block_size, scale=scale,
+                                     diag=None if own is None else ("causal" if causal else "full"))
     return (out, sel) if return_layout else out
 
 
@@ -149,9 +151,10 @@ def _example(config: dict | None = None):
     patterns=("causal-self", "noncausal-self"), complexity="O(N^2 D / Bk + N k Bk D)", flops=_flops,
     example=_example, default_config=_DEFAULT,
     notes="topk counts the own block; ties go to the lower block index; gate scores in fp32 without "
-          "1/sqrt(D) and without gradient. routing='token' is the paper (per-query routes, run as the "
-          "union layout per query block + a per-token mask); routing='block' routes each query block by "
-          "its mean query (exactly topk blocks per row, the fast path). VMoBA (2506.23858) not implemented.",
+          "1/sqrt(D) and without gradient. routing='token' is the paper (per-query routes, run as the paper's "
+          "dispatch: own block as one batched causal block-diagonal call, every other selected block attended "
+          "in full by the queries that chose it, partials merged by log-sum-exp); routing='block' routes each "
+          "query block by its mean query (exactly topk blocks per row). VMoBA is the separate `vmoba` entry.",
 )
 class MoBA(nn.Module):
     """MoBA self-attention layer.
