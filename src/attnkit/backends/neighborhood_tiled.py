@@ -24,6 +24,7 @@ from attnkit.backends.neighborhood_tiles import TilePlan
 _CHUNK_BYTES = 32 << 20  # per chunk: gathered rows, gradients (and matmul-path scores); small enough that
 # glibc recycles the buffers from one chunk to the next instead of mapping fresh pages (page faults
 # cost ~1/3 of the time with 256 MiB chunks on a 2-core VM)
+_VIEW_CHUNK_BYTES = 256 << 20  # 1-D, B=1: rows are strided views (nothing gathered), so fewer, larger calls win
 _KEEP_HALO_BYTES = 256 << 20  # forward's gathered K/V halos kept for backward when at most this big
 
 
@@ -96,11 +97,12 @@ def chunk_backward(do, q, k, v, out, lse, bias, scale, dlse=None):
 # queries and one for keys+values, and outputs are scattered back once at the end.
 
 def _step(plan: TilePlan, B: int, H: int, Hkv: int, D: int, Dv: int, itemsize: int, fused: bool) -> int:
-    """Tiles per chunk so that the chunk's gathers, gradients (and fallback scores) stay within ``_CHUNK_BYTES``."""
+    """Tiles per chunk so that the chunk's gathers, gradients (and fallback scores) stay within the chunk budget."""
     per_tile = B * 2 * (plan.Hk * Hkv * (D + Dv) + plan.M * H * (D + 2 * Dv)) * itemsize
     if not fused:
         per_tile += B * plan.M * H * plan.Hk * 4 * 3  # scores, probabilities, dS on the matmul path
-    return max(1, _CHUNK_BYTES // max(per_tile, 1))
+    budget = _VIEW_CHUNK_BYTES if len(plan.shape) == 1 and B == 1 else _CHUNK_BYTES
+    return max(1, budget // max(per_tile, 1))
 
 
 def _view(x: torch.Tensor, aff: tuple[int, int, int], C: int, R: int) -> torch.Tensor:
@@ -164,6 +166,12 @@ def _put(dst: torch.Tensor, ch, part: torch.Tensor) -> None:
     Straight into the result (no concatenation of chunks, no final reorder). Padded slots repeat
     a real query and are dropped.
     """
+    if ch.qaff is not None and dst.shape[0] == 1:  # affine rows (1-D tiles): a strided copy, no index
+        C = ch.hi - ch.lo
+        M = part.shape[1] // C
+        view = dst.view(1, dst.shape[1], -1, 1) if dst.dim() == 3 else dst  # (1, N, H, Dx)
+        _view(view, ch.qaff, C, M).copy_(part.view(C, M, view.shape[2], view.shape[3]).transpose(1, 2))
+        return
     idx = ch.qidx.to(dst.device)
     if not ch.all_valid:
         keep = ch.qvalid.to(dst.device).nonzero().squeeze(1)
