@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from attnkit._alloc import recycle_work_buffers
 from attnkit.backends.neighborhood_tiles import TilePlan
 
 _CHUNK_BYTES = 32 << 20  # per chunk: gathered rows, gradients (and matmul-path scores); small enough that
@@ -247,6 +248,7 @@ class TiledNA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
+        recycle_work_buffers()
         B, _, Hkv, D = k.shape
         keep = plan.nt * plan.Hk * B * Hkv * (D + v.shape[-1]) * k.element_size() <= _KEEP_HALO_BYTES
         halos = {} if keep and any(ctx.needs_input_grad[:3]) else None  # reused by backward, no regather

@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnkit._alloc import recycle_work_buffers
+
 
 def _seg(x: torch.Tensor, s: int, e: int, lpad: int, cdt: torch.dtype) -> torch.Tensor:
     """Tokens [s, e) of a heads-last tensor in ``cdt`` with ``lpad`` rows: a view when possible, else a copy."""
@@ -140,6 +142,7 @@ def _state_updates(Ks, Vs, dec, B, H, rep, c, cdt):
 class _ChunkLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, s0, scale, c, seg, out_dtype):
+        recycle_work_buffers()
         B, N, H, D = q.shape
         rep, Dv = H // k.shape[2], v.shape[-1]
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
