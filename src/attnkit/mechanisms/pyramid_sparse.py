@@ -20,6 +20,8 @@ from torch import nn
 
 from attnkit._validate import check_qkv, resolve_scale
 from attnkit.backends.block_gather import _blocks, attend_gathered, check_layout, compute_dtype, layout_indices
+from attnkit.backends.blocked_groups import can_fuse
+from attnkit.backends.pyramid_fused import causal_diag_ok, pyramid_fused
 from attnkit.registry import Paper, register
 
 _CHUNK_BYTES = 64 * 2**20
@@ -87,16 +89,30 @@ def psa_importance(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int
 
     qpos = (torch.arange(nqb).view(-1, 1) * block_q + offsets(block_q)).clamp_max(Nq - 1).to(q.device)  # (nqb, mq)
     kpos = (torch.arange(nkb).view(-1, 1) * block_kv + offsets(block_kv)).to(q.device)  # (nkb, mk)
-    qs = q.detach().to(cdt)[:, qpos.flatten()] * resolve_scale(scale, D)  # (B, nqb*mq, Hq, D)
-    ks = k.detach().to(cdt)[:, kpos.flatten()].repeat_interleave(hq // hkv, dim=2)  # (B, nkb*mk, Hq, D)
-    s = torch.einsum("bqhd,bkhd->bhqk", qs, ks)  # (B, Hq, nqb*mq, nkb*mk)
-    if causal:  # every sampled query sees the first sample of its own block: no empty row
-        s = s.masked_fill(kpos.flatten()[None, :] > qpos.flatten()[:, None], float("-inf"))
-    # the largest probability of a tile is exp(largest logit - row lse): no full softmax needed
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, Hq, Q, 1)
-    smax = s.view(B, hq, s.shape[2], nkb, kpos.shape[1]).amax(-1)  # (B, Hq, Q, nkb)
-    p = torch.exp(smax - lse).view(B, hq, nqb, qpos.shape[1], nkb)  # (B, Hq, nqb, mq, nkb)
-    return p.amax(3)  # (B, Hq, nqb, nkb)
+    mq, mk = qpos.shape[1], kpos.shape[1]
+    qs = (q.detach().to(cdt)[:, qpos.flatten()] * resolve_scale(scale, D)).transpose(1, 2)  # (B, Hq, nqb*mq, D)
+    ks = k.detach().to(cdt)[:, kpos.flatten()].repeat_interleave(hq // hkv, dim=2).transpose(1, 2)  # (B, Hq, K, D)
+    kflat = kpos.flatten()
+    out = qs.new_zeros(B, hq, nqb, nkb)
+    # chunks of query blocks keep the (rows, keys) scores in cache; causal chunks stop at the last key
+    # any of their sampled queries can see (later tiles are all masked: probability 0)
+    step = max(1, 2**23 // max(1, B * hq * mq * nkb * mk))
+    for i0 in range(0, nqb, step):
+        i1 = min(nqb, i0 + step)
+        qp = qpos[i0:i1].flatten()  # (R,)
+        kb_end = nkb
+        if causal:
+            kb_end = min(nkb, int(torch.searchsorted(kflat, qp.max(), right=True)) // mk + 1)
+        s = torch.matmul(qs[:, :, i0 * mq:i1 * mq], ks[:, :, :kb_end * mk].transpose(-1, -2))  # (B, Hq, R, K')
+        if causal:
+            s.masked_fill_(kflat[None, :kb_end * mk] > qp[:, None], float("-inf"))
+        # the largest probability of a tile is exp(largest logit - row lse): no full softmax needed
+        smax = s.view(B, hq, s.shape[2], kb_end, mk).amax(-1)  # (B, Hq, R, kb_end)
+        m = smax.amax(-1, keepdim=True)  # (B, Hq, R, 1), finite: every sampled query sees a key
+        lse = m + torch.log(s.sub_(m).exp_().sum(-1, keepdim=True))
+        p = torch.exp(smax - lse).view(B, hq, i1 - i0, mq, kb_end)  # (B, Hq, c, mq, kb_end)
+        out[:, :, i0:i1, :kb_end] = p.amax(3)
+    return out  # (B, Hq, nqb, nkb)
 
 
 def psa_level_map(scores: torch.Tensor, mask_ratios: tuple[float, ...], *, causal: bool = False,
@@ -177,6 +193,13 @@ def pyramid_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     dev = q.device
     if not factors:  # nothing visible anywhere
         return q.new_zeros(B, Nq, hq, Dv)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    # fp64 keeps the exact path: the fused kernel's exp is approximate (~1e-9 relative)
+    fast = not grad and cdt != torch.float64 and can_fuse(q, v)
+    if fast and (not causal or causal_diag_ok(lm, block_q, block_kv, Nq)):
+        # inference: fused op, per-row masks only, causal split into own span + unmasked past
+        out = pyramid_fused(q.to(cdt), k.to(cdt), v.to(cdt), lm, factors, block_q, block_kv, causal, scale)
+        return out.to(q.dtype)
     b_ar = torch.arange(B, device=dev).view(B, 1, 1, 1)
     kvh = (torch.arange(hq, device=dev) // (hq // hkv)).view(1, hq, 1, 1)
     # one bank of every level's pooled tokens in granules of g tokens (g = the smallest pooled block),
