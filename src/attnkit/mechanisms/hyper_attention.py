@@ -23,6 +23,7 @@ from torch import nn
 from attnkit import masks
 from attnkit._validate import check_qkv, resolve_scale
 from attnkit.backends.block_gather import attend_gathered, compute_dtype
+from attnkit.backends.blocked_groups import can_fuse, fused_ops
 from attnkit.ops.dense import attention
 from attnkit.registry import Paper, register
 
@@ -70,22 +71,54 @@ def _noncausal(q, k, v, block, m, bits, scale, gen):
     ks_p = torch.cat([ks, ks.new_zeros(B, H, nb * block - nk, D)], 2).view(B, H, nb, block, D)  # (B, H, nb, b, D)
     vs_p = torch.cat([vs, vs.new_zeros(B, H, nb * block - nk, Dv)], 2).view(B, H, nb, block, Dv)
     real = (torch.arange(nb * block, device=dev) < nk).view(nb, 1, block)  # padded keys never attended
-    o_blk, l_blk = attend_gathered(qs_p, ks_p, vs_p, real, scale)  # (B, H, nb, bq, Dv), (B, H, nb, bq)
-    o_blk, l_blk = o_blk.flatten(2, 3)[:, :, :nq], l_blk.flatten(2, 3)[:, :, :nq]  # (B, H, nq, *)
-    # residual: all queries vs the m shared samples, own-block samples dropped, weight n_k / m
     kx = torch.gather(k, 2, samples.unsqueeze(-1).expand(-1, -1, -1, D))  # (B, H, m, D)
     vx = torch.gather(v, 2, samples.unsqueeze(-1).expand(-1, -1, -1, Dv))  # (B, H, m, Dv)
-    q_blk = (torch.arange(nq, device=dev) // bq).view(1, 1, nq, 1)  # sorted query i lies in block i // bq
-    other = torch.gather(blk_k, 2, samples).unsqueeze(2) != q_blk  # (B, H, nq, m)
-    o_res, l_res = attend_gathered(qs, kx, vx, other, scale, math.log(nk / m))
-    o, lse = _merge(o_blk, l_blk, o_res, l_res)  # sorted query order
+    fwd = _fused(q, k, v)
+    if fwd is not None:
+        # one softmax per sorted block over [its keys, the m samples]: the LSE merge of the two
+        # partial attentions below is exactly this softmax with ln(n_k/m) on the samples and -inf on
+        # padded keys and on samples inside the block (already counted)
+        other = torch.gather(blk_k, 2, samples).unsqueeze(2) != torch.arange(nb, device=dev).view(1, 1, nb, 1)
+        bias = torch.cat([torch.where(real.view(1, 1, nb, block), 0.0, float("-inf")).expand(B, H, nb, block),
+                          torch.where(other, math.log(nk / m), float("-inf"))], -1).to(q.dtype)  # (B, H, nb, b+m)
+        kc = torch.cat([ks_p, kx.unsqueeze(2).expand(B, H, nb, m, D)], 3)  # (B, H, nb, b+m, D)
+        vc = torch.cat([vs_p, vx.unsqueeze(2).expand(B, H, nb, m, Dv)], 3)
+        o, lse = fwd(qs_p.reshape(B * H * nb, 1, bq, D), kc.reshape(B * H * nb, 1, block + m, D),
+                     vc.reshape(B * H * nb, 1, block + m, Dv), attn_mask=bias.reshape(B * H * nb, 1, 1, block + m),
+                     scale=scale)
+        o, lse = o.reshape(B, H, nb * bq, Dv)[:, :, :nq], lse.reshape(B, H, nb * bq)[:, :, :nq]  # sorted order
+    else:
+        o, lse = _two_part(qs, qs_p, ks_p, vs_p, kx, vx, real, blk_k, samples, nb, bq, nq, nk, m, scale)
     inv = torch.empty_like(pq).scatter_(-1, pq, torch.arange(nq, device=dev).expand_as(pq))  # original -> sorted
     o = torch.gather(o, 2, inv.unsqueeze(-1).expand(-1, -1, -1, Dv))  # (B, H, nq, Dv)
     return o, torch.gather(lse, 2, inv)
 
 
+def _fused(q, k, v):
+    """torch's fused CPU flash op for inference (no autograd, fp32/half, ``D == Dv``), else None."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if grad or q.dtype == torch.float64 or not can_fuse(q, v):
+        return None
+    return fused_ops()[0]
+
+
+def _two_part(qs, qs_p, ks_p, vs_p, kx, vx, real, blk_k, samples, nb, bq, nq, nk, m, scale):
+    """Differentiable: exact block-diagonal part and sampled residual, merged by log-sum-exp (sorted order)."""
+    dev = qs.device
+    o_blk, l_blk = attend_gathered(qs_p, ks_p, vs_p, real, scale)  # (B, H, nb, bq, Dv), (B, H, nb, bq)
+    o_blk, l_blk = o_blk.flatten(2, 3)[:, :, :nq], l_blk.flatten(2, 3)[:, :, :nq]  # (B, H, nq, *)
+    # residual: all queries vs the m shared samples, own-block samples dropped, weight n_k / m
+    q_blk = (torch.arange(nq, device=dev) // bq).view(1, 1, nq, 1)  # sorted query i lies in block i // bq
+    other = torch.gather(blk_k, 2, samples).unsqueeze(2) != q_blk  # (B, H, nq, m)
+    o_res, l_res = attend_gathered(qs, kx, vx, other, scale, math.log(nk / m))
+    return _merge(o_blk, l_blk, o_res, l_res)  # sorted query order
+
+
 def _exact(q, k, v, scale, causal):
-    """Exact attention with lse on ``(B, H, n, D)`` through ``attention`` (heads-last inside)."""
+    """Exact attention with lse on ``(B, H, n, D)``: the fused op for inference, else ``attention``."""
+    fwd = _fused(q, k, v)
+    if fwd is not None:
+        return fwd(q, k, v, is_causal=causal, scale=scale)  # (B, H, n, Dv), (B, H, n)
     mask = masks.causal() if causal else None
     o, lse = attention(*(t.transpose(1, 2) for t in (q, k, v)), mask=mask, scale=scale, return_lse=True)
     return o.transpose(1, 2), lse.transpose(1, 2)  # (B, H, n, Dv), (B, H, n)
