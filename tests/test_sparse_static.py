@@ -59,6 +59,19 @@ def test_moa_matches_reference(dtype):
                lambda q, k, v: naive_masked_attention(q, k, v, mask)[0], _ins(B=2, Hkv=2), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("impl", ["masked", "gather"])
+@pytest.mark.parametrize("alphas", [[5.0, 5.0, 9.0, 9.0], [5.0, 9.0, 5.0, 9.0], [4.0, 4.0, 4.0, 4.0]],
+                         ids=["whole_kv_groups", "split_kv_groups", "one_span"])
+def test_moa_span_groups_match_reference(alphas, impl, dtype):
+    """The per-span ak.attention path (and the gather path) vs the element mask, output and grads,
+    with span groups that cover whole GQA groups, split them, or are all heads."""
+    al, be = torch.tensor(alphas), torch.zeros(4)
+    mask = naive_moa_mask(moa_spans(al, be, 30), 3, 30)
+    compare_fn(lambda q, k, v: moa_attention(q, k, v, al, be, sink=3, block_size=4, impl=impl),
+               lambda q, k, v: naive_masked_attention(q, k, v, mask)[0], _ins(B=2, Hkv=2), dtype)
+
+
 def test_moa_identities():
     q, k, v = _ins().values()
     dense_c = naive_masked_attention(q, k, v, causal_dense(30, 30))[0]
@@ -70,6 +83,8 @@ def test_moa_identities():
                                naive_masked_attention(q, k, v, win)[0])
     with pytest.raises(ValueError, match="alphas"):
         moa_attention(q, k, v, torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="impl"):
+        moa_attention(q, k, v, z, z, impl="nope")
     torch.manual_seed(0)
     m = MoA(8, 2, alphas=[2.0, 0.0], betas=[0.0, 0.5], sink=1, block_size=2).double()
     torch.autograd.gradcheck(lambda x: m(x), (torch.randn(1, 8, 8, dtype=torch.float64, requires_grad=True),),
