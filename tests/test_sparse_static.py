@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnkit.mechanisms.moa import MoA, moa_attention, moa_spans
-from attnkit.mechanisms.s2_attention import S2Attention, s2_attention, s2_layout
+from attnkit.mechanisms.s2_attention import S2Attention, S2Mask, s2_attention, s2_layout
 from attnkit.reference.naive_sparse import causal_dense, naive_masked_attention, naive_moa_mask, naive_s2_mask
 from tolerances import DTYPES, compare_fn
 
@@ -22,6 +22,36 @@ def test_s2_matches_reference(causal, dtype):
     mask = naive_s2_mask(4, 30, 4, 2, 4, causal)
     compare_fn(lambda q, k, v: s2_attention(q, k, v, 4, 2, 4, causal=causal),
                lambda q, k, v: naive_masked_attention(q, k, v, mask)[0], _ins(B=2), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("impl,backend", [("masked", "blocked"), ("masked", None), ("gather", None)])
+def test_s2_paths_gqa_dense_heads(impl, backend, causal, dtype):
+    """Every path vs the element mask (output and grads): GQA 4:2 with a dense last KV head, the
+    per-KV-head ak.attention calls forced onto the blocked tile walk or chosen automatically."""
+    mask = naive_s2_mask(2, 30, 4, 2, 4, causal)
+    mask[:, -1] = causal_dense(30, 30) if causal else True  # num_dense_heads=1
+    mask = mask.repeat_interleave(2, dim=1)  # pattern indexed by KV head
+    compare_fn(lambda q, k, v: s2_attention(q, k, v, 4, 2, 4, causal=causal, num_dense_heads=1, impl=impl,
+                                            backend=backend),
+               lambda q, k, v: naive_masked_attention(q, k, v, mask)[0], _ins(B=2, Hkv=2), dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_s2_mask_tile_classes_exact(causal):
+    """S2Mask's tile classes (prefix-sum coarse + refinement) equal the dense mask's, ragged tiles too."""
+    m = S2Mask(16, 3, 4, 1, causal)
+    dense = m.to_dense(300, 290)
+    for bq, bk in [(128, 64), (30, 7), (16, 16), (16, 100)]:
+        cls = m.blocks(300, 290, bq, bk)
+        for i in range(cls.shape[0]):
+            for j in range(cls.shape[1]):
+                t = dense[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+                assert cls[i, j] == (2 if t.all() else 1 if t.any() else 0), (bq, bk, i, j)
+    lay = s2_layout(4, 19, 3, 4, causal=causal)[1]  # head 1: phase 1
+    expect = lay.repeat_interleave(16, 0).repeat_interleave(16, 1)[:300, :290]
+    assert torch.equal(dense, expect & causal_dense(300, 290) if causal else expect)
 
 
 def test_s2_gqa_and_identities():
@@ -49,6 +79,8 @@ def test_s2_module_and_errors():
         s2_attention(q, k, v, 4, 2, 0)
     with pytest.raises(ValueError, match="block_size"):
         s2_attention(q, k, v, 0, 2, 2)
+    with pytest.raises(ValueError, match="impl"):
+        s2_attention(q, k, v, 4, 2, 2, impl="nope")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -60,15 +92,15 @@ def test_moa_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("impl", ["masked", "gather"])
+@pytest.mark.parametrize("impl,backend", [("masked", "blocked"), ("masked", None), ("gather", None)])
 @pytest.mark.parametrize("alphas", [[5.0, 5.0, 9.0, 9.0], [5.0, 9.0, 5.0, 9.0], [4.0, 4.0, 4.0, 4.0]],
                          ids=["whole_kv_groups", "split_kv_groups", "one_span"])
-def test_moa_span_groups_match_reference(alphas, impl, dtype):
+def test_moa_span_groups_match_reference(alphas, impl, backend, dtype):
     """The per-span ak.attention path (and the gather path) vs the element mask, output and grads,
     with span groups that cover whole GQA groups, split them, or are all heads."""
     al, be = torch.tensor(alphas), torch.zeros(4)
     mask = naive_moa_mask(moa_spans(al, be, 30), 3, 30)
-    compare_fn(lambda q, k, v: moa_attention(q, k, v, al, be, sink=3, block_size=4, impl=impl),
+    compare_fn(lambda q, k, v: moa_attention(q, k, v, al, be, sink=3, block_size=4, impl=impl, backend=backend),
                lambda q, k, v: naive_masked_attention(q, k, v, mask)[0], _ins(B=2, Hkv=2), dtype)
 
 

@@ -59,7 +59,7 @@ def moa_mask(span: int, sink: int) -> M.Mask:
 
 def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alphas: torch.Tensor, betas: torch.Tensor, *,
                   sink: int = 64, block_size: int = 64, scale: float | None = None,
-                  impl: str = "masked") -> torch.Tensor:
+                  impl: str = "masked", backend: str | None = None) -> torch.Tensor:
     """Causal attention with heterogeneous elastic per-head windows and attention sinks.
 
     Args:
@@ -70,6 +70,7 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alphas: tor
         block_size: tile of the ``"gather"`` engine (a speed knob only; unused by ``"masked"``).
         impl: ``"masked"`` (default: one ``ak.attention`` call per distinct span, heads grouped) or
             ``"gather"`` (per-head block layout on the block-gather engine). Same result.
+        backend: forwarded to ``ak.attention`` by ``"masked"`` (None = automatic).
 
     Returns:
         ``(B, N, Hq, Dv)``.
@@ -92,17 +93,17 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alphas: tor
         spans = spans.to(q.device)
         lay = moa_layout(spans, sink, n, block_size).unsqueeze(0)  # (1, Hq, nb, nb)
         return block_gather_attention(q, k, v, lay, block_size, extra_mask=_MoAMask(spans, sink), scale=scale)
-    return _masked(q, k, v, spans.tolist(), sink, hq // hkv, scale)
+    return _masked(q, k, v, spans.tolist(), sink, hq // hkv, scale, backend)
 
 
-def _masked(q, k, v, spans: list[int], sink: int, g: int, scale) -> torch.Tensor:
+def _masked(q, k, v, spans: list[int], sink: int, g: int, scale, backend) -> torch.Tensor:
     """One ``ak.attention`` call per distinct span; GQA kept where a span group is whole KV groups."""
     hq = q.shape[2]
     by_span: dict[int, list[int]] = {}
     for h, s in enumerate(spans):
         by_span.setdefault(s, []).append(h)
     if len(by_span) == 1:
-        return attention(q, k, v, moa_mask(spans[0], sink), scale=scale)
+        return attention(q, k, v, moa_mask(spans[0], sink), scale=scale, backend=backend)
     outs, order = [], []
     for s, heads in by_span.items():
         kv = sorted({h // g for h in heads})
@@ -114,7 +115,7 @@ def _masked(q, k, v, spans: list[int], sink: int, g: int, scale) -> torch.Tensor
             kv_ix = [h // g for h in heads]  # one KV head per query head (a copy of O(N D) per head)
         qs = q[:, :, heads[0]:heads[0] + 1] if len(heads) == 1 else q[:, :, heads]  # (B, N, h', D)
         ks, vs = (t[:, :, kv_ix[0]:kv_ix[0] + 1] if len(kv_ix) == 1 else t[:, :, kv_ix] for t in (k, v))
-        outs.append(attention(qs, ks, vs, moa_mask(s, sink), scale=scale))  # (B, N, h', Dv)
+        outs.append(attention(qs, ks, vs, moa_mask(s, sink), scale=scale, backend=backend))  # (B, N, h', Dv)
         order += heads
     inv = torch.empty(hq, dtype=torch.long)
     inv[torch.tensor(order)] = torch.arange(hq)
