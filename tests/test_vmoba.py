@@ -16,7 +16,7 @@ from attnkit.mechanisms.vmoba import (
     vmoba_attention,
 )
 from attnkit.reference.naive_vmoba import dense_flat, naive_block_ids, naive_vmoba
-from tolerances import DTYPES, compare_fn
+from tolerances import DTYPES, assert_close, compare_fn
 
 GRID = (4, 4, 4)
 CFG = VMoBAConfig(block_1d=3, block_2d=(2, 2), block_3d=(2, 2, 2))  # 1-D ragged: frames {0,1,2}, {3}
@@ -50,6 +50,19 @@ def test_vmoba_matches_reference(mode, selection, kw, dtype):
         return vmoba_attention(q, k, v, GRID, mode=mode, config=CFG, selection=selection, query_block=8, **kw)
 
     compare_fn(fast, ref, ins, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["1d", "2d", "3d"])
+def test_vmoba_dispatch_inference_matches_reference(mode, dtype):
+    """Without autograd the dispatch runs the fused CPU op (own block as the diagonal part in partition
+    order, the ragged 1-D block included); it must equal the reference like the autograd path."""
+    ins = _ins()
+    q, k, v = (ins[n].to(dtype) for n in "qkv")
+    ref = naive_vmoba(*(t.double() for t in (q, k, v)), _ids(mode), "threshold", 0.3)
+    with torch.no_grad():
+        out = vmoba_attention(q, k, v, GRID, mode=mode, config=CFG, threshold=0.3)
+    assert_close(out.double(), ref, dtype, "out")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

@@ -6,8 +6,11 @@ flattened sequence), 2-D (an ``s_Y x s_X`` tile over all frames) and 3-D (an ``s
 cube); blocks are selected globally over all ``(query, key block)`` pairs of a head instead of
 per query; and the number of pairs is set by a cumulative-similarity threshold ``tau``. Every
 query always attends its own block. The partition is a token permutation that makes blocks
-contiguous, so the attention runs on MoBA's block-gather path (union layout per query block
-plus a per-token route mask), reusing ``moba.block_means`` / ``route_topk`` / ``_TokenRoutes``.
+contiguous, so the attention runs on the key-major dispatch engine
+(``backends.block_dispatch.routed_block_attention``: the own block as its diagonal part in
+partition order, each other selected block attended by the queries that chose it), or on the
+block-gather path (union layout per query block plus a per-token route mask); routing reuses
+``moba.block_means`` / ``route_topk`` / ``_TokenRoutes``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attnkit._validate import check_qkv, resolve_scale
+from attnkit._validate import check_qkv
+from attnkit.backends.block_dispatch import routed_block_attention
 from attnkit.backends.block_gather import block_gather_attention
 from attnkit.mechanisms.moba import _TokenRoutes, block_means, route_topk
 from attnkit.registry import Paper, register
@@ -131,79 +135,6 @@ def select_pairs(scores: torch.Tensor, own: torch.Tensor, selection: str, thresh
     return sel.view(B, H, N, n)
 
 
-def _dispatch_attention(q, kp, vp, sel, bs, scale, tile=128):
-    """The paper's dispatch: per (batch, head, key block), the queries that chose it attend that block
-    in tiles of ``tile`` query rows; the partial outputs merge per query by the log-sum-exp rule.
-
-    Work is proportional to the selected pairs (plus < ``tile`` padding rows per block), unlike a
-    union layout per query tile. ``q (B, N, Hq, D)`` raster; ``kp, vp (B, N, Hkv, D)`` block-permuted;
-    ``sel (B, Hq, N, n)`` raster rows.
-    """
-    B, N, hq, D = q.shape
-    hkv, Dv, n = kp.shape[2], vp.shape[-1], sel.shape[-1]
-    dev, cdt = q.device, (torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
-    # pairs ordered by (b, h, block, token): one group per (b, h, block)
-    b_i, h_i, j_i, t_i = sel.permute(0, 1, 3, 2).nonzero(as_tuple=True)  # each (P,)
-    grp = (b_i * hq + h_i) * n + j_i  # (P,)
-    counts = torch.bincount(grp, minlength=B * hq * n)  # (G,)
-    starts = torch.cumsum(counts, 0) - counts
-    ntile_g = (counts + tile - 1) // tile
-    tstart = torch.cumsum(ntile_g, 0) - ntile_g
-    pos = torch.arange(grp.numel(), device=dev) - starts[grp]
-    tid = tstart[grp] + pos // tile  # (P,) tile of each pair
-    nt = int(ntile_g.sum())
-    dummy = B * hq * N  # padded rows read a zero query and write a discarded row
-    rows = torch.full((nt * tile,), dummy, dtype=torch.long, device=dev)
-    rows[tid * tile + pos % tile] = (b_i * hq + h_i) * N + t_i
-    rows = rows.view(nt, tile)  # (nt, tile) query rows
-    tg = torch.zeros(nt, dtype=torch.long, device=dev)
-    tg[tid] = grp
-    tb, th, tj = tg // (hq * n), tg // n % hq, tg % n
-    kv_blk = (tb * hkv + th // (hq // hkv)) * n + tj  # (nt,) flat key-block id
-    qf = torch.cat([q.to(cdt).permute(0, 2, 1, 3).reshape(B * hq * N, D) * scale, q.new_zeros(1, D, dtype=cdt)])
-    pad = n * bs - N
-    kp, vp = kp.to(cdt), vp.to(cdt)  # (B, N, Hkv, D) blocks contiguous
-    if pad:
-        kp = torch.cat([kp, kp.new_zeros(B, pad, hkv, D)], 1)
-        vp = torch.cat([vp, vp.new_zeros(B, pad, hkv, Dv)], 1)
-    kb = kp.view(B, n, bs, hkv, D).permute(0, 3, 1, 2, 4).reshape(B * hkv * n, bs, D)  # (B*Hkv*n, bs, D)
-    vb = vp.view(B, n, bs, hkv, Dv).permute(0, 3, 1, 2, 4).reshape(B * hkv * n, bs, Dv)
-    kbias = torch.zeros(n, bs, dtype=cdt, device=dev)
-    if pad:
-        kbias[-1, bs - pad:] = float("-inf")  # the ragged last 1-D block's missing keys
-    chunk = max(1, (64 * 2**20) // (tile * (bs + D + Dv) * torch.finfo(cdt).bits // 8))
-    # without autograd: in-place softmax and preallocated outputs (fresh big buffers page-fault)
-    inplace = not (torch.is_grad_enabled() and (q.requires_grad or kp.requires_grad or vp.requires_grad))
-    if inplace:
-        o, lse = qf.new_empty(nt, tile, Dv), qf.new_empty(nt, tile)
-    outs, lses = [], []
-    for i0 in range(0, nt, chunk):
-        i1 = min(nt, i0 + chunk)
-        r, kv = rows[i0:i1], kv_blk[i0:i1]
-        s = torch.bmm(qf[r], kb[kv].transpose(1, 2))  # (c, tile, bs), scale folded into qf
-        if pad:
-            s = s + kbias[tj[i0:i1]].unsqueeze(1)
-        m = s.amax(-1, keepdim=True).detach()
-        p = torch.exp_(s.sub_(m)) if inplace else torch.exp(s - m)
-        den = p.sum(-1, keepdim=True)
-        if inplace:
-            torch.bmm(p, vb[kv], out=o[i0:i1]).div_(den)
-            torch.add(m, torch.log(den), out=lse[i0:i1].unsqueeze(-1))
-        else:
-            outs.append(torch.bmm(p, vb[kv]) / den)  # (c, tile, Dv)
-            lses.append((m + torch.log(den)).squeeze(-1))  # (c, tile)
-    o = (o if inplace else torch.cat(outs)).reshape(-1, Dv)  # (nt*tile, Dv)
-    lse = (lse if inplace else torch.cat(lses)).reshape(-1)
-    flat_rows = rows.reshape(-1)
-    top = torch.full((dummy + 1,), float("-inf"), dtype=cdt, device=dev)
-    top = top.scatter_reduce(0, flat_rows, lse.detach(), "amax")  # a shift only: exact without gradient
-    w = torch.exp(lse - top[flat_rows])  # (nt*tile,)
-    den = torch.zeros(dummy + 1, dtype=cdt, device=dev).index_add(0, flat_rows, w)
-    acc = torch.zeros(dummy + 1, Dv, dtype=cdt, device=dev).index_add(0, flat_rows, w.unsqueeze(-1) * o)
-    out = (acc[:dummy] / den[:dummy].unsqueeze(-1)).view(B, hq, N, Dv)  # every query has its own block
-    return out.permute(0, 2, 1, 3).to(q.dtype)  # (B, N, Hq, Dv)
-
-
 def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_shape, *, mode: str = "3d",
                     config: VMoBAConfig = VMoBAConfig(), selection: str = "threshold", threshold: float = 0.25,
                     topk: float | None = None, impl: str = "dispatch", query_block: int | None = None,
@@ -217,8 +148,9 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_shap
         config: block extents per mode. selection: ``"threshold"`` (paper default, ``threshold`` in
             (0, 1]), ``"topk"`` (global, ``topk`` = average blocks per query in [1, n]) or ``"local"``
             (per-query top-k, = non-causal MoBA).
-        impl: ``"dispatch"`` (the paper's varlen scheme: per key block, a tile of the queries that
-            chose it, merged by log-sum-exp; work ~ selected pairs) or ``"gather"`` (block-gather
+        impl: ``"dispatch"`` (the paper's varlen scheme on ``routed_block_attention``: per key block,
+            tiles of the queries that chose it, merged by log-sum-exp; work ~ selected pairs; the own
+            block is one batched call in partition order) or ``"gather"`` (block-gather
             engine on the union of routes per query tile + a token mask; slow when routes diverge).
         query_block: the gather engine's query tile (default: the key block size).
 
@@ -259,10 +191,14 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_shap
     # the pool in raster order, so ties resolve by raster token (as the reference); no gradient
     scores = torch.einsum("bqhd,bnhd->bhqn", q.detach().to(cdt), kbar)  # (B, Hq, N, n)
     sel = select_pairs(scores, ids, selection, threshold, topk)  # (B, Hq, N, n) raster rows
-    if impl == "dispatch":
-        out = _dispatch_attention(q, kp, vp, sel, bs, resolve_scale(scale, q.shape[-1]))
-        return (out, sel) if return_layout else out
     sel_p = sel[:, :, perm]  # (B, Hq, N, n) permuted rows
+    if impl == "dispatch":
+        # own block = the diagonal part in partition order (permuted row t is in block t // bs)
+        own = torch.zeros(N, n, dtype=torch.bool, device=q.device)
+        own[torch.arange(N, device=q.device), torch.arange(N, device=q.device) // bs] = True
+        out = routed_block_attention(qp, kp, vp, sel_p & ~own, bs, diag="full", scale=scale)  # (B, N, Hq, Dv)
+        out = out[:, inv]  # (B, N, Hq, Dv) raster order
+        return (out, sel) if return_layout else out
     nqb = math.ceil(N / bq)
     pad = nqb * bq - N
     tab = torch.cat([sel_p, sel_p.new_zeros(B, hq, pad, n)], 2) if pad else sel_p
