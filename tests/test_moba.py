@@ -5,7 +5,7 @@ import torch
 
 from attnkit.mechanisms.moba import MoBA, moba_attention
 from attnkit.reference.naive_sparse import causal_dense, naive_masked_attention, naive_moba, naive_moba_mask
-from tolerances import DTYPES, compare_fn
+from tolerances import DTYPES, assert_close, compare_fn
 
 
 def _ins(B=1, N=40, Hq=4, Hkv=2, D=8, Nk=None, seed=0):
@@ -26,6 +26,21 @@ def test_moba_matches_reference(routing, causal, dtype):
         return naive_masked_attention(q, k, v, naive_moba_mask(qr, kr, 8, 3, causal, routing))[0]
 
     compare_fn(lambda q, k, v: moba_attention(q, k, v, 8, 3, causal=causal, routing=routing), ref, ins, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("topk", [1, 3, 5])
+def test_moba_block_routing_inference_matches_reference(topk, causal, dtype):
+    """Without autograd, block routing runs on the fused op (own block + gathered past blocks, merged by
+    log-sum-exp; query blocks grouped by their count of past blocks); GQA 4:2, B=2."""
+    ins = _ins(B=2)
+    q, k, v = (ins[n].to(dtype) for n in "qkv")
+    ref = naive_masked_attention(*(t.double() for t in (q, k, v)),
+                                 naive_moba_mask(q.double(), k.double(), 8, topk, causal, "block"))[0]
+    with torch.no_grad():
+        out = moba_attention(q, k, v, 8, topk, causal=causal, routing="block")
+    assert_close(out.double(), ref, dtype, "out")
 
 
 def test_moba_cross_noncausal_matches_reference():

@@ -3,7 +3,10 @@
 Keys are cut into blocks; a parameter-free router scores every block by its mean key and
 each query attends, at token level, only inside its top-k blocks. Causal: the query's own
 block is always selected (causally masked inside) and blocks past the query are never
-candidates; the top-k budget counts the own block. Runs on the block-gather engine.
+candidates; the top-k budget counts the own block. Token routing runs the paper's key-major
+dispatch (``backends.block_dispatch``); block routing runs, without autograd, the fused CPU op
+(own block + each query block's gathered past blocks, merged by log-sum-exp), else the
+block-gather engine.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attnkit._validate import check_qkv
-from attnkit.backends.block_dispatch import routed_block_attention
-from attnkit.backends.block_gather import block_gather_attention
+from attnkit._validate import check_qkv, resolve_scale
+from attnkit.backends.block_dispatch import _diag, routed_block_attention
+from attnkit.backends.block_gather import block_gather_attention, compute_dtype
+from attnkit.backends.blocked_groups import fused_ops
 from attnkit.registry import Paper, register
 
 
@@ -115,7 +119,9 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     if self_attn:
         own = torch.arange(rows, device=q.device) // (1 if routing == "block" else block_size)
     sel = route_topk(scores, own, topk, causal)  # (B, Hq, rows, n)
-    if routing == "block":
+    if routing == "block" and _block_fused_ok(q, k, v, block_size, self_attn):
+        out = _block_routed_fused(q, k, v, sel, block_size, causal, resolve_scale(scale, q.shape[-1]))
+    elif routing == "block":
         out = block_gather_attention(q, k, v, sel, block_size, extra_mask=_Causal() if causal else None, scale=scale)
     else:
         # the paper's dispatch: own block as one batched (causal) block-diagonal part, every other
@@ -126,6 +132,61 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
         out = routed_block_attention(q, k, v, routes, block_size, scale=scale,
                                      diag=None if own is None else ("causal" if causal else "full"))
     return (out, sel) if return_layout else out
+
+
+def _block_fused_ok(q, k, v, bs: int, self_attn: bool) -> bool:
+    """Block routing's inference path: no autograd, CPU, ``D == Dv``, not fp64 (the fused kernel's exp
+    is approximate), self-attention on whole blocks. Anything else runs the block-gather engine."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return (not grad and self_attn and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+            and q.dtype != torch.float64 and q.shape[1] % bs == 0 and fused_ops()[0] is not None)
+
+
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _block_routed_fused(q, k, v, sel, bs: int, causal: bool, scale: float) -> torch.Tensor:
+    """Block-routed MoBA without autograd on torch's fused CPU flash-attention op.
+
+    The own block is one batched (causal) block-diagonal call; each query block's other selected
+    blocks are gathered into one key run and attended in full (query blocks with equal counts in one
+    call); the two partials merge by log-sum-exp. ``sel (B, Hq, nqb, n)`` includes the own block.
+    """
+    fwd = fused_ops()[0]
+    B, N, hq, D = q.shape
+    hkv, n = k.shape[2], sel.shape[-1]
+    g, cdt = hq // hkv, compute_dtype(q.dtype)
+    qh = q.to(cdt).transpose(1, 2).contiguous()  # (B, Hq, N, D)
+    kh, vh = (t.to(cdt).transpose(1, 2).contiguous() for t in (k, v))  # (B, Hkv, N, D)
+    od, ld = _diag(fwd, qh, kh, vh, "causal" if causal else "full", bs, n, scale)  # (B*Hq*N, D), (B*Hq*N,)
+    past = sel & ~torch.eye(n, dtype=torch.bool, device=q.device)  # (B, Hq, n, n): other selected blocks
+    rows = past.flatten(0, 2)  # (R, n), R = B*Hq*n query blocks
+    cnt = rows.sum(-1)  # (R,)
+    qb = qh.view(-1, bs, D)  # (R, bs, D)
+    kb, vb = kh.view(-1, bs, D), vh.view(-1, bs, D)  # (B*Hkv*n, bs, D)
+    r_all = torch.arange(rows.shape[0], device=q.device)
+    kv_base = (r_all // (hq * n) * hkv + r_all // n % hq // g) * n  # (R,) first key block of the row's KV head
+    op = torch.zeros(rows.shape[0], bs, D, dtype=cdt, device=q.device)
+    lp = torch.full((rows.shape[0], bs), float("-inf"), dtype=cdt, device=q.device)
+    for c in torch.unique(cnt).tolist():
+        if c == 0:
+            continue
+        r = torch.nonzero(cnt == c).squeeze(1)  # (Rc,)
+        blk = torch.sort(rows[r].byte(), dim=-1, descending=True, stable=True).indices[:, :c]  # (Rc, c)
+        ids = kv_base[r].unsqueeze(1) + blk  # (Rc, c) flat key blocks
+        step = max(1, _CHUNK_BYTES // (c * bs * 2 * D * qb.element_size()))
+        for i0 in range(0, r.numel(), step):
+            rr, ii = r[i0:i0 + step], ids[i0:i0 + step].reshape(-1)
+            kg = kb.index_select(0, ii).view(rr.numel(), 1, c * bs, D)  # (Rc', 1, c*bs, D)
+            vg = vb.index_select(0, ii).view(rr.numel(), 1, c * bs, D)
+            o, l = fwd(qb.index_select(0, rr).unsqueeze(1), kg, vg, scale=scale)  # (Rc', 1, bs, D), (Rc', 1, bs)
+            op.index_copy_(0, rr, o.squeeze(1))
+            lp.index_copy_(0, rr, l.squeeze(1))
+    lp, op = lp.view(-1), op.view(-1, D)  # (B*Hq*N,), (B*Hq*N, D)
+    m = torch.maximum(ld, lp)  # the own block is never empty: finite
+    wd, wp = torch.exp(ld - m), torch.exp(lp - m)
+    out = (od * wd.unsqueeze(-1) + op * wp.unsqueeze(-1)) / (wd + wp).unsqueeze(-1)
+    return out.view(B, hq, N, D).transpose(1, 2).to(q.dtype)  # (B, N, Hq, D)
 
 
 def _flops(cfg: dict) -> float:
