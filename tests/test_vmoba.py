@@ -9,10 +9,12 @@ from attnkit.mechanisms.moba import moba_attention
 from attnkit.mechanisms.vmoba import (
     VMoBAAttention,
     VMoBAConfig,
+    _threshold_prefix,
     block_shape,
     layer_mode,
     partition_ids,
     partition_perm,
+    select_pairs,
     vmoba_attention,
 )
 from attnkit.reference.naive_vmoba import dense_flat, naive_block_ids, naive_vmoba
@@ -76,6 +78,39 @@ def test_vmoba_gather_impl_matches_reference(mode, dtype):
 
     compare_fn(lambda q, k, v: vmoba_attention(q, k, v, GRID, mode=mode, config=CFG, threshold=0.3, impl="gather",
                                                query_block=8), ref, _ins(), dtype)
+
+
+@pytest.mark.parametrize("tau", [0.02, 0.1, 0.25, 0.6, 0.95])
+@pytest.mark.parametrize("ties", [False, True])
+def test_threshold_selection_topk_shortcut_equals_full_sort(tau, ties):
+    """The top-K shortcut keeps exactly the pairs of the stable full sort (ties: lower index first)."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(2, 3, 120, 10, generator=g, dtype=torch.float64)  # fp64: python sums agree
+    scores = scores.round() if ties else scores  # many equal masses
+    own = torch.arange(120) // 12
+    got = select_pairs(scores, own, "threshold", tau)
+    flat = scores.reshape(2, 3, -1)
+    own_f = torch.zeros(120, 10, dtype=torch.bool)
+    own_f[torch.arange(120), own] = True
+    own_f = own_f.reshape(-1)
+    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+    mass = (flat - lo) / (hi - lo)
+    need = tau * mass.sum(-1, keepdim=True) - (mass * own_f).sum(-1, keepdim=True)
+    expect = own_f.expand(2, 3, -1).clone()
+    for b in range(2):
+        for h in range(3):
+            acc = 0.0
+            for p in sorted(range(mass.shape[-1]), key=lambda p: (-float(mass[b, h, p]), p)):
+                if own_f[p]:
+                    continue
+                if not acc < need[b, h, 0]:
+                    break
+                expect[b, h, p] = True
+                acc += float(mass[b, h, p])
+    assert torch.equal(got.reshape(2, 3, -1), expect)
+    cand = mass.masked_fill(own_f, -1.0)
+    if tau <= 0.1:  # few pairs: the shortcut answers, no full sort
+        assert _threshold_prefix(cand, need) is not None
 
 
 def test_vmoba_selection_is_global_and_nontrivial():

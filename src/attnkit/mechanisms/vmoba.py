@@ -120,8 +120,12 @@ def select_pairs(scores: torch.Tensor, own: torch.Tensor, selection: str, thresh
         # a constant pool has no ranking: every pair gets unit mass (guard against 0 / 0)
         mass = torch.where(rng > 0, (flat - lo) / torch.where(rng > 0, rng, 1.0), torch.ones_like(flat))
         need = threshold * mass.sum(-1, keepdim=True) - (mass * own_f).sum(-1, keepdim=True)
-        vals, order = torch.sort(mass.masked_fill(own_f, -1.0), dim=-1, descending=True, stable=True)
-        vals = vals.clamp_min(0.0)  # own pairs sort last with no mass; they are never "kept" here
+        cand = mass.masked_fill(own_f, -1.0)  # own pairs sort last with no mass; never "kept" here
+        sel = _threshold_prefix(cand, need)
+        if sel is not None:
+            return (sel | own_f).view(B, H, N, n)
+        vals, order = torch.sort(cand, dim=-1, descending=True, stable=True)
+        vals = vals.clamp_min(0.0)
         before = torch.cumsum(vals, -1) - vals  # mass of the pairs ahead of each one
         keep = (before < need) & ~own_f[order]
     elif selection == "topk":
@@ -133,6 +137,33 @@ def select_pairs(scores: torch.Tensor, own: torch.Tensor, selection: str, thresh
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     sel = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, order, keep) | own_f
     return sel.view(B, H, N, n)
+
+
+def _threshold_prefix(cand: torch.Tensor, need: torch.Tensor) -> torch.Tensor | None:
+    """The threshold rule's kept pairs without sorting the whole pool, or None to sort it.
+
+    ``cand (B, H, P)`` (own pairs at -1) in descending stable order keeps the shortest prefix whose
+    mass before each pair stays ``< need``. A top-``K`` gives the same leading values (so the same
+    prefix sums); when they reach ``need`` the prefix ends inside them, at value ``theta``: keep
+    every pair above ``theta`` and, of the pairs equal to it, the first ones in index order (what
+    the stable sort keeps). Escalates ``K`` (a quarter, then half the pool) before giving up.
+    """
+    P = cand.shape[-1]
+    for K in (P // 4, P // 2):
+        if K < 1:
+            return None
+        vals = torch.topk(cand, K, dim=-1, sorted=True).values.clamp_min(0.0)  # (B, H, K)
+        before = torch.cumsum(vals, -1) - vals
+        if not bool((before[..., -1:] + vals[..., -1:] >= need).all()):
+            continue  # some head's prefix runs past K
+        kcount = (before < need).sum(-1, keepdim=True)  # (B, H, 1) pairs kept (a prefix: before rises)
+        theta = torch.gather(vals, -1, (kcount - 1).clamp_min(0))  # (B, H, 1) smallest kept value
+        above = cand > theta
+        ties = (cand == theta) & (cand >= 0)
+        room = kcount - above.sum(-1, keepdim=True)  # tied pairs still kept, in index order
+        keep = above | (ties & (torch.cumsum(ties, -1) <= room))
+        return keep & (kcount > 0)
+    return None
 
 
 def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_shape, *, mode: str = "3d",
