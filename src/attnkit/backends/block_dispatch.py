@@ -221,7 +221,10 @@ def _merge(own, tiles, rows, n_rows):
     wt = torch.exp(lt - top[ix_t])  # (P',)
     den = torch.zeros(n_rows + 1, dtype=lt.dtype, device=lt.device).index_add(0, ix_t, wt)
     acc = torch.zeros(n_rows + 1, ot.shape[-1], dtype=ot.dtype, device=ot.device)
-    acc = acc.index_add(0, ix_t, ot * wt.unsqueeze(-1))
+    if ot.requires_grad or wt.requires_grad:
+        acc = acc.index_add(0, ix_t, ot * wt.unsqueeze(-1))
+    else:  # inference: weight the tile outputs in place (a fresh (P', Dv) buffer page-faults)
+        acc.index_add_(0, ix_t, ot.mul_(wt.unsqueeze(-1)))
     den, acc = den[:n_rows], acc[:n_rows]
     if has_diag:
         wd = torch.exp(ld - top[:n_rows])
