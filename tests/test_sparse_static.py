@@ -104,6 +104,18 @@ def test_moa_span_groups_match_reference(alphas, impl, backend, dtype):
                lambda q, k, v: naive_masked_attention(q, k, v, mask)[0], _ins(B=2, Hkv=2), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_moa_inference_writes_head_groups_in_place(dtype):
+    """Without autograd the span groups are written straight into the output (no cat/reorder)."""
+    q, k, v = (t.to(dtype) for t in _ins(B=2, Hkv=2).values())
+    al, be = torch.tensor([5.0, 9.0, 5.0, 12.0]), torch.zeros(4)
+    ref = naive_masked_attention(q.double(), k.double(), v.double(), naive_moa_mask(moa_spans(al, be, 30), 3, 30))[0]
+    with torch.no_grad():
+        out = moa_attention(q, k, v, al, be, sink=3, backend="blocked")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, **({} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}))
+
+
 def test_moa_identities():
     q, k, v = _ins().values()
     dense_c = naive_masked_attention(q, k, v, causal_dense(30, 30))[0]

@@ -104,6 +104,8 @@ def _masked(q, k, v, spans: list[int], sink: int, g: int, scale, backend) -> tor
         by_span.setdefault(s, []).append(h)
     if len(by_span) == 1:
         return attention(q, k, v, moa_mask(spans[0], sink), scale=scale, backend=backend)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out = None if grad else q.new_empty(*q.shape[:3], v.shape[-1])  # (B, N, Hq, Dv), written per group
     outs, order = [], []
     for s, heads in by_span.items():
         kv = sorted({h // g for h in heads})
@@ -115,8 +117,14 @@ def _masked(q, k, v, spans: list[int], sink: int, g: int, scale, backend) -> tor
             kv_ix = [h // g for h in heads]  # one KV head per query head (a copy of O(N D) per head)
         qs = q[:, :, heads[0]:heads[0] + 1] if len(heads) == 1 else q[:, :, heads]  # (B, N, h', D)
         ks, vs = (t[:, :, kv_ix[0]:kv_ix[0] + 1] if len(kv_ix) == 1 else t[:, :, kv_ix] for t in (k, v))
-        outs.append(attention(qs, ks, vs, moa_mask(s, sink), scale=scale, backend=backend))  # (B, N, h', Dv)
+        o = attention(qs, ks, vs, moa_mask(s, sink), scale=scale, backend=backend)  # (B, N, h', Dv)
+        if out is not None:
+            out[:, :, heads] = o
+            continue
+        outs.append(o)
         order += heads
+    if out is not None:
+        return out
     inv = torch.empty(hq, dtype=torch.long)
     inv[torch.tensor(order)] = torch.arange(hq)
     return torch.cat(outs, 2).index_select(2, inv.to(q.device))  # (B, N, Hq, Dv) in head order
