@@ -109,6 +109,8 @@ def _moa(n: int, sink: int = 64):
 
 
 _MAKERS = {"moba": _moba, "biformer": _biformer, "s2_attention": _s2, "moa": _moa}
+# the path each mechanism's forward takes without autograd (the label shown in reports)
+_IMPL = {"biformer": "block_gather", "s2_attention": "blocked", "moa": "blocked"}
 
 
 def _setup(name: str, impl: str, args: tuple) -> Callable[[], Runner]:
@@ -134,7 +136,7 @@ def _group(name: str, label: str, n: int, args: tuple, area: int, suites: set[st
               ("density", round(density, 6)), ("ideal_speedup", round(1 / density, 3)),
               ("baseline_group", f"full/N={n}"))
     group = f"{label}/N={n}"
-    impl = "dispatch" if name == "moba" and args[-1] == "token" else "block_gather"
+    impl = _IMPL[name] if name != "moba" else ("dispatch" if args[-1] == "token" else "fused")
     return [
         Case(op=name, impl=impl, group=group, pass_="fwd", suites=frozenset(suites), params=params,
              flops=4.0 * B * H * D * area, setup=_setup(name, impl, args)),
