@@ -137,7 +137,7 @@ def _group(name: str, label: str, args: tuple, suites: set[str]) -> list[Case]:
               ("density", round(density, 6)), ("ideal_speedup", round(1 / density, 3)),
               ("baseline_group", f"{'causal' if args[-1] else 'full'}/N={n}"))
     group = f"{label}/N={n}"
-    impl = "block_gather" if name == "pyramid_sparse" else "lsh_sample"
+    impl = "fused" if name == "pyramid_sparse" else "lsh_sample"  # the no-grad path of each forward
     return [
         Case(op=name, impl=impl, group=group, pass_="fwd", suites=frozenset(suites), params=params,
              flops=4.0 * B * H * D * area, setup=_setup(name, impl, args)),
