@@ -110,15 +110,19 @@ def pyramid_fused(q, k, v, lm, factors, block_q, block_kv, causal, scale):
             l = l.masked_fill(empty[..., None], float("-inf"))
         out[:, i0:i1], lse[:, i0:i1] = o, l
     if causal:  # own span: block-diagonal causal attention at full resolution, merged by log-sum-exp
-        kd, vd = (t.transpose(1, 2).repeat_interleave(g, 1) if g > 1 else t.transpose(1, 2) for t in (k, v))
         full = Nq // block_q
         m = full * block_q
-        od, ld = fwd(qb[:, :full].reshape(B * hq * full, 1, block_q, D),
-                     kd[:, :, :m].reshape(B * hq * full, 1, block_q, D),
-                     vd[:, :, :m].reshape(B * hq * full, 1, block_q, D), is_causal=True, scale=scale)
-        od, ld = od.view(B * hq, full, block_q, D), ld.view(B * hq, full, block_q)
+        # heads stay in the head dim (strided views of the heads-last inputs when B=1, no transposed copies);
+        # and B*full items of Hq heads run ~1.7x faster than B*Hq*full single-head items
+        qv, kv_, vv = (t[:, :m].reshape(B * full, block_q, t.shape[2], D).transpose(1, 2) for t in (q, k, v))
+        if g > 1:
+            kv_, vv = kv_.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)  # (B*full, Hq, bq, D)
+        od, ld = fwd(qv, kv_, vv, is_causal=True, scale=scale)  # (B*full, Hq, bq, D), (B*full, Hq, bq)
+        od = od.view(B, full, hq, block_q, D).transpose(1, 2).reshape(B * hq, full, block_q, D)
+        ld = ld.view(B, full, hq, block_q).transpose(1, 2).reshape(B * hq, full, block_q)
         if full < nqb:  # ragged last query block: its real rows against its real keys
             r0 = Nq - m
+            kd, vd = (t.transpose(1, 2).repeat_interleave(g, 1) if g > 1 else t.transpose(1, 2) for t in (k, v))
             o2, l2 = fwd(qb[:, full:, :r0], kd[:, :, m:Nq].reshape(B * hq, 1, r0, D),
                          vd[:, :, m:Nq].reshape(B * hq, 1, r0, D), is_causal=True, scale=scale)
             od = torch.cat([od, torch.cat([o2, o2.new_zeros(B * hq, 1, block_q - r0, D)], 2)], 1)
