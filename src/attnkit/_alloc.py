@@ -2,12 +2,12 @@
 
 glibc serves allocations above its mmap threshold (128 KiB at start) with fresh ``mmap``'d pages,
 and every first touch of such a page faults (~3 us per 4 KiB page on the 2-core VMs we measure
-on). The threshold rises dynamically to the size of any mmap'd block that is freed, up to
-32 MiB; from then on blocks up to that size come from the heap and are reused. Many programs
-reach that state by accident (they free a large tensor); a fresh process running only our tiled
-kernels never does, because their chunk buffers are all below 32 MiB and are freed from the heap
-top. Freeing one 31 MiB block once puts the process in the reused-heap state. Nothing is touched,
-so this costs one mmap/munmap pair; other allocators (jemalloc, tcmalloc) are unaffected.
+on). The threshold rises to the size of a freed mmap'd block (up to 32 MiB), and the heap's trim
+threshold to twice that. With chunk buffers of a few MiB the process settles at a threshold of a
+few MiB, so when a chunk loop frees its working set (tens of MiB) at the heap top, glibc returns
+it to the OS and the next call faults it all in again. Freeing one 31 MiB block once raises both
+thresholds to their top (31 / 62 MiB), and the working set stays mapped and is reused. Nothing
+is touched, so this costs one mmap/munmap pair; other allocators (jemalloc, tcmalloc) ignore it.
 
 Measured on the 2-D neighborhood fwd+bwd (64x64, kernel 13): page faults 23 -> 2 MiB per call,
 wall 218 -> 190 ms.
