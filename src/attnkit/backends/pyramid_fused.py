@@ -24,6 +24,7 @@ import torch
 
 from attnkit.backends.block_gather import layout_indices
 from attnkit.backends.blocked_groups import fused_ops
+from attnkit.backends.merge import merge_partials
 
 _CHUNK_BYTES = 64 * 2**20
 
@@ -127,8 +128,6 @@ def pyramid_fused(q, k, v, lm, factors, block_q, block_kv, causal, scale):
                          vd[:, :, m:Nq].reshape(B * hq, 1, r0, D), is_causal=True, scale=scale)
             od = torch.cat([od, torch.cat([o2, o2.new_zeros(B * hq, 1, block_q - r0, D)], 2)], 1)
             ld = torch.cat([ld, torch.cat([l2, l2.new_zeros(B * hq, 1, block_q - r0)], 2)], 1)
-        top = torch.maximum(lse, ld)  # ld is finite: every query sees itself
-        wo, wd = torch.exp(lse - top), torch.exp(ld - top)
-        out = (out * wo.unsqueeze(-1) + od * wd.unsqueeze(-1)) / (wo + wd).unsqueeze(-1)
+        out, _ = merge_partials(od, ld, out, lse)  # ld is finite: every query sees itself
     out = out.view(B, hq, nqb * block_q, D)[:, :, :Nq]  # (B, Hq, Nq, D)
     return out.transpose(1, 2)  # (B, Nq, Hq, D)

@@ -24,6 +24,7 @@ from attnkit import masks
 from attnkit._validate import check_qkv, resolve_scale
 from attnkit.backends.block_gather import attend_gathered, compute_dtype
 from attnkit.backends.blocked_groups import can_fuse, fused_ops
+from attnkit.backends.merge import merge_partials
 from attnkit.ops.dense import attention
 from attnkit.registry import Paper, register
 
@@ -42,12 +43,6 @@ def lsh_rank(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     bits = (x @ w > 0).long()  # (..., n, r)
     code = (bits << torch.arange(w.shape[1], device=x.device)).sum(-1)  # (..., n): sum_i bit_i 2^i
     return gray_rank_table(w.shape[1]).to(x.device)[code]
-
-
-def _merge(oa, la, ob, lb):
-    """Exact LSE merge of two partial attentions over disjoint key sets (``la`` finite)."""
-    lse = torch.logaddexp(la, lb)
-    return torch.exp(la - lse).unsqueeze(-1) * oa + torch.exp(lb - lse).unsqueeze(-1) * ob, lse
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -126,7 +121,7 @@ def _two_part(qs, qs_p, ks_p, vs_p, kx, vx, real, blk_k, samples, nb, bq, nq, nk
     q_blk = (torch.arange(nq, device=dev) // bq).view(1, 1, nq, 1)  # sorted query i lies in block i // bq
     other = torch.gather(blk_k, 2, samples).unsqueeze(2) != q_blk  # (B, H, nq, m)
     o_res, l_res = attend_gathered(qs, kx, vx, other, scale, math.log(nk / m))
-    return _merge(o_blk, l_blk, o_res, l_res)  # sorted query order
+    return merge_partials(o_blk, l_blk, o_res, l_res)  # sorted query order
 
 
 def _exact(q, k, v, scale, causal):
@@ -147,7 +142,7 @@ def _causal(q, k, v, block, m, bits, min_len, scale, gen):
     o_top, l_top = _causal(q[:, :, :h], k[:, :, :h], v[:, :, :h], block, m, bits, min_len, scale, gen)
     o_bd, l_bd = _causal(q[:, :, h:], k[:, :, h:], v[:, :, h:], block, m, bits, min_len, scale, gen)
     o_off, l_off = _noncausal(q[:, :, h:], k[:, :, :h], v[:, :, :h], block, m, bits, scale, gen)
-    o_bot, l_bot = _merge(o_bd, l_bd, o_off, l_off)
+    o_bot, l_bot = merge_partials(o_bd, l_bd, o_off, l_off)
     return torch.cat([o_top, o_bot], 2), torch.cat([l_top, l_bot], 2)
 
 

@@ -21,6 +21,7 @@ from attnkit._validate import check_qkv, resolve_scale
 from attnkit.backends.block_dispatch import _diag, routed_block_attention
 from attnkit.backends.block_gather import block_gather_attention, compute_dtype
 from attnkit.backends.blocked_groups import fused_ops
+from attnkit.backends.merge import merge_partials
 from attnkit.registry import Paper, register
 
 
@@ -183,9 +184,7 @@ def _block_routed_fused(q, k, v, sel, bs: int, causal: bool, scale: float) -> to
             op.index_copy_(0, rr, o.squeeze(1))
             lp.index_copy_(0, rr, l.squeeze(1))
     lp, op = lp.view(-1), op.view(-1, D)  # (B*Hq*N,), (B*Hq*N, D)
-    m = torch.maximum(ld, lp)  # the own block is never empty: finite
-    wd, wp = torch.exp(ld - m), torch.exp(lp - m)
-    out = (od * wd.unsqueeze(-1) + op * wp.unsqueeze(-1)) / (wd + wp).unsqueeze(-1)
+    out, _ = merge_partials(od, ld, op, lp)  # the own block is never empty: ld is finite
     return out.view(B, hq, N, D).transpose(1, 2).to(q.dtype)  # (B, N, Hq, D)
 
 
