@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnkit import _native
 from attnkit._alloc import recycle_work_buffers
 
 
@@ -139,9 +140,27 @@ def _state_updates(Ks, Vs, dec, B, H, rep, c, cdt):
     return U
 
 
+def native_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None when the compiled forward (``csrc/linear_chunk_cpu.cpp``) can take these inputs, else why not."""
+    if q.device.type != "cpu":
+        return f"inputs on {q.device.type}"
+    if q.dtype not in (torch.float32, torch.float64) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"{q.dtype} inputs (the kernel takes fp32/fp64 alike for q, k, v)"
+    if min(x.stride(-1) for x in (q, k, v)) != 1:
+        return "feature dim not contiguous"
+    return None if _native.available() else f"native kernel {_native.status()}"
+
+
 class _ChunkLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, s0, scale, c, seg, out_dtype):
+        if native_reason(q, k, v) is None:
+            empty = q.new_empty(0)
+            o, S, bounds = _native.ops().linear_chunk_fwd(q, k, v, empty if g is None else g,
+                                                          empty if s0 is None else s0, scale, c, seg)
+            ctx.save_for_backward(q, k, v, g, bounds)
+            ctx.conf = (scale, c, seg, s0 is not None)
+            return o.to(out_dtype), S
         recycle_work_buffers()
         B, N, H, D = q.shape
         rep, Dv = H // k.shape[2], v.shape[-1]
