@@ -10,6 +10,7 @@ and registers the ops under ``torch.ops.attnkit_native``.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -18,12 +19,25 @@ import torch
 _SOURCES = [Path(__file__).parent / "csrc" / "linear_chunk_cpu.cpp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {"ops": None, "error": None}
+NOT_BUILT = "not built yet (builds on first use)"
 
 
 def _disabled() -> str | None:
     if os.environ.get("ATTNKIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return "disabled by ATTNKIT_NATIVE=0"
     return None
+
+
+def _ninja_on_path() -> None:
+    """torch's JIT build runs ``ninja`` from PATH; the ``ninja`` wheel (a dependency) puts it in the venv's
+    bin, which is not on PATH when the venv's python is called directly (as ``make test`` does)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
 
 
 def ops():
@@ -36,6 +50,8 @@ def ops():
         if _state["ops"] is None and _state["error"] is None:
             try:
                 from torch.utils.cpp_extension import load
+
+                _ninja_on_path()
 
                 # -fopenmp: at::parallel_for is inline OpenMP; without it the heads would run serially
                 load(name="attnkit_native", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
@@ -55,7 +71,7 @@ def status() -> str:
         return off
     if _state["ops"] is not None:
         return "loaded"
-    return str(_state["error"]) if _state["error"] is not None else "not built yet (builds on first use)"
+    return str(_state["error"]) if _state["error"] is not None else NOT_BUILT
 
 
 def available() -> bool:

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from attnkit import _native
 from attnkit._validate import check_qkv, resolve_scale
 from attnkit.backends.base import Backend, Dispatcher, register_op
 from attnkit.feature_maps import resolve_feature_map
-from attnkit.ops.linear_chunk import chunk_linear_attention
+from attnkit.ops.linear_chunk import chunk_linear_attention, native_reason
 from attnkit.ops.linear_recurrent import recurrent_linear_attention
 from attnkit.reference.naive_linear import naive_linear_attention
 
@@ -215,10 +216,20 @@ def _recurrent_suits(call: LinearCall) -> tuple[bool, str]:
     return False, f"N={n} > {RECURRENT_MAX_N}: the chunk algorithm is faster"
 
 
+def _chunk_suits(call: LinearCall) -> tuple[bool, str]:
+    """Always suitable; the reason says which forward kernel will run (without building it)."""
+    if not call.causal:
+        return True, "non-causal: phi(K)^T V once, then phi(Q) S"
+    why = native_reason(call.q, call.k, call.v, build=False)
+    if why is None:
+        return True, f"forward: compiled CPU kernel (attnkit._native: {_native.status()})"
+    return True, f"forward: torch ops, {why}"
+
+
 DISPATCHER = Dispatcher("linear_attention", [
     Backend("recurrent", _run_recurrent, _recurrent_supports, _recurrent_suits,
             note="token-by-token state update (decoding)"),
-    Backend("chunk", _run_chunk, note="Lightning-style chunks, hand-written backward"),
+    Backend("chunk", _run_chunk, suits=_chunk_suits, note="Lightning-style chunks, hand-written backward"),
     Backend("naive", _run_naive, auto=False, note="materialised O(N^2) oracle"),
 ])
 

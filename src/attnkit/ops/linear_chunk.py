@@ -140,15 +140,21 @@ def _state_updates(Ks, Vs, dec, B, H, rep, c, cdt):
     return U
 
 
-def native_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """None when the compiled forward (``csrc/linear_chunk_cpu.cpp``) can take these inputs, else why not."""
+def native_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, build: bool = True) -> str | None:
+    """None when the compiled forward (``csrc/linear_chunk_cpu.cpp``) takes these inputs, else why not.
+
+    ``build=False`` never triggers the build (for ``explain``): an unbuilt kernel counts as usable.
+    """
     if q.device.type != "cpu":
         return f"inputs on {q.device.type}"
     if q.dtype not in (torch.float32, torch.float64) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"{q.dtype} inputs (the kernel takes fp32/fp64 alike for q, k, v)"
+        return f"{q.dtype} inputs (the kernel takes fp32 or fp64 q, k, v)"
     if min(x.stride(-1) for x in (q, k, v)) != 1:
         return "feature dim not contiguous"
-    return None if _native.available() else f"native kernel {_native.status()}"
+    if build:
+        _native.available()
+    st = _native.status()
+    return None if st in ("loaded", _native.NOT_BUILT) else f"native kernel {st}"
 
 
 class _ChunkLinearAttention(torch.autograd.Function):

@@ -1,0 +1,93 @@
+"""The optional compiled CPU kernels (attnkit._native, csrc/): built where a compiler exists, equal to
+their torch-ops twins (outputs, states and the gradients that use the kernel's segment states), and a
+clean fallback, reported by ``explain``, where they are disabled or fail to build."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import attnkit as ak
+from attnkit import _native
+from attnkit.ops.linear_chunk import chunk_linear_attention
+from conftest import requires_native_kernel
+from tolerances import assert_close
+
+
+def test_kernel_builds_where_a_compiler_exists():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on PATH")
+    assert _native.available(), _native.status()
+    assert _native.status() == "loaded"
+
+
+def _run(monkeypatch, native: bool, q, k, v, g, s0, **kw):
+    monkeypatch.setenv("ATTNKIT_NATIVE", "1" if native else "0")
+    leaves = [t for t in (q, k, v, g, s0) if t is not None]
+    for t in leaves:
+        t.grad = None
+    o, S = chunk_linear_attention(q, k, v, g, s0, **kw)
+    gen = torch.Generator().manual_seed(7)
+    (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum().backward()
+    return [o.detach(), S.detach()] + [t.grad.clone() for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("decay", ["none", "head", "token"])
+@pytest.mark.parametrize("N,chunk,segment", [(1, 16, 64), (63, 16, 32), (64, 64, 64), (65, 16, 64), (300, 64, 128)])
+@pytest.mark.parametrize("state", [False, True])
+def test_native_equals_torch_ops(monkeypatch, dtype, decay, N, chunk, segment, state):
+    """GQA (4 query heads on 2 kv heads), strided inputs (a fused qkv projection split), ragged chunks,
+    several segments: every output and gradient of the two forwards agree (the backward is shared, so
+    equal gradients also mean equal segment states)."""
+    requires_native_kernel()
+    gen = torch.Generator().manual_seed(N)
+    B, H, Hkv, D, Dv = 2, 4, 2, 8, 8
+    qkv = torch.randn(B, N, H + 2 * Hkv, D, generator=gen, dtype=dtype)  # (B, N, H + 2 Hkv, D)
+    q, k, v = qkv.split([H, Hkv, Hkv], dim=2)  # heads-last views, token stride (H + 2 Hkv) * D
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    assert not q.is_contiguous()
+    g = None
+    if decay == "head":
+        g = torch.log(torch.tensor([0.5, 0.8, 0.95, 0.999], dtype=dtype)).requires_grad_()
+    elif decay == "token":
+        g = torch.log(torch.rand(B, N, H, generator=gen, dtype=dtype) * 0.5 + 0.5).requires_grad_()
+    s0 = torch.randn(B, H, D, Dv, generator=gen, dtype=dtype).requires_grad_() if state else None
+    kw = dict(scale=0.3, chunk_size=chunk, segment=segment)
+    fast = _run(monkeypatch, True, q, k, v, g, s0, **kw)
+    ref = _run(monkeypatch, False, q, k, v, g, s0, **kw)
+    names = ["o", "S", "dq", "dk", "dv"] + (["dg"] if g is not None else []) + (["ds0"] if state else [])
+    for name, a, b in zip(names, fast, ref):
+        assert_close(a, b, dtype, name, grad=name.startswith("d"))
+
+
+def test_disabled_by_env_falls_back_and_says_so(monkeypatch):
+    q = torch.randn(1, 100, 2, 16)
+    monkeypatch.setenv("ATTNKIT_NATIVE", "0")
+    assert not _native.available()
+    assert _native.status() == "disabled by ATTNKIT_NATIVE=0"
+    assert "torch ops, native kernel disabled by ATTNKIT_NATIVE=0" in ak.explain("linear_attention", q, q, q)
+    ref = ak.linear_attention(q.double(), q.double(), q.double(), backend="naive")
+    assert_close(ak.linear_attention(q, q, q), ref, torch.float32, "o")
+
+
+def test_failed_build_falls_back_and_says_so(monkeypatch):
+    """A machine whose build failed gets the torch-ops forward, and explain names the failure."""
+    monkeypatch.delenv("ATTNKIT_NATIVE", raising=False)
+    monkeypatch.setitem(_native._state, "ops", None)
+    monkeypatch.setitem(_native._state, "error", "build failed: RuntimeError: no compiler")
+    q = torch.randn(1, 100, 2, 16)
+    assert not _native.available()
+    assert "torch ops, native kernel build failed: RuntimeError: no compiler" in ak.explain("linear_attention", q, q, q)
+    ref = ak.linear_attention(q.double(), q.double(), q.double(), backend="naive")
+    assert_close(ak.linear_attention(q, q, q), ref, torch.float32, "o")
+
+
+def test_explain_names_the_compiled_kernel(monkeypatch):
+    requires_native_kernel()
+    q = torch.randn(1, 100, 2, 16)
+    assert "forward: compiled CPU kernel (attnkit._native: loaded)" in ak.explain("linear_attention", q, q, q)
+    assert "torch ops, torch.bfloat16 inputs" in ak.explain("linear_attention", q.bfloat16(), q.bfloat16(),
+                                                            q.bfloat16())
