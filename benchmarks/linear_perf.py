@@ -172,7 +172,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     cross = None
-    for N in (256, 512, 1024, 2048, 4096, 8192):
+    for N in (64, 128, 256, 512, 1024, 2048, 4096, 8192):
         q, k, v = inputs(N)
         qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, N, D)
         with torch.no_grad():

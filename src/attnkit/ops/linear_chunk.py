@@ -203,6 +203,19 @@ class _ChunkLinearAttention(torch.autograd.Function):
     def backward(ctx, do, dS):
         q, k, v, g, bounds = ctx.saved_tensors
         scale, c, seg, has_s0 = ctx.conf
+        if native_reason(q, k, v) is None:
+            need_g = g is not None and ctx.needs_input_grad[3]
+            empty = q.new_empty(0)
+            do = do.to(q.dtype)
+            if do.stride(-1) != 1:
+                do = do.contiguous()
+            dq, dk, dv, dgt, ds0 = _native.ops().linear_chunk_bwd(
+                q, k, v, empty if g is None else g, do, bounds.to(q.dtype).contiguous(),
+                empty if dS is None else dS, scale, c, seg, need_g)
+            dg = None
+            if need_g:
+                dg = (dgt if g.dim() == 3 else dgt.sum((0, 1))).to(g.dtype)  # per token (B, N, H) or per head
+            return dq, dk, dv, dg, ds0 if has_s0 else None, None, None, None, None
         B, N, H, D = q.shape
         Hkv, Dv = k.shape[2], v.shape[-1]
         rep = H // Hkv
