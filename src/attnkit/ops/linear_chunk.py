@@ -19,6 +19,14 @@ head's view). The state recursion over the chunks of a segment runs in two level
 inside groups of 8 chunks, a sequential carry between groups), batched over (batch, head); the
 backward runs the same scan on the flipped chunks.
 
+Two implementations of the same algorithm and contract. Where ``attnkit._native`` can build its C++
+kernel (``csrc/linear_chunk_cpu.cpp``: fp32/fp64 CPU inputs, a C++ compiler) forward and backward run
+there: one thread walks the chunks of one head in order with the state in cache, so no intermediate
+leaves the cache and no prefix scan is needed (benchmarks/linear_perf.py: N=16384 forward 58-65 ms vs
+89-114 ms for the torch-ops path, fwd+bwd 263 vs 400 ms). Otherwise (bf16/fp16, no compiler,
+``ATTNKIT_NATIVE=0``) the torch-ops path below runs; ``ak.explain`` says which and why. Both save the
+same segment-entry states, so either backward can follow either forward.
+
 Memory: forward+backward keep only q, k, v (the caller's tensors, not copies), the log-decay and
 one state per segment (``(N / segment) * B*H*D*Dv``); every per-chunk tensor (scores, chunk
 states) lives for one segment, so extra memory is O(segment * (C + D) * H) regardless of N. The
