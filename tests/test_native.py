@@ -91,3 +91,20 @@ def test_explain_names_the_compiled_kernel(monkeypatch):
     assert "forward: compiled CPU kernel (attnkit._native: loaded)" in ak.explain("linear_attention", q, q, q)
     assert "torch ops, torch.bfloat16 inputs" in ak.explain("linear_attention", q.bfloat16(), q.bfloat16(),
                                                             q.bfloat16())
+
+
+def test_ops_pass_torch_library_checks():
+    """Schema and the fake (shape-only) twins that torch.compile traces with agree with the C++ ops."""
+    requires_native_kernel()
+    ops = _native.ops()
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 70, 4, 8, generator=gen)
+    k, v = torch.randn(2, 70, 2, 8, generator=gen), torch.randn(2, 70, 2, 6, generator=gen)
+    g, s0, e = -torch.rand(4, generator=gen), torch.randn(2, 4, 8, 6, generator=gen), torch.empty(0)
+    o, S, bounds = ops.linear_chunk_fwd(q, k, v, g, s0, 0.3, 16, 32)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.linear_chunk_fwd, (q, k, v, g, s0, 0.3, 16, 32), test_utils=checks)
+    torch.library.opcheck(ops.linear_chunk_bwd, (q, k, v, g, torch.randn_like(o), bounds, S, 0.3, 16, 32, True),
+                          test_utils=checks)
+    torch.library.opcheck(ops.linear_chunk_bwd, (q, k, v, e, torch.randn_like(o), bounds, e, 0.3, 16, 32, False),
+                          test_utils=checks)

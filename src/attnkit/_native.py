@@ -40,6 +40,24 @@ def _ninja_on_path() -> None:
             pass
 
 
+def _register_fakes() -> None:
+    """Shape-only twins of the C++ ops, so torch.compile / FakeTensor tracing can pass through them."""
+
+    @torch.library.register_fake("attnkit_native::linear_chunk_fwd")
+    def _fwd(q, k, v, g, s0, scale, chunk, seg):
+        B, N, H, D = q.shape
+        Dv = v.shape[-1]
+        nseg = max(1, -(-N // seg))
+        return q.new_empty(B, N, H, Dv), q.new_empty(B, H, D, Dv), q.new_empty(nseg, B, H, D, Dv)
+
+    @torch.library.register_fake("attnkit_native::linear_chunk_bwd")
+    def _bwd(q, k, v, g, dout, bounds, dS, scale, chunk, seg, need_g):
+        B, N, H, D = q.shape
+        dgt = q.new_empty(B, N, H) if need_g else q.new_empty(0)
+        return (q.new_empty(B, N, H, D), k.new_empty(k.shape), v.new_empty(v.shape), dgt,
+                q.new_empty(B, H, D, v.shape[-1]))
+
+
 def ops():
     """``torch.ops.attnkit_native`` once built and loaded, else None (the reason is in ``status()``)."""
     if _disabled():
@@ -56,6 +74,7 @@ def ops():
                 # -fopenmp: at::parallel_for is inline OpenMP; without it the heads would run serially
                 load(name="attnkit_native", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
                      extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+                _register_fakes()
                 _state["ops"] = torch.ops.attnkit_native
             except Exception as e:  # no compiler, no headers, a failed build: fall back, say why
                 lines = str(e).strip().splitlines() or [""]
