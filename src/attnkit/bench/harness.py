@@ -179,6 +179,8 @@ class Harness:
         roof_job = {"job": "roof", "dtypes": dtypes, "n": self.suite.roof_n, "seconds": self.suite.roof_s}
         out = w.run_job(roof_job, timeout_s=120, should_stop=lambda: self.stop)
         self.roofs = {e["dtype"]: e["gflops"] for e in out.events if e.get("event") == "roof"}
+        self.native = next(({"status": e["status"], "build_s": e["build_s"]} for e in out.events
+                            if e.get("event") == "native"), None)
         self._write_run_line(self.roofs)
         self.on_event("roof", self.roofs)
         stopped: set[tuple[Any, ...]] = set()
@@ -200,7 +202,8 @@ class Harness:
             "kind": "run", "run_id": sm.run_id, "time": time.time(), "suite": self.suite.name,
             "filters": {"only": self.opts.only, "backend": self.opts.backend, "dtype": self.opts.dtype,
                         "pass": self.opts.passes},
-            "machine": machine_info(self.threads), "roof_gflops": roofs, "memory_method": "fresh-fork-rss"
+            "machine": machine_info(self.threads), "roof_gflops": roofs,
+            "native_kernels": getattr(self, "native", None), "memory_method": "fresh-fork-rss"
             if self.memory else None, "not_installed": sm.not_installed, "provider_errors": sm.provider_errors,
             "planned": sm.planned, "skipped_done": sm.skipped_done})
 

@@ -130,6 +130,13 @@ def _context(path: Path) -> dict[str, Any]:
             "provider_errors": provider_errors}
 
 
+def _native_line(nat: dict[str, Any] | None) -> str:
+    if not nat:
+        return "compiled CPU kernels (attnkit._native): not recorded"
+    return (f"compiled CPU kernels (attnkit._native, linear-attention chunk core): {nat['status']} "
+            f"(build or cache load {nat['build_s']:.1f} s, one-off, before the first case)")
+
+
 def _header_lines(ctx: dict[str, Any]) -> list[str]:
     run, m = ctx["run"], ctx["run"].get("machine", {})
     roofs = ", ".join(f"{k} {v:.1f}" for k, v in (run.get("roof_gflops") or {}).items() if v)
@@ -143,6 +150,7 @@ def _header_lines(ctx: dict[str, Any]) -> list[str]:
         f"threads, {m.get('ram_gb', '?')} GiB; torch {m.get('torch', '?')}, python {m.get('python', '?')}, "
         f"{m.get('threads', '?')} torch threads",
         f"matmul roof (GFLOP/s, best square matmul in this run, same threads): {roofs or 'n/a'}",
+        _native_line(run.get("native_kernels")),
         "FLOPs: useful only — 4·area·H·D forward over the mask's exact allowed pairs, fwd+bwd = 3.5× "
         "(LongCA-bench); mechanisms: their registered flops()",
         "timing: warm-up, then interleaved rounds within each comparison; median with 20th–80th percentiles; "

@@ -1,0 +1,65 @@
+"""The collectives the context-parallel ops use, on any ``torch.distributed`` group (gloo or nccl).
+
+None of them carries autograd: each op is one ``torch.autograd.Function`` whose backward calls
+the transposed collective explicitly (autograd does not flow through ``dist`` calls to other ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def rank_world(group=None) -> tuple[int, int]:
+    """This process's rank in ``group`` and the group size."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised (start with torchrun, or "
+                           "attnkit.distributed.launch.run_local)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _global(group, r: int) -> int:
+    return r if group is None else dist.get_global_rank(group, r)
+
+
+def ring_shift(tensors: list[torch.Tensor], group=None) -> list[torch.Tensor]:
+    """Send every tensor to the next rank of the ring and return those received from the previous one.
+
+    Sends and receives are posted together (``batch_isend_irecv``), so no ordering can deadlock.
+    """
+    rank, world = rank_world(group)
+    if world == 1:
+        return [t.clone() for t in tensors]
+    nxt, prv = _global(group, (rank + 1) % world), _global(group, (rank - 1) % world)
+    out = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, o, prv, group) for o in out]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return out
+
+
+def all_gather_stack(x: torch.Tensor, group=None) -> torch.Tensor:
+    """``(P, *x.shape)``: every rank's ``x`` in rank order (all ranks pass equal shapes)."""
+    _, world = rank_world(group)
+    out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
+    if x.device.type == "cuda":
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    else:  # gloo has no all_gather_into_tensor; the rows of `out` are the receive buffers
+        dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group)
+    return out
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
+    """Split ``x`` into P equal pieces along ``scatter_dim``, send piece j to rank j, and concatenate
+    the pieces received (in rank order) along ``gather_dim``."""
+    _, world = rank_world(group)
+    if world == 1:
+        return x
+    if x.shape[scatter_dim] % world:
+        raise ValueError(f"all_to_all: dim {scatter_dim} of size {x.shape[scatter_dim]} does not split "
+                         f"into {world} ranks")
+    send = [p.contiguous() for p in x.chunk(world, dim=scatter_dim)]
+    recv = [torch.empty_like(send[0]) for _ in range(world)]
+    dist.all_to_all(recv, send, group=group)
+    return torch.cat(recv, dim=gather_dim)
