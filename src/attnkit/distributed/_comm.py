@@ -63,3 +63,42 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -
     recv = [torch.empty_like(send[0]) for _ in range(world)]
     dist.all_to_all(recv, send, group=group)
     return torch.cat(recv, dim=gather_dim)
+
+
+# ---- differentiable forms: autograd crosses ranks through these (backward = the transposed collective)
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_stack(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        # rank s's x fed slot s on every rank: its gradient is the sum of slot s over ranks
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)
+        rank, _ = rank_world(ctx.group)
+        return g[rank], None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        s, gd = ctx.dims
+        return all_to_all(g, gd, s, ctx.group), None, None, None
+
+
+def all_gather_diff(x: torch.Tensor, group=None) -> torch.Tensor:
+    """:func:`all_gather_stack` with a backward (an all-reduce of the gradient, each rank keeps its slot)."""
+    return _AllGather.apply(x, group)
+
+
+def all_to_all_diff(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
+    """:func:`all_to_all` with a backward (the all-to-all with the two dims swapped)."""
+    return _AllToAll.apply(x, scatter_dim, gather_dim, group)
