@@ -167,8 +167,9 @@ def native_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, build: bool
 
 class _ChunkLinearAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, s0, scale, c, seg, out_dtype):
-        if native_reason(q, k, v) is None:
+    def forward(ctx, q, k, v, g, s0, scale, c, seg, out_dtype, native):
+        ctx.native = native and native_reason(q, k, v) is None
+        if ctx.native:
             empty = q.new_empty(0)
             o, S, bounds = _native.ops().linear_chunk_fwd(q, k, v, empty if g is None else g,
                                                           empty if s0 is None else s0, scale, c, seg)
@@ -211,7 +212,7 @@ class _ChunkLinearAttention(torch.autograd.Function):
     def backward(ctx, do, dS):
         q, k, v, g, bounds = ctx.saved_tensors
         scale, c, seg, has_s0 = ctx.conf
-        if native_reason(q, k, v) is None:
+        if ctx.native:
             need_g = g is not None and ctx.needs_input_grad[3]
             empty = q.new_empty(0)
             do = do.to(q.dtype)
@@ -223,7 +224,7 @@ class _ChunkLinearAttention(torch.autograd.Function):
             dg = None
             if need_g:
                 dg = (dgt if g.dim() == 3 else dgt.sum((0, 1))).to(g.dtype)  # per token (B, N, H) or per head
-            return dq, dk, dv, dg, ds0 if has_s0 else None, None, None, None, None
+            return dq, dk, dv, dg, ds0 if has_s0 else None, None, None, None, None, None
         B, N, H, D = q.shape
         Hkv, Dv = k.shape[2], v.shape[-1]
         rep = H // Hkv
@@ -317,11 +318,11 @@ class _ChunkLinearAttention(torch.autograd.Function):
                 dq[:, s:e], dk[:, s:e], dv[:, s:e] = dQs[:, :L], dKs[:, :L], dVs[:, :L]
         ds0 = dS if has_s0 else None
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dg is None else dg.to(g.dtype),
-                ds0, None, None, None, None)
+                ds0, None, None, None, None, None)
 
 
 def chunk_linear_attention(q, k, v, g=None, initial_state=None, *, scale=1.0, chunk_size=64, segment=4096,
-                           out_dtype=None):
+                           out_dtype=None, native=True):
     """Causal (decayed) linear attention, chunked; the core of the ``"chunk"`` backend.
 
     Args:
@@ -334,6 +335,8 @@ def chunk_linear_attention(q, k, v, g=None, initial_state=None, *, scale=1.0, ch
         chunk_size: tokens per chunk C (the C x C intra tile).
         segment: tokens processed together (rounded up to a multiple of C); bounds extra memory.
         out_dtype: dtype of ``o`` (default q's).
+        native: use the compiled kernel when it can run (``native_reason``); False forces the torch-ops
+            path (benchmarks compare the two).
 
     Returns:
         ``(o (B, N, H, Dv), S_N (B, H, D, Dv))``; the state is float32 (float64 for float64 inputs).
@@ -343,4 +346,4 @@ def chunk_linear_attention(q, k, v, g=None, initial_state=None, *, scale=1.0, ch
     """
     seg = max(chunk_size, (segment // chunk_size) * chunk_size)
     return _ChunkLinearAttention.apply(q, k, v, g, initial_state, float(scale), int(chunk_size), seg,
-                                       out_dtype or q.dtype)
+                                       out_dtype or q.dtype, bool(native))

@@ -5,6 +5,9 @@ Groups and implementations (``Case.impl``):
 * ``causal_decay/N=...``: ``chunk`` = ``ak.linear_attention(q, k, v, decay=lambda (H,), backend="chunk")``
   (Lightning-style, per-head TNL decay) and ``sdpa_causal`` = ``F.scaled_dot_product_attention(...,
   is_causal=True)`` on heads-first tensors, the baseline — their timings give the crossover length;
+* ``chunk_torchops`` (both groups): the same chunk algorithm forced onto its torch-ops path
+  (``chunk_linear_attention(..., native=False)``), beside ``chunk``, which runs the compiled
+  kernel where it is built: the kernel's gain, measured in the same run;
 * ``causal/N=...``: ``chunk`` without decay and ``fla_naive`` = fla's ``naive_chunk_linear_attn``
   (same math; ``requires="fla"``, loaded by file path), the baseline of that group.
 
@@ -91,6 +94,13 @@ def _setup(impl: str, n: int, decay: bool, pass_: str) -> Callable[[], Runner]:
         if impl == "chunk":
             def fn() -> torch.Tensor:
                 return ak.linear_attention(q, k, v, decay=lam, backend="chunk")
+        elif impl == "chunk_torchops":
+            from attnkit.ops.linear_chunk import chunk_linear_attention
+
+            g_log = None if lam is None else torch.log(lam)
+
+            def fn() -> torch.Tensor:
+                return chunk_linear_attention(q, k, v, g_log, scale=D ** -0.5, native=False)[0]
         elif impl == "sdpa_causal":
             def fn() -> torch.Tensor:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -144,8 +154,8 @@ def cases() -> list[Case]:
         _cases("causal_decay", ["chunk", "sdpa_causal"], [256], BOTH, {"quick"}),
         # default: cheap — linear up to 16384, SDPA only where it is fast
         _cases("causal_decay", ["chunk"], [1024, 4096], BOTH, {"default", "full"}),
-        _cases("causal_decay", ["chunk"], [16384], FWD, {"default", "full"}),
-        _cases("causal_decay", ["chunk"], [16384], ("fwd+bwd",), {"full"}),
+        _cases("causal_decay", ["chunk", "chunk_torchops"], [16384], FWD, {"default", "full"}),
+        _cases("causal_decay", ["chunk", "chunk_torchops"], [16384], ("fwd+bwd",), {"full"}),
         _cases("causal_decay", ["sdpa_causal"], [1024, 4096], FWD, {"default", "full"}),
         _cases("causal", ["chunk", "fla_naive"], [16384], FWD, {"full"}),
         # scaling: N doubling up to 65536 (SDPA stops by itself past 2 s) -> crossover and time ratios
