@@ -1,0 +1,199 @@
+"""LASP-2: sequence (context) parallelism for linear attention.
+
+Paper: Sun, Lan, Zhong, Qu, Cheng, "LASP-2: Rethinking Sequence Parallelism for Linear Attention and
+Its Hybrid", arXiv 2502.07563 (2025). Notes: papers/linear.md §8; contract: DESIGN.md §3, §8.
+
+Each rank holds one contiguous piece of the sequence (ranks in sequence order). The only thing a
+piece needs from the others is a ``(Dphi, Dv)`` memory state per head, so:
+
+1. every rank computes its piece's state ``M_t`` from a zero state (decayed to the piece's end) and
+   its total log-decay ``G_t``;
+2. ONE all-gather exchanges ``[M_t, G_t]`` (size independent of the sequence length, §8.6);
+3. causal: rank t folds the states of the ranks before it, ``A_s = exp(G_s) A_{s-1} + M_s``, into its
+   initial state (its own ``M_t`` is NOT added: the intra-chunk term covers it, §8.8) and runs the
+   single-process chunk kernel once with it (intra + inter in one call). Non-causal: ``O_t = phi(Q_t)
+   sum_s M_s`` (its own state included).
+
+The backward of the exchange (:class:`_StateExchange`) all-gathers the gradients of the folded
+states and each rank takes the suffix fold ``D_u = dP_{u+1} + exp(G_{u+1}) D_{u+1}`` as the gradient of
+its own ``M_u`` (and ``exp(G_u) <A_{u-1}, D_u>`` for ``G_u``): one all-gather each way, as in §8.3. The
+local pieces (``M_t``, the chunk kernel) differentiate by autograd.
+
+Because only states travel, the pieces may have different lengths (no padding needed).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import attnkit as ak
+from attnkit.distributed._comm import all_gather_stack, rank_world
+from attnkit.feature_maps import resolve_feature_map
+from attnkit.ops.linear import make_call
+
+
+def check_group_shapes(op: str, values: dict[str, int], group=None, *, equal: tuple[str, ...] = ()) -> list[dict]:
+    """All-gather a few ints per rank (one tiny collective) and raise the same ValueError on every rank
+    when a value in ``equal`` differs between ranks. Returns every rank's values, in rank order."""
+    _, world = rank_world(group)
+    names = list(values)
+    mine = torch.tensor([int(values[n]) for n in names], dtype=torch.int64)
+    rows = all_gather_stack(mine, group).tolist() if world > 1 else [mine.tolist()]
+    per_rank = [dict(zip(names, r, strict=True)) for r in rows]
+    for n in equal:
+        seen = [r[n] for r in per_rank]
+        if len(set(seen)) > 1:
+            raise ValueError(f"{op}: {n} differs across ranks: {seen} (every rank must pass the same {n})")
+    return per_rank
+
+
+class _StateExchange(torch.autograd.Function):
+    """All-gather every rank's state ``M_s`` (and log-decay ``G_s``) and fold them for this rank.
+
+    forward: causal -> ``A_{t-1}`` (the state entering this rank's piece), else ``sum_s M_s``.
+    backward: all-gather the gradients of the folded states, suffix-fold them (§8.3 / §8.4).
+    """
+
+    @staticmethod
+    def forward(ctx, M, G, causal, group):
+        rank, world = rank_world(group)
+        n = M.numel()
+        pack = M.reshape(-1) if G is None else torch.cat([M.reshape(-1), G.reshape(-1)])  # (n [+ B*Hs],)
+        rows = all_gather_stack(pack, group) if world > 1 else pack[None]  # (P, n [+ B*Hs])
+        Ms = rows[:, :n].view(world, *M.shape)  # (P, B, Hs, Dphi, Dv')
+        Gs = None if G is None else rows[:, n:].view(world, *G.shape)  # (P, B, Hs)
+        if causal:
+            out = torch.zeros_like(M)
+            for s in range(rank):  # A_s = exp(G_s) A_{s-1} + M_s; rank t needs A_{t-1}
+                out = out if Gs is None else out * Gs[s].exp()[..., None, None]
+                out = out + Ms[s]
+        else:
+            out = Ms.sum(0)
+        ctx.causal, ctx.group = causal, group
+        ctx.save_for_backward(out if (causal and Gs is not None) else None, Gs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dP):
+        rank, world = rank_world(ctx.group)
+        prefix, Gs = ctx.saved_tensors
+        dP = dP.contiguous()
+        dPs = all_gather_stack(dP, ctx.group) if world > 1 else dP[None]  # (P, B, Hs, Dphi, Dv')
+        if not ctx.causal:
+            return dPs.sum(0), None, None, None
+        # dM_u = sum_{t > u} exp(G_{u+1} + ... + G_{t-1}) dP_t, by the suffix recurrence
+        dM = torch.zeros_like(dP)
+        for u in range(world - 2, rank - 1, -1):
+            dM = dM if Gs is None else dM * Gs[u + 1].exp()[..., None, None]
+            dM = dM + dPs[u + 1]
+        dG = None
+        if Gs is not None:  # A_u = exp(G_u) A_{u-1} + M_u and dL/dA_u = dM_u
+            dG = Gs[rank].exp() * (prefix * dM).sum((-2, -1))  # (B, Hs)
+        return dM, dG, None, None
+
+
+def _local_state(call, cdt: torch.dtype):
+    """This piece's final state from a zero state, ``M = sum_j w_j phi(k_j)^T [v_j, 1]``, and its total
+    log-decay ``G`` (``None`` without decay). ``w_j = exp(G - gcum_j)`` is the decay from token j to the end.
+
+    Without decay the state is kept per KV head (GQA: fewer elements to send); with decay per query head.
+    """
+    pk = call.phi(call.k).to(cdt)  # (B, C, Hkv, Dphi)
+    v = call.v.to(cdt)
+    if call.normalize:  # z is the state of a value column of ones
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, C, Hkv, Dv + 1)
+    if call.decay is None:
+        return torch.einsum("bnhd,bnhe->bhde", pk, v), None  # (B, Hkv, Dphi, Dv')
+    B, C, Hkv, Dp = pk.shape
+    H = call.q.shape[2]
+    rep = H // Hkv
+    lg = torch.log(call.decay.to(cdt))
+    if call.decay_kind == "per-head":
+        steps = torch.arange(C - 1, -1, -1, dtype=cdt)  # C - r_j for r_j = 1..C
+        w = torch.exp(steps[:, None] * lg).expand(B, C, H)  # (B, C, H)
+        G = (lg * C).expand(B, H)  # (B, H)
+    else:
+        gc = lg.cumsum(1)  # (B, C, H)
+        G = gc[:, -1]  # (B, H)
+        w = torch.exp(G[:, None] - gc)  # (B, C, H), <= 1
+    pkw = pk[:, :, :, None] * w.view(B, C, Hkv, rep, 1)  # (B, C, Hkv, rep, Dphi): query head = g*rep + r
+    M = torch.einsum("bngrd,bnge->bgrde", pkw, v)  # (B, Hkv, rep, Dphi, Dv')
+    return M.reshape(B, H, Dp, v.shape[-1]), G  # (B, H, Dphi, Dv')
+
+
+def lasp2_linear_attention(q, k, v, *, causal=True, decay=None, feature_map="identity", normalize=False,
+                           scale=None, return_state=False, chunk_size=None, eps=1e-6, group=None,
+                           check_shapes=True):
+    """``ak.linear_attention`` over the sequence split across the ranks of ``group`` (LASP-2).
+
+    Call it on every rank of ``group`` with that rank's contiguous piece (rank order = sequence order);
+    the result is this rank's piece of what ``ak.linear_attention`` returns for the whole sequence.
+
+    Args:
+        q: ``(B, N_t, H, D)`` this rank's queries.
+        k: ``(B, N_t, Hkv, D)`` (non-causal: any ``M_t``; ``H % Hkv == 0``).
+        v: ``(B, N_t, Hkv, Dv)``.
+        causal, feature_map, normalize, scale, chunk_size, eps: as ``ak.linear_attention``.
+        decay: None, per head ``(H,)`` (the same on every rank) or per token ``(B, N_t, H)`` for this piece.
+            The gradient of a per-head decay is this rank's share: sum it over ranks (as for any
+            replicated parameter) to get the single-process gradient.
+        return_state: also return the state at the end of this rank's piece (the last rank's is the
+            single-process final state; non-causal: the total ``phi(K)^T V``).
+        group: process group (None = default). Pieces may differ in length; B, H, Hkv, D, Dv and the
+            decay kind must agree.
+        check_shapes: all-gather the shapes first (one tiny collective) to raise a ValueError naming the
+            mismatch instead of failing inside the state exchange.
+
+    Returns:
+        ``o (B, N_t, H, Dv)``, or ``(o, state)`` with ``return_state``.
+
+    Communication per call and rank: one all-gather of ``B*Hs*Dphi*Dv'`` (+ ``B*Hs`` log-decays) elements
+    forward and one of the same size backward (``Hs = Hkv`` without decay, ``H`` with; ``Dv' = Dv + 1``
+    with ``normalize``); float32 (float64 for float64 inputs).
+
+    Example:
+        >>> # on each of P ranks: the rank's piece of a (1, P*4096, 8, 64) sequence
+        >>> o = lasp2_linear_attention(q_t, k_t, v_t, decay=torch.full((8,), 0.99))
+    """
+    call = make_call(q, k, v, causal=causal, feature_map=feature_map, decay=decay, normalize=normalize,
+                     scale=scale, chunk_size=chunk_size, eps=eps)
+    if not isinstance(check_shapes, bool):
+        raise TypeError(f"check_shapes must be a bool, got {type(check_shapes).__name__}")
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, _, H, _ = q.shape
+    Hkv = k.shape[2]
+    if check_shapes:
+        kinds = {"none": 0, "per-head": 1, "per-token": 2}
+        check_group_shapes("lasp2_linear_attention", {
+            "B": B, "H": H, "Hkv": Hkv, "D": q.shape[-1], "Dv": v.shape[-1], "causal": causal,
+            "normalize": normalize, "decay kind": kinds[call.decay_kind],
+            "dtype": 1 if cdt == torch.float64 else 0}, group,
+            equal=("B", "H", "Hkv", "D", "Dv", "causal", "normalize", "decay kind", "dtype"))
+    M, G = _local_state(call, cdt)
+    P = _StateExchange.apply(M.contiguous(), G if G is None else G.contiguous(), causal, group)
+    if P.shape[1] != H:  # states were exchanged per KV head: each query head of a group shares its state
+        P = P.repeat_interleave(H // P.shape[1], dim=1)  # (B, H, Dphi, Dv')
+    if causal:
+        init = (P[..., :-1], P[..., -1]) if normalize else P
+        return ak.linear_attention(q, k, v, causal=True, feature_map=feature_map, decay=decay,
+                                   normalize=normalize, scale=call.scale, initial_state=init,
+                                   return_state=return_state, chunk_size=chunk_size, eps=eps)
+    o = torch.einsum("bnhd,bhde->bnhe", call.phi(q).to(cdt) * call.scale, P)  # (B, N_t, H, Dv')
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + call.eps)  # (B, N_t, H, Dv)
+    o = o.to(q.dtype)
+    if not return_state:
+        return o
+    return o, ((P[..., :-1], P[..., -1]) if normalize else P)
+
+
+def lasp2_comm_elements(B: int, H: int, Hkv: int, Dphi: int, Dv: int, world: int, *, decay: bool = False,
+                        normalize: bool = False) -> int:
+    """Elements this rank receives in the forward all-gather of :func:`lasp2_linear_attention` (the
+    backward receives as many): ``(P - 1) * B * Hs * (Dphi * Dv' + [decay])`` (papers/linear.md §8.6)."""
+    hs = H if decay else Hkv
+    per = B * hs * Dphi * (Dv + int(normalize)) + (B * hs if decay else 0)
+    return (world - 1) * per
+
+
+__all__ = ["check_group_shapes", "lasp2_comm_elements", "lasp2_linear_attention"]

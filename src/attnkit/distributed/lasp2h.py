@@ -1,0 +1,124 @@
+"""LASP-2H: the softmax-attention layers of a linear/softmax hybrid under LASP-2's sequence split.
+
+Paper: Sun, Lan, Zhong, Qu, Cheng, "LASP-2: Rethinking Sequence Parallelism for Linear Attention and
+Its Hybrid", arXiv 2502.07563 (2025), §8.5 of papers/linear.md; DESIGN.md §8.
+
+Every rank all-gathers K and V (one collective: K and V travel packed together), so it holds the
+keys of the whole sequence, and runs ``ak.attention`` for its own queries with the causal diagonal
+shifted by its start position. Causal ranks keep only the pieces of ranks <= their own. The backward
+of the all-gather is a reduce-scatter of the full-length dK, dV to their owners (:class:`_GatherRS`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import attnkit as ak
+from attnkit._validate import check_qkv
+from attnkit.distributed._comm import all_gather_stack, rank_world
+from attnkit.distributed.lasp2 import check_group_shapes
+
+
+_DTYPE_CODE = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def reduce_scatter_stack(g: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``g (P, *shape)`` over ranks and return this rank's row (the transpose of the all-gather)."""
+    rank, world = rank_world(group)
+    if world == 1:
+        return g[0]
+    g = g.contiguous()
+    out = torch.empty_like(g[0])
+    if g.device.type == "cuda":
+        dist.reduce_scatter_tensor(out, g, group=group)
+    else:  # gloo: the rows are the send buffers
+        dist.reduce_scatter(out, list(g.unbind(0)), group=group)
+    return out
+
+
+class _GatherRS(torch.autograd.Function):
+    """All-gather forward, reduce-scatter backward: each rank receives only the sum for its own slot,
+    (P-1)/P of the all-gather's volume, not the all-reduce's twice that."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_stack(x, group) if rank_world(group)[1] > 1 else x[None]
+
+    @staticmethod
+    def backward(ctx, g):
+        return reduce_scatter_stack(g, ctx.group), None
+
+
+def all_gather_rs_diff(x: torch.Tensor, group=None) -> torch.Tensor:
+    """``(P, *x.shape)`` every rank's ``x``; differentiable, backward = reduce-scatter of the gradient."""
+    return _GatherRS.apply(x, group)
+
+
+def lasp2h_attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend=None, group=None,
+                     check_shapes=True):
+    """Softmax attention over the sequence split across the ranks of ``group`` (LASP-2H).
+
+    Call it on every rank with that rank's contiguous piece (rank order = sequence order); the result
+    is this rank's rows of ``ak.attention`` over the whole sequence.
+
+    Args:
+        q: ``(B, Nq_t, H, D)`` this rank's queries.
+        k: ``(B, Nk_t, Hkv, D)`` this rank's keys (``H % Hkv == 0``); causal needs ``Nk_t == Nq_t``.
+        v: ``(B, Nk_t, Hkv, Dv)``.
+        causal: global causal mask (query at global position i sees keys j <= i).
+        scale: score scale, default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp of this rank's rows.
+        backend: forwarded to ``ak.attention``.
+        group: process group (None = default).
+        check_shapes: all-gather the shapes first (one tiny collective): pieces of different lengths are
+            then padded for the exchange (the paper's remedy); without it all pieces must be equally long.
+
+    Returns:
+        ``o (B, Nq_t, H, Dv)``, or ``(o, lse (B, Nq_t, H))`` with ``return_lse``.
+
+    Communication per call and rank: receive ``(P-1) * B * L * Hkv * (D + Dv)`` elements (L the longest
+    piece) forward; the backward reduce-scatter receives as many.
+
+    Example:
+        >>> o = lasp2h_attention(q_t, k_t, v_t, causal=True)   # on every rank of the group
+    """
+    check_qkv(q, k, v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(check_shapes, bool):
+        raise TypeError(f"check_shapes must be a bool, got {type(check_shapes).__name__}")
+    B, nq, H, D = q.shape
+    nk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    if causal and nq != nk:
+        raise ValueError(f"lasp2h_attention: causal needs this rank's q and k/v pieces equally long, "
+                         f"got {nq} and {nk}")
+    rank, world = rank_world(group)
+    if check_shapes:
+        rows = check_group_shapes("lasp2h_attention", {
+            "B": B, "H": H, "Hkv": Hkv, "D": D, "Dv": Dv, "N_local": nk, "causal": causal,
+            "dtype": _DTYPE_CODE.get(q.dtype, 99)}, group, equal=("B", "H", "Hkv", "D", "Dv", "causal", "dtype"))
+        lengths = [r["N_local"] for r in rows]
+    else:
+        lengths = [nk] * world
+    L = max(lengths)
+    kv = torch.cat([k, v], dim=-1)  # (B, nk, Hkv, D + Dv): one collective for both
+    if L > nk:  # pad to the longest piece; the padding is cut off after the exchange
+        kv = F.pad(kv, (0, 0, 0, 0, 0, L - nk))  # (B, L, Hkv, D + Dv)
+    last = rank if causal else world - 1  # causal: ranks after this one hold only future keys
+    rows = all_gather_rs_diff(kv.contiguous(), group)  # (P, B, L, Hkv, D + Dv)
+    full = torch.cat([rows[s, :, :lengths[s]] for s in range(last + 1)], dim=1)  # (B, Nk, Hkv, D + Dv)
+    kf, vf = full[..., :D], full[..., D:]  # (B, Nk, Hkv, D), (B, Nk, Hkv, Dv)
+    mask = ak.masks.causal(sum(lengths[:rank])) if causal else None  # kv <= q + start of this piece
+    return ak.attention(q, kf, vf, mask, scale=scale, backend=backend, return_lse=return_lse)
+
+
+def lasp2h_comm_elements(B: int, N_local: int, Hkv: int, D: int, Dv: int, world: int) -> int:
+    """Elements this rank receives in the forward all-gather of :func:`lasp2h_attention` (the backward
+    reduce-scatter receives as many): ``(P - 1) * B * N_local * Hkv * (D + Dv)`` (papers/linear.md §8.6)."""
+    return (world - 1) * B * N_local * Hkv * (D + Dv)
+
+
+__all__ = ["all_gather_rs_diff", "lasp2h_attention", "lasp2h_comm_elements", "reduce_scatter_stack"]
