@@ -13,9 +13,9 @@ import torch
 
 import attnkit as ak
 from attnkit.distributed._lasp_selftest import run_specs
-from attnkit.distributed.launch import run_local
 from attnkit.distributed.lasp2 import lasp2_comm_elements, lasp2_linear_attention
 from attnkit.distributed.lasp2h import lasp2h_attention, lasp2h_comm_elements
+from attnkit.distributed.launch import run_local
 from tolerances import assert_close
 
 B, N, H, HKV, D, DV = 2, 96, 4, 2, 8, 6

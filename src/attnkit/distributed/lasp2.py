@@ -28,7 +28,6 @@ import torch
 
 import attnkit as ak
 from attnkit.distributed._comm import all_gather_stack, rank_world
-from attnkit.feature_maps import resolve_feature_map
 from attnkit.ops.linear import make_call
 
 

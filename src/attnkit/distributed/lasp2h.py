@@ -20,13 +20,12 @@ from attnkit._validate import check_qkv
 from attnkit.distributed._comm import all_gather_stack, rank_world
 from attnkit.distributed.lasp2 import check_group_shapes
 
-
 _DTYPE_CODE = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
 def reduce_scatter_stack(g: torch.Tensor, group=None) -> torch.Tensor:
     """Sum ``g (P, *shape)`` over ranks and return this rank's row (the transpose of the all-gather)."""
-    rank, world = rank_world(group)
+    _, world = rank_world(group)
     if world == 1:
         return g[0]
     g = g.contiguous()
