@@ -102,3 +102,53 @@ def all_gather_diff(x: torch.Tensor, group=None) -> torch.Tensor:
 def all_to_all_diff(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
     """:func:`all_to_all` with a backward (the all-to-all with the two dims swapped)."""
     return _AllToAll.apply(x, scatter_dim, gather_dim, group)
+
+
+# ---- softmax context parallelism (ring / Ulysses / USP) helpers
+
+def ring_shift_start(tensors: list[torch.Tensor], group=None):
+    """Post :func:`ring_shift`'s sends and receives and return ``(received, wait)`` at once, so the
+    caller computes while the block travels; call ``wait()`` before reading ``received`` (and keep
+    ``tensors`` unchanged until then)."""
+    rank, world = rank_world(group)
+    if world == 1:
+        return [t.clone() for t in tensors], lambda: None
+    nxt, prv = _global(group, (rank + 1) % world), _global(group, (rank - 1) % world)
+    send = [t.contiguous() for t in tensors]
+    out = [torch.empty_like(t) for t in send]
+    ops = [dist.P2POp(dist.isend, t, nxt, group) for t in send]
+    ops += [dist.P2POp(dist.irecv, o, prv, group) for o in out]
+    reqs = dist.batch_isend_irecv(ops)
+
+    def wait() -> None:
+        for req in reqs:
+            req.wait()
+        send.clear()  # the send buffers may go now
+    return out, wait
+
+
+def check_same_shapes(op: str, group=None, **tensors: torch.Tensor) -> None:
+    """Raise the same ValueError on every rank when the named tensors' shapes differ across ranks
+    (ring passes and all-to-alls need equal shards; without this check they hang or fail obscurely)."""
+    _, world = rank_world(group)
+    if world == 1:
+        return
+    names = list(tensors)
+    dims = [torch.tensor([t.dim()]) for t in tensors.values()]
+    flat = torch.cat(dims + [torch.tensor(t.shape, dtype=torch.int64) for t in tensors.values()]).long()
+    width = torch.tensor([flat.numel()])
+    widths = all_gather_stack(width.to(_dev(group)), group).cpu()
+    if (widths != widths[0]).any():
+        raise ValueError(f"{op}: {', '.join(names)} have different ranks (number of dims) across processes")
+    got = all_gather_stack(flat.to(_dev(group)), group).cpu()                  # (P, width)
+    if (got != got[0]).any():
+        shapes = {n: [tuple(r[len(names) + sum(int(x) for x in r[:i]):][:int(r[i])].tolist()) for r in got]
+                  for i, n in enumerate(names)}
+        bad = "; ".join(f"{n}: {s}" for n, s in shapes.items() if len(set(s)) > 1)
+        raise ValueError(f"{op}: every rank must pass shards of equal shape; got per rank {bad}")
+
+
+def _dev(group=None) -> torch.device:
+    """Where the group's collectives take tensors (nccl: the current CUDA device)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
