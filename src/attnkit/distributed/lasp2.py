@@ -168,7 +168,17 @@ def lasp2_linear_attention(q, k, v, *, causal=True, decay=None, feature_map="ide
             "normalize": normalize, "decay kind": kinds[call.decay_kind],
             "dtype": 1 if cdt == torch.float64 else 0}, group,
             equal=("B", "H", "Hkv", "D", "Dv", "causal", "normalize", "decay kind", "dtype"))
-    M, G = _local_state(call, cdt)
+    rank, world = rank_world(group)
+    if causal and rank == world - 1:  # no later rank reads the last piece's state (nor its G): send zeros
+        hs = H if call.decay is not None else Hkv
+        dp = call.phi(q[:, :1]).shape[-1]
+        M = torch.zeros(B, hs, dp, v.shape[-1] + int(normalize), dtype=cdt)  # (B, Hs, Dphi, Dv')
+        G = None if call.decay is None else torch.zeros(B, H, dtype=cdt)  # (B, H)
+        # ... but the exchange's backward is a collective every rank must join: keep it in the graph
+        M.requires_grad_(torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, decay)))
+    else:
+        M, G = _local_state(call, cdt)
     P = _StateExchange.apply(M.contiguous(), G if G is None else G.contiguous(), causal, group)
     if P.shape[1] != H:  # states were exchanged per KV head: each query head of a group shares its state
         P = P.repeat_interleave(H // P.shape[1], dim=1)  # (B, H, Dphi, Dv')

@@ -1,0 +1,183 @@
+"""LASP-2 / LASP-2H (arXiv 2502.07563) on P local gloo processes: wall time and bytes per call.
+
+    .venv/bin/python benchmarks/distributed_linear_perf.py            # ~2-3 min on 2 cores
+    .venv/bin/python benchmarks/distributed_linear_perf.py --quick    # smaller N, fewer repeats
+    .venv/bin/python benchmarks/distributed_linear_perf.py --json out.json
+
+Setting: fp32, B=1, H=8, D=Dv=64. LASP-2: causal linear attention with per-head decay at N=32768
+(``--quick``: 8192) split into P = 1, 2, 4 equal pieces; LASP-2H: causal softmax attention at N=4096
+(``--quick``: 2048). The single-process ops (``ak.linear_attention`` / ``ak.attention`` on the whole
+sequence) are timed in the P=1 worker with both cores, alternating with the P=1 distributed call.
+
+Timing is measured inside the workers: barrier, then the call; after warm-up the implementations
+alternate and each rank keeps its median; the table shows the slowest rank's median (the step time).
+Bytes are COUNTED: the workers wrap ``dist.all_gather`` / ``reduce_scatter`` / ``all_reduce`` and add
+up what this rank receives (``(P-1)/P`` of the gathered buffer), forward and backward separately,
+next to the §8.6 formula (the shape check, a few int64s, is counted apart as "meta").
+
+HONEST CAVEAT: this machine has 2 cores. P=1 uses 2 threads, P=2 one thread per rank, and P=4 runs
+4 single-thread processes on 2 cores (oversubscribed). gloo moves the bytes through local TCP. So
+the figures show the overhead and the communication volume of the algorithms (the state exchange is
+independent of N; LASP-2H's grows with N), not multi-device scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import attnkit as ak
+from attnkit.distributed.lasp2 import lasp2_comm_elements, lasp2_linear_attention
+from attnkit.distributed.lasp2h import lasp2h_attention, lasp2h_comm_elements
+from attnkit.distributed.launch import run_local
+
+B, H, D = 1, 8, 64
+CORES = 2
+
+
+def _decay():
+    return torch.exp(-torch.tensor([2.0 ** -(i + 1) for i in range(H)]) / 8)  # TNL-like slopes, (H,)
+
+
+class _Counter:
+    """Wrap the collectives this rank calls and add up the bytes it receives."""
+
+    def __init__(self, world):
+        self.world, self.bytes, self.meta, self.calls = world, 0, 0, 0
+        self._orig = {n: getattr(dist, n) for n in ("all_gather", "reduce_scatter", "all_reduce")}
+
+    def _add(self, nbytes, dtype):
+        self.calls += 1
+        if dtype == torch.int64:
+            self.meta += nbytes
+        else:
+            self.bytes += nbytes
+
+    def __enter__(self):
+        P = self.world
+
+        def all_gather(out, x, *a, **k):
+            self._add((P - 1) * x.numel() * x.element_size(), x.dtype)
+            return self._orig["all_gather"](out, x, *a, **k)
+
+        def reduce_scatter(out, xs, *a, **k):
+            self._add((P - 1) * out.numel() * out.element_size(), out.dtype)
+            return self._orig["reduce_scatter"](out, xs, *a, **k)
+
+        def all_reduce(x, *a, **k):  # ring all-reduce: 2 (P-1)/P of the buffer
+            self._add(2 * (P - 1) * x.numel() * x.element_size() // P, x.dtype)
+            return self._orig["all_reduce"](x, *a, **k)
+
+        dist.all_gather, dist.reduce_scatter, dist.all_reduce = all_gather, reduce_scatter, all_reduce
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self._orig.items():
+            setattr(dist, n, f)
+
+
+def _timed(fns: dict, warmup: int, reps: int) -> dict:
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    ts: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(reps):
+        for n, f in fns.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            f()
+            ts[n].append(time.perf_counter() - t0)
+    return {n: sorted(v)[len(v) // 2] for n, v in ts.items()}
+
+
+def _fwd_bwd(fn, leaves):
+    def run():
+        for t in leaves:
+            t.grad = None
+        fn().sum().backward()
+    return run
+
+
+def worker(rank: int, world: int, cfg: dict) -> dict:
+    g = torch.Generator().manual_seed(0)
+    res: dict = {}
+    # ---- LASP-2: causal, per-head decay
+    N, n = cfg["N"], cfg["N"] // world
+    full = [torch.randn(B, N, H, D, generator=g) for _ in range(3)]
+    q, k, v = (x[:, rank * n:(rank + 1) * n].clone().requires_grad_() for x in full)
+    dec = _decay()
+    lasp = lambda: lasp2_linear_attention(q, k, v, decay=dec)  # noqa: E731
+    fns = {"lasp2 fwd": lambda: lasp(), "lasp2 fwd+bwd": _fwd_bwd(lasp, (q, k, v))}
+    if world == 1:  # the single-process op on the whole sequence, same process and threads
+        fq, fk, fv = (x.clone().requires_grad_() for x in full)
+        one = lambda: ak.linear_attention(fq, fk, fv, decay=dec)  # noqa: E731
+        fns.update({"single fwd": lambda: one(), "single fwd+bwd": _fwd_bwd(one, (fq, fk, fv))})
+    res.update(_timed(fns, cfg["warmup"], cfg["reps"]))
+    with _Counter(world) as c:
+        o = lasp()
+    res["lasp2 bytes fwd"], res["lasp2 meta"] = c.bytes, c.meta
+    with _Counter(world) as c:
+        o.sum().backward()
+    res["lasp2 bytes bwd"] = c.bytes
+    res["lasp2 formula"] = 4 * lasp2_comm_elements(B, H, H, D, D, world, decay=True)
+    # ---- LASP-2H: causal softmax layer of a hybrid
+    N, n = cfg["Nh"], cfg["Nh"] // world
+    full = [torch.randn(B, N, H, D, generator=g) for _ in range(3)]
+    q, k, v = (x[:, rank * n:(rank + 1) * n].clone().requires_grad_() for x in full)
+    soft = lambda: lasp2h_attention(q, k, v, causal=True)  # noqa: E731
+    fns = {"lasp2h fwd": lambda: soft(), "lasp2h fwd+bwd": _fwd_bwd(soft, (q, k, v))}
+    if world == 1:
+        fq, fk, fv = (x.clone().requires_grad_() for x in full)
+        sm = lambda: ak.attention(fq, fk, fv, ak.masks.causal())  # noqa: E731
+        fns.update({"single-h fwd": lambda: sm(), "single-h fwd+bwd": _fwd_bwd(sm, (fq, fk, fv))})
+    res.update(_timed(fns, cfg["warmup"], cfg["reps"]))
+    with _Counter(world) as c:
+        o = soft()
+    res["lasp2h bytes fwd"] = c.bytes
+    with _Counter(world) as c:
+        o.sum().backward()
+    res["lasp2h bytes bwd"] = c.bytes
+    res["lasp2h formula"] = 4 * lasp2h_comm_elements(B, n, H, D, D, world)
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    cfg = ({"N": 8192, "Nh": 2048, "warmup": 1, "reps": 3} if a.quick
+           else {"N": 32768, "Nh": 4096, "warmup": 2, "reps": 7})
+    out = {"config": {**cfg, "B": B, "H": H, "D": D, "dtype": "float32", "cores": CORES}, "worlds": {}}
+    for P in (1, 2, 4):
+        ranks = run_local(worker, P, cfg, threads=max(1, CORES // P))
+        slow = {kk: max(r[kk] for r in ranks) for kk in ranks[0]}  # step time = slowest rank
+        out["worlds"][P] = slow
+    w = out["worlds"]
+    print(f"LASP-2 causal, per-head decay, N={cfg['N']} B={B} H={H} D={D} fp32 (slowest rank's median, ms)")
+    print(f"  single process (2 threads): fwd {1e3 * w[1]['single fwd']:.1f}  "
+          f"fwd+bwd {1e3 * w[1]['single fwd+bwd']:.1f}")
+    for P, r in w.items():
+        print(f"  P={P} (threads/rank {max(1, CORES // P)}): fwd {1e3 * r['lasp2 fwd']:.1f}  "
+              f"fwd+bwd {1e3 * r['lasp2 fwd+bwd']:.1f}  bytes/rank fwd {r['lasp2 bytes fwd']} "
+              f"bwd {r['lasp2 bytes bwd']} (§8.6 formula {r['lasp2 formula']}; shape check {r['lasp2 meta']} B)")
+    print(f"LASP-2H causal softmax, N={cfg['Nh']} (slowest rank's median, ms)")
+    print(f"  single ak.attention (2 threads): fwd {1e3 * w[1]['single-h fwd']:.1f}  "
+          f"fwd+bwd {1e3 * w[1]['single-h fwd+bwd']:.1f}")
+    for P, r in w.items():
+        print(f"  P={P}: fwd {1e3 * r['lasp2h fwd']:.1f}  fwd+bwd {1e3 * r['lasp2h fwd+bwd']:.1f}  "
+              f"bytes/rank fwd {r['lasp2h bytes fwd']} bwd {r['lasp2h bytes bwd']} "
+              f"(§8.6 formula {r['lasp2h formula']})")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
