@@ -107,65 +107,72 @@ def block_backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float, ac
     return dq.reshape(b, hq, nq, -1), dk, dv
 
 
+def _hf(x: torch.Tensor) -> torch.Tensor:
+    """Heads-first view of a heads-last tensor: ``(B, N, H, X)`` -> ``(B, H, N, X)`` (no copy; the fused
+    op and the matmuls take the strides, and buffers stay heads-last so sends need no copy)."""
+    return x.transpose(1, 2)
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, layout, scale, group):
         rank, world = _comm.rank_world(group)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qh = q.transpose(1, 2).contiguous()                                # (B, Hq, Nq, D)
-        kh, vh = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # (B, Hkv, Nk, X)
+        k, v = k.contiguous(), v.contiguous()                              # (B, Nk, Hkv, X), sent as is
+        qh = _hf(q)                                                        # (B, Hq, Nq, D)
         b, hq, nq, _ = qh.shape
-        out = qh.new_zeros((b, hq, nq, vh.shape[-1]), dtype=acc)          # (B, Hq, Nq, Dv)
-        lse = qh.new_full((b, hq, nq), float("-inf"), dtype=acc)          # (B, Hq, Nq)
-        kc, vc = kh, vh
+        out = lse = None  # (B, Hq, Nq, Dv), (B, Hq, Nq) once the first block is in
+        kc, vc = k, v
         for i in range(world):
             if i < world - 1:  # the block travels on while we compute with it
                 (kn, vn), wait = _comm.ring_shift_start([kc, vc], group)
             for qs, ks, c in plan(rank, (rank - i) % world, world, nq, causal, layout):
-                ob, lb = block_forward(qh[:, :, qs], kc[:, :, ks], vc[:, :, ks], c, scale, acc)
+                ob, lb = block_forward(qh[:, :, qs], _hf(kc)[:, :, ks], _hf(vc)[:, :, ks], c, scale, acc)
+                if out is None and qs == _ALL:  # step 0 covers every query row: nothing to merge yet
+                    out, lse = ob, lb
+                    continue
+                if out is None:
+                    out = qh.new_zeros((b, hq, nq, v.shape[-1]), dtype=acc)
+                    lse = qh.new_full((b, hq, nq), float("-inf"), dtype=acc)
                 out[:, :, qs], lse[:, :, qs] = merge(out[:, :, qs], lse[:, :, qs], ob, lb)
             if i < world - 1:
                 wait()
                 kc, vc = kn, vn
         out_q = out.to(q.dtype)
-        ctx.save_for_backward(qh, kh, vh, out_q, lse)
+        ctx.save_for_backward(q, k, v, out_q, lse)
         ctx.cfg = (causal, layout, scale, group, acc)
         ctx.set_materialize_grads(False)
-        return out_q.transpose(1, 2).contiguous(), lse.transpose(1, 2).contiguous()  # (B, Nq, Hq, *)
+        return out_q.transpose(1, 2), lse.transpose(1, 2)                  # (B, Nq, Hq, Dv), (B, Nq, Hq)
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        qh, kh, vh, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         causal, layout, scale, group, acc = ctx.cfg
         rank, world = _comm.rank_world(group)
-        nq = qh.shape[2]
-        if dout is None:
-            dout = torch.zeros_like(out.transpose(1, 2))
-        doh = dout.transpose(1, 2).to(qh.dtype).contiguous()                # (B, Hq, Nq, Dv)
-        dlh = None if dlse is None else dlse.transpose(1, 2).contiguous()  # (B, Hq, Nq)
-        dq = torch.zeros(qh.shape, dtype=acc, device=qh.device)
-        kc, vc = kh, vh
-        dkc = torch.zeros(kh.shape, dtype=acc, device=kh.device)           # travels with its block
-        dvc = torch.zeros(vh.shape, dtype=acc, device=vh.device)
+        qh, nq = _hf(q), q.shape[1]
+        doh = torch.zeros_like(out) if dout is None else _hf(dout).to(q.dtype)  # (B, Hq, Nq, Dv)
+        dlh = None if dlse is None else _hf(dlse)                          # (B, Hq, Nq)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)              # (B, Nq, Hq, D)
+        kc, vc = k, v
+        dkc = torch.zeros(k.shape, dtype=acc, device=k.device)             # (B, Nk, Hkv, D), travels with its block
+        dvc = torch.zeros(v.shape, dtype=acc, device=v.device)
         for i in range(world):
             if i < world - 1:
                 (kn, vn), wait_kv = _comm.ring_shift_start([kc, vc], group)
             for qs, ks, c in plan(rank, (rank - i) % world, world, nq, causal, layout):
-                gq, gk, gv = block_backward(qh[:, :, qs], kc[:, :, ks], vc[:, :, ks], out[:, :, qs],
+                gq, gk, gv = block_backward(qh[:, :, qs], _hf(kc)[:, :, ks], _hf(vc)[:, :, ks], out[:, :, qs],
                                             lse[:, :, qs], doh[:, :, qs], None if dlh is None else dlh[:, :, qs],
                                             c, scale, acc)
-                dq[:, :, qs] += gq
-                dkc[:, :, ks] += gk
-                dvc[:, :, ks] += gv
+                _hf(dq)[:, :, qs] += gq
+                _hf(dkc)[:, :, ks] += gk
+                _hf(dvc)[:, :, ks] += gv
             if world > 1:  # after P shifts each accumulator is back with its block's owner
                 (dkc, dvc), wait_d = _comm.ring_shift_start([dkc, dvc], group)
                 wait_d()
             if i < world - 1:
                 wait_kv()
                 kc, vc = kn, vn
-        dq = dq.to(qh.dtype).transpose(1, 2)                                # (B, Nq, Hq, D)
-        dk, dv = dkc.to(kh.dtype).transpose(1, 2), dvc.to(vh.dtype).transpose(1, 2)  # (B, Nk, Hkv, X)
-        return dq, dk, dv, None, None, None, None
+        return dq.to(q.dtype), dkc.to(k.dtype), dvc.to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,

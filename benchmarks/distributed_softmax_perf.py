@@ -1,0 +1,192 @@
+"""Ring Attention (2310.01889), DeepSpeed-Ulysses (2309.14509) and USP (2405.07719) on P local gloo
+processes: wall time and bytes per rank per call.
+
+    .venv/bin/python benchmarks/distributed_softmax_perf.py            # N=8192, ~2-3 min on 2 cores
+    .venv/bin/python benchmarks/distributed_softmax_perf.py --quick    # N=4096, fewer repeats
+    .venv/bin/python benchmarks/distributed_softmax_perf.py --json out.json
+
+Setting: causal self-attention, fp32, B=1, H=Hkv=8, D=Dv=64, the sequence split over P = 1, 2, 4
+ranks: ring with contiguous shards, ring with zigzag shards, Ulysses (``ak.attention`` on the full
+sequence of H/P heads) and, at P=4, USP with a 2x2 mesh (zigzag over the ring). The single-process
+``ak.attention`` on the whole sequence is timed in the P=1 worker with both cores, alternating with
+the P=1 calls.
+
+Timing is measured inside the workers: barrier, then the call; after warm-up the methods alternate
+and each rank keeps its median; the table shows the slowest rank's median (the step time).
+Bytes are COUNTED: the workers wrap ``dist.batch_isend_irecv`` (ring P2P: bytes received),
+``dist.all_to_all`` (bytes received from other ranks) and ``dist.all_gather`` (the shard-shape
+check, a few int64s, shown apart as "meta"), forward and backward separately, next to the §9
+formulas: ring fwd ``(P-1)*n*Hkv*(D+Dv)*4`` bytes, bwd ``(P-1)*n*Hkv*(D+Dv)*4`` (K, V again) plus
+``P*n*Hkv*(D+Dv)*4`` (dK, dV accumulators travel home); Ulysses fwd ``(P-1)/P*n*(2H*D+2Hkv*Dv)*4``
+((P-1)/P of the local q, k, v and out), bwd the same for dout, dq, dk, dv (n = N/P); USP the
+all-to-all terms over P_u plus the ring terms over P_r (the ring block then has P_u*n tokens of
+H/P_u heads, so the same bytes per rank as a ring of n tokens and H heads).
+The causal work per rank (allowed pairs) is printed for the two ring layouts: contiguous gives
+rank P-1 about 2P-1 times rank 0's work, zigzag gives every rank the same.
+
+HONEST CAVEAT: this machine has 2 cores. P=1 uses 2 threads, P=2 one thread per rank, and P=4 runs
+4 single-thread processes on 2 cores (oversubscribed); gloo moves the bytes through local TCP. So
+the figures show the overhead, load balance and communication volume of the algorithms, not
+multi-device scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import attnkit as ak
+from attnkit.distributed import zigzag
+from attnkit.distributed.launch import run_local
+from attnkit.distributed.ring import ring_attention
+from attnkit.distributed.ulysses import ulysses_attention
+from attnkit.distributed.usp import make_usp_groups, usp_attention, usp_shard
+
+B, H, D = 1, 8, 64
+CORES = 2
+
+
+class _Counter:
+    """Wrap the collectives this rank calls and add up the bytes it receives."""
+
+    NAMES = ("batch_isend_irecv", "all_to_all", "all_gather")
+
+    def __init__(self):
+        self.bytes, self.meta = 0, 0
+        self._orig = {n: getattr(dist, n) for n in self.NAMES}
+
+    def __enter__(self):
+        def batch_isend_irecv(ops):
+            self.bytes += sum(o.tensor.numel() * o.tensor.element_size() for o in ops if o.op is dist.irecv)
+            return self._orig["batch_isend_irecv"](ops)
+
+        def all_to_all(recv, send, group=None, *a, **k):
+            me = dist.get_rank(group)
+            self.bytes += sum(r.numel() * r.element_size() for i, r in enumerate(recv) if i != me)
+            return self._orig["all_to_all"](recv, send, group, *a, **k)
+
+        def all_gather(out, x, group=None, *a, **k):
+            self.meta += (len(out) - 1) * x.numel() * x.element_size()
+            return self._orig["all_gather"](out, x, group, *a, **k)
+
+        dist.batch_isend_irecv, dist.all_to_all, dist.all_gather = batch_isend_irecv, all_to_all, all_gather
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self._orig.items():
+            setattr(dist, n, f)
+
+
+def _timed(fns: dict, warmup: int, reps: int) -> dict:
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    ts: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(reps):
+        for n, f in fns.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            f()
+            ts[n].append(time.perf_counter() - t0)
+    return {n: sorted(v)[len(v) // 2] for n, v in ts.items()}
+
+
+def _fwd_bwd(fn, leaves):
+    def run():
+        for t in leaves:
+            t.grad = None
+        fn().sum().backward()
+    return run
+
+
+def formulas(N: int, P: int, pu: int = 1) -> dict:
+    """§9 bytes per rank per call (fp32), forward and backward, for ring / Ulysses / USP(pu, P/pu)."""
+    n, e, pr = N // P, 4, P // pu
+    kv = n * H * 2 * D * e                   # this rank's K and V shard (Hkv = H, Dv = D)
+    a2a = lambda p: (p - 1) / p * n * H * 4 * D * e  # noqa: E731  q, k, v, out (or their grads)
+    ring_f = lambda p, m: (p - 1) * m        # noqa: E731
+    ring_b = lambda p, m: (p - 1) * m + p * m if p > 1 else 0  # noqa: E731
+    return {"ring": (ring_f(P, kv), ring_b(P, kv)), "ulysses": (a2a(P), a2a(P)),
+            "usp": (a2a(pu) + ring_f(pr, kv), a2a(pu) + ring_b(pr, kv))}
+
+
+def worker(rank: int, world: int, cfg: dict) -> dict:
+    g = torch.Generator().manual_seed(0)
+    N = cfg["N"]
+    full = [torch.randn(B, N, H, D, generator=g) for _ in range(3)]
+    ops = {}
+
+    def add(name, layout, call, shard=None):
+        shard = shard or (lambda x: zigzag.shard(x, rank, world, layout))
+        q, k, v = (shard(x).clone().requires_grad_() for x in full)
+        f = lambda: call(q, k, v)  # noqa: E731
+        ops[name] = (f, (q, k, v))
+
+    add("ring contiguous", "contiguous", lambda q, k, v: ring_attention(q, k, v, causal=True))
+    add("ring zigzag", "zigzag", lambda q, k, v: ring_attention(q, k, v, causal=True, layout="zigzag"))
+    add("ulysses", "contiguous", lambda q, k, v: ulysses_attention(q, k, v, ak.masks.causal()))
+    if world == 4:
+        ug, rg = make_usp_groups(2, 2)
+        add("usp 2x2 zigzag", "zigzag",
+            lambda q, k, v: usp_attention(q, k, v, causal=True, ulysses_group=ug, ring_group=rg, layout="zigzag"),
+            shard=lambda x: usp_shard(x, rank, 2, 2, "zigzag"))
+    if world == 1:  # the single-process op on the whole sequence, same process and threads
+        add("single ak.attention", "contiguous", lambda q, k, v: ak.attention(q, k, v, ak.masks.causal()))
+    fns = {}
+    for name, (f, leaves) in ops.items():
+        fns[f"{name} fwd"] = f
+        fns[f"{name} fwd+bwd"] = _fwd_bwd(f, leaves)
+    res = _timed(fns, cfg["warmup"], cfg["reps"])
+    for name, (f, _) in ops.items():
+        if name.startswith("single"):
+            continue
+        with _Counter() as c:
+            o = f()
+        res[f"{name} bytes fwd"], res[f"{name} meta"] = c.bytes, c.meta
+        with _Counter() as c:
+            o.sum().backward()
+        res[f"{name} bytes bwd"] = c.bytes
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    cfg = {"N": 4096, "warmup": 1, "reps": 3} if a.quick else {"N": 8192, "warmup": 1, "reps": 5}
+    out = {"config": {**cfg, "B": B, "H": H, "D": D, "dtype": "float32", "cores": CORES}, "worlds": {}}
+    for P in (1, 2, 4):
+        ranks = run_local(worker, P, cfg, threads=max(1, CORES // P))
+        out["worlds"][P] = {kk: max(r[kk] for r in ranks) for kk in ranks[0]}  # step time = slowest rank
+    N, w = cfg["N"], out["worlds"]
+    print(f"causal softmax CP, N={N} B={B} H={H} D={D} fp32; slowest rank's median ms (fwd / fwd+bwd)")
+    s = w[1]
+    print(f"  single ak.attention (2 threads): {1e3 * s['single ak.attention fwd']:.1f} / "
+          f"{1e3 * s['single ak.attention fwd+bwd']:.1f}")
+    for P, r in w.items():
+        print(f"  P={P} (threads/rank {max(1, CORES // P)}):")
+        for name in ("ring contiguous", "ring zigzag", "ulysses", "usp 2x2 zigzag"):
+            if f"{name} fwd" not in r:
+                continue
+            kind = name.split()[0]
+            fml = formulas(N, P, pu=2 if kind == "usp" else 1)[kind]
+            print(f"    {name:16s} {1e3 * r[f'{name} fwd']:8.1f} / {1e3 * r[f'{name} fwd+bwd']:8.1f}   bytes/rank "
+                  f"fwd {r[f'{name} bytes fwd']:>10d} bwd {r[f'{name} bytes bwd']:>10d}  (formula "
+                  f"{fml[0]:.0f} / {fml[1]:.0f}; shape check {r[f'{name} meta']} B)")
+        n = N // P
+        pairs = {lay: [zigzag.causal_pairs(n, q, P, lay) for q in range(P)] for lay in zigzag.LAYOUTS}
+        print(f"    causal pairs per rank: contiguous {pairs['contiguous']}, zigzag {pairs['zigzag']}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
