@@ -1,7 +1,7 @@
 """Softmax context parallelism (papers/linear.md §9.5): ring, Ulysses, USP vs the single-process oracle.
 
 CP1 every method on P = 2 and P = 4 gloo processes: output, lse and every gradient equal
-``ak.attention`` (float64 tight, float32), no mask / causal (contiguous and zigzag) / noncausal
+``ak.attention`` (float64 tight, float32, bfloat16), no mask / causal (contiguous and zigzag) / noncausal
 cross attention with Nq != Nk / GQA / Dv != D. CP2 zigzag layout identities. CP3 LSE merge
 identities. CP4 Ulysses with H % P != 0 raises. CP5 USP (1,4), (2,2), (4,1) agree.
 
@@ -200,6 +200,10 @@ def _cases(world: int) -> list[dict]:
             _mk(f"ulysses-window-nolse-{t}", "ulysses", dtype=dt, mask="causal_window", return_lse=False),
             _mk(f"ulysses-cross-mqa-dv6-{t}", "ulysses", dtype=dt, nq=8, nk=24, hkv=1, dv=6),
         ]
+    cases += [_mk("ring-causal-zigzag-bf16", "ring", dtype=torch.bfloat16, causal=True, layout="zigzag"),
+              _mk("ring-causal-zigzag-nolse-bf16", "ring", dtype=torch.bfloat16, causal=True, layout="zigzag",
+                  return_lse=False),
+              _mk("ulysses-causal-gqa-bf16", "ulysses", dtype=torch.bfloat16, mask="causal")]
     meshes = [(1, world), (world, 1)] + ([(2, 2)] if world == 4 else [])
     for pu, pr in meshes:
         for layout in zigzag.LAYOUTS:
@@ -276,7 +280,7 @@ def test_cp1_matches_single_process(world, cid):
         if n == "lse" and not case.get("return_lse", True):
             assert got[n] is None
             continue
-        assert got[n].dtype == (dt if n != "lse" or dt == F64 else F32), n  # lse is fp32 unless fp64
+        assert got[n].dtype == (dt if n != "lse" else F64 if dt == F64 else F32), n  # lse is fp32 unless fp64
         assert_close(got[n], want[n], dt, f"{cid} P={world} {n}", grad=n.startswith("d"))
 
 
