@@ -58,6 +58,9 @@ def _lasp2_cases(world: int) -> dict[str, dict]:
         cases["ragged-causal-head-decay-float64"] = {
             "op": "lasp2", "dtype": torch.float64, "inputs": _inputs(11, decay="per-head"),
             "kwargs": {"chunk_size": 16}, "lengths": RAGGED[world]}
+    if world == 2:  # low precision: states and the exchange stay in float32
+        cases["causal-token-decay-bfloat16"] = {"op": "lasp2", "dtype": torch.bfloat16,
+                                                "inputs": _inputs(13, decay="per-token"), "kwargs": {"chunk_size": 16}}
     cases["cross-noncausal-float64"] = {  # non-causal: q pieces need not match k pieces
         "op": "lasp2", "dtype": torch.float64, "inputs": _inputs(12, nq=40 * world),
         "kwargs": {"causal": False}, "q_lengths": [40] * world}

@@ -10,11 +10,8 @@ the pieces and compares them with the single-process op.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from attnkit.distributed._comm import rank_world
 from attnkit.distributed.lasp2 import _local_state, lasp2_linear_attention
 from attnkit.distributed.lasp2h import lasp2h_attention
 from attnkit.ops.linear import make_call
@@ -87,22 +84,3 @@ def run_specs(rank: int, world: int, specs: list[dict]) -> list:
             out.append(_run_one(spec, rank, world))
     return out
 
-
-def time_calls(rank: int, world: int, fns: dict, warmup: int = 2, reps: int = 7) -> dict:
-    """Median wall time (s) of each zero-argument callable in ``fns`` (built by ``fns[name](rank, world)``),
-    alternating between them after warm-up; barrier before each call so the ranks start together."""
-    import torch.distributed as dist
-
-    rank_world()
-    calls = {n: make(rank, world) for n, make in fns.items()}
-    for _ in range(warmup):
-        for f in calls.values():
-            f()
-    times: dict[str, list[float]] = {n: [] for n in calls}
-    for _ in range(reps):
-        for n, f in calls.items():
-            dist.barrier()
-            t0 = time.perf_counter()
-            f()
-            times[n].append(time.perf_counter() - t0)
-    return {n: sorted(ts)[len(ts) // 2] for n, ts in times.items()}

@@ -31,12 +31,14 @@ from attnkit.distributed._comm import all_gather_stack, rank_world
 from attnkit.ops.linear import make_call
 
 
-def check_group_shapes(op: str, values: dict[str, int], group=None, *, equal: tuple[str, ...] = ()) -> list[dict]:
+def check_group_shapes(op: str, values: dict[str, int], group=None, *, equal: tuple[str, ...] = (),
+                       device=None) -> list[dict]:
     """All-gather a few ints per rank (one tiny collective) and raise the same ValueError on every rank
-    when a value in ``equal`` differs between ranks. Returns every rank's values, in rank order."""
+    when a value in ``equal`` differs between ranks. Returns every rank's values, in rank order.
+    ``device``: where the collective runs (the inputs' device: nccl gathers only CUDA tensors)."""
     _, world = rank_world(group)
     names = list(values)
-    mine = torch.tensor([int(values[n]) for n in names], dtype=torch.int64)
+    mine = torch.tensor([int(values[n]) for n in names], dtype=torch.int64, device=device)
     rows = all_gather_stack(mine, group).tolist() if world > 1 else [mine.tolist()]
     per_rank = [dict(zip(names, r, strict=True)) for r in rows]
     for n in equal:
@@ -108,7 +110,7 @@ def _local_state(call, cdt: torch.dtype):
     rep = H // Hkv
     lg = torch.log(call.decay.to(cdt))
     if call.decay_kind == "per-head":
-        steps = torch.arange(C - 1, -1, -1, dtype=cdt)  # C - r_j for r_j = 1..C
+        steps = torch.arange(C - 1, -1, -1, dtype=cdt, device=pk.device)  # C - r_j for r_j = 1..C
         w = torch.exp(steps[:, None] * lg).expand(B, C, H)  # (B, C, H)
         G = (lg * C).expand(B, H)  # (B, H)
     else:
@@ -166,14 +168,14 @@ def lasp2_linear_attention(q, k, v, *, causal=True, decay=None, feature_map="ide
         check_group_shapes("lasp2_linear_attention", {
             "B": B, "H": H, "Hkv": Hkv, "D": q.shape[-1], "Dv": v.shape[-1], "causal": causal,
             "normalize": normalize, "decay kind": kinds[call.decay_kind],
-            "dtype": 1 if cdt == torch.float64 else 0}, group,
+            "dtype": 1 if cdt == torch.float64 else 0}, group, device=q.device,
             equal=("B", "H", "Hkv", "D", "Dv", "causal", "normalize", "decay kind", "dtype"))
     rank, world = rank_world(group)
     if causal and rank == world - 1:  # no later rank reads the last piece's state (nor its G): send zeros
         hs = H if call.decay is not None else Hkv
         dp = call.phi(q[:, :1]).shape[-1]
-        M = torch.zeros(B, hs, dp, v.shape[-1] + int(normalize), dtype=cdt)  # (B, Hs, Dphi, Dv')
-        G = None if call.decay is None else torch.zeros(B, H, dtype=cdt)  # (B, H)
+        M = torch.zeros(B, hs, dp, v.shape[-1] + int(normalize), dtype=cdt, device=q.device)  # (B, Hs, Dphi, Dv')
+        G = None if call.decay is None else torch.zeros(B, H, dtype=cdt, device=q.device)  # (B, H)
         # ... but the exchange's backward is a collective every rank must join: keep it in the graph
         M.requires_grad_(torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, decay)))

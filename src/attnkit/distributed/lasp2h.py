@@ -98,7 +98,8 @@ def lasp2h_attention(q, k, v, *, causal=False, scale=None, return_lse=False, bac
     if check_shapes:
         rows = check_group_shapes("lasp2h_attention", {
             "B": B, "H": H, "Hkv": Hkv, "D": D, "Dv": Dv, "N_local": nk, "causal": causal,
-            "dtype": _DTYPE_CODE.get(q.dtype, 99)}, group, equal=("B", "H", "Hkv", "D", "Dv", "causal", "dtype"))
+            "dtype": _DTYPE_CODE.get(q.dtype, 99)}, group, equal=("B", "H", "Hkv", "D", "Dv", "causal", "dtype"),
+            device=q.device)
         lengths = [r["N_local"] for r in rows]
     else:
         lengths = [nk] * world
