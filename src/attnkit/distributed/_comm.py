@@ -129,22 +129,19 @@ def ring_shift_start(tensors: list[torch.Tensor], group=None):
 
 def check_same_shapes(op: str, group=None, **tensors: torch.Tensor) -> None:
     """Raise the same ValueError on every rank when the named tensors' shapes differ across ranks
-    (ring passes and all-to-alls need equal shards; without this check they hang or fail obscurely)."""
+    (ring passes and all-to-alls need equal shards; without this check they hang or fail obscurely).
+    One all-gather of a fixed-width int64 row per tensor (up to 8 dims)."""
     _, world = rank_world(group)
     if world == 1:
         return
-    names = list(tensors)
-    dims = [torch.tensor([t.dim()]) for t in tensors.values()]
-    flat = torch.cat(dims + [torch.tensor(t.shape, dtype=torch.int64) for t in tensors.values()]).long()
-    width = torch.tensor([flat.numel()])
-    widths = all_gather_stack(width.to(_dev(group)), group).cpu()
-    if (widths != widths[0]).any():
-        raise ValueError(f"{op}: {', '.join(names)} have different ranks (number of dims) across processes")
-    got = all_gather_stack(flat.to(_dev(group)), group).cpu()                  # (P, width)
+    if any(t.dim() > 8 for t in tensors.values()):
+        raise ValueError(f"{op}: tensors of more than 8 dims are not supported")
+    rows = [[t.dim(), *t.shape] + [-1] * (8 - t.dim()) for t in tensors.values()]
+    mine = torch.tensor(rows, dtype=torch.int64)                          # (n_tensors, 9)
+    got = all_gather_stack(mine.to(_dev(group)), group).cpu()              # (P, n_tensors, 9)
     if (got != got[0]).any():
-        shapes = {n: [tuple(r[len(names) + sum(int(x) for x in r[:i]):][:int(r[i])].tolist()) for r in got]
-                  for i, n in enumerate(names)}
-        bad = "; ".join(f"{n}: {s}" for n, s in shapes.items() if len(set(s)) > 1)
+        bad = "; ".join(f"{n}: {[tuple(int(x) for x in got[r, i, 1:1 + got[r, i, 0]]) for r in range(world)]}"
+                        for i, n in enumerate(tensors) if (got[:, i] != got[0, i]).any())
         raise ValueError(f"{op}: every rank must pass shards of equal shape; got per rank {bad}")
 
 
