@@ -58,6 +58,10 @@ def _lasp2_cases(world: int) -> dict[str, dict]:
         cases["ragged-causal-head-decay-float64"] = {
             "op": "lasp2", "dtype": torch.float64, "inputs": _inputs(11, decay="per-head"),
             "kwargs": {"chunk_size": 16}, "lengths": RAGGED[world]}
+    if world > 1:  # only q trainable: every rank must still join the backward exchange (no hang)
+        cases["causal-token-decay-q-grad-only-float64"] = {
+            "op": "lasp2", "dtype": torch.float64, "inputs": _inputs(14, decay="per-token"),
+            "kwargs": {"chunk_size": 16}, "grads": ("q",)}
     if world == 2:  # low precision: states and the exchange stay in float32
         cases["causal-token-decay-bfloat16"] = {"op": "lasp2", "dtype": torch.bfloat16,
                                                 "inputs": _inputs(13, decay="per-token"), "kwargs": {"chunk_size": 16}}
@@ -106,6 +110,9 @@ def _cat(ranks: list[dict], key: str) -> torch.Tensor:
 
 def _check_grads(ranks, ref_leaves, dt, name, has_decay_per_head=False):
     for n, t in ref_leaves.items():
+        if not t.requires_grad:
+            assert all("d" + n not in r for r in ranks), f"{name}: d{n} of a frozen input"
+            continue
         if n == "decay" and has_decay_per_head:  # replicated parameter: the ranks' shares sum to the gradient
             got = sum(r["ddecay"] for r in ranks)
         else:
@@ -122,7 +129,8 @@ def _case_ids(kind: str):
 def test_lp1_lp3_lasp2_equals_single_process(world, name):
     spec, ranks = _all_cases(world)[name], _results(world)[name]
     dt, inp, kw = spec["dtype"], spec["inputs"], spec["kwargs"]
-    leaves = {n: inp[n].clone().requires_grad_() for n in ("q", "k", "v", "decay") if n in inp}
+    grads = spec.get("grads", ("q", "k", "v", "decay"))
+    leaves = {n: inp[n].clone().requires_grad_(n in grads) for n in ("q", "k", "v", "decay") if n in inp}
     o, S = ak.linear_attention(leaves["q"], leaves["k"], leaves["v"], decay=leaves.get("decay"),
                                return_state=True, **kw)
     S = S[0] if isinstance(S, tuple) else S

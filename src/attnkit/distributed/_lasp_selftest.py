@@ -26,9 +26,10 @@ def _run_one(spec: dict, rank: int, world: int) -> dict:
     dt, inp, kw = spec["dtype"], spec["inputs"], dict(spec.get("kwargs", {}))
     kv_len = spec.get("lengths") or [inp["k"].shape[1] // world] * world
     q_len = spec.get("q_lengths") or kv_len
-    q = _piece(inp["q"], q_len, rank).to(dt).requires_grad_()
-    k = _piece(inp["k"], kv_len, rank).to(dt).requires_grad_()
-    v = _piece(inp["v"], kv_len, rank).to(dt).requires_grad_()
+    grads = spec.get("grads", ("q", "k", "v", "decay"))  # the inputs that get a gradient
+    q = _piece(inp["q"], q_len, rank).to(dt).requires_grad_("q" in grads)
+    k = _piece(inp["k"], kv_len, rank).to(dt).requires_grad_("k" in grads)
+    v = _piece(inp["v"], kv_len, rank).to(dt).requires_grad_("v" in grads)
     leaves = {"q": q, "k": k, "v": v}
     if spec["op"] == "local_state":  # LP2: this rank's M_t
         call = make_call(q, k, v, causal=True, **kw)
@@ -36,7 +37,7 @@ def _run_one(spec: dict, rank: int, world: int) -> dict:
     if "decay" in inp:
         d = inp["decay"]
         d = d.to(dt) if d.dim() == 1 else _piece(d, kv_len, rank).to(dt)
-        leaves["decay"] = d.requires_grad_()
+        leaves["decay"] = d.requires_grad_("decay" in grads)
         kw["decay"] = leaves["decay"]
     res: dict = {}
     if spec["op"] == "lasp2":
@@ -56,7 +57,8 @@ def _run_one(spec: dict, rank: int, world: int) -> dict:
     loss.backward()
     res["o"] = o.detach()
     for n, t in leaves.items():
-        res["d" + n] = t.grad.detach()
+        if t.requires_grad:
+            res["d" + n] = t.grad.detach()
     return res
 
 

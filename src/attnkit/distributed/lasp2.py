@@ -176,11 +176,13 @@ def lasp2_linear_attention(q, k, v, *, causal=True, decay=None, feature_map="ide
         dp = call.phi(q[:, :1]).shape[-1]
         M = torch.zeros(B, hs, dp, v.shape[-1] + int(normalize), dtype=cdt, device=q.device)  # (B, Hs, Dphi, Dv')
         G = None if call.decay is None else torch.zeros(B, H, dtype=cdt, device=q.device)  # (B, H)
-        # ... but the exchange's backward is a collective every rank must join: keep it in the graph
-        M.requires_grad_(torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, decay)))
     else:
         M, G = _local_state(call, cdt)
+    # the exchange's backward is a collective every rank must join: keep it in the graph whenever the
+    # output needs a gradient (e.g. the last rank's zeros, or a rank whose k, v are frozen but q is not)
+    if not M.requires_grad and torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, decay)):
+        M = M.detach().requires_grad_()
     P = _StateExchange.apply(M.contiguous(), G if G is None else G.contiguous(), causal, group)
     if P.shape[1] != H:  # states were exchanged per KV head: each query head of a group shares its state
         P = P.repeat_interleave(H // P.shape[1], dim=1)  # (B, H, Dphi, Dv')
