@@ -86,6 +86,9 @@ def _lasp2h_cases(world: int) -> dict[str, dict]:
 def _all_cases(world: int) -> dict[str, dict]:
     cases = {**_lasp2_cases(world), **_lasp2h_cases(world)}
     cases["lp2-local-states"] = {"op": "local_state", "dtype": torch.float64, "inputs": _inputs(30)}
+    for dk in ("per-head", "per-token"):
+        cases[f"lp2-local-states-{dk}"] = {"op": "local_state", "dtype": torch.float64,
+                                           "inputs": _inputs(32, decay=dk)}
     if world > 1:
         cases["error-lasp2"] = {"op": "error_lasp2", "inputs": _inputs(31)}
         cases["error-lasp2h"] = {"op": "error_lasp2h", "inputs": _inputs(31)}
@@ -160,6 +163,25 @@ def test_lp2_states_sum_to_kt_v(world):
     ranks, inp = _results(world)["lp2-local-states"], _all_cases(world)["lp2-local-states"]["inputs"]
     full = torch.einsum("bnhd,bnhe->bhde", inp["k"], inp["v"])  # (B, Hkv, D, Dv)
     assert_close(sum(r["M"] for r in ranks), full, torch.float64, "sum_t M_t")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", (2, 4))
+@pytest.mark.parametrize("decay", ["per-head", "per-token"])
+def test_lp3_decayed_local_state(world, decay):
+    """§8.4: M_t = sum_j prod(decay after j) k_j v_j^T is the kernel's final state from zero, and the
+    decayed sum over pieces, sum_t exp(G_{t+1} + ... + G_P) M_t, is the whole sequence's final state."""
+    ranks = _results(world)[f"lp2-local-states-{decay}"]
+    inp = _all_cases(world)[f"lp2-local-states-{decay}"]["inputs"]
+    rep = H // HKV
+    for t, r in enumerate(ranks):
+        assert_close(r["M"], r["S"], torch.float64, f"rank {t} M_t")
+    total = torch.zeros_like(ranks[0]["M"])
+    for r in ranks:
+        total = r["G"].exp()[..., None, None] * total + r["M"]
+    k, v = (x.repeat_interleave(rep, dim=2) for x in (inp["k"], inp["v"]))  # (B, N, H, D)
+    _, S = ak.linear_attention(inp["q"], k, v, decay=inp["decay"], return_state=True)
+    assert_close(total, S, torch.float64, "folded states")
 
 
 @pytest.mark.slow

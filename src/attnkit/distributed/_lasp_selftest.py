@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+import attnkit as ak
 from attnkit.distributed.lasp2 import _local_state, lasp2_linear_attention
 from attnkit.distributed.lasp2h import lasp2h_attention
 from attnkit.ops.linear import make_call
@@ -31,14 +32,16 @@ def _run_one(spec: dict, rank: int, world: int) -> dict:
     k = _piece(inp["k"], kv_len, rank).to(dt).requires_grad_("k" in grads)
     v = _piece(inp["v"], kv_len, rank).to(dt).requires_grad_("v" in grads)
     leaves = {"q": q, "k": k, "v": v}
-    if spec["op"] == "local_state":  # LP2: this rank's M_t
-        call = make_call(q, k, v, causal=True, **kw)
-        return {"M": _local_state(call, torch.float64 if dt == torch.float64 else torch.float32)[0].detach()}
     if "decay" in inp:
         d = inp["decay"]
         d = d.to(dt) if d.dim() == 1 else _piece(d, kv_len, rank).to(dt)
         leaves["decay"] = d.requires_grad_("decay" in grads)
         kw["decay"] = leaves["decay"]
+    if spec["op"] == "local_state":  # LP2: this rank's M_t by the §8.4 formula, and the kernel's final state
+        call = make_call(q, k, v, causal=True, **kw)
+        M, G = _local_state(call, torch.float64 if dt == torch.float64 else torch.float32)
+        _, S = ak.linear_attention(q, k, v, return_state=True, **kw)
+        return {"M": M.detach(), "G": None if G is None else G.detach(), "S": S.detach()}
     res: dict = {}
     if spec["op"] == "lasp2":
         out = lasp2_linear_attention(q, k, v, return_state=True, **kw)

@@ -6,18 +6,21 @@ Its Hybrid", arXiv 2502.07563 (2025). Notes: papers/linear.md §8; contract: DES
 Each rank holds one contiguous piece of the sequence (ranks in sequence order). The only thing a
 piece needs from the others is a ``(Dphi, Dv)`` memory state per head, so:
 
-1. every rank computes its piece's state ``M_t`` from a zero state (decayed to the piece's end) and
-   its total log-decay ``G_t``;
+1. every rank runs the single-process chunk kernel on its piece from a zero state: the output is the
+   intra term and the final state is ``M_t`` (decayed to the piece's end); ``G_t`` is the piece's total
+   log-decay;
 2. ONE all-gather exchanges ``[M_t, G_t]`` (size independent of the sequence length, §8.6);
-3. causal: rank t folds the states of the ranks before it, ``A_s = exp(G_s) A_{s-1} + M_s``, into its
-   initial state (its own ``M_t`` is NOT added: the intra-chunk term covers it, §8.8) and runs the
-   single-process chunk kernel once with it (intra + inter in one call). Non-causal: ``O_t = phi(Q_t)
-   sum_s M_s`` (its own state included).
+3. causal: rank t folds the states of the ranks before it, ``A_s = exp(G_s) A_{s-1} + M_s`` (its own
+   ``M_t`` is NOT added: the intra term covers it, §8.8) and adds the inter term
+   ``scale exp(gc_r) phi(q_r) A_{t-1}`` (``gc_r`` the log-decay through token r of the piece).
+   Non-causal: ``O_t = phi(Q_t) sum_s M_s`` (its own state included).
 
 The backward of the exchange (:class:`_StateExchange`) all-gathers the gradients of the folded
 states and each rank takes the suffix fold ``D_u = dP_{u+1} + exp(G_{u+1}) D_{u+1}`` as the gradient of
 its own ``M_u`` (and ``exp(G_u) <A_{u-1}, D_u>`` for ``G_u``): one all-gather each way, as in §8.3. The
-local pieces (``M_t``, the chunk kernel) differentiate by autograd.
+kernel takes ``dM_t`` as the gradient of its final state inside its own backward walk; the rest is autograd.
+(Folding ``A_{t-1}`` in as the kernel's initial state instead needs ``M_t`` by a separate pass before
+the kernel: measured 1.3x slower fwd+bwd per rank on CPU.)
 
 Because only states travel, the pieces may have different lengths (no padding needed).
 """
@@ -122,6 +125,78 @@ def _local_state(call, cdt: torch.dtype):
     return M.reshape(B, H, Dp, v.shape[-1]), G  # (B, H, Dphi, Dv')
 
 
+def _in_graph(M: torch.Tensor, inputs) -> torch.Tensor:
+    """The exchange's backward is a collective every rank must join: keep it in the graph whenever the
+    output needs a gradient (e.g. a rank whose k, v are frozen but q is not)."""
+    if not M.requires_grad and torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        return M.detach().requires_grad_()
+    return M
+
+
+class _Join(torch.autograd.Function):
+    """``o`` unchanged, with ``p`` in its graph (a zero gradient): rank 0's prefix is zero and unused, but
+    its exchange must still run backward with the others."""
+
+    @staticmethod
+    def forward(ctx, o, p):
+        ctx.p = (p.shape, p.dtype, p.device)
+        return o.view_as(o)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, dtype, device = ctx.p
+        return g, torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _log_decay(call, cdt: torch.dtype, n: int):
+    """Cumulative log-decay ``gc (B, n, H)`` through each token of this piece (its own included) and the
+    piece's total ``G (B, H)``; ``(None, None)`` without decay."""
+    if call.decay is None:
+        return None, None
+    lg = torch.log(call.decay.to(cdt))
+    if call.decay_kind == "per-head":
+        B, H = call.q.shape[0], call.q.shape[2]
+        steps = torch.arange(1, n + 1, dtype=cdt, device=lg.device)  # r = 1..n
+        return (steps[:, None] * lg).expand(B, n, H), (lg * n).expand(B, H)  # (B, n, H), (B, H)
+    gc = lg.cumsum(1)  # (B, n, H)
+    return gc, gc[:, -1]
+
+
+def _causal(call, q, k, v, decay, rank, return_state, group, cdt):
+    """Causal LASP-2 (§8.2): the chunk kernel from a zero state gives the intra term and, as its final
+    state, ``M_t`` (no extra pass, and its backward takes ``dM_t`` inside the kernel's reverse walk);
+    the exchange folds the earlier ranks' states; the inter term ``scale exp(gc_r) phi(q_r) A_{t-1}`` is
+    one batched matmul (ranks > 0 only)."""
+    _, n, H, _ = q.shape
+    rep = H // k.shape[2]
+    vv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if call.normalize else v  # (B, n, Hkv, Dv')
+    o, S = ak.linear_attention(q, k, vv, causal=True, feature_map=call.phi, decay=decay, normalize=False,
+                               scale=call.scale, return_state=True, chunk_size=call.chunk_size)
+    # o (B, n, H, Dv'), S (B, H, Dphi, Dv'); with normalize the last column is the normaliser's
+    gc, G = _log_decay(call, cdt, n)
+    # without decay the heads of a KV group hold the same state: send one per group (GQA: less traffic)
+    M = S if G is not None or rep == 1 else S[:, ::rep]  # (B, Hs, Dphi, Dv')
+    P = _StateExchange.apply(_in_graph(M.contiguous(), (q, k, v, decay)),
+                             None if G is None else G.contiguous(), True, group)  # A_{t-1}
+    if P.shape[1] != H:
+        P = P.repeat_interleave(rep, dim=1)  # (B, H, Dphi, Dv')
+    if rank == 0:  # A_0 = 0: no inter term
+        o = _Join.apply(o, P).to(cdt)
+    else:
+        inter = torch.einsum("bnhd,bhde->bnhe", call.phi(q).to(cdt), P)  # (B, n, H, Dv')
+        if gc is not None:
+            inter = inter * gc.exp()[..., None]  # row r decays by prod_{j <= r} decay_j
+        o = o.to(cdt) + call.scale * inter
+    if call.normalize:
+        o = o[..., :-1] / (o[..., -1:] + call.eps)  # (B, n, H, Dv)
+    o = o.to(q.dtype)
+    if not return_state:
+        return o
+    S_end = S + (P if G is None else G.exp()[..., None, None] * P)  # M_t + exp(G_t) A_{t-1}
+    return o, ((S_end[..., :-1], S_end[..., -1]) if call.normalize else S_end)
+
+
 def lasp2_linear_attention(q, k, v, *, causal=True, decay=None, feature_map="identity", normalize=False,
                            scale=None, return_state=False, chunk_size=None, eps=1e-6, group=None,
                            check_shapes=True):
@@ -171,26 +246,16 @@ def lasp2_linear_attention(q, k, v, *, causal=True, decay=None, feature_map="ide
             "dtype": 1 if cdt == torch.float64 else 0}, group, device=q.device,
             equal=("B", "H", "Hkv", "D", "Dv", "causal", "normalize", "decay kind", "dtype"))
     rank, world = rank_world(group)
-    if causal and rank == world - 1:  # no later rank reads the last piece's state (nor its G): send zeros
-        hs = H if call.decay is not None else Hkv
-        dp = call.phi(q[:, :1]).shape[-1]
-        M = torch.zeros(B, hs, dp, v.shape[-1] + int(normalize), dtype=cdt, device=q.device)  # (B, Hs, Dphi, Dv')
-        G = None if call.decay is None else torch.zeros(B, H, dtype=cdt, device=q.device)  # (B, H)
-    else:
-        M, G = _local_state(call, cdt)
-    # the exchange's backward is a collective every rank must join: keep it in the graph whenever the
-    # output needs a gradient (e.g. the last rank's zeros, or a rank whose k, v are frozen but q is not)
-    if not M.requires_grad and torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, decay)):
-        M = M.detach().requires_grad_()
-    P = _StateExchange.apply(M.contiguous(), G if G is None else G.contiguous(), causal, group)
-    if P.shape[1] != H:  # states were exchanged per KV head: each query head of a group shares its state
-        P = P.repeat_interleave(H // P.shape[1], dim=1)  # (B, H, Dphi, Dv')
+    if world == 1:  # nothing to exchange
+        return ak.linear_attention(q, k, v, causal=causal, feature_map=feature_map, decay=decay,
+                                   normalize=normalize, scale=call.scale, return_state=return_state,
+                                   chunk_size=chunk_size, eps=eps)
     if causal:
-        init = (P[..., :-1], P[..., -1]) if normalize else P
-        return ak.linear_attention(q, k, v, causal=True, feature_map=feature_map, decay=decay,
-                                   normalize=normalize, scale=call.scale, initial_state=init,
-                                   return_state=return_state, chunk_size=chunk_size, eps=eps)
+        return _causal(call, q, k, v, decay, rank, return_state, group, cdt)
+    M, _ = _local_state(call, cdt)
+    P = _StateExchange.apply(_in_graph(M, (q, k, v)), None, False, group)
+    if P.shape[1] != H:  # states were exchanged per KV head: each query head of a group shares its state
+        P = P.repeat_interleave(H // Hkv, dim=1)  # (B, H, Dphi, Dv')
     o = torch.einsum("bnhd,bhde->bnhe", call.phi(q).to(cdt) * call.scale, P)  # (B, N_t, H, Dv')
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + call.eps)  # (B, N_t, H, Dv)
