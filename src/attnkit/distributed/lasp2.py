@@ -20,7 +20,8 @@ states and each rank takes the suffix fold ``D_u = dP_{u+1} + exp(G_{u+1}) D_{u+
 its own ``M_u`` (and ``exp(G_u) <A_{u-1}, D_u>`` for ``G_u``): one all-gather each way, as in §8.3. The
 kernel takes ``dM_t`` as the gradient of its final state inside its own backward walk; the rest is autograd.
 (Folding ``A_{t-1}`` in as the kernel's initial state instead needs ``M_t`` by a separate pass before
-the kernel: measured 1.3x slower fwd+bwd per rank on CPU.)
+the kernel, whose backward is the costlier one: at N=32768, H=8, D=64 fp32 on P=2 / P=4 CPU ranks the
+step took the same forward and 6% longer forward+backward, 1133 vs 1065 ms / 1182 vs 1110 ms.)
 
 Because only states travel, the pieces may have different lengths (no padding needed).
 """
@@ -184,10 +185,11 @@ def _causal(call, q, k, v, decay, rank, return_state, group, cdt):
     if rank == 0:  # A_0 = 0: no inter term
         o = _Join.apply(o, P).to(cdt)
     else:
-        inter = torch.einsum("bnhd,bhde->bnhe", call.phi(q).to(cdt), P)  # (B, n, H, Dv')
-        if gc is not None:
-            inter = inter * gc.exp()[..., None]  # row r decays by prod_{j <= r} decay_j
-        o = o.to(cdt) + call.scale * inter
+        inter = torch.matmul(call.phi(q).to(cdt).transpose(1, 2), P).transpose(1, 2)  # (B, n, H, Dv') view
+        if gc is None:
+            o = o.to(cdt).add(inter, alpha=call.scale)
+        else:  # row r decays by prod_{j <= r} decay_j; one fused pass (measured 1.2x over mul-then-add)
+            o = torch.addcmul(o.to(cdt), inter, (call.scale * gc.exp())[..., None])
     if call.normalize:
         o = o[..., :-1] / (o[..., -1:] + call.eps)  # (B, n, H, Dv)
     o = o.to(q.dtype)
