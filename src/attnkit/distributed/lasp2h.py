@@ -103,6 +103,9 @@ def lasp2h_attention(q, k, v, *, causal=False, scale=None, return_lse=False, bac
         lengths = [r["N_local"] for r in rows]
     else:
         lengths = [nk] * world
+    if world == 1:  # nothing to exchange
+        return ak.attention(q, k, v, ak.masks.causal() if causal else None, scale=scale, backend=backend,
+                            return_lse=return_lse)
     L = max(lengths)
     kv = torch.cat([k, v], dim=-1)  # (B, nk, Hkv, D + Dv): one collective for both
     if L > nk:  # pad to the longest piece; the padding is cut off after the exchange
