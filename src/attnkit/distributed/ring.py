@@ -180,7 +180,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
                    return_lse: bool = False):
     """Softmax attention over a sequence sharded across the ranks of ``group`` (P2P ring).
 
-    Every rank of the group calls this with its own shards; all shards have equal shapes.
+    Every rank of the group calls this with its own shards; all shards have equal shapes, and all
+    ranks agree on whether q, k, v require grad (the backward is a collective: every rank runs it).
 
     Args:
         q: this rank's queries ``(B, Nq_local, Hq, D)``.
