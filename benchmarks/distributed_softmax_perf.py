@@ -1,8 +1,8 @@
 """Ring Attention (2310.01889), DeepSpeed-Ulysses (2309.14509) and USP (2405.07719) on P local gloo
 processes: wall time and bytes per rank per call.
 
-    .venv/bin/python benchmarks/distributed_softmax_perf.py            # N=8192, ~2-3 min on 2 cores
-    .venv/bin/python benchmarks/distributed_softmax_perf.py --quick    # N=4096, fewer repeats
+    .venv/bin/python benchmarks/distributed_softmax_perf.py            # N=8192, ~5 min on 2 cores
+    .venv/bin/python benchmarks/distributed_softmax_perf.py --quick    # N=4096, ~1.5 min
     .venv/bin/python benchmarks/distributed_softmax_perf.py --json out.json
 
 Setting: causal self-attention, fp32, B=1, H=Hkv=8, D=Dv=64, the sequence split over P = 1, 2, 4
@@ -22,7 +22,9 @@ formulas: ring fwd ``(P-1)*n*Hkv*(D+Dv)*4`` bytes, bwd ``(P-1)*n*Hkv*(D+Dv)*4`` 
 all-to-all terms over P_u plus the ring terms over P_r (the ring block then has P_u*n tokens of
 H/P_u heads, so the same bytes per rank as a ring of n tokens and H heads).
 The causal work per rank (allowed pairs) is printed for the two ring layouts: contiguous gives
-rank P-1 about 2P-1 times rank 0's work, zigzag gives every rank the same.
+rank P-1 about 2P-1 times rank 0's work, zigzag gives every rank the same; next to it each rank's
+CPU time (``time.process_time``: busy time, which contention on the cores does not inflate) shows
+the balance as measured.
 
 HONEST CAVEAT: this machine has 2 cores. P=1 uses 2 threads, P=2 one thread per rank, and P=4 runs
 4 single-thread processes on 2 cores (oversubscribed); gloo moves the bytes through local TCP. So
@@ -87,13 +89,16 @@ def _timed(fns: dict, warmup: int, reps: int) -> dict:
         for f in fns.values():
             f()
     ts: dict[str, list[float]] = {n: [] for n in fns}
+    cpu: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(reps):
         for n, f in fns.items():
             dist.barrier()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             f()
             ts[n].append(time.perf_counter() - t0)
-    return {n: sorted(v)[len(v) // 2] for n, v in ts.items()}
+            cpu[n].append(time.process_time() - c0)
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {**{n: med(v) for n, v in ts.items()}, **{f"{n} cpu": med(v) for n, v in cpu.items()}}
 
 
 def _fwd_bwd(fn, leaves):
@@ -159,11 +164,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    cfg = {"N": 4096, "warmup": 1, "reps": 3} if a.quick else {"N": 8192, "warmup": 1, "reps": 5}
+    cfg = {"N": 4096, "warmup": 1, "reps": 3} if a.quick else {"N": 8192, "warmup": 1, "reps": 3}
     out = {"config": {**cfg, "B": B, "H": H, "D": D, "dtype": "float32", "cores": CORES}, "worlds": {}}
     for P in (1, 2, 4):
         ranks = run_local(worker, P, cfg, threads=max(1, CORES // P))
         out["worlds"][P] = {kk: max(r[kk] for r in ranks) for kk in ranks[0]}  # step time = slowest rank
+        out["worlds"][P]["cpu per rank"] = {kk: [r[kk] for r in ranks] for kk in ranks[0] if kk.endswith("cpu")}
     N, w = cfg["N"], out["worlds"]
     print(f"causal softmax CP, N={N} B={B} H={H} D={D} fp32; slowest rank's median ms (fwd / fwd+bwd)")
     s = w[1]
@@ -179,6 +185,9 @@ def main(argv=None) -> dict:
             print(f"    {name:16s} {1e3 * r[f'{name} fwd']:8.1f} / {1e3 * r[f'{name} fwd+bwd']:8.1f}   bytes/rank "
                   f"fwd {r[f'{name} bytes fwd']:>10d} bwd {r[f'{name} bytes bwd']:>10d}  (formula "
                   f"{fml[0]:.0f} / {fml[1]:.0f}; shape check {r[f'{name} meta']} B)")
+        cpu = r["cpu per rank"]
+        print("    CPU seconds per rank, fwd (process time: busy, not waiting): " + "; ".join(
+            f"{name} {[round(x, 2) for x in cpu[f'{name} fwd cpu']]}" for name in ("ring contiguous", "ring zigzag")))
         n = N // P
         pairs = {lay: [zigzag.causal_pairs(n, q, P, lay) for q in range(P)] for lay in zigzag.LAYOUTS}
         print(f"    causal pairs per rank: contiguous {pairs['contiguous']}, zigzag {pairs['zigzag']}")

@@ -154,24 +154,32 @@ class _RingAttention(torch.autograd.Function):
         dlh = None if dlse is None else _hf(dlse)                          # (B, Hq, Nq)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)              # (B, Nq, Hq, D)
         kc, vc = k, v
-        dkc = torch.zeros(k.shape, dtype=acc, device=k.device)             # (B, Nk, Hkv, D), travels with its block
-        dvc = torch.zeros(v.shape, dtype=acc, device=v.device)
+        incoming = wait_d = None  # dK/dV accumulators of the block we will hold next, on their way
         for i in range(world):
             if i < world - 1:
                 (kn, vn), wait_kv = _comm.ring_shift_start([kc, vc], group)
+            gk = torch.zeros(k.shape, dtype=acc, device=k.device)          # (B, Nk, Hkv, D): this step's part
+            gv = torch.zeros(v.shape, dtype=acc, device=v.device)
             for qs, ks, c in plan(rank, (rank - i) % world, world, nq, causal, layout):
-                gq, gk, gv = block_backward(qh[:, :, qs], _hf(kc)[:, :, ks], _hf(vc)[:, :, ks], out[:, :, qs],
+                bq, bk, bv = block_backward(qh[:, :, qs], _hf(kc)[:, :, ks], _hf(vc)[:, :, ks], out[:, :, qs],
                                             lse[:, :, qs], doh[:, :, qs], None if dlh is None else dlh[:, :, qs],
                                             c, scale, acc)
-                _hf(dq)[:, :, qs] += gq
-                _hf(dkc)[:, :, ks] += gk
-                _hf(dvc)[:, :, ks] += gv
-            if world > 1:  # after P shifts each accumulator is back with its block's owner
-                (dkc, dvc), wait_d = _comm.ring_shift_start([dkc, dvc], group)
+                _hf(dq)[:, :, qs] += bq
+                _hf(gk)[:, :, ks] += bk
+                _hf(gv)[:, :, ks] += bv
+            if incoming is not None:  # the block's accumulators arrived while we computed its part
                 wait_d()
+                gk, gv = gk.add_(incoming[0]), gv.add_(incoming[1])
+            if world > 1:  # pass them on with the block; after P shifts they are home
+                incoming, wait_d = _comm.ring_shift_start([gk, gv], group)
+            else:
+                incoming = (gk, gv)
             if i < world - 1:
                 wait_kv()
                 kc, vc = kn, vn
+        if world > 1:
+            wait_d()
+        dkc, dvc = incoming
         return dq.to(q.dtype), dkc.to(k.dtype), dvc.to(v.dtype), None, None, None, None
 
 
