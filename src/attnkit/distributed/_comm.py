@@ -67,19 +67,31 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -
 
 # ---- differentiable forms: autograd crosses ranks through these (backward = the transposed collective)
 
+def reduce_scatter_stack(g: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``g (P, *shape)`` over ranks and return this rank's row (the transpose of the all-gather)."""
+    _, world = rank_world(group)
+    if world == 1:
+        return g[0]
+    g = g.contiguous()
+    out = torch.empty_like(g[0])
+    if g.device.type == "cuda":
+        dist.reduce_scatter_tensor(out, g, group=group)
+    else:  # gloo: the rows are the send buffers
+        dist.reduce_scatter(out, list(g.unbind(0)), group=group)
+    return out
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return all_gather_stack(x, group)
+        return all_gather_stack(x, group) if rank_world(group)[1] > 1 else x[None]
 
     @staticmethod
     def backward(ctx, g):
-        # rank s's x fed slot s on every rank: its gradient is the sum of slot s over ranks
-        g = g.contiguous()
-        dist.all_reduce(g, group=ctx.group)
-        rank, _ = rank_world(ctx.group)
-        return g[rank], None
+        # rank s's x fed slot s on every rank: its gradient is slot s summed over ranks, which a
+        # reduce-scatter delivers to its owner alone ((P-1)/P of the all-gather's volume)
+        return reduce_scatter_stack(g, ctx.group), None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -95,7 +107,7 @@ class _AllToAll(torch.autograd.Function):
 
 
 def all_gather_diff(x: torch.Tensor, group=None) -> torch.Tensor:
-    """:func:`all_gather_stack` with a backward (an all-reduce of the gradient, each rank keeps its slot)."""
+    """:func:`all_gather_stack` with a backward (a reduce-scatter of the gradient to each slot's owner)."""
     return _AllGather.apply(x, group)
 
 

@@ -6,54 +6,20 @@ Its Hybrid", arXiv 2502.07563 (2025), §8.5 of papers/linear.md; DESIGN.md §8.
 Every rank all-gathers K and V (one collective: K and V travel packed together), so it holds the
 keys of the whole sequence, and runs ``ak.attention`` for its own queries with the causal diagonal
 shifted by its start position. Causal ranks keep only the pieces of ranks <= their own. The backward
-of the all-gather is a reduce-scatter of the full-length dK, dV to their owners (:class:`_GatherRS`).
+of the all-gather is a reduce-scatter of the full-length dK, dV to their owners (``_comm.all_gather_diff``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import attnkit as ak
 from attnkit._validate import check_qkv
-from attnkit.distributed._comm import all_gather_stack, rank_world
+from attnkit.distributed._comm import all_gather_diff, rank_world
 from attnkit.distributed.lasp2 import check_group_shapes
 
 _DTYPE_CODE = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-
-
-def reduce_scatter_stack(g: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum ``g (P, *shape)`` over ranks and return this rank's row (the transpose of the all-gather)."""
-    _, world = rank_world(group)
-    if world == 1:
-        return g[0]
-    g = g.contiguous()
-    out = torch.empty_like(g[0])
-    if g.device.type == "cuda":
-        dist.reduce_scatter_tensor(out, g, group=group)
-    else:  # gloo: the rows are the send buffers
-        dist.reduce_scatter(out, list(g.unbind(0)), group=group)
-    return out
-
-
-class _GatherRS(torch.autograd.Function):
-    """All-gather forward, reduce-scatter backward: each rank receives only the sum for its own slot,
-    (P-1)/P of the all-gather's volume, not the all-reduce's twice that."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_stack(x, group) if rank_world(group)[1] > 1 else x[None]
-
-    @staticmethod
-    def backward(ctx, g):
-        return reduce_scatter_stack(g, ctx.group), None
-
-
-def all_gather_rs_diff(x: torch.Tensor, group=None) -> torch.Tensor:
-    """``(P, *x.shape)`` every rank's ``x``; differentiable, backward = reduce-scatter of the gradient."""
-    return _GatherRS.apply(x, group)
 
 
 def lasp2h_attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend=None, group=None,
@@ -111,7 +77,7 @@ def lasp2h_attention(q, k, v, *, causal=False, scale=None, return_lse=False, bac
     if L > nk:  # pad to the longest piece; the padding is cut off after the exchange
         kv = F.pad(kv, (0, 0, 0, 0, 0, L - nk))  # (B, L, Hkv, D + Dv)
     last = rank if causal else world - 1  # causal: ranks after this one hold only future keys
-    rows = all_gather_rs_diff(kv.contiguous(), group)  # (P, B, L, Hkv, D + Dv)
+    rows = all_gather_diff(kv.contiguous(), group)  # (P, B, L, Hkv, D + Dv)
     full = torch.cat([rows[s, :, :lengths[s]] for s in range(last + 1)], dim=1)  # (B, Nk, Hkv, D + Dv)
     kf, vf = full[..., :D], full[..., D:]  # (B, Nk, Hkv, D), (B, Nk, Hkv, Dv)
     mask = ak.masks.causal(sum(lengths[:rank])) if causal else None  # kv <= q + start of this piece
@@ -124,4 +90,4 @@ def lasp2h_comm_elements(B: int, N_local: int, Hkv: int, D: int, Dv: int, world:
     return (world - 1) * B * N_local * Hkv * (D + Dv)
 
 
-__all__ = ["all_gather_rs_diff", "lasp2h_attention", "lasp2h_comm_elements", "reduce_scatter_stack"]
+__all__ = ["lasp2h_attention", "lasp2h_comm_elements"]

@@ -14,9 +14,9 @@ with that worker's traceback.
 
 from __future__ import annotations
 
-import os
-import socket
+import datetime
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -27,17 +27,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str, threads: int, backend: str,
+def _worker(rank: int, world: int, out_dir: str, threads: int, backend: str, timeout_s: float,
             fn: Callable[..., Any], args: tuple) -> None:
     torch.set_num_threads(threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    # rendezvous through a file in this launch's own temp dir: no TCP port to pick, so launches
+    # running at the same time cannot collide
+    dist.init_process_group(backend, init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
     path = Path(out_dir) / f"rank{rank}.pt"
     try:
         torch.save({"ok": True, "value": fn(rank, world, *args)}, path)
@@ -49,7 +45,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, threads: int, backen
 
 
 def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
-              threads: int = 1) -> list[Any]:
+              threads: int = 1, timeout_s: float = 300.0) -> list[Any]:
     """``[fn(rank, world_size, *args) for rank in range(world_size)]``, each rank in its own process.
 
     Args:
@@ -59,6 +55,8 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
         args: picklable arguments (tensors included) passed to every rank.
         backend: ``"gloo"`` (CPU) or ``"nccl"``.
         threads: torch intra-op threads per worker.
+        timeout_s: the whole launch, and any one collective, may take this long; then the workers are
+            killed and a RuntimeError says so (a rank that never joins a collective cannot hang the caller).
 
     Returns:
         each rank's return value, in rank order (tensors come back through ``torch.save``).
@@ -66,21 +64,28 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     with tempfile.TemporaryDirectory(prefix="attnkit_dist_") as out_dir:
-        ctx = mp.start_processes(_worker, args=(world_size, _free_port(), out_dir, threads, backend, fn, args),
+        ctx = mp.start_processes(_worker, args=(world_size, out_dir, threads, backend, timeout_s, fn, args),
                                  nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
         try:
-            while not ctx.join():
-                pass
-        except mp.ProcessRaisedException:
-            pass  # the worker's own traceback is in its result file, reported below
-        results = {}
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    raise RuntimeError(f"run_local: {world_size} workers did not finish within {timeout_s:g} s")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+            pass  # a raising worker left its traceback in its result file; a killed one left none (both below)
+        results, written = {}, {}
         for r in range(world_size):
             path = Path(out_dir) / f"rank{r}.pt"
             if path.exists():
-                results[r] = torch.load(path, weights_only=False)
-        for r, res in results.items():  # a failed rank first: the others were stopped because of it
-            if not res["ok"]:
-                raise RuntimeError(f"rank {r} of {world_size} failed:\n{res['error']}")
+                results[r], written[r] = torch.load(path, weights_only=False), path.stat().st_mtime_ns
+        failed = sorted((r for r, res in results.items() if not res["ok"]), key=written.get)
+        if failed:  # the first to fail is the cause; the others typically lost a peer in a collective
+            first = results[failed[0]]["error"]
+            others = "".join(f"\n  rank {r}: {results[r]['error'].strip().splitlines()[-1][:160]}" for r in failed[1:])
+            raise RuntimeError(f"rank {failed[0]} of {world_size} failed first:\n{first}"
+                               + (f"\nthen:{others}" if others else ""))
         missing = [r for r in range(world_size) if r not in results]
         if missing:
             raise RuntimeError(f"ranks {missing} of {world_size} exited without a result")
