@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,9 @@ import attnkit as ak
 from attnkit.distributed.lasp2 import lasp2_comm_elements, lasp2_linear_attention
 from attnkit.distributed.lasp2h import lasp2h_attention, lasp2h_comm_elements
 from attnkit.distributed.launch import run_local
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _distributed_common import fwd_bwd, timed
 
 B, H, D = 1, 8, 64
 CORES = 2
@@ -86,28 +89,6 @@ class _Counter:
             setattr(dist, n, f)
 
 
-def _timed(fns: dict, warmup: int, reps: int) -> dict:
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    ts: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(reps):
-        for n, f in fns.items():
-            dist.barrier()
-            t0 = time.perf_counter()
-            f()
-            ts[n].append(time.perf_counter() - t0)
-    return {n: sorted(v)[len(v) // 2] for n, v in ts.items()}
-
-
-def _fwd_bwd(fn, leaves):
-    def run():
-        for t in leaves:
-            t.grad = None
-        fn().sum().backward()
-    return run
-
-
 def worker(rank: int, world: int, cfg: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     res: dict = {}
@@ -117,12 +98,12 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
     q, k, v = (x[:, rank * n:(rank + 1) * n].clone().requires_grad_() for x in full)
     dec = _decay()
     lasp = lambda: lasp2_linear_attention(q, k, v, decay=dec)  # noqa: E731
-    fns = {"lasp2 fwd": lambda: lasp(), "lasp2 fwd+bwd": _fwd_bwd(lasp, (q, k, v))}
+    fns = {"lasp2 fwd": lambda: lasp(), "lasp2 fwd+bwd": fwd_bwd(lasp, (q, k, v))}
     if world == 1:  # the single-process op on the whole sequence, same process and threads
         fq, fk, fv = (x.clone().requires_grad_() for x in full)
         one = lambda: ak.linear_attention(fq, fk, fv, decay=dec)  # noqa: E731
-        fns.update({"single fwd": lambda: one(), "single fwd+bwd": _fwd_bwd(one, (fq, fk, fv))})
-    res.update(_timed(fns, cfg["warmup"], cfg["reps"]))
+        fns.update({"single fwd": lambda: one(), "single fwd+bwd": fwd_bwd(one, (fq, fk, fv))})
+    res.update(timed(fns, cfg["warmup"], cfg["reps"]))
     with _Counter(world) as c:
         o = lasp()
     res["lasp2 bytes fwd"], res["lasp2 meta"] = c.bytes, c.meta
@@ -135,12 +116,12 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
     full = [torch.randn(B, N, H, D, generator=g) for _ in range(3)]
     q, k, v = (x[:, rank * n:(rank + 1) * n].clone().requires_grad_() for x in full)
     soft = lambda: lasp2h_attention(q, k, v, causal=True)  # noqa: E731
-    fns = {"lasp2h fwd": lambda: soft(), "lasp2h fwd+bwd": _fwd_bwd(soft, (q, k, v))}
+    fns = {"lasp2h fwd": lambda: soft(), "lasp2h fwd+bwd": fwd_bwd(soft, (q, k, v))}
     if world == 1:
         fq, fk, fv = (x.clone().requires_grad_() for x in full)
         sm = lambda: ak.attention(fq, fk, fv, ak.masks.causal())  # noqa: E731
-        fns.update({"single-h fwd": lambda: sm(), "single-h fwd+bwd": _fwd_bwd(sm, (fq, fk, fv))})
-    res.update(_timed(fns, cfg["warmup"], cfg["reps"]))
+        fns.update({"single-h fwd": lambda: sm(), "single-h fwd+bwd": fwd_bwd(sm, (fq, fk, fv))})
+    res.update(timed(fns, cfg["warmup"], cfg["reps"]))
     with _Counter(world) as c:
         o = soft()
     res["lasp2h bytes fwd"] = c.bytes

@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,10 @@ import torch.distributed as dist
 import attnkit as ak
 from attnkit.distributed import zigzag
 from attnkit.distributed.launch import run_local
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _distributed_common import fwd_bwd, timed
+
 from attnkit.distributed.ring import ring_attention
 from attnkit.distributed.ulysses import ulysses_attention
 from attnkit.distributed.usp import make_usp_groups, usp_attention, usp_shard
@@ -93,31 +97,6 @@ class _Counter:
             setattr(dist, n, f)
 
 
-def _timed(fns: dict, warmup: int, reps: int) -> dict:
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    ts: dict[str, list[float]] = {n: [] for n in fns}
-    cpu: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(reps):
-        for n, f in fns.items():
-            dist.barrier()
-            c0, t0 = time.process_time(), time.perf_counter()
-            f()
-            ts[n].append(time.perf_counter() - t0)
-            cpu[n].append(time.process_time() - c0)
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return {**{n: med(v) for n, v in ts.items()}, **{f"{n} cpu": med(v) for n, v in cpu.items()}}
-
-
-def _fwd_bwd(fn, leaves):
-    def run():
-        for t in leaves:
-            t.grad = None
-        fn().sum().backward()
-    return run
-
-
 def formulas(N: int, P: int, pu: int = 1) -> dict:
     """§9 bytes per rank per call (fp32), forward and backward, for ring / Ulysses / USP(pu, P/pu)."""
     n, e, pr = N // P, 4, P // pu
@@ -154,8 +133,8 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
     fns = {}
     for name, (f, leaves) in ops.items():
         fns[f"{name} fwd"] = f
-        fns[f"{name} fwd+bwd"] = _fwd_bwd(f, leaves)
-    res = _timed(fns, cfg["warmup"], cfg["reps"])
+        fns[f"{name} fwd+bwd"] = fwd_bwd(f, leaves)
+    res = timed(fns, cfg["warmup"], cfg["reps"], cpu=True)
     for name, (f, _) in ops.items():
         if name.startswith("single"):
             continue
