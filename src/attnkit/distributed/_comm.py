@@ -22,23 +22,6 @@ def _global(group, r: int) -> int:
     return r if group is None else dist.get_global_rank(group, r)
 
 
-def ring_shift(tensors: list[torch.Tensor], group=None) -> list[torch.Tensor]:
-    """Send every tensor to the next rank of the ring and return those received from the previous one.
-
-    Sends and receives are posted together (``batch_isend_irecv``), so no ordering can deadlock.
-    """
-    rank, world = rank_world(group)
-    if world == 1:
-        return [t.clone() for t in tensors]
-    nxt, prv = _global(group, (rank + 1) % world), _global(group, (rank - 1) % world)
-    out = [torch.empty_like(t) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors]
-    ops += [dist.P2POp(dist.irecv, o, prv, group) for o in out]
-    for req in dist.batch_isend_irecv(ops):
-        req.wait()
-    return out
-
-
 def all_gather_stack(x: torch.Tensor, group=None) -> torch.Tensor:
     """``(P, *x.shape)``: every rank's ``x`` in rank order (all ranks pass equal shapes)."""
     _, world = rank_world(group)
@@ -119,9 +102,10 @@ def all_to_all_diff(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=No
 # ---- softmax context parallelism (ring / Ulysses / USP) helpers
 
 def ring_shift_start(tensors: list[torch.Tensor], group=None):
-    """Post :func:`ring_shift`'s sends and receives and return ``(received, wait)`` at once, so the
-    caller computes while the block travels; call ``wait()`` before reading ``received`` (and keep
-    ``tensors`` unchanged until then)."""
+    """Send every tensor to the next rank of the ring and receive the previous rank's, without waiting:
+    returns ``(received, wait)`` at once, so the caller computes while the block travels; call
+    ``wait()`` before reading ``received`` (and keep ``tensors`` unchanged until then). Sends and
+    receives are posted together (``batch_isend_irecv``), so no ordering can deadlock."""
     rank, world = rank_world(group)
     if world == 1:
         return [t.clone() for t in tensors], lambda: None
@@ -139,21 +123,45 @@ def ring_shift_start(tensors: list[torch.Tensor], group=None):
     return out, wait
 
 
+def ring_shift(tensors: list[torch.Tensor], group=None) -> list[torch.Tensor]:
+    """:func:`ring_shift_start` and wait: the tensors received from the previous rank of the ring."""
+    out, wait = ring_shift_start(tensors, group)
+    wait()
+    return out
+
+
+def check_group_shapes(op: str, values: dict[str, int], group=None, *, equal: tuple[str, ...] = (),
+                       device=None) -> list[dict]:
+    """All-gather a few ints per rank (one tiny collective) and raise the same ValueError on every rank
+    when a value in ``equal`` differs between ranks. Returns every rank's values, in rank order.
+    ``device``: where the collective runs (the inputs' device: nccl gathers only CUDA tensors)."""
+    _, world = rank_world(group)
+    names = list(values)
+    mine = torch.tensor([int(values[n]) for n in names], dtype=torch.int64, device=device)
+    rows = all_gather_stack(mine, group).tolist() if world > 1 else [mine.tolist()]
+    per_rank = [dict(zip(names, r, strict=True)) for r in rows]
+    for n in equal:
+        seen = [r[n] for r in per_rank]
+        if len(set(seen)) > 1:
+            raise ValueError(f"{op}: {n} differs across ranks: {seen} (every rank must pass the same {n})")
+    return per_rank
+
+
 def check_same_shapes(op: str, group=None, **tensors: torch.Tensor) -> None:
     """Raise the same ValueError on every rank when the named tensors' shapes differ across ranks
     (ring passes and all-to-alls need equal shards; without this check they hang or fail obscurely).
-    One all-gather of a fixed-width int64 row per tensor (up to 8 dims)."""
+    One all-gather of a fixed-width row per tensor (rank, then up to 8 sizes, -1 padded)."""
     _, world = rank_world(group)
     if world == 1:
         return
     if any(t.dim() > 8 for t in tensors.values()):
         raise ValueError(f"{op}: tensors of more than 8 dims are not supported")
-    rows = [[t.dim(), *t.shape] + [-1] * (8 - t.dim()) for t in tensors.values()]
-    mine = torch.tensor(rows, dtype=torch.int64)                          # (n_tensors, 9)
-    got = all_gather_stack(mine.to(_dev(group)), group).cpu()              # (P, n_tensors, 9)
-    if (got != got[0]).any():
-        bad = "; ".join(f"{n}: {[tuple(int(x) for x in got[r, i, 1:1 + got[r, i, 0]]) for r in range(world)]}"
-                        for i, n in enumerate(tensors) if (got[:, i] != got[0, i]).any())
+    values = {f"{n}.{i}": (t.dim() if i < 0 else (t.shape[i] if i < t.dim() else -1))
+              for n, t in tensors.items() for i in range(-1, 8)}
+    rows = check_group_shapes(op, values, group, device=_dev(group))
+    shapes = {n: [tuple(r[f"{n}.{i}"] for i in range(r[f"{n}.-1"])) for r in rows] for n in tensors}
+    bad = "; ".join(f"{n}: {s}" for n, s in shapes.items() if len(set(s)) > 1)
+    if bad:
         raise ValueError(f"{op}: every rank must pass shards of equal shape; got per rank {bad}")
 
 

@@ -31,25 +31,8 @@ from __future__ import annotations
 import torch
 
 import attnkit as ak
-from attnkit.distributed._comm import all_gather_stack, rank_world
+from attnkit.distributed._comm import all_gather_stack, check_group_shapes, rank_world
 from attnkit.ops.linear import make_call
-
-
-def check_group_shapes(op: str, values: dict[str, int], group=None, *, equal: tuple[str, ...] = (),
-                       device=None) -> list[dict]:
-    """All-gather a few ints per rank (one tiny collective) and raise the same ValueError on every rank
-    when a value in ``equal`` differs between ranks. Returns every rank's values, in rank order.
-    ``device``: where the collective runs (the inputs' device: nccl gathers only CUDA tensors)."""
-    _, world = rank_world(group)
-    names = list(values)
-    mine = torch.tensor([int(values[n]) for n in names], dtype=torch.int64, device=device)
-    rows = all_gather_stack(mine, group).tolist() if world > 1 else [mine.tolist()]
-    per_rank = [dict(zip(names, r, strict=True)) for r in rows]
-    for n in equal:
-        seen = [r[n] for r in per_rank]
-        if len(set(seen)) > 1:
-            raise ValueError(f"{op}: {n} differs across ranks: {seen} (every rank must pass the same {n})")
-    return per_rank
 
 
 class _StateExchange(torch.autograd.Function):
@@ -276,4 +259,4 @@ def lasp2_comm_elements(B: int, H: int, Hkv: int, Dphi: int, Dv: int, world: int
     return (world - 1) * per
 
 
-__all__ = ["check_group_shapes", "lasp2_comm_elements", "lasp2_linear_attention"]
+__all__ = ["lasp2_comm_elements", "lasp2_linear_attention"]

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 import attnkit as ak
 from attnkit._validate import check_qkv
-from attnkit.distributed._comm import all_gather_diff, rank_world
-from attnkit.distributed.lasp2 import check_group_shapes
+from attnkit.distributed._comm import all_gather_diff, check_group_shapes, rank_world
 
 _DTYPE_CODE = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
