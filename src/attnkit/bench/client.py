@@ -172,7 +172,7 @@ class Worker:
                 return out
             elif kind == "crash":
                 out.crash = ev.get("reason")
-            elif kind in ("result", "mem", "roof"):
+            elif kind in ("result", "mem", "roof", "native"):
                 out.events.append(ev)
                 if kind == "result" and ev.get("id") == out.current:
                     out.current = None

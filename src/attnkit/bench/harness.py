@@ -177,7 +177,8 @@ class Harness:
     def _measure(self, w: Worker, todo: list[Case]) -> None:
         dtypes = sorted({str(c.param.get("dtype", "float32")) for c in todo})
         roof_job = {"job": "roof", "dtypes": dtypes, "n": self.suite.roof_n, "seconds": self.suite.roof_s}
-        out = w.run_job(roof_job, timeout_s=120, should_stop=lambda: self.stop)
+        # the roof job also builds the compiled kernels on a fresh machine (~15 s here): room for a slow one
+        out = w.run_job(roof_job, timeout_s=600, should_stop=lambda: self.stop)
         self.roofs = {e["dtype"]: e["gflops"] for e in out.events if e.get("event") == "roof"}
         self.native = next(({"status": e["status"], "build_s": e["build_s"]} for e in out.events
                             if e.get("event") == "native"), None)
