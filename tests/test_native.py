@@ -34,7 +34,7 @@ def _run(monkeypatch, native: bool, q, k, v, g, s0, **kw):
     return [o.detach(), S.detach()] + [t.grad.clone() for t in leaves]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("decay", ["none", "head", "token"])
 @pytest.mark.parametrize("N,chunk,segment", [(1, 16, 64), (63, 16, 32), (64, 64, 64), (65, 16, 64), (300, 64, 128)])
 @pytest.mark.parametrize("state", [False, True])
@@ -89,8 +89,10 @@ def test_explain_names_the_compiled_kernel(monkeypatch):
     requires_native_kernel()
     q = torch.randn(1, 100, 2, 16)
     assert "forward: compiled CPU kernel (attnkit._native: loaded)" in ak.explain("linear_attention", q, q, q)
-    assert "torch ops, torch.bfloat16 inputs" in ak.explain("linear_attention", q.bfloat16(), q.bfloat16(),
-                                                            q.bfloat16())
+    # half inputs run the kernel too (upcast to fp32 as a whole); a strided feature dim takes torch ops
+    assert "compiled CPU kernel" in ak.explain("linear_attention", q.bfloat16(), q.bfloat16(), q.bfloat16())
+    q_nc = torch.randn(1, 100, 16, 2).transpose(2, 3)  # (1, 100, 2, 16), feature stride 2
+    assert "torch ops, feature dim not contiguous" in ak.explain("linear_attention", q_nc, q_nc, q_nc)
 
 
 def test_ops_pass_torch_library_checks():
