@@ -135,9 +135,11 @@ struct DecayMask {
       : has_g(G.has_g), per_token(G.has_g && hv.gstride != 0), scale(static_cast<T>(G.scale)) {
     if (has_g && !per_token) {
       const int64_t C = G.C;
+      std::vector<T> lag(C);  // scale exp(d g) for lags d = i - j: C exps, not C^2 / 2
+      for (int64_t d = 0; d < C; ++d) lag[d] = scale * std::exp(static_cast<T>(d) * hv.gh[0]);
       table.assign(C * C, T(0));
       for (int64_t i = 0; i < C; ++i)
-        for (int64_t j = 0; j <= i; ++j) table[i * C + j] = scale * std::exp(static_cast<T>(i - j) * hv.gh[0]);
+        for (int64_t j = 0; j <= i; ++j) table[i * C + j] = lag[i - j];
     }
   }
   // X[i][j] *= Dm[i][j] for j <= i, X[i][j] = 0 for i < j < L (rows of X are ldx apart)
