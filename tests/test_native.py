@@ -4,7 +4,9 @@ clean fallback, reported by ``explain``, where they are disabled or fail to buil
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -110,3 +112,14 @@ def test_ops_pass_torch_library_checks():
                           test_utils=checks)
     torch.library.opcheck(ops.linear_chunk_bwd, (q, k, v, e, torch.randn_like(o), bounds, e, 0.3, 16, 32, False),
                           test_utils=checks)
+
+
+def test_unwritable_build_root_falls_back_to_the_temp_dir(monkeypatch, tmp_path):
+    import torch.utils.cpp_extension as ext
+
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(ext, "get_default_build_root", lambda: str(blocker / "torch_extensions"))
+    _native._writable_build_root()
+    assert os.environ["TORCH_EXTENSIONS_DIR"].startswith(tempfile.gettempdir())

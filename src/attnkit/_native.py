@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -58,6 +59,23 @@ def _register_fakes() -> None:
                 q.new_empty(B, H, D, v.shape[-1]))
 
 
+def _writable_build_root() -> None:
+    """torch builds under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; where that cannot be
+    written (a read-only home in CI, say) build under the temp dir instead of failing."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = get_default_build_root()
+    try:
+        os.makedirs(root, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return
+    except OSError:
+        pass
+    os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(tempfile.gettempdir(), f"attnkit_torch_extensions_{os.getuid()}")
+
+
 def ops():
     """``torch.ops.attnkit_native`` once built and loaded, else None (the reason is in ``status()``)."""
     if _disabled():
@@ -70,7 +88,7 @@ def ops():
                 from torch.utils.cpp_extension import load
 
                 _ninja_on_path()
-
+                _writable_build_root()
                 # -fopenmp: at::parallel_for is inline OpenMP; without it the heads would run serially
                 load(name="attnkit_native", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
                      extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
