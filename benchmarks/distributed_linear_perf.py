@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 import attnkit as ak
+from attnkit.distributed import zigzag
 from attnkit.distributed.lasp2 import lasp2_comm_elements, lasp2_linear_attention
 from attnkit.distributed.lasp2h import lasp2h_attention, lasp2h_comm_elements
 from attnkit.distributed.launch import run_local
@@ -117,6 +118,10 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
     q, k, v = (x[:, rank * n:(rank + 1) * n].clone().requires_grad_() for x in full)
     soft = lambda: lasp2h_attention(q, k, v, causal=True)  # noqa: E731
     fns = {"lasp2h fwd": lambda: soft(), "lasp2h fwd+bwd": fwd_bwd(soft, (q, k, v))}
+    if world > 1:  # the same layer on zigzag pieces (every rank the same number of causal pairs)
+        zq, zk, zv = (zigzag.shard(x, rank, world, "zigzag").clone().requires_grad_() for x in full)
+        zz = lambda: lasp2h_attention(zq, zk, zv, causal=True, layout="zigzag")  # noqa: E731
+        fns.update({"lasp2h zigzag fwd": lambda: zz(), "lasp2h zigzag fwd+bwd": fwd_bwd(zz, (zq, zk, zv))})
     if world == 1:
         fq, fk, fv = (x.clone().requires_grad_() for x in full)
         sm = lambda: ak.attention(fq, fk, fv, ak.masks.causal())  # noqa: E731
@@ -159,6 +164,9 @@ def main(argv=None) -> dict:
         print(f"  P={P}: fwd {1e3 * r['lasp2h fwd']:.1f}  fwd+bwd {1e3 * r['lasp2h fwd+bwd']:.1f}  "
               f"bytes/rank fwd {r['lasp2h bytes fwd']} bwd {r['lasp2h bytes bwd']} "
               f"(§8.6 formula {r['lasp2h formula']})")
+        if "lasp2h zigzag fwd" in r:
+            print(f"  P={P} zigzag: fwd {1e3 * r['lasp2h zigzag fwd']:.1f}  "
+                  f"fwd+bwd {1e3 * r['lasp2h zigzag fwd+bwd']:.1f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

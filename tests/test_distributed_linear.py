@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import attnkit as ak
+from attnkit.distributed import zigzag
 from attnkit.distributed._lasp_selftest import run_specs
 from attnkit.distributed.lasp2 import lasp2_comm_elements, lasp2_linear_attention
 from attnkit.distributed.lasp2h import lasp2h_attention, lasp2h_comm_elements
@@ -80,6 +81,9 @@ def _lasp2h_cases(world: int) -> dict[str, dict]:
     if world > 1:
         cases["h-ragged-causal-float64"] = {"op": "lasp2h", "dtype": torch.float64, "inputs": _inputs(22),
                                             "kwargs": {"causal": True}, "lengths": RAGGED[world]}
+        for dt in (torch.float64, torch.float32):  # balanced causal pieces (chunks r and 2P-1-r)
+            cases[f"h-zigzag-causal-{str(dt)[6:]}"] = {"op": "lasp2h", "dtype": dt, "inputs": _inputs(23),
+                                                       "kwargs": {"causal": True, "layout": "zigzag"}}
     return cases
 
 
@@ -107,11 +111,11 @@ def _results(world: int) -> dict[str, list]:
     return _RESULTS[world]
 
 
-def _cat(ranks: list[dict], key: str) -> torch.Tensor:
-    return torch.cat([r[key] for r in ranks], dim=1)
+def _cat(ranks: list[dict], key: str, layout: str = "contiguous") -> torch.Tensor:
+    return zigzag.unshard([r[key] for r in ranks], layout, dim=1)
 
 
-def _check_grads(ranks, ref_leaves, dt, name, has_decay_per_head=False):
+def _check_grads(ranks, ref_leaves, dt, name, has_decay_per_head=False, layout="contiguous"):
     for n, t in ref_leaves.items():
         if not t.requires_grad:
             assert all("d" + n not in r for r in ranks), f"{name}: d{n} of a frozen input"
@@ -119,7 +123,7 @@ def _check_grads(ranks, ref_leaves, dt, name, has_decay_per_head=False):
         if n == "decay" and has_decay_per_head:  # replicated parameter: the ranks' shares sum to the gradient
             got = sum(r["ddecay"] for r in ranks)
         else:
-            got = _cat(ranks, "d" + n)
+            got = _cat(ranks, "d" + n, layout)
         assert_close(got, t.grad, dt, f"{name} d{n}", grad=True)
 
 
@@ -152,9 +156,10 @@ def test_lp4_lasp2h_equals_softmax_oracle(world, name):
     mask = ak.masks.causal() if spec["kwargs"]["causal"] else None
     o, lse = ak.attention(leaves["q"], leaves["k"], leaves["v"], mask, backend="reference", return_lse=True)
     (o * inp["do"]).sum().backward()
-    assert_close(_cat(ranks, "o"), o.detach(), dt, f"{name} o")
-    assert_close(_cat(ranks, "lse"), lse.detach(), dt, f"{name} lse")
-    _check_grads(ranks, leaves, dt, name)
+    layout = spec["kwargs"].get("layout", "contiguous")
+    assert_close(_cat(ranks, "o", layout), o.detach(), dt, f"{name} o")
+    assert_close(_cat(ranks, "lse", layout), lse.detach(), dt, f"{name} lse")
+    _check_grads(ranks, leaves, dt, name, layout=layout)
 
 
 @pytest.mark.slow
@@ -226,3 +231,9 @@ def test_comm_volume_formulas():
     assert lasp2_comm_elements(1, 8, 2, 64, 64, 4) == 3 * 2 * 64 * 64  # no decay: per KV head (GQA)
     assert lasp2_comm_elements(1, 8, 8, 64, 64, 4, decay=True, normalize=True) == 3 * (8 * 64 * 65 + 8)
     assert lasp2h_comm_elements(1, 1024, 8, 64, 64, 4) == 3 * 1024 * 8 * 128
+
+
+def test_lasp2h_rejects_an_unknown_layout():
+    q = torch.randn(1, 7, 2, 4)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        lasp2h_attention(q, q, q, causal=True, layout="spiral")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 import attnkit as ak
+from attnkit.distributed import zigzag
 from attnkit.distributed.lasp2 import _local_state, lasp2_linear_attention
 from attnkit.distributed.lasp2h import lasp2h_attention
 from attnkit.ops.linear import make_call
@@ -28,9 +29,14 @@ def _run_one(spec: dict, rank: int, world: int) -> dict:
     kv_len = spec.get("lengths") or [inp["k"].shape[1] // world] * world
     q_len = spec.get("q_lengths") or kv_len
     grads = spec.get("grads", ("q", "k", "v", "decay"))  # the inputs that get a gradient
-    q = _piece(inp["q"], q_len, rank).to(dt).requires_grad_("q" in grads)
-    k = _piece(inp["k"], kv_len, rank).to(dt).requires_grad_("k" in grads)
-    v = _piece(inp["v"], kv_len, rank).to(dt).requires_grad_("v" in grads)
+    if kw.get("layout") == "zigzag":  # pieces cut by the zigzag order (equal lengths)
+        def cut(x, lengths, rank):
+            return zigzag.shard(x, rank, world, "zigzag")
+    else:
+        cut = _piece
+    q = cut(inp["q"], q_len, rank).to(dt).requires_grad_("q" in grads)
+    k = cut(inp["k"], kv_len, rank).to(dt).requires_grad_("k" in grads)
+    v = cut(inp["v"], kv_len, rank).to(dt).requires_grad_("v" in grads)
     leaves = {"q": q, "k": k, "v": v}
     if "decay" in inp:
         d = inp["decay"]
@@ -54,7 +60,7 @@ def _run_one(spec: dict, rank: int, world: int) -> dict:
     elif spec["op"] == "lasp2h":
         o, lse = lasp2h_attention(q, k, v, return_lse=True, **kw)
         res["lse"] = lse.detach()
-        loss = (o * _piece(inp["do"], q_len, rank).to(o.dtype)).sum()
+        loss = (o * cut(inp["do"], q_len, rank).to(o.dtype)).sum()
     else:
         raise ValueError(f"unknown op {spec['op']!r}")
     loss.backward()
