@@ -19,23 +19,12 @@ from __future__ import annotations
 import torch
 
 from attnkit._validate import check_qkv, resolve_scale
-from attnkit.backends.blocked_groups import fused_ops
-from attnkit.backends.merge import merge_partials
+from attnkit.backends.blocked_groups import can_fuse, fused_ops
+from attnkit.backends.merge import merge_partials as merge  # empty blocks are (0, -inf)
 from attnkit.distributed import _comm
 from attnkit.distributed.zigzag import LAYOUTS
 
 _ALL = slice(None)
-
-
-def merge(oa: torch.Tensor, la: torch.Tensor, ob: torch.Tensor, lb: torch.Tensor):
-    """LSE merge of two partial attentions over disjoint key sets, ``(o (..., Dv), lse (...))`` each.
-
-    Either side may be empty (``lse = -inf``, ``o = 0``); both empty gives ``(0, -inf)``.
-    """
-    both = torch.isneginf(la) & torch.isneginf(lb)
-    # merge_partials wants a finite la; where both are empty use 0 and restore (0, -inf) after
-    o, lse = merge_partials(oa, la.masked_fill(both, 0.0), ob, lb)
-    return o.masked_fill(both.unsqueeze(-1), 0.0), lse.masked_fill(both, float("-inf"))
 
 
 def plan(rank: int, src: int, world: int, n_q: int, causal: bool, layout: str):
@@ -52,10 +41,6 @@ def plan(rank: int, src: int, world: int, n_q: int, causal: bool, layout: str):
     return [(slice(half, None), _ALL, False)]  # only our late chunk c_{2P-1-r} sees the block
 
 
-def _fusable(q: torch.Tensor, v: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and fused_ops()[0] is not None
-
-
 def _causal_fill(s: torch.Tensor) -> torch.Tensor:
     nq, nk = s.shape[-2:]
     return s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
@@ -63,7 +48,7 @@ def _causal_fill(s: torch.Tensor) -> torch.Tensor:
 
 def block_forward(q, k, v, causal: bool, scale: float, acc: torch.dtype):
     """``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)`` -> ``(o, lse)`` in ``acc``."""
-    if _fusable(q, v):
+    if can_fuse(q, v):
         o, lse = fused_ops()[0](q, k, v, is_causal=causal, scale=scale)
         return o.to(acc), lse.to(acc)
     b, hq, nq, _ = q.shape
@@ -82,7 +67,7 @@ def block_backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float, ac
     """Flash backward of one block with the FINAL ``out (B, Hq, Nq, Dv)`` and ``lse (B, Hq, Nq)``;
     ``dlse`` (or None) is the gradient reaching the returned lse. Returns ``(dq, dk, dv)`` in ``acc``."""
     lse_safe = lse.masked_fill(torch.isneginf(lse), float("inf"))  # fully masked rows: P = 0
-    if dlse is None and _fusable(q, v):
+    if dlse is None and can_fuse(q, v):
         gq, gk, gv = fused_ops()[1](dout, q, k, v, out.to(q.dtype), lse_safe, 0.0, causal, scale=scale)
         return gq.to(acc), gk.to(acc), gv.to(acc)
     b, hq, nq, _ = q.shape
