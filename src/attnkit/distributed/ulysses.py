@@ -72,15 +72,22 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=No
     """
     from attnkit.ops.dense import attention
 
+    return around_heads("ulysses_attention", q, k, v, group, return_lse,
+                        lambda qf, kf, vf: attention(qf, kf, vf, mask, scale=scale, backend=backend,
+                                                     return_lse=return_lse))
+
+
+def around_heads(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, return_lse: bool, inner):
+    """The Ulysses shell shared with USP: check the shards, replicate KV heads if ``Hkv % P != 0``,
+    all-to-all to ``(B, N, H/P, X)``, run ``inner(q, k, v)`` (``out`` or ``(out, lse)``) there, and
+    all-to-all the result back to this rank's ``(B, N_local, H, ...)``."""
     hq, hkv = check_qkv(q, k, v)
     _, world = _comm.rank_world(group)
-    r = kv_replication(hq, hkv, world)
-    _comm.check_same_shapes("ulysses_attention", group, q=q, k=k, v=v)
+    r = kv_replication(hq, hkv, world, op=op)
+    _comm.check_same_shapes(op, group, q=q, k=k, v=v)
     k, v = replicate_kv(k, r), replicate_kv(v, r)
-    qf, kf, vf = heads_to_seq(q, group), heads_to_seq(k, group), heads_to_seq(v, group)  # (B, N, H/P, X)
-    res = attention(qf, kf, vf, mask, scale=scale, backend=backend, return_lse=return_lse)
+    res = inner(heads_to_seq(q, group), heads_to_seq(k, group), heads_to_seq(v, group))  # on (B, N, H/P, X)
     if not return_lse:
         return seq_to_heads(res, group)                                    # (B, Nq_local, Hq, Dv)
     out, lse = res
-    lse = seq_to_heads(lse.unsqueeze(-1), group).squeeze(-1)               # (B, Nq_local, Hq)
-    return seq_to_heads(out, group), lse
+    return seq_to_heads(out, group), seq_to_heads(lse, group)              # lse (B, Nq_local, Hq)

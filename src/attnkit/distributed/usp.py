@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from attnkit._validate import check_qkv
 from attnkit.distributed import _comm, zigzag
 from attnkit.distributed.ring import ring_attention
-from attnkit.distributed.ulysses import heads_to_seq, kv_replication, replicate_kv, seq_to_heads
+from attnkit.distributed.ulysses import around_heads
 
 
 def make_usp_groups(pu: int, pr: int):
@@ -85,16 +84,6 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         >>> ug, rg = make_usp_groups(2, 2)
         >>> out = usp_attention(q, k, v, causal=True, ulysses_group=ug, ring_group=rg, layout="zigzag")
     """
-    hq, hkv = check_qkv(q, k, v)
-    _, pu = _comm.rank_world(ulysses_group)
-    r = kv_replication(hq, hkv, pu, op="usp_attention")
-    _comm.check_same_shapes("usp_attention", ulysses_group, q=q, k=k, v=v)
-    k, v = replicate_kv(k, r), replicate_kv(v, r)
-    qb = heads_to_seq(q, ulysses_group)                                    # (B, Nq/P_r, Hq/P_u, D)
-    kb, vb = heads_to_seq(k, ulysses_group), heads_to_seq(v, ulysses_group)  # (B, Nk/P_r, Hkv'/P_u, X)
-    res = ring_attention(qb, kb, vb, causal=causal, layout=layout, scale=scale, group=ring_group,
-                         return_lse=return_lse)
-    if not return_lse:
-        return seq_to_heads(res, ulysses_group)                            # (B, Nq_local, Hq, Dv)
-    out, lse = res
-    return seq_to_heads(out, ulysses_group), seq_to_heads(lse, ulysses_group)
+    return around_heads("usp_attention", q, k, v, ulysses_group, return_lse,
+                        lambda qb, kb, vb: ring_attention(qb, kb, vb, causal=causal, layout=layout, scale=scale,
+                                                          group=ring_group, return_lse=return_lse))
