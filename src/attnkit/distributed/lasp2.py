@@ -32,7 +32,7 @@ import torch
 
 import attnkit as ak
 from attnkit.distributed._comm import all_gather_stack, check_group_shapes, rank_world
-from attnkit.ops.linear import make_call
+from attnkit.ops.linear import _finish, make_call
 
 
 class _StateExchange(torch.autograd.Function):
@@ -80,6 +80,20 @@ class _StateExchange(torch.autograd.Function):
         return dM, dG, None, None
 
 
+def _log_decay(call, cdt: torch.dtype, n: int):
+    """Cumulative log-decay ``gc (B, n, H)`` through each token of this piece (its own included) and the
+    piece's total ``G (B, H)``; ``(None, None)`` without decay."""
+    if call.decay is None:
+        return None, None
+    lg = torch.log(call.decay.to(cdt))
+    if call.decay_kind == "per-head":
+        B, H = call.q.shape[0], call.q.shape[2]
+        steps = torch.arange(1, n + 1, dtype=cdt, device=lg.device)  # r = 1..n
+        return (steps[:, None] * lg).expand(B, n, H), (lg * n).expand(B, H)  # (B, n, H), (B, H)
+    gc = lg.cumsum(1)  # (B, n, H)
+    return gc, gc[:, -1]
+
+
 def _local_state(call, cdt: torch.dtype):
     """This piece's final state from a zero state, ``M = sum_j w_j phi(k_j)^T [v_j, 1]``, and its total
     log-decay ``G`` (``None`` without decay). ``w_j = exp(G - gcum_j)`` is the decay from token j to the end.
@@ -95,15 +109,8 @@ def _local_state(call, cdt: torch.dtype):
     B, C, Hkv, Dp = pk.shape
     H = call.q.shape[2]
     rep = H // Hkv
-    lg = torch.log(call.decay.to(cdt))
-    if call.decay_kind == "per-head":
-        steps = torch.arange(C - 1, -1, -1, dtype=cdt, device=pk.device)  # C - r_j for r_j = 1..C
-        w = torch.exp(steps[:, None] * lg).expand(B, C, H)  # (B, C, H)
-        G = (lg * C).expand(B, H)  # (B, H)
-    else:
-        gc = lg.cumsum(1)  # (B, C, H)
-        G = gc[:, -1]  # (B, H)
-        w = torch.exp(G[:, None] - gc)  # (B, C, H), <= 1
+    gc, G = _log_decay(call, cdt, C)  # (B, C, H), (B, H)
+    w = torch.exp(G[:, None] - gc)  # (B, C, H), <= 1
     pkw = pk[:, :, :, None] * w.view(B, C, Hkv, rep, 1)  # (B, C, Hkv, rep, Dphi): query head = g*rep + r
     M = torch.einsum("bngrd,bnge->bgrde", pkw, v)  # (B, Hkv, rep, Dphi, Dv')
     return M.reshape(B, H, Dp, v.shape[-1]), G  # (B, H, Dphi, Dv')
@@ -133,21 +140,7 @@ class _Join(torch.autograd.Function):
         return g, torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _log_decay(call, cdt: torch.dtype, n: int):
-    """Cumulative log-decay ``gc (B, n, H)`` through each token of this piece (its own included) and the
-    piece's total ``G (B, H)``; ``(None, None)`` without decay."""
-    if call.decay is None:
-        return None, None
-    lg = torch.log(call.decay.to(cdt))
-    if call.decay_kind == "per-head":
-        B, H = call.q.shape[0], call.q.shape[2]
-        steps = torch.arange(1, n + 1, dtype=cdt, device=lg.device)  # r = 1..n
-        return (steps[:, None] * lg).expand(B, n, H), (lg * n).expand(B, H)  # (B, n, H), (B, H)
-    gc = lg.cumsum(1)  # (B, n, H)
-    return gc, gc[:, -1]
-
-
-def _causal(call, q, k, v, decay, rank, return_state, group, cdt):
+def _causal(call, q, k, v, decay, rank, group, cdt):
     """Causal LASP-2 (§8.2): the chunk kernel from a zero state gives the intra term and, as its final
     state, ``M_t`` (no extra pass, and its backward takes ``dM_t`` inside the kernel's reverse walk);
     the exchange folds the earlier ranks' states; the inter term ``scale exp(gc_r) phi(q_r) A_{t-1}`` is
@@ -173,13 +166,7 @@ def _causal(call, q, k, v, decay, rank, return_state, group, cdt):
             o = o.to(cdt).add(inter, alpha=call.scale)
         else:  # row r decays by prod_{j <= r} decay_j; one fused pass (measured 1.2x over mul-then-add)
             o = torch.addcmul(o.to(cdt), inter, (call.scale * gc.exp())[..., None])
-    if call.normalize:
-        o = o[..., :-1] / (o[..., -1:] + call.eps)  # (B, n, H, Dv)
-    o = o.to(q.dtype)
-    if not return_state:
-        return o
-    S_end = S + (P if G is None else G.exp()[..., None, None] * P)  # M_t + exp(G_t) A_{t-1}
-    return o, ((S_end[..., :-1], S_end[..., -1]) if call.normalize else S_end)
+    return _finish(call, o, S + (P if G is None else G.exp()[..., None, None] * P))  # M_t + exp(G_t) A_{t-1}
 
 
 def lasp2_linear_attention(q, k, v, *, causal=True, decay=None, feature_map="identity", normalize=False,
@@ -217,7 +204,7 @@ def lasp2_linear_attention(q, k, v, *, causal=True, decay=None, feature_map="ide
         >>> o = lasp2_linear_attention(q_t, k_t, v_t, decay=torch.full((8,), 0.99))
     """
     call = make_call(q, k, v, causal=causal, feature_map=feature_map, decay=decay, normalize=normalize,
-                     scale=scale, chunk_size=chunk_size, eps=eps)
+                     scale=scale, return_state=return_state, chunk_size=chunk_size, eps=eps)
     if not isinstance(check_shapes, bool):
         raise TypeError(f"check_shapes must be a bool, got {type(check_shapes).__name__}")
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -236,18 +223,13 @@ def lasp2_linear_attention(q, k, v, *, causal=True, decay=None, feature_map="ide
                                    normalize=normalize, scale=call.scale, return_state=return_state,
                                    chunk_size=chunk_size, eps=eps)
     if causal:
-        return _causal(call, q, k, v, decay, rank, return_state, group, cdt)
+        return _causal(call, q, k, v, decay, rank, group, cdt)
     M, _ = _local_state(call, cdt)
     P = _StateExchange.apply(_in_graph(M, (q, k, v)), None, False, group)
     if P.shape[1] != H:  # states were exchanged per KV head: each query head of a group shares its state
         P = P.repeat_interleave(H // Hkv, dim=1)  # (B, H, Dphi, Dv')
     o = torch.einsum("bnhd,bhde->bnhe", call.phi(q).to(cdt) * call.scale, P)  # (B, N_t, H, Dv')
-    if normalize:
-        o = o[..., :-1] / (o[..., -1:] + call.eps)  # (B, N_t, H, Dv)
-    o = o.to(q.dtype)
-    if not return_state:
-        return o
-    return o, ((P[..., :-1], P[..., -1]) if normalize else P)
+    return _finish(call, o, P)
 
 
 def lasp2_comm_elements(B: int, H: int, Hkv: int, Dphi: int, Dv: int, world: int, *, decay: bool = False,
