@@ -6,6 +6,21 @@ import time
 
 import torch.distributed as dist
 
+from attnkit.distributed.launch import run_local
+
+CORES = 2
+
+
+def run_worlds(worker, cfg: dict, worlds=(1, 2, 4)) -> dict:
+    """``{P: [each rank's result]}`` of ``worker(rank, P, cfg)`` on P local processes, the machine's
+    ``CORES`` threads split among them (one thread per rank from P = 2 on a 2-core machine)."""
+    return {P: run_local(worker, P, cfg, threads=max(1, CORES // P)) for P in worlds}
+
+
+def slowest(ranks: list[dict]) -> dict:
+    """A step takes as long as its slowest rank: the per-key maximum over ranks."""
+    return {k: max(r[k] for r in ranks) for k in ranks[0]}
+
 
 def timed(fns: dict, warmup: int, reps: int, cpu: bool = False) -> dict:
     """Median wall seconds per function (and ``"<name> cpu"``: process CPU seconds, with ``cpu``),

@@ -40,13 +40,11 @@ import attnkit as ak
 from attnkit.distributed import zigzag
 from attnkit.distributed.lasp2 import lasp2_comm_elements, lasp2_linear_attention
 from attnkit.distributed.lasp2h import lasp2h_attention, lasp2h_comm_elements
-from attnkit.distributed.launch import run_local
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _distributed_common import fwd_bwd, timed
+from _distributed_common import CORES, fwd_bwd, run_worlds, slowest, timed
 
 B, H, D = 1, 8, 64
-CORES = 2
 
 
 def _decay():
@@ -145,10 +143,8 @@ def main(argv=None) -> dict:
     cfg = ({"N": 8192, "Nh": 2048, "warmup": 1, "reps": 3} if a.quick
            else {"N": 32768, "Nh": 4096, "warmup": 2, "reps": 7})
     out = {"config": {**cfg, "B": B, "H": H, "D": D, "dtype": "float32", "cores": CORES}, "worlds": {}}
-    for P in (1, 2, 4):
-        ranks = run_local(worker, P, cfg, threads=max(1, CORES // P))
-        slow = {kk: max(r[kk] for r in ranks) for kk in ranks[0]}  # step time = slowest rank
-        out["worlds"][P] = slow
+    for P, ranks in run_worlds(worker, cfg).items():
+        out["worlds"][P] = slowest(ranks)
     w = out["worlds"]
     print(f"LASP-2 causal, per-head decay, N={cfg['N']} B={B} H={H} D={D} fp32 (slowest rank's median, ms)")
     print(f"  single process (2 threads): fwd {1e3 * w[1]['single fwd']:.1f}  "

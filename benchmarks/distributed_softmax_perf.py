@@ -53,17 +53,15 @@ import torch.distributed as dist
 
 import attnkit as ak
 from attnkit.distributed import zigzag
-from attnkit.distributed.launch import run_local
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _distributed_common import fwd_bwd, timed
+from _distributed_common import CORES, fwd_bwd, run_worlds, slowest, timed
 
 from attnkit.distributed.ring import ring_attention
 from attnkit.distributed.ulysses import ulysses_attention
 from attnkit.distributed.usp import make_usp_groups, usp_attention, usp_shard
 
 B, H, D = 1, 8, 64
-CORES = 2
 
 
 class _Counter:
@@ -154,9 +152,8 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     cfg = {"N": 4096, "warmup": 1, "reps": 3} if a.quick else {"N": 8192, "warmup": 1, "reps": 3}
     out = {"config": {**cfg, "B": B, "H": H, "D": D, "dtype": "float32", "cores": CORES}, "worlds": {}}
-    for P in (1, 2, 4):
-        ranks = run_local(worker, P, cfg, threads=max(1, CORES // P))
-        out["worlds"][P] = {kk: max(r[kk] for r in ranks) for kk in ranks[0]}  # step time = slowest rank
+    for P, ranks in run_worlds(worker, cfg).items():
+        out["worlds"][P] = slowest(ranks)
         out["worlds"][P]["cpu per rank"] = {kk: [r[kk] for r in ranks] for kk in ranks[0] if kk.endswith("cpu")}
     N, w = cfg["N"], out["worlds"]
     print(f"causal softmax CP, N={N} B={B} H={H} D={D} fp32; slowest rank's median ms (fwd / fwd+bwd)")
