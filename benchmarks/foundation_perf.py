@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import attnkit as ak
-from attnkit.backends.flex import block_mask_for, compiled_flex
 from attnkit.bench.machine import measure_roof
 from attnkit.bench.timing import alternate
+from attnkit.ops.dense.flex import block_mask_for, compiled_flex
 
 M = ak.masks
 B, H, D = 1, 8, 64

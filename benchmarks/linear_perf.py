@@ -35,7 +35,7 @@ CHUNK = 64
 
 
 def _decay():
-    from attnkit.mechanisms.lightning import tnl_decay
+    from attnkit.ops.linear.decay import tnl_decay
 
     return tnl_decay(H, 0, 24)
 

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 import attnkit as ak
-from attnkit.backends.neighborhood_flex import compiled_flex, na_block_mask
 from attnkit.bench import timing
 from attnkit.masks.neighborhood import neighborhood_mask
+from attnkit.ops.neighborhood.flex import compiled_flex, na_block_mask
 
 H, D = 8, 64
 

@@ -42,7 +42,7 @@ def _more_case(name: str, args: tuple):
 
 
 def _vmoba_case(mode: str):
-    from attnkit.mechanisms.vmoba import vmoba_attention
+    from attnkit.ops.routed.vmoba import vmoba_attention
 
     q, k, v = vmoba._qkv()
     cfg = vmoba._config()

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 
 def requires_native_kernel() -> None:
     """Skip (naming why) when attnkit's compiled CPU kernels cannot be built or loaded here."""
-    from attnkit import _native
+    from attnkit.kernels import native as _native
 
     if not _native.available():
         pytest.skip(f"native kernel unavailable: {_native.status()}")
@@ -17,7 +17,7 @@ def requires_native_kernel() -> None:
 
 @pytest.fixture(params=["native", "torch-ops"])
 def chunk_kernel(request, monkeypatch):
-    """Run a test on both chunk forwards: the compiled kernel (csrc/) and its torch-ops twin."""
+    """Run a test on both chunk forwards: the compiled kernel (kernels/native/) and its torch-ops twin."""
     if request.param == "torch-ops":
         monkeypatch.setenv("ATTNKIT_NATIVE", "0")
     else:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 import attnkit as ak
-from attnkit.mechanisms.agent import AgentAttention, agent_attention
-from attnkit.reference.naive_attention import naive_attention
+from attnkit.mechanisms.agent import AgentAttention
+from attnkit.ops.linear.agent import agent_attention
+from attnkit.reference.naive_dense import naive_attention
 from tolerances import assert_close, compare_fn
 
 D64 = torch.float64

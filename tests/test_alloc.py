@@ -10,7 +10,7 @@ import pytest
 
 _CHILD = """
 import resource, sys, torch
-from attnkit._alloc import recycle_work_buffers
+from attnkit.kernels.alloc import recycle_work_buffers
 if sys.argv[1] == "nudge":
     recycle_work_buffers()
     recycle_work_buffers()  # idempotent

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnkit as ak
-from attnkit.backends.blocked import blocked_attention
-from attnkit.reference.naive_attention import naive_attention
+from attnkit.ops.dense.blocked import blocked_attention
+from attnkit.reference.naive_dense import naive_attention
 from tolerances import DTYPES, assert_close, compare_fn
 
 M = ak.masks

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from attnkit.mechanisms.biformer import BiLevelRoutingAttention, bi_level_routing_attention
-from attnkit.reference.naive_sparse import naive_biformer, naive_masked_attention
+from attnkit.mechanisms.biformer import BiLevelRoutingAttention
+from attnkit.ops.routed.biformer import bi_level_routing_attention
+from attnkit.reference.naive_dense import naive_masked_attention
+from attnkit.reference.naive_routed import naive_biformer
 from tolerances import DTYPES, compare_fn
 
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from attnkit.backends.block_dispatch import routed_block_attention
-from attnkit.reference.naive_sparse import naive_masked_attention
+from attnkit.kernels.dispatch import routed_block_attention
+from attnkit.reference.naive_dense import naive_masked_attention
 from tolerances import DTYPES, assert_close, compare_fn
 
 

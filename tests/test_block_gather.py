@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from attnkit.backends.block_gather import block_gather_attention
-from attnkit.reference.naive_sparse import causal_dense, naive_block_sparse_attention, naive_masked_attention
+from attnkit.kernels.gather import block_gather_attention
+from attnkit.reference.naive_dense import causal_dense, naive_masked_attention
+from attnkit.reference.naive_routed import naive_block_sparse_attention
 from tolerances import DTYPES, compare_fn
 
 
@@ -94,14 +95,14 @@ def test_full_layout_equals_dense_and_gradcheck():
 
 
 def test_chunking_is_invisible(monkeypatch):
-    import attnkit.backends.block_gather as bg
+    from attnkit.kernels import alloc
 
     x = _inputs(1, 64, 64, 2, 2, 8, 8)
     layout = _layout((1, 2, 8, 8), 0.4)
     for lse in (True, False):
-        monkeypatch.setattr(bg, "_CHUNK_BYTES", 2**30)
+        monkeypatch.setattr(alloc, "CHUNK_BYTES", 2**30)
         whole = block_gather_attention(*x.values(), layout, 8, extra_mask=Causal(), return_lse=lse)
-        monkeypatch.setattr(bg, "_CHUNK_BYTES", 1)  # one query block per chunk
+        monkeypatch.setattr(alloc, "CHUNK_BYTES", 1)  # one query block per chunk
         parts = block_gather_attention(*x.values(), layout, 8, extra_mask=Causal(), return_lse=lse)
         torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
 

@@ -74,7 +74,7 @@ def test_quick_suite_end_to_end(tmp_path):
     attention = {i: recs[i] for i in mine}
     bad = {i: r.get("reason") for i, r in recs.items() if r["status"] != "ok"}
     assert not bad, bad
-    from attnkit import _native
+    from attnkit.kernels import native as _native
 
     run = next(r for r in load(tmp_path / "results.jsonl") if r.get("kind") == "run")
     nat = run["native_kernels"]  # built (or loaded) once in the roof job, kept out of every case

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from attnkit.mechanisms.hybrid import HybridAttention, HybridSpec
-from attnkit.mechanisms.lightning import tnl_decay
-from attnkit.reference.naive_attention import naive_attention
+from attnkit.ops.linear.decay import tnl_decay
+from attnkit.reference.naive_dense import naive_attention
 from attnkit.reference.naive_linear import naive_linear_attention
 from tolerances import assert_close
 

@@ -5,9 +5,10 @@ import itertools
 import pytest
 import torch
 
-from attnkit.mechanisms.hyper_attention import HyperAttention, gray_rank_table, hyper_attention
-from attnkit.reference.naive_hyper import gray_inverse, naive_hyper_attention
-from attnkit.reference.naive_sparse import causal_dense, naive_masked_attention
+from attnkit.mechanisms.hyper_attention import HyperAttention
+from attnkit.ops.routed.hyper import gray_rank_table, hyper_attention
+from attnkit.reference.naive_dense import causal_dense, naive_masked_attention
+from attnkit.reference.naive_routed import gray_inverse, naive_hyper_attention
 from tolerances import DTYPES, compare_fn
 
 

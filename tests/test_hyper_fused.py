@@ -5,8 +5,8 @@ covers the differentiable path and gradients)."""
 import pytest
 import torch
 
-from attnkit.mechanisms.hyper_attention import hyper_attention
-from attnkit.reference.naive_hyper import naive_hyper_attention
+from attnkit.ops.routed.hyper import hyper_attention
+from attnkit.reference.naive_routed import naive_hyper_attention
 from tolerances import assert_close
 
 CFG = {"block_size": 8, "sample_size": 6, "lsh_bits": 3, "min_seq_len": 8}

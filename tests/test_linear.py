@@ -119,7 +119,7 @@ def test_chunk_sizes(chunk_size, chunk_kernel):
 
 def test_long_sequence_multiple_segments(chunk_kernel):
     """N spans several segments of the chunk core (segment state hand-off, fwd and bwd)."""
-    from attnkit.ops.linear_chunk import chunk_linear_attention
+    from attnkit.ops.linear.chunk import chunk_linear_attention
 
     d = _inputs(300, Hkv=2, decay="token", state=True)
     q, k, v, g = d["q"], d["k"], d["v"], torch.log(d["decay"])

@@ -8,14 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import attnkit as ak
-from attnkit.mechanisms.lightning import (
-    LightningAttention,
-    MiniMaxLightningAttention,
-    alibi_slopes,
-    srms_norm,
-    tnl_decay,
-)
+from attnkit.mechanisms.lightning import LightningAttention, MiniMaxLightningAttention
 from attnkit.mechanisms.linear_attention import CAREAttention, L2ViTAttention, LinearAttention
+from attnkit.ops.linear.decay import alibi_slopes, srms_norm, tnl_decay
 from attnkit.reference.naive_linear import naive_linear_attention
 from tolerances import assert_close
 

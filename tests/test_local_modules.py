@@ -11,15 +11,18 @@ import pytest
 import torch
 
 import attnkit as ak
-from attnkit.mechanisms.criss_cross import CrissCrossAttention, criss_cross_attention
-from attnkit.mechanisms.halo import HaloAttention, halo_attention
-from attnkit.mechanisms.maxvit import MultiAxisAttention, block_attention, grid_attention, relative_bias
+from attnkit.mechanisms.criss_cross import CrissCrossAttention
+from attnkit.mechanisms.halo import HaloAttention
+from attnkit.mechanisms.maxvit import MultiAxisAttention
 from attnkit.mechanisms.neighborhood import (
     DilatedNeighborhoodAttention,
     NeighborhoodAttention1D,
     NeighborhoodAttention2D,
     NeighborhoodAttention3D,
 )
+from attnkit.ops.local.criss_cross import criss_cross_attention
+from attnkit.ops.local.halo import halo_attention
+from attnkit.ops.local.multi_axis import block_attention, grid_attention, relative_bias
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from attnkit.mechanisms.moba import MoBA, moba_attention
-from attnkit.reference.naive_sparse import causal_dense, naive_masked_attention, naive_moba, naive_moba_mask
+from attnkit.mechanisms.moba import MoBA
+from attnkit.ops.routed.moba import moba_attention
+from attnkit.reference.naive_dense import causal_dense, naive_masked_attention
+from attnkit.reference.naive_routed import naive_moba, naive_moba_mask
 from tolerances import DTYPES, assert_close, compare_fn
 
 

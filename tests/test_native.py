@@ -1,4 +1,4 @@
-"""The optional compiled CPU kernels (attnkit._native, csrc/): built where a compiler exists, equal to
+"""The optional compiled CPU kernels (attnkit.kernels.native): built where a compiler exists, equal to
 their torch-ops twins (outputs, states and the gradients that use the kernel's segment states), and a
 clean fallback, reported by ``explain``, where they are disabled or fail to build."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import attnkit as ak
-from attnkit import _native
-from attnkit.ops.linear_chunk import chunk_linear_attention
+from attnkit.kernels import native as _native
+from attnkit.ops.linear.chunk import chunk_linear_attention
 from conftest import requires_native_kernel
 from tolerances import assert_close
 
@@ -90,7 +90,7 @@ def test_failed_build_falls_back_and_says_so(monkeypatch):
 def test_explain_names_the_compiled_kernel(monkeypatch):
     requires_native_kernel()
     q = torch.randn(1, 100, 2, 16)
-    assert "forward: compiled CPU kernel (attnkit._native: loaded)" in ak.explain("linear_attention", q, q, q)
+    assert "forward: compiled CPU kernel (attnkit.kernels.native: loaded)" in ak.explain("linear_attention", q, q, q)
     # half inputs run the kernel too (upcast to fp32 as a whole); a strided feature dim takes torch ops
     assert "compiled CPU kernel" in ak.explain("linear_attention", q.bfloat16(), q.bfloat16(), q.bfloat16())
     q_nc = torch.randn(1, 100, 16, 2).transpose(2, 3)  # (1, 100, 2, 16), feature stride 2

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import attnkit as ak
-from attnkit.backends import neighborhood_tiled as tiled_mod
-from attnkit.backends import neighborhood_tiles as tiles_mod
-from attnkit.backends.neighborhood_tiled import neighborhood_tiled
-from attnkit.backends.neighborhood_tiles import choose_tile, make_plan
 from attnkit.masks.neighborhood import neighborhood_mask
+from attnkit.ops.neighborhood import tiled as tiled_mod
+from attnkit.ops.neighborhood import tiles as tiles_mod
+from attnkit.ops.neighborhood.tiled import neighborhood_tiled
+from attnkit.ops.neighborhood.tiles import choose_tile, make_plan
 from attnkit.reference.naive_neighborhood import (
     naive_axis_neighbors,
     naive_neighborhood_attention,

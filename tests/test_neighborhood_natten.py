@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnkit as ak
-from attnkit.backends.neighborhood_natten import natten_module
+from attnkit.ops.neighborhood.natten import natten_module
 
 
 def skip_if_no_natten():

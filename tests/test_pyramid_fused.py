@@ -7,9 +7,9 @@ test_pyramid_sparse.py cover the differentiable path)."""
 import pytest
 import torch
 
-from attnkit.backends.pyramid_fused import causal_diag_ok
-from attnkit.mechanisms.pyramid_sparse import psa_importance, psa_level_map, pyramid_sparse_attention
-from attnkit.reference.naive_psa import naive_pyramid_attention
+from attnkit.ops.routed.psa import psa_importance, psa_level_map, pyramid_sparse_attention
+from attnkit.ops.routed.psa_fused import causal_diag_ok
+from attnkit.reference.naive_routed import naive_pyramid_attention
 from tolerances import assert_close
 
 CASES = [

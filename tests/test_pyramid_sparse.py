@@ -3,16 +3,10 @@
 import pytest
 import torch
 
-from attnkit.mechanisms.pyramid_sparse import (
-    PSAConfig,
-    PyramidSparseAttention,
-    psa_attention,
-    psa_importance,
-    psa_level_map,
-    pyramid_sparse_attention,
-)
-from attnkit.reference.naive_psa import naive_psa_importance, naive_psa_levels, naive_pyramid_attention
-from attnkit.reference.naive_sparse import causal_dense, naive_masked_attention
+from attnkit.mechanisms.pyramid_sparse import PyramidSparseAttention
+from attnkit.ops.routed.psa import PSAConfig, psa_attention, psa_importance, psa_level_map, pyramid_sparse_attention
+from attnkit.reference.naive_dense import causal_dense, naive_masked_attention
+from attnkit.reference.naive_routed import naive_psa_importance, naive_psa_levels, naive_pyramid_attention
 from tolerances import DTYPES, compare_fn
 
 

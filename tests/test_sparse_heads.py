@@ -4,19 +4,22 @@ import pytest
 import torch
 
 import attnkit as ak
-from attnkit.mechanisms.gaussian_adaptive import GaussianAdaptiveAttention, gaussian_adaptive
-from attnkit.mechanisms.moh import MoHAttention, moh_gates
-from attnkit.mechanisms.rcmha import RCMHA, relative_position_attention
+from attnkit.mechanisms.gaussian_adaptive import GaussianAdaptiveAttention
+from attnkit.mechanisms.moh import MoHAttention
+from attnkit.mechanisms.rcmha import RCMHA
 from attnkit.mechanisms.single_head import SingleHeadAttention
-from attnkit.mechanisms.softplus_attention import softplus_attention
-from attnkit.reference.naive_sparse import (
+from attnkit.ops.dense.gaussian import gaussian_adaptive
+from attnkit.ops.dense.relative import relative_position_attention
+from attnkit.ops.dense.softplus import softplus_attention
+from attnkit.ops.per_head.moh import moh_gates
+from attnkit.reference.naive_dense import (
     causal_dense,
     naive_gaam,
     naive_lssa,
     naive_masked_attention,
-    naive_moh_gates,
     naive_relative_attention,
 )
+from attnkit.reference.naive_per_head import naive_moh_gates
 from tolerances import DTYPES, compare_fn
 
 

@@ -3,9 +3,12 @@
 import pytest
 import torch
 
-from attnkit.mechanisms.moa import MoA, moa_attention, moa_spans
-from attnkit.mechanisms.s2_attention import S2Attention, S2Mask, s2_attention, s2_layout
-from attnkit.reference.naive_sparse import causal_dense, naive_masked_attention, naive_moa_mask, naive_s2_mask
+from attnkit.mechanisms.moa import MoA
+from attnkit.mechanisms.s2_attention import S2Attention
+from attnkit.ops.per_head.moa import moa_attention, moa_spans
+from attnkit.ops.per_head.s2 import S2Mask, s2_attention, s2_layout
+from attnkit.reference.naive_dense import causal_dense, naive_masked_attention
+from attnkit.reference.naive_per_head import naive_moa_mask, naive_s2_mask
 from tolerances import DTYPES, compare_fn
 
 

@@ -5,9 +5,9 @@ import itertools
 import pytest
 import torch
 
-from attnkit.mechanisms.moba import moba_attention
-from attnkit.mechanisms.vmoba import (
-    VMoBAAttention,
+from attnkit.mechanisms.vmoba import VMoBAAttention
+from attnkit.ops.routed.moba import moba_attention
+from attnkit.ops.routed.vmoba import (
     VMoBAConfig,
     _threshold_prefix,
     block_shape,
@@ -17,7 +17,7 @@ from attnkit.mechanisms.vmoba import (
     select_pairs,
     vmoba_attention,
 )
-from attnkit.reference.naive_vmoba import dense_flat, naive_block_ids, naive_vmoba
+from attnkit.reference.naive_routed import dense_flat, naive_block_ids, naive_vmoba
 from tolerances import DTYPES, assert_close, compare_fn
 
 GRID = (4, 4, 4)

@@ -10,10 +10,10 @@ Example:
 """
 
 from attnkit import masks
-from attnkit.explain import explain
-from attnkit.ops.dense import attention
-from attnkit.ops.linear import linear_attention
-from attnkit.ops.neighborhood import neighborhood_attention
+from attnkit.ops.base import explain
+from attnkit.ops.dense.call import attention
+from attnkit.ops.linear.call import linear_attention
+from attnkit.ops.neighborhood.call import neighborhood_attention
 from attnkit.registry import MechanismSpec, Paper, get, info, list_mechanisms, register
 
 __version__ = "0.1.0"

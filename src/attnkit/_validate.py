@@ -90,3 +90,13 @@ def check_finite(**tensors: torch.Tensor) -> None:
         lo, hi = torch.aminmax(t)
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
             raise ValueError(f"{name} contains NaN or infinity")
+
+
+def int_arg(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int ``>= minimum``; TypeError for non-ints (bools included), ValueError below it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+

@@ -132,8 +132,8 @@ def _context(path: Path) -> dict[str, Any]:
 
 def _native_line(nat: dict[str, Any] | None) -> str:
     if not nat:
-        return "compiled CPU kernels (attnkit._native): not recorded"
-    return (f"compiled CPU kernels (attnkit._native, linear-attention chunk core): {nat['status']} "
+        return "compiled CPU kernels (attnkit.kernels.native): not recorded"
+    return (f"compiled CPU kernels (attnkit.kernels.native, linear-attention chunk core): {nat['status']} "
             f"(build or cache load {nat['build_s']:.1f} s, one-off, before the first case)")
 
 

@@ -59,7 +59,7 @@ def _child(job: dict[str, Any], cases: dict[str, Any], cfg: dict[str, Any]) -> N
                 _emit({"event": "roof", "dtype": dt, "gflops": None, "reason": repr(exc)})
         # the optional compiled kernels build here, once per run and machine (a one-off cost recorded
         # in the run line), so no case's first call carries the build; later children load the cache
-        from attnkit import _native
+        from attnkit.kernels import native as _native
 
         t0 = time.perf_counter()
         _native.available()

@@ -16,7 +16,7 @@ import attnkit as ak
 from attnkit.distributed import zigzag
 from attnkit.distributed.lasp2 import _local_state, lasp2_linear_attention
 from attnkit.distributed.lasp2h import lasp2h_attention
-from attnkit.ops.linear import make_call
+from attnkit.ops.linear.call import make_call
 
 
 def _piece(x: torch.Tensor, lengths: list[int], rank: int) -> torch.Tensor:

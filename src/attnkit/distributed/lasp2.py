@@ -32,7 +32,7 @@ import torch
 
 import attnkit as ak
 from attnkit.distributed._comm import all_gather_stack, check_group_shapes, rank_world
-from attnkit.ops.linear import _finish, make_call
+from attnkit.ops.linear.call import _finish, make_call
 
 
 class _StateExchange(torch.autograd.Function):

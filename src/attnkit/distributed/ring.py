@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 
 from attnkit._validate import check_qkv, resolve_scale
-from attnkit.backends.blocked_groups import can_fuse, fused_ops
-from attnkit.backends.merge import merge_partials as merge  # empty blocks are (0, -inf)
 from attnkit.distributed import _comm
 from attnkit.distributed.zigzag import LAYOUTS
+from attnkit.kernels.fused import can_fuse, fused_ops
+from attnkit.kernels.merge import merge_partials as merge  # empty blocks are (0, -inf)
 
 _ALL = slice(None)
 

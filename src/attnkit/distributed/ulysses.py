@@ -70,7 +70,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=No
     Example:
         >>> out = ulysses_attention(q, k, v, ak.masks.causal())   # inside torchrun / run_local
     """
-    from attnkit.ops.dense import attention
+    from attnkit.ops.dense.call import attention
 
     return around_heads("ulysses_attention", q, k, v, group, return_lse,
                         lambda qf, kf, vf: attention(qf, kf, vf, mask, scale=scale, backend=backend,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnkit.masks._args import int_arg
+from attnkit._validate import int_arg
 from attnkit.masks.base import Mask, residue_tiles, tile_differences
 
 

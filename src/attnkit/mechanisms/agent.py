@@ -13,6 +13,7 @@ size-3 depthwise Conv1d (our choice: the paper is 2-D only). Non-causal only (po
 queries).
 """
 
+
 from __future__ import annotations
 
 import math
@@ -22,54 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnkit.ops.dense import attention
+from attnkit.ops.linear.agent import _DEFAULT_1D, agent_attention, depthwise_conv
 from attnkit.registry import Paper, register
-
-
-def _softmax_attention(q, k, v, bias, scale):
-    """Heads-last softmax attention with an additive float bias ``(H, Nq, Nk)`` (ak.attention takes bool masks)."""
-    if bias is None:
-        return attention(q, k, v, scale=scale)
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias.to(q.dtype), scale=scale)
-    return o.transpose(1, 2)  # (B, N, H, Dv)
-
-
-def depthwise_conv(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
-    """Depthwise 3 (x 3) conv with zero padding as a sum of shifted products.
-
-    Same result as ``conv(x)``; written out because CPU float64 grouped convolution takes a very slow path.
-    ``x`` is ``(B, C, h, w)`` or ``(B, C, N)``.
-    """
-    w = conv.weight[:, 0]  # (C, 3, 3) or (C, 3)
-    xp = F.pad(x, (1, 1) * (x.dim() - 2))
-    out = conv.bias[:, None, None] if x.dim() == 4 else conv.bias[:, None]
-    if x.dim() == 3:
-        N = x.shape[-1]
-        return out + sum(w[:, i, None] * xp[..., i:i + N] for i in range(3))
-    h, wd = x.shape[-2:]
-    return out + sum(w[:, i, j, None, None] * xp[..., i:i + h, j:j + wd] for i in range(3) for j in range(3))
-
-
-def agent_attention(q, k, v, agents, *, bias1=None, bias2=None, scale=None):
-    """Two-softmax agent attention (no DWC).
-
-    Args:
-        q: ``(B, N, H, D)``; k: ``(B, M, H, D)``; v: ``(B, M, H, Dv)``.
-        agents: ``(B, n, H, D)`` agent tokens.
-        bias1: ``(H, n, M)`` added to the agent->key scores, or None.
-        bias2: ``(H, N, n)`` added to the query->agent scores, or None.
-        scale: tau, default ``D ** -0.5`` in both softmaxes.
-
-    Returns:
-        ``(B, N, H, Dv)``.
-
-    Example:
-        >>> o = agent_attention(q, k, v, q.mean(1, keepdim=True))   # one agent: the mean query
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    va = _softmax_attention(agents, k, v, bias1, scale)  # (B, n, H, Dv)
-    return _softmax_attention(q, agents, va, bias2, scale)  # (B, N, H, Dv)
 
 
 @dataclass(frozen=True)
@@ -81,6 +36,7 @@ class AgentConfig:
     agent_bias: bool = True
     dwc: bool = True
     qkv_bias: bool = True
+
 
 
 class AgentAttention(nn.Module):
@@ -169,14 +125,16 @@ class AgentAttention(nn.Module):
         return self.proj(o).reshape(x.shape)
 
 
+
 def _flops(cfg: dict) -> float:
     B, C, n = cfg.get("batch", 1), cfg["dim"], cfg["num_agents"]
     N = math.prod(cfg["grid"])
     return float(B * (2 * N * C * 3 * C + 2 * N * C * C + 4 * N * n * C + 9 * 2 * N * C))
 
 
+
 _DEFAULT = {"batch": 2, "dim": 32, "num_heads": 2, "num_agents": 9, "grid": (6, 6)}
-_DEFAULT_1D = {"batch": 2, "dim": 32, "num_heads": 2, "num_agents": 8, "grid": (40,)}
+
 
 
 def _example(default):
@@ -188,7 +146,10 @@ def _example(default):
     return example
 
 
+
 _PAPER = Paper("Agent Attention: On the Integration of Softmax and Linear Attention", "2312.08874", 2023)
+
+
 
 register(
     name="agent_attention", family="linear", paper=_PAPER, patterns=("noncausal-self",),
@@ -199,8 +160,10 @@ register(
 )(AgentAttention)
 
 
+
 class AgentAttention1d(AgentAttention):
     """1-D agent attention on ``x (B, N, C)``: ``AgentAttention`` with ``grid=(N,)``."""
+
 
 
 register(
@@ -209,3 +172,4 @@ register(
     notes="1-D variant (our choice, the paper is 2-D): adaptive avg-pool of queries to n agents, agent bias "
           "= linear resize of a length-7 position bias, size-3 depthwise Conv1d on V.",
 )(AgentAttention1d)
+

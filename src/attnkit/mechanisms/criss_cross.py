@@ -6,37 +6,14 @@ scaling; ``out = gamma * attn + x`` with ``gamma`` initialised to 0; recurrence 
 the same weights (RCCA, ``R = 2`` gives full reachability).
 """
 
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from attnkit.ops.local.criss_cross import criss_cross_attention
 from attnkit.registry import Paper, register
-
-
-def criss_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Criss-cross attention, heads-last.
-
-    Args:
-        q: ``(B, Y, X, H, D)``; k: ``(B, Y, X, H, D)``; v: ``(B, Y, X, H, Dv)``.
-        scale: logit scale; CCNet uses none (1.0).
-
-    Returns:
-        ``(B, Y, X, H, Dv)``: for pixel (y, x), softmax over row y and column x (the centre once) of ``v``.
-
-    Example:
-        >>> out = criss_cross_attention(q, k, v)
-    """
-    Y = q.shape[1]
-    ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # no scaling: softmax in fp32
-    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
-    e_col = torch.einsum("byxhd,bzxhd->byxhz", qf, kf) * scale  # (B, Y, X, H, Y): same column, key row z
-    e_row = torch.einsum("byxhd,byzhd->byxhz", qf, kf) * scale  # (B, Y, X, H, X): same row, key column z
-    self_pos = torch.eye(Y, dtype=torch.bool, device=q.device)[:, None, None, :]  # (Y, 1, 1, Y)
-    e_col = e_col.masked_fill(self_pos, float("-inf"))  # the centre is counted in the row branch only
-    a = torch.softmax(torch.cat([e_col, e_row], -1), -1)
-    out = torch.einsum("byxhz,bzxhd->byxhd", a[..., :Y], vf) + torch.einsum("byxhz,byzhd->byxhd", a[..., Y:], vf)
-    return out.to(q.dtype)
 
 
 class CrissCrossAttention(nn.Module):
@@ -72,6 +49,7 @@ class CrissCrossAttention(nn.Module):
         return x
 
 
+
 def _flops(cfg: dict) -> float:
     B, C = cfg.get("batch", 1), cfg["in_channels"]
     Y, X = cfg["input_size"]
@@ -80,13 +58,16 @@ def _flops(cfg: dict) -> float:
     return float(B * cfg.get("recurrence", 1) * per)
 
 
+
 _DEFAULT = {"batch": 2, "in_channels": 16, "reduction": 8, "recurrence": 2, "gamma_init": 0.5, "input_size": (6, 7)}
+
 
 
 def _example(config=None):
     c = {**_DEFAULT, **(config or {})}
     m = CrissCrossAttention(c["in_channels"], c["reduction"], c["recurrence"], gamma_init=c["gamma_init"])
     return m, (torch.randn(c["batch"], c["in_channels"], *c["input_size"]),)
+
 
 
 register(name="criss_cross", family="local",
@@ -97,3 +78,4 @@ register(name="criss_cross", family="local",
                "The paper initialises gamma to 0 (gamma_init=0.0, the class default); the example uses 0.5 "
                "so that attention gradients are exercised. Single head as in the paper (num_heads option).",
          input_kind="cnn")(CrissCrossAttention)
+

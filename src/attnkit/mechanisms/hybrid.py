@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnkit import masks
-from attnkit.mechanisms.lightning import tnl_decay
-from attnkit.ops.dense import attention
-from attnkit.ops.linear import linear_attention
+from attnkit.ops.dense.call import attention
+from attnkit.ops.linear.call import linear_attention
+from attnkit.ops.linear.decay import tnl_decay
 from attnkit.registry import Paper, register
 
 

@@ -13,6 +13,7 @@ Randomness (``generator``): every non-causal call draws, in order, the LSH direc
 causal recursion visits top half, bottom half, then the off-diagonal part.
 """
 
+
 from __future__ import annotations
 
 import math
@@ -20,179 +21,8 @@ import math
 import torch
 from torch import nn
 
-from attnkit import masks
-from attnkit._validate import check_qkv, resolve_scale
-from attnkit.backends.block_gather import attend_gathered, compute_dtype
-from attnkit.backends.blocked_groups import can_fuse, fused_ops
-from attnkit.backends.merge import merge_partials
-from attnkit.ops.dense import attention
+from attnkit.ops.routed.hyper import hyper_attention
 from attnkit.registry import Paper, register
-
-
-def gray_rank_table(bits: int) -> torch.Tensor:
-    """``rank[c] = g^{-1}(c)`` for the reflected Gray code ``g(i) = i ^ (i >> 1)``: buckets with
-    consecutive ranks differ in one bit, so sorting by rank keeps near buckets adjacent."""
-    table = torch.empty(2 ** bits, dtype=torch.long)
-    i = torch.arange(2 ** bits)
-    table[i ^ (i >> 1)] = i
-    return table
-
-
-def lsh_rank(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Gray rank of the angular-LSH bucket of ``x (..., n, D)`` under directions ``w (D, r)`` -> ``(..., n)``."""
-    bits = (x @ w > 0).long()  # (..., n, r)
-    code = (bits << torch.arange(w.shape[1], device=x.device)).sum(-1)  # (..., n): sum_i bit_i 2^i
-    return gray_rank_table(w.shape[1]).to(x.device)[code]
-
-
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[b, h, idx[b, h, i]]`` for ``x (B, H, n, D)``, ``idx (B, H, M)`` -> ``(B, H, M, D)``.
-
-    One ``index_select`` of whole rows: ``torch.gather`` with an index expanded over D read an
-    index per element and ran ~10x slower. When ``x`` is a heads-last tensor seen as
-    ``(B, H, n, D)`` its rows are addressed in place (no transposed copy).
-    """
-    B, H, n, D = x.shape
-    M = idx.shape[-1]
-    b = torch.arange(B, device=x.device).view(B, 1, 1)
-    h = torch.arange(H, device=x.device).view(1, H, 1)
-    if x.transpose(1, 2).is_contiguous():  # heads-last storage: row (b, i, h) at (b * n + i) * H + h
-        flat, rows = ((b * n + idx) * H + h).reshape(-1), x.transpose(1, 2).reshape(B * n * H, D)
-    else:
-        flat, rows = ((b * H + h) * n + idx).reshape(-1), x.reshape(B * H * n, D)
-    return rows.index_select(0, flat).view(B, H, M, D)
-
-
-def _noncausal(q, k, v, block, m, bits, scale, gen):
-    """Sampled non-causal HyperAttention on ``(B, H, n, D)`` tensors -> ``(out, lse)`` ``(B, H, nq, *)``."""
-    B, H, nq, D = q.shape
-    nk, Dv = k.shape[2], v.shape[-1]
-    dev = q.device
-    w = torch.randn(D, bits, generator=gen, dtype=torch.float64).to(dev, q.dtype)
-    samples = torch.randint(0, nk, (B, H, m), generator=gen).to(dev)
-    nb = math.ceil(nk / block)
-    bq = math.ceil(nq / nb)
-    with torch.no_grad():  # hashing and sorting carry no gradient
-        pq = torch.sort(lsh_rank(q, w), dim=-1, stable=True).indices  # (B, H, nq): sorted -> original
-        pk = torch.sort(lsh_rank(k, w), dim=-1, stable=True).indices  # (B, H, nk)
-        blk_k = torch.empty_like(pk).scatter_(-1, pk, torch.arange(nk, device=dev).expand_as(pk)) // block
-    qs, ks, vs = _take(q, pq), _take(k, pk), _take(v, pk)  # (B, H, n, D|Dv) sorted
-    # block-diagonal part: query tile i (bq sorted queries) vs key tile i (block sorted keys), exact
-    qs_p = torch.cat([qs, qs.new_zeros(B, H, nb * bq - nq, D)], 2).view(B, H, nb, bq, D)  # (B, H, nb, bq, D)
-    ks_p = torch.cat([ks, ks.new_zeros(B, H, nb * block - nk, D)], 2).view(B, H, nb, block, D)  # (B, H, nb, b, D)
-    vs_p = torch.cat([vs, vs.new_zeros(B, H, nb * block - nk, Dv)], 2).view(B, H, nb, block, Dv)
-    real = (torch.arange(nb * block, device=dev) < nk).view(nb, 1, block)  # padded keys never attended
-    kx, vx = _take(k, samples), _take(v, samples)  # (B, H, m, D|Dv)
-    fwd = _fused(q, k, v)
-    if fwd is not None:
-        # one softmax per sorted block over [its keys, the m samples]: the LSE merge of the two
-        # partial attentions below is exactly this softmax with ln(n_k/m) on the samples and -inf on
-        # padded keys and on samples inside the block (already counted)
-        other = torch.gather(blk_k, 2, samples).unsqueeze(2) != torch.arange(nb, device=dev).view(1, 1, nb, 1)
-        bias = torch.cat([torch.where(real.view(1, 1, nb, block), 0.0, float("-inf")).expand(B, H, nb, block),
-                          torch.where(other, math.log(nk / m), float("-inf"))], -1).to(q.dtype)  # (B, H, nb, b+m)
-        kc = torch.cat([ks_p, kx.unsqueeze(2).expand(B, H, nb, m, D)], 3)  # (B, H, nb, b+m, D)
-        vc = torch.cat([vs_p, vx.unsqueeze(2).expand(B, H, nb, m, Dv)], 3)
-        o, lse = fwd(qs_p.reshape(B * H * nb, 1, bq, D), kc.reshape(B * H * nb, 1, block + m, D),
-                     vc.reshape(B * H * nb, 1, block + m, Dv), attn_mask=bias.reshape(B * H * nb, 1, 1, block + m),
-                     scale=scale)
-        o, lse = o.reshape(B, H, nb * bq, Dv)[:, :, :nq], lse.reshape(B, H, nb * bq)[:, :, :nq]  # sorted order
-    else:
-        o, lse = _two_part(qs, qs_p, ks_p, vs_p, kx, vx, real, blk_k, samples, nb, bq, nq, nk, m, scale)
-    inv = torch.empty_like(pq).scatter_(-1, pq, torch.arange(nq, device=dev).expand_as(pq))  # original -> sorted
-    o = _take(o, inv)  # (B, H, nq, Dv)
-    return o, torch.gather(lse, 2, inv)
-
-
-def _fused(q, k, v):
-    """torch's fused CPU flash op for inference (no autograd, fp32/half, ``D == Dv``), else None."""
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if grad or q.dtype == torch.float64 or not can_fuse(q, v):
-        return None
-    return fused_ops()[0]
-
-
-def _two_part(qs, qs_p, ks_p, vs_p, kx, vx, real, blk_k, samples, nb, bq, nq, nk, m, scale):
-    """Differentiable: exact block-diagonal part and sampled residual, merged by log-sum-exp (sorted order)."""
-    dev = qs.device
-    o_blk, l_blk = attend_gathered(qs_p, ks_p, vs_p, real, scale)  # (B, H, nb, bq, Dv), (B, H, nb, bq)
-    o_blk, l_blk = o_blk.flatten(2, 3)[:, :, :nq], l_blk.flatten(2, 3)[:, :, :nq]  # (B, H, nq, *)
-    # residual: all queries vs the m shared samples, own-block samples dropped, weight n_k / m
-    q_blk = (torch.arange(nq, device=dev) // bq).view(1, 1, nq, 1)  # sorted query i lies in block i // bq
-    other = torch.gather(blk_k, 2, samples).unsqueeze(2) != q_blk  # (B, H, nq, m)
-    o_res, l_res = attend_gathered(qs, kx, vx, other, scale, math.log(nk / m))
-    return merge_partials(o_blk, l_blk, o_res, l_res)  # sorted query order
-
-
-def _exact(q, k, v, scale, causal):
-    """Exact attention with lse on ``(B, H, n, D)``: the fused op for inference, else ``attention``."""
-    fwd = _fused(q, k, v)
-    if fwd is not None:
-        return fwd(q, k, v, is_causal=causal, scale=scale)  # (B, H, n, Dv), (B, H, n)
-    mask = masks.causal() if causal else None
-    o, lse = attention(*(t.transpose(1, 2) for t in (q, k, v)), mask=mask, scale=scale, return_lse=True)
-    return o.transpose(1, 2), lse.transpose(1, 2)  # (B, H, n, Dv), (B, H, n)
-
-
-def _causal(q, k, v, block, m, bits, min_len, scale, gen):
-    n = q.shape[2]
-    if n <= min_len:
-        return _exact(q, k, v, scale, True)
-    h = n // 2
-    o_top, l_top = _causal(q[:, :, :h], k[:, :, :h], v[:, :, :h], block, m, bits, min_len, scale, gen)
-    o_bd, l_bd = _causal(q[:, :, h:], k[:, :, h:], v[:, :, h:], block, m, bits, min_len, scale, gen)
-    o_off, l_off = _noncausal(q[:, :, h:], k[:, :, :h], v[:, :, :h], block, m, bits, scale, gen)
-    o_bot, l_bot = merge_partials(o_bd, l_bd, o_off, l_off)
-    return torch.cat([o_top, o_bot], 2), torch.cat([l_top, l_bot], 2)
-
-
-def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 256,
-                    sample_size: int = 256, lsh_bits: int = 7, min_seq_len: int = 4096, causal: bool = False,
-                    scale: float | None = None, generator: torch.Generator | None = None,
-                    return_lse: bool = False):
-    """HyperAttention (sortLSH block-diagonal + uniform column sampling; causal by recursion).
-
-    Args:
-        q: ``(B, Nq, Hq, D)``; k: ``(B, Nk, Hkv, D)``; v: ``(B, Nk, Hkv, Dv)``; GQA by ``Hq % Hkv``.
-        block_size: sorted key block ``b`` (query block ``ceil(Nq / ceil(Nk / b))``); ragged ends padded.
-        sample_size: ``m`` residual key samples per (batch, head), with replacement.
-        lsh_bits: ``r`` hyperplanes (``2**r`` buckets). min_seq_len: exact attention for
-            ``max(Nq, Nk) <= min_seq_len`` and base of the causal recursion.
-        causal: causal self-attention (``Nq == Nk``).
-        generator: source of the LSH directions and samples (deterministic when seeded).
-
-    Returns:
-        ``(B, Nq, Hq, Dv)`` (and the estimated lse ``(B, Nq, Hq)`` with ``return_lse``).
-
-    Example:
-        >>> q = k = v = torch.randn(1, 8192, 4, 64)
-        >>> out = hyper_attention(q, k, v, generator=torch.Generator().manual_seed(0))
-    """
-    hq, hkv = check_qkv(q, k, v)
-    for name, val in (("block_size", block_size), ("sample_size", sample_size), ("lsh_bits", lsh_bits),
-                      ("min_seq_len", min_seq_len)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
-    if lsh_bits > 30:
-        raise ValueError(f"lsh_bits must be <= 30, got {lsh_bits}")
-    if causal and q.shape[1] != k.shape[1]:
-        raise ValueError(f"causal HyperAttention needs self-attention (Nq == Nk), got {q.shape[1]} and {k.shape[1]}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    scale = resolve_scale(scale, q.shape[-1])
-    cdt = compute_dtype(q.dtype)
-    # (B, H, n, D) internally; KV heads expanded to query heads (each query head hashes on its own)
-    qh = q.to(cdt).transpose(1, 2)  # (B, Hq, Nq, D)
-    kh = k.to(cdt).repeat_interleave(hq // hkv, dim=2).transpose(1, 2)  # (B, Hq, Nk, D)
-    vh = v.to(cdt).repeat_interleave(hq // hkv, dim=2).transpose(1, 2)  # (B, Hq, Nk, Dv)
-    if causal:
-        o, lse = _causal(qh, kh, vh, block_size, sample_size, lsh_bits, min_seq_len, scale, generator)
-    elif max(q.shape[1], k.shape[1]) <= min_seq_len:
-        o, lse = _exact(qh, kh, vh, scale, False)
-    else:
-        o, lse = _noncausal(qh, kh, vh, block_size, sample_size, lsh_bits, scale, generator)
-    out = o.transpose(1, 2).to(q.dtype)  # (B, Nq, Hq, Dv)
-    return (out, lse.transpose(1, 2).to(q.dtype)) if return_lse else out
 
 
 def _flops(cfg: dict) -> float:
@@ -205,8 +35,10 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 4 * b * h * n * (bs + m) * d * levels + 4 * b * h * n * nmin * d / 2
 
 
+
 _DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "block_size": 8, "sample_size": 8,
             "lsh_bits": 3, "min_seq_len": 16, "causal": True, "seed": 0}
+
 
 
 def _example(config: dict | None = None):
@@ -214,6 +46,7 @@ def _example(config: dict | None = None):
     m = HyperAttention(c["dim"], c["num_heads"], block_size=c["block_size"], sample_size=c["sample_size"],
                        lsh_bits=c["lsh_bits"], min_seq_len=c["min_seq_len"], causal=c["causal"], seed=c["seed"])
     return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
+
 
 
 @register(
@@ -262,3 +95,4 @@ class HyperAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, causal={self.causal}, seed={self.seed}, {self.kw}"
+

@@ -10,67 +10,18 @@ decay (no 1/sqrt(D), no denominator). ``forward(x, state=None, return_state=Fals
 prefill followed by token-by-token decoding (the op picks the recurrent algorithm for one token).
 """
 
+
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnkit.ops.linear import linear_attention
+from attnkit.ops.linear.call import linear_attention
+from attnkit.ops.linear.decay import srms_norm, tnl_decay
 from attnkit.registry import Paper, register
-
-SCHEDULES = ("released", "paper", "fla")
-
-
-def alibi_slopes(num_heads: int) -> list[float]:
-    """ALiBi slopes ``s_h = 2^(-8(h+1)/H)``; for H not a power of two, the interleaved extension (§2.2)."""
-
-    def pow2(n):
-        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
-
-    p = 2 ** math.floor(math.log2(num_heads))
-    if p == num_heads:
-        return pow2(p)
-    return pow2(p) + pow2(2 * p)[0::2][: num_heads - p]
-
-
-def tnl_decay(num_heads: int, layer_idx: int, num_layers: int, schedule: str = "released") -> torch.Tensor:
-    """Per-head decay lambda in (0, 1] (float32, shape (H,)) of a TNL / MiniMax lightning layer.
-
-    Args:
-        num_heads: H.
-        layer_idx: 0-based index of the layer, counting *every* layer of a hybrid (softmax ones too).
-        num_layers: L, all layers of the model.
-        schedule: ``"released"`` (default; TNL/MiniMax released code, what their weights expect):
-            ``exp(-s_h (1 - l/(L-1) + 1e-5))`` with ALiBi slopes s_h; ``"paper"`` (TNL Eq. 10, 1-based
-            head index): ``exp(-(8h/H)(1 - l/L))``; ``"fla"`` (fla's ``chunk_lightning_attn``, 0-based h).
-
-    Returns:
-        ``(H,)`` float32 tensor.
-
-    Example:
-        >>> tnl_decay(8, 0, 24)[:2]   # tensor([0.6065, 0.7788])
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if not 0 <= layer_idx < num_layers:
-        raise ValueError(f"layer_idx must be in [0, num_layers), got {layer_idx} of {num_layers}")
-    if schedule == "released":
-        depth = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0  # guard L - 1 = 0
-        s = torch.tensor(alibi_slopes(num_heads), dtype=torch.float64) * (1 - depth + 1e-5)
-    else:
-        h = torch.arange(num_heads, dtype=torch.float64) + (1 if schedule == "paper" else 0)
-        s = 8.0 * h / num_heads * (1 - layer_idx / num_layers)
-    return torch.exp(-s).float()
-
-
-def srms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Simple RMSNorm (no weight) over the last axis, in fp32."""
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -84,6 +35,7 @@ class LightningConfig:
     style: str = "tnl"  # "tnl": SiLU(q,k), SRMSNorm * u; "minimax": SiLU(q,k,v), RMSNorm(weight) * sigmoid gate
     eps: float = 1e-6
     chunk_size: int = 64
+
 
 
 class LightningAttention(nn.Module):
@@ -143,12 +95,14 @@ class LightningAttention(nn.Module):
         return (y, new_state) if return_state else y
 
 
+
 class MiniMaxLightningAttention(LightningAttention):
     """MiniMax-01/M1 lightning layer: ``LightningAttention(style="minimax")`` (papers/linear.md §4.2)."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, layer_idx: int = 0,
                  num_layers: int = 80, schedule: str = "released", eps: float = 1e-6, chunk_size: int = 64):
         super().__init__(dim, num_heads, head_dim, layer_idx, num_layers, schedule, "minimax", eps, chunk_size)
+
 
 
 def _flops(cfg: dict) -> float:
@@ -160,7 +114,9 @@ def _flops(cfg: dict) -> float:
     return float(proj + core)
 
 
+
 _DEFAULT = {"batch": 2, "seq_len": 40, "dim": 32, "num_heads": 2, "layer_idx": 1, "num_layers": 4, "chunk_size": 16}
+
 
 
 def _example(cls):
@@ -173,6 +129,7 @@ def _example(cls):
     return example
 
 
+
 register(
     name="lightning_attention", family="linear",
     paper=Paper("Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention",
@@ -183,6 +140,8 @@ register(
           "'paper' and 'fla' selectable; no LRPE; decay fixed (not learnable) as in the paper.",
 )(LightningAttention)
 
+
+
 register(
     name="minimax_lightning", family="linear",
     paper=Paper("MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", "2506.13585", 2025),
@@ -191,3 +150,4 @@ register(
     notes="MiniMax-01/M1 lightning layer: SiLU on q,k,v; RMSNorm over all H*D (learnable weight); sigmoid "
           "output gate; decay schedule 'released' with the global layer index.",
 )(MiniMaxLightningAttention)
+

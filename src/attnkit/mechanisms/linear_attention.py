@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attnkit.ops.linear import linear_attention
+from attnkit.ops.linear.call import linear_attention
 from attnkit.registry import Paper, register
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from attnkit.masks import Mask, causal
-from attnkit.ops.dense import attention
+from attnkit.ops.dense.call import attention
 from attnkit.registry import Paper, register
 
 

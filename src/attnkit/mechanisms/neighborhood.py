@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from attnkit.masks.neighborhood import neighborhood_mask
-from attnkit.ops.neighborhood import neighborhood_attention
+from attnkit.ops.neighborhood.call import neighborhood_attention
 from attnkit.registry import Paper, register
 
 NAT = Paper("Neighborhood Attention Transformer", "2204.07143", 2022)

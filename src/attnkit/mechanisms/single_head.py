@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attnkit.ops.dense import attention
+from attnkit.ops.dense.call import attention
 from attnkit.registry import Paper, register
 
 

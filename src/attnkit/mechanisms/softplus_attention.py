@@ -6,72 +6,14 @@ invariance-entropy length scale ``ln(d) ln(N_t)``; LSSAR sharpens the weights wi
 ``ReLU(N_t A - O_t)^p`` and normalises again.
 """
 
+
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from attnkit._validate import check_qkv
+from attnkit.ops.dense.softplus import softplus_attention
 from attnkit.registry import Paper, register
-
-_CHUNK_ELEMS = 1 << 24  # score elements per query chunk
-
-
-def softplus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-                       p: float | None = None, offset: float = 1.0, short_rows: int = 3,
-                       eps: float = 1e-6) -> torch.Tensor:
-    """LSSA, or LSSAR when ``p`` is given.
-
-    Args:
-        q: ``(B, Nq, Hq, D)``; k: ``(B, Nk, Hkv, D)``; v: ``(B, Nk, Hkv, Dv)`` (GQA allowed).
-        causal: query ``t`` sees keys ``u <= t`` (top-left aligned), else every key.
-        p: re-weighting power (paper: 3 or 15); None gives plain LSSA.
-        offset: ``O_t`` of the re-weighting for rows with more than ``short_rows`` visible keys
-            (shorter rows use 0 so they are not wiped out; a re-implementation's choice).
-        eps: for the q/k l2 norms.
-
-    Returns:
-        ``(B, Nq, Hq, Dv)``; a row whose re-weighted mass is all zero returns zeros.
-
-    Example:
-        >>> q = k = v = torch.randn(1, 64, 2, 16)
-        >>> out = softplus_attention(q, k, v, p=15.0)
-    """
-    hq, hkv = check_qkv(q, k, v)
-    if p is not None and not p > 0:
-        raise ValueError(f"p must be positive or None, got {p}")
-    B, Nq, _, D = q.shape
-    Nk = k.shape[1]
-    cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    qn = F.normalize(q.to(cdt), dim=-1, eps=eps).transpose(1, 2)  # (B, H, Nq, D)
-    kn = F.normalize(k.to(cdt), dim=-1, eps=eps).repeat_interleave(hq // hkv, dim=2).transpose(1, 2)  # (B, H, Nk, D)
-    vv = v.to(cdt).repeat_interleave(hq // hkv, dim=2).transpose(1, 2)  # (B, H, Nk, Dv)
-    rows = max(1, _CHUNK_ELEMS // max(B * hq * Nk, 1))
-    outs = []
-    for t0 in range(0, Nq, rows):
-        t = torch.arange(t0, min(Nq, t0 + rows), device=q.device)
-        vis = (t[:, None] >= torch.arange(Nk, device=q.device)) if causal else None  # (c, Nk)
-        n_t = (vis.sum(-1) if causal else torch.full_like(t, Nk)).to(cdt)  # (c,) visible keys per row
-        lam = (math.log(D) * torch.log(n_t)).unsqueeze(-1)  # (c, 1)
-        a = F.softplus(lam * (qn[:, :, t0:t0 + len(t)] @ kn.transpose(-1, -2)))  # (B, H, c, Nk)
-        if causal:
-            a = a * vis  # multiplicative mask after softplus (an additive -inf has NaN-prone grads)
-        a = a / a.sum(-1, keepdim=True)
-        if p is not None:
-            o_t = torch.where(n_t > short_rows, offset, 0.0).unsqueeze(-1)  # (c, 1)
-            r = torch.relu(n_t.unsqueeze(-1) * a - o_t)
-            if causal:
-                r = r * vis
-            # l1 normalisation is scale-free: divide by the row max before ^p so N^p cannot overflow
-            mx = r.amax(-1, keepdim=True).detach()
-            r = (r / torch.where(mx > 0, mx, 1.0)) ** p
-            s = r.sum(-1, keepdim=True)
-            a = r / torch.where(s > 0, s, 1.0)
-        outs.append(a @ vv)  # (B, H, c, Dv)
-    return torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)  # (B, Nq, H, Dv)
 
 
 def _flops(cfg: dict) -> float:
@@ -79,13 +21,16 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 4 * b * n * n * c
 
 
+
 _DEFAULT = {"batch": 2, "seq_len": 32, "dim": 64, "num_heads": 4, "p": 15.0, "causal": True}
+
 
 
 def _example(config: dict | None = None):
     c = {**_DEFAULT, **(config or {})}
     m = SoftplusAttention(c["dim"], c["num_heads"], p=c["p"], causal=c["causal"])
     return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
+
 
 
 @register(
@@ -129,3 +74,4 @@ class SoftplusAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, p={self.p}, causal={self.causal}"
+

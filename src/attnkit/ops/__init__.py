@@ -1,3 +1,3 @@
-"""The functional API, one file per op family: validate -> choose backend -> run."""
+"""The functional API, one folder per op family: validate -> choose a backend -> run."""
 
 from attnkit.ops import dense, linear, neighborhood  # noqa: F401  (each registers its op for explain)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.feature_maps import resolve_feature_map
+from attnkit.ops.linear.feature_maps import resolve_feature_map
 
 
 def _prepare(q, k, v, feature_map, decay, scale):

@@ -118,7 +118,7 @@ def _setup(impl: str, mask_name: str, n: int, h: int, dtype_name: str, pass_: st
             def fn() -> torch.Tensor:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
         elif impl == "blocked":
-            from attnkit.backends.blocked import plan_for
+            from attnkit.ops.dense.blocked import plan_for
 
             t0 = time.perf_counter()
             plan_for(mask, n, n, B, h, inference=pass_ == "fwd")  # cached; the timed calls reuse it
@@ -127,7 +127,7 @@ def _setup(impl: str, mask_name: str, n: int, h: int, dtype_name: str, pass_: st
             def fn() -> torch.Tensor:
                 return ak.attention(q, k, v, mask, backend="blocked")
         elif impl == "flex":
-            from attnkit.backends.flex import block_mask_for
+            from attnkit.ops.dense.flex import block_mask_for
 
             t0 = time.perf_counter()
             block_mask_for(mask, B, h, n, n, q.device)

@@ -37,7 +37,7 @@ def linear_flops(n: int, h: int = H, d: int = D, dv: int = D, chunk: int = CHUNK
 
 
 def _decay() -> torch.Tensor:
-    from attnkit.mechanisms.lightning import tnl_decay
+    from attnkit.ops.linear.decay import tnl_decay
 
     return tnl_decay(H, 0, 24)
 
@@ -95,7 +95,7 @@ def _setup(impl: str, n: int, decay: bool, pass_: str) -> Callable[[], Runner]:
             def fn() -> torch.Tensor:
                 return ak.linear_attention(q, k, v, decay=lam, backend="chunk")
         elif impl == "chunk_torchops":
-            from attnkit.ops.linear_chunk import chunk_linear_attention
+            from attnkit.ops.linear.chunk import chunk_linear_attention
 
             g_log = None if lam is None else torch.log(lam)
 

@@ -70,7 +70,7 @@ def _setup(impl: str, shape: tuple[int, ...], kernel: int, pass_: str) -> Callab
         first_oneoff = False
         t0 = time.perf_counter()
         if impl == "tiled":
-            from attnkit.backends.neighborhood_tiles import choose_tile, make_plan
+            from attnkit.ops.neighborhood.tiles import choose_tile, make_plan
 
             r = len(shape)
             args = (mask.shape, mask.kernel_size, (1,) * r, (1,) * r, (False,) * r)
@@ -87,7 +87,7 @@ def _setup(impl: str, shape: tuple[int, ...], kernel: int, pass_: str) -> Callab
             def fn() -> torch.Tensor:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
         elif impl == "flex":
-            from attnkit.backends.neighborhood_flex import compiled_flex, na_block_mask
+            from attnkit.ops.neighborhood.flex import compiled_flex, na_block_mask
 
             bm = na_block_mask(mask)
             first_oneoff = True

@@ -38,7 +38,7 @@ def _check(out: torch.Tensor, q, k, v, allowed_rows: Callable[[torch.Tensor], to
 
 
 def _moba(n: int, bs: int, topk: int, routing: str):
-    from attnkit.mechanisms.moba import moba_attention
+    from attnkit.ops.routed.moba import moba_attention
 
     q, k, v = _qkv(n)
 
@@ -56,7 +56,7 @@ def _moba(n: int, bs: int, topk: int, routing: str):
 
 
 def _biformer(n: int, n_win: int, topk: int):
-    from attnkit.mechanisms.biformer import bi_level_routing_attention
+    from attnkit.ops.routed.biformer import bi_level_routing_attention
 
     side = math.isqrt(n)
     q, k, v = (t.view(B, side, side, H, D) for t in _qkv(n))
@@ -74,7 +74,7 @@ def _biformer(n: int, n_win: int, topk: int):
 
 
 def _s2(n: int, bs: int, local: int, vert: int):
-    from attnkit.mechanisms.s2_attention import s2_attention, s2_layout
+    from attnkit.ops.per_head.s2 import s2_attention, s2_layout
 
     q, k, v = _qkv(n)
     lay = s2_layout(H, -(-n // bs), local, vert)  # (H, nb, nb)
@@ -93,7 +93,7 @@ _MOA_BETAS = [0.0, 0.0, 0.0, 0.0, 0.0625, 0.125, 0.03125, 0.0625]
 
 
 def _moa(n: int, sink: int = 64):
-    from attnkit.mechanisms.moa import moa_attention, moa_spans
+    from attnkit.ops.per_head.moa import moa_attention, moa_spans
 
     q, k, v = _qkv(n)
     al, be = torch.tensor(_MOA_ALPHAS), torch.tensor(_MOA_BETAS)
@@ -155,11 +155,11 @@ def _area(name: str, args: tuple) -> int:
         return n * topk * (n // n_win ** 2)
     if name == "s2_attention":
         n, bs, local, vert = args
-        from attnkit.mechanisms.s2_attention import s2_layout
+        from attnkit.ops.per_head.s2 import s2_layout
 
         lay = s2_layout(H, -(-n // bs), local, vert)
         return int((lay.sum().item() * bs * bs - lay.diagonal(dim1=1, dim2=2).sum().item() * bs * (bs - 1) / 2) / H)
-    from attnkit.mechanisms.moa import moa_spans
+    from attnkit.ops.per_head.moa import moa_spans
 
     n, sink = args[0], 64
     t = torch.arange(n)

@@ -33,7 +33,7 @@ def _errs(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def _psa(n: int, bq: int, bk: int, causal: bool):
-    from attnkit.mechanisms.pyramid_sparse import PSAConfig, psa_attention
+    from attnkit.ops.routed.psa import PSAConfig, psa_attention
 
     q, k, v = _qkv(n)
     cfg = PSAConfig(block_q=bq, block_kv=bk, causal=causal)
@@ -60,7 +60,7 @@ def _psa(n: int, bq: int, bk: int, causal: bool):
 
 
 def _hyper(n: int, bs: int, m: int, nmin: int, causal: bool):
-    from attnkit.mechanisms.hyper_attention import hyper_attention
+    from attnkit.ops.routed.hyper import hyper_attention
 
     q, k, v = _qkv(n)
 
@@ -86,7 +86,7 @@ def _area(name: str, args: tuple) -> tuple[float, float]:
     n, causal = args[0], args[-1]
     dense = n * (n + 1) / 2 if causal else n * n
     if name == "pyramid_sparse":
-        from attnkit.mechanisms.pyramid_sparse import DEFAULT_RATIOS, band_ends
+        from attnkit.ops.routed.psa import DEFAULT_RATIOS, band_ends
 
         _, bq, bk, _ = args
         nqb, nkb = math.ceil(n / bq), n // bk

@@ -31,7 +31,7 @@ def _qkv(seed: int = 0):
 
 
 def _config():
-    from attnkit.mechanisms.vmoba import VMoBAConfig
+    from attnkit.ops.routed.vmoba import VMoBAConfig
 
     return VMoBAConfig(block_1d=2, block_2d=(8, 8), block_3d=(4, 8, 8))  # 8, 16, 64 blocks
 
@@ -45,7 +45,7 @@ def _setup(mode: str, impl: str) -> Callable[[], Runner]:
             run = pass_fn(lambda: F.scaled_dot_product_attention(qh, kh, vh), "fwd")
 
             return Runner(run=run)
-        from attnkit.mechanisms.vmoba import vmoba_attention
+        from attnkit.ops.routed.vmoba import vmoba_attention
 
         run = pass_fn(lambda: vmoba_attention(q, k, v, GRID, mode=mode, config=_config(), threshold=TAU), "fwd")
 
@@ -53,7 +53,7 @@ def _setup(mode: str, impl: str) -> Callable[[], Runner]:
             with torch.no_grad():
                 out, sel = vmoba_attention(q, k, v, GRID, mode=mode, config=_config(), threshold=TAU,
                                            return_layout=True)  # sel (B, H, N, n)
-            from attnkit.mechanisms.vmoba import block_shape, partition_ids
+            from attnkit.ops.routed.vmoba import block_shape, partition_ids
 
             ids = partition_ids(GRID, block_shape(GRID, mode, _config()))
             rows = torch.linspace(0, N - 1, 32).long()

@@ -1,0 +1,116 @@
+"""Optional compiled CPU kernels (``kernels/native/*.cpp``), built on first use with ``torch.utils.cpp_extension``.
+
+Every kernel here has a torch-ops twin that runs when the kernel is unavailable, so a machine
+without a C++ compiler (or with ``ATTNKIT_NATIVE=0``) gets the same results, only slower;
+``status()`` says which and why, and ``ak.explain`` repeats it. The build (~1 min, once per
+machine and torch version) goes to torch's extension cache (``TORCH_EXTENSIONS_DIR`` moves it)
+and registers the ops under ``torch.ops.attnkit_native``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+_SOURCES = [Path(__file__).parent / "linear_chunk_cpu.cpp"]
+_lock = threading.Lock()
+_state: dict[str, object] = {"ops": None, "error": None}
+NOT_BUILT = "not built yet (builds on first use)"
+
+
+def _disabled() -> str | None:
+    if os.environ.get("ATTNKIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "disabled by ATTNKIT_NATIVE=0"
+    return None
+
+
+def _ninja_on_path() -> None:
+    """torch's JIT build runs ``ninja`` from PATH; the ``ninja`` wheel (a dependency) puts it in the venv's
+    bin, which is not on PATH when the venv's python is called directly (as ``make test`` does)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
+
+def _register_fakes() -> None:
+    """Shape-only twins of the C++ ops, so torch.compile / FakeTensor tracing can pass through them."""
+
+    @torch.library.register_fake("attnkit_native::linear_chunk_fwd")
+    def _fwd(q, k, v, g, s0, scale, chunk, seg):
+        B, N, H, D = q.shape
+        Dv = v.shape[-1]
+        nseg = max(1, -(-N // seg))
+        return q.new_empty(B, N, H, Dv), q.new_empty(B, H, D, Dv), q.new_empty(nseg, B, H, D, Dv)
+
+    @torch.library.register_fake("attnkit_native::linear_chunk_bwd")
+    def _bwd(q, k, v, g, dout, bounds, dS, scale, chunk, seg, need_g):
+        B, N, H, D = q.shape
+        dgt = q.new_empty(B, N, H) if need_g else q.new_empty(0)
+        return (q.new_empty(B, N, H, D), k.new_empty(k.shape), v.new_empty(v.shape), dgt,
+                q.new_empty(B, H, D, v.shape[-1]))
+
+
+def _writable_build_root() -> None:
+    """torch builds under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; where that cannot be
+    written (a read-only home in CI, say) build under the temp dir instead of failing."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = get_default_build_root()
+    try:
+        os.makedirs(root, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return
+    except OSError:
+        pass
+    os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(tempfile.gettempdir(), f"attnkit_torch_extensions_{os.getuid()}")
+
+
+def ops():
+    """``torch.ops.attnkit_native`` once built and loaded, else None (the reason is in ``status()``)."""
+    if _disabled():
+        return None
+    if _state["ops"] is not None or _state["error"] is not None:
+        return _state["ops"]
+    with _lock:
+        if _state["ops"] is None and _state["error"] is None:
+            try:
+                from torch.utils.cpp_extension import load
+
+                _ninja_on_path()
+                _writable_build_root()
+                # -fopenmp: at::parallel_for is inline OpenMP; without it the heads would run serially
+                load(name="attnkit_native", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
+                     extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+                _register_fakes()
+                _state["ops"] = torch.ops.attnkit_native
+            except Exception as e:  # no compiler, no headers, a failed build: fall back, say why
+                lines = str(e).strip().splitlines() or [""]
+                first = next((ln for ln in lines if "error" in ln.lower()), lines[-1])
+                _state["error"] = f"build failed: {type(e).__name__}: {first.strip()[:200]}"
+    return _state["ops"]
+
+
+def status() -> str:
+    """One line: ``"loaded"``, ``"not built yet (builds on first use)"``, or why it is unavailable."""
+    off = _disabled()
+    if off:
+        return off
+    if _state["ops"] is not None:
+        return "loaded"
+    return str(_state["error"]) if _state["error"] is not None else NOT_BUILT
+
+
+def available() -> bool:
+    """Build/load the kernels if needed; True when they can run."""
+    return ops() is not None

@@ -1,0 +1,57 @@
+"""Gaussian Adaptive Attention is All You Need: Robust Contextual Representations Across Multiple
+Modalities (arXiv 2401.11143) — GAAM, learnable Gaussian feature re-weighting.
+
+Not a query-key mechanism: along an axis the data's own mean and variance are taken, the mean
+is shifted by a learned offset, the spread scaled by a learned width, and every element is
+multiplied by its Gaussian density. Features are split into heads with their own parameters.
+"""
+
+
+from __future__ import annotations
+
+import torch
+
+
+def gaussian_adaptive(x: torch.Tensor, offsets: torch.Tensor, widths: torch.Tensor,
+                      mix_logits: torch.Tensor | None = None, *, axis: int = 1, normalize: bool = False,
+                      eps: float = 1e-8) -> torch.Tensor:
+    """GAAM re-weighting ``y = x * G``.
+
+    Args:
+        x: ``(B, N, C)``; the last dim is split into ``h`` equal head chunks.
+        offsets: ``(h, G)`` mean offsets ``delta``; widths: ``(h, G)`` Gaussian widths ``c``
+            (``G = exp(-z^2 / (2 c^2))``; the paper's single form has ``xi = c^2``).
+        mix_logits: ``(h, G)`` mixture weights (softmax); None = equal weights.
+        axis: statistics axis of ``x`` (1 = tokens, as the paper's time axis; -1 = features).
+        normalize: divide ``G`` by its sum along ``axis`` (the mixture form of the later code).
+        eps: inside the square root of the variance (population variance).
+
+    Returns:
+        ``(B, N, C)``.
+
+    Example:
+        >>> y = gaussian_adaptive(torch.randn(2, 16, 8), torch.zeros(2, 1), torch.full((2, 1), 2.0))
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, N, C), got shape {tuple(x.shape)}")
+    h, g = offsets.shape
+    B, N, C = x.shape
+    if C % h:
+        raise ValueError(f"feature dim C={C} must be divisible by the number of heads h={h}")
+    if widths.shape != (h, g) or (mix_logits is not None and mix_logits.shape != (h, g)):
+        raise ValueError(f"offsets, widths and mix_logits must share shape (h, G) = {(h, g)}")
+    xh = x.view(B, N, h, C // h)  # (B, N, h, C/h)
+    if axis not in (1, -1, 2):
+        raise ValueError(f"axis must be 1 (tokens) or -1 / 2 (features), got {axis}")
+    red = 1 if axis == 1 else 3  # tokens, or features within the head chunk  (dims of (B, N, h, C/h))
+    mu = xh.mean(dim=red, keepdim=True)
+    var = (xh * xh).mean(dim=red, keepdim=True) - mu * mu
+    z = (xh.unsqueeze(-1) - mu.unsqueeze(-1) - offsets.view(1, 1, h, 1, g)) / torch.sqrt(
+        var.clamp_min(0).unsqueeze(-1) + eps)  # (B, N, h, C/h, G)
+    dens = torch.exp(-z * z / (2 * widths.view(1, 1, h, 1, g) ** 2))
+    w = torch.softmax(mix_logits, -1) if mix_logits is not None else torch.full_like(offsets, 1.0 / g)
+    gate = (dens * w.view(1, 1, h, 1, g)).sum(-1)  # (B, N, h, C/h)
+    if normalize:
+        gate = gate / gate.sum(dim=red, keepdim=True)
+    return (xh * gate).view(B, N, C)
+

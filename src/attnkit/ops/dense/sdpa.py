@@ -1,0 +1,71 @@
+"""torch's ``scaled_dot_product_attention``: the fast path for dense and causal attention.
+
+On CPU it runs a fused flash-style kernel with ``is_causal`` skipping the upper triangle; a
+general mask must be materialised as an ``Nq x Nk`` boolean, so sparse masks pay full cost.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from attnkit.masks.causal import Causal
+from attnkit.ops.base import Backend
+
+# the largest dense boolean mask we are willing to build, in elements (256 MiB)
+_MAX_MASK_ELEMENTS = 1 << 28
+# below this fraction of non-empty tiles, the blocked backend wins on CPU
+_DENSE_ENOUGH = 0.8
+
+
+def _is_plain_causal(call) -> bool:
+    return isinstance(call.mask, Causal) and call.mask.offset == 0
+
+
+def _supports(call):
+    if call.return_lse:
+        return False, "SDPA does not return the log-sum-exp"
+    if call.mask is None or _is_plain_causal(call):
+        return True, ""
+    elements = call.mask_elements()
+    if elements > _MAX_MASK_ELEMENTS:
+        return False, f"needs a dense {call.nq}x{call.nk} mask ({elements / 2**30:.1f} GiB of bools)"
+    return True, ""
+
+
+def _suits(call):
+    if call.mask is None:
+        return True, "dense attention"
+    if _is_plain_causal(call):
+        return True, "causal via is_causal"
+    if call.mask.head_dependent:  # tiles are shared by heads; what counts is each head's own density
+        dens = call.mask.density(call.nq, call.nk)
+        if dens >= _DENSE_ENOUGH:
+            return True, f"{dens:.0%} of pairs are allowed"
+        return False, f"only {dens:.0%} of pairs are allowed per head; a dense mask computes all of them"
+    frac = call.tile_fraction()
+    if frac >= _DENSE_ENOUGH:
+        return True, f"{frac:.0%} of tiles are non-empty"
+    return False, f"only {frac:.0%} of tiles are non-empty; a dense mask computes all of them"
+
+
+def _run(call):
+    q, k, v = (t.transpose(1, 2) for t in (call.q, call.k, call.v))      # (B, H, N, D)
+    gqa = call.hq != call.hkv
+    if call.mask is None or _is_plain_causal(call):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=call.mask is not None, scale=call.scale,
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2)                                       # (B, N, H, Dv)
+    allowed = call.mask_tensor()
+    empty = ~allowed.any(-1, keepdim=True)                               # (.., Nq, 1)
+    has_empty = bool(empty.any())
+    if has_empty:
+        # let empty rows attend everywhere, then zero them: no NaN in forward or backward
+        allowed = allowed | empty
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=call.scale, enable_gqa=gqa)
+    if has_empty:
+        out = out.masked_fill(empty, 0.0)  # empty (.., Nq, 1) broadcasts over (B, H, Nq, Dv)
+    return out.transpose(1, 2)
+
+
+BACKEND = Backend(name="sdpa", run=_run, supports=_supports, suits=_suits,
+                  note="torch.nn.functional.scaled_dot_product_attention")

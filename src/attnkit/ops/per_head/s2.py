@@ -1,0 +1,181 @@
+"""S2-Attention: Hardware-Aware Context Sharding Among Attention Heads (arXiv 2407.17678).
+
+Each head sees a local band of blocks plus a strided shard of distant blocks, at absolute
+block positions offset per head, so that the heads together cover the context (HHST).
+
+Fast path (``impl="masked"``): one ``ak.attention`` call per KV head (its query group shares the
+pattern) with the head's pattern as an exact :class:`S2Mask`, so the blocked backend walks only
+the head's band and stripe tiles, with the causal mask on the diagonal tiles only. Dense heads
+(and the bidirectional rule, equal for all heads) share one call. ``impl="gather"`` runs the
+per-head layout on the block-gather engine.
+"""
+
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import attnkit.masks as M
+from attnkit._validate import check_qkv
+from attnkit.kernels.gather import block_gather_attention
+from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask
+from attnkit.ops.dense.call import attention
+
+
+class _Causal:
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+
+
+def s2_layout(num_heads: int, n_blocks: int, local_blocks: int, vert_stride: int, *, causal: bool = True,
+              num_dense_heads: int = 0, head_offset: int = 0, homo_head: bool = False,
+              device: torch.device | None = None) -> torch.Tensor:
+    """Block layout ``(H, n, n)`` of S2-Attention (dkernel's rule).
+
+    causal: ``i >= j and (i - j < l or (j + h*sigma + o) % v == 0)`` with ``sigma = max(1, v // H)``
+    (``sigma = 0`` for homogeneous heads); bidirectional: ``((left + right) % v == 0)`` with
+    ``left = max(0, i - j - l + 1)``, ``right = max(0, j - i - l + 1)``. The last
+    ``num_dense_heads`` heads are dense (causal or full).
+    """
+    if local_blocks < 1 or vert_stride < 1:
+        raise ValueError(f"local_blocks and vert_stride must be >= 1, got {local_blocks}, {vert_stride}")
+    if not 0 <= num_dense_heads <= num_heads:
+        raise ValueError(f"num_dense_heads must be in [0, {num_heads}], got {num_dense_heads}")
+    i = torch.arange(n_blocks, device=device).view(1, -1, 1)
+    j = torch.arange(n_blocks, device=device).view(1, 1, -1)
+    h = torch.arange(num_heads, device=device).view(-1, 1, 1)
+    sigma = 0 if homo_head else max(1, vert_stride // num_heads)
+    if causal:
+        lay = (i >= j) & ((i - j < local_blocks) | ((j + h * sigma + head_offset) % vert_stride == 0))
+        dense = (i >= j).expand_as(lay)
+    else:
+        left = (i - j - local_blocks + 1).clamp_min(0)
+        right = (j - i - local_blocks + 1).clamp_min(0)
+        lay = ((left + right) % vert_stride == 0).expand(num_heads, n_blocks, n_blocks)
+        dense = torch.ones_like(lay)
+    is_dense = (h >= num_heads - num_dense_heads).expand_as(lay)
+    return torch.where(is_dense, dense, lay)
+
+
+
+@dataclass(frozen=True)
+class S2Mask(Mask):
+    """One head's S2 pattern at token level: block pair ``(t // b, u // b)`` allowed by dkernel's rule
+    (``phase = h * sigma + o``), and ``u <= t`` when causal.
+
+    Frozen and hashable, so the blocked backend's plan is built once per configuration; tiles are
+    classified from block-pair counts per tile (2-D prefix sums), any tile size.
+    """
+
+    block: int
+    local: int
+    vert: int
+    phase: int
+    causal: bool = True
+
+    def __repr__(self) -> str:
+        kind = "causal" if self.causal else "bidirectional"
+        return f"s2(block={self.block}, local={self.local}, vert={self.vert}, phase={self.phase}, {kind})"
+
+    def _allow_blocks(self, i, j):
+        if self.causal:
+            return (i >= j) & ((i - j < self.local) | ((j + self.phase) % self.vert == 0))
+        left = (i - j - self.local + 1).clamp_min(0)
+        right = (j - i - self.local + 1).clamp_min(0)
+        return (left + right) % self.vert == 0
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        ok = self._allow_blocks(q_idx // self.block, kv_idx // self.block)
+        return ok & (kv_idx <= q_idx) if self.causal else ok
+
+    def _coarse_blocks(self, nq, nk, bq, bk):
+        """EMPTY/FULL where certain, PARTIAL otherwise (the base class then evaluates those tiles:
+        the causal diagonal and the band edges, a few per query tile)."""
+        b = self.block
+        nbq, nbk = -(-nq // b), -(-nk // b)
+        lay = self._allow_blocks(torch.arange(nbq)[:, None], torch.arange(nbk)[None]).long()  # (nbq, nbk)
+        cum = torch.zeros(nbq + 1, nbk + 1, dtype=torch.long)
+        cum[1:, 1:] = lay.cumsum(0).cumsum(1)
+        q0 = torch.arange(0, nq, bq)
+        k0 = torch.arange(0, nk, bk)
+        q1, k1 = (q0 + bq).clamp_max(nq) - 1, (k0 + bk).clamp_max(nk) - 1  # last token of each tile
+        r0, r1 = (q0 // b)[:, None], (q1 // b + 1)[:, None]  # block rows [r0, r1) of each query tile
+        c0, c1 = (k0 // b)[None], (k1 // b + 1)[None]
+        hits = cum[r1, c1] - cum[r0, c1] - cum[r1, c0] + cum[r0, c0]  # allowed block pairs per tile
+        cells = (r1 - r0) * (c1 - c0)
+        # each block pair a tile meets holds one of its token pairs: without the causal cut, 0 hits
+        # is EMPTY and all hits FULL
+        cls = torch.where(hits == cells, FULL, torch.where(hits > 0, PARTIAL, EMPTY))
+        if self.causal:
+            below = q0[:, None] >= k1[None]  # every pair of the tile has u <= t
+            above = q1[:, None] < k0[None]  # no pair has
+            cls = torch.where(above, EMPTY, torch.where(below | (cls == EMPTY), cls, PARTIAL))
+        return cls.to(torch.int8)
+
+
+
+def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, local_blocks: int,
+                 vert_stride: int, *, causal: bool = True, num_dense_heads: int = 0, head_offset: int = 0,
+                 homo_head: bool = False, scale: float | None = None, impl: str = "masked",
+                 backend: str | None = None) -> torch.Tensor:
+    """S2-Attention (heterogeneous strided + local block-sparse heads).
+
+    Args:
+        q: ``(B, N, Hq, D)``; k: ``(B, N, Hkv, D)``; v: ``(B, N, Hkv, Dv)``. With GQA the pattern is
+            indexed by the KV head and shared by its query group (keeps the KV savings).
+        block_size: ``b``; local_blocks: ``l`` (incl. the current block); vert_stride: ``v``.
+        causal, num_dense_heads, head_offset, homo_head: see :func:`s2_layout`.
+        impl: ``"masked"`` (default: one ``ak.attention`` call per KV head with its exact
+            :class:`S2Mask`) or ``"gather"`` (the per-head layout on the block-gather engine).
+        backend: forwarded to ``ak.attention`` by ``"masked"`` (None = automatic).
+
+    Returns:
+        ``(B, N, Hq, Dv)``.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 1024, 8, 32)
+        >>> out = s2_attention(q, k, v, block_size=64, local_blocks=4, vert_stride=8)
+    """
+    hq, hkv = check_qkv(q, k, v, same_extent=True)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if impl not in ("masked", "gather"):
+        raise ValueError(f"impl must be 'masked' or 'gather', got {impl!r}")
+    n = math.ceil(q.shape[1] / block_size)
+    lay = s2_layout(hkv, n, local_blocks, vert_stride, causal=causal, num_dense_heads=num_dense_heads,
+                    head_offset=head_offset, homo_head=homo_head, device=q.device)  # validates the config
+    if impl == "gather":
+        lay = lay.repeat_interleave(hq // hkv, dim=0).unsqueeze(0)  # (1, Hq, n, n)
+        return block_gather_attention(q, k, v, lay, block_size, extra_mask=_Causal() if causal else None,
+                                      scale=scale)
+    # KV heads with one pattern share a call: dense heads, and every sparse head when the rule does
+    # not depend on the head (bidirectional, homogeneous)
+    sigma = 0 if homo_head or not causal else max(1, vert_stride // hkv)
+    dense_mask = M.causal() if causal else None
+    by_mask: dict[object, list[int]] = {}
+    for h in range(hkv):
+        if h >= hkv - num_dense_heads:
+            key: object = dense_mask if dense_mask is not None else "full"
+        else:
+            key = S2Mask(block_size, local_blocks, vert_stride, (h * sigma + head_offset) % vert_stride, causal)
+        by_mask.setdefault(key, []).append(h)
+    g = hq // hkv
+    if len(by_mask) == 1:
+        (key,) = by_mask
+        return attention(q, k, v, None if key == "full" else key, scale=scale, backend=backend)
+    outs, order = [], []
+    for key, kv_heads in by_mask.items():
+        kv_ix = torch.tensor(kv_heads, device=q.device)
+        heads = [h * g + i for h in kv_heads for i in range(g)]
+        qs = q.view(*q.shape[:2], hkv, g, -1).index_select(2, kv_ix).flatten(2, 3)  # (B, N, h'*G, D)
+        ks, vs = (t.index_select(2, kv_ix) for t in (k, v))  # (B, N, h', D|Dv)
+        outs.append(attention(qs, ks, vs, None if key == "full" else key, scale=scale, backend=backend))
+        order += heads
+    inv = torch.empty(hq, dtype=torch.long)
+    inv[torch.tensor(order)] = torch.arange(hq)
+    return torch.cat(outs, 2).index_select(2, inv.to(q.device))  # (B, N, Hq, Dv) in head order
+
