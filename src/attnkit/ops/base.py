@@ -30,6 +30,9 @@ class Backend:
         suits: preference check for ``backend=None``, pure.
         auto: False keeps it out of automatic choice (e.g. compile-heavy backends).
         note: one line for ``explain``.
+        detail: ``detail(call) -> str``, pure: which path inside the backend this call takes and
+            why (e.g. "inference path: no input needs a gradient"); ``explain`` prints it under
+            the chosen backend, so no grad/no-grad or dtype switch inside a backend stays hidden.
     """
 
     name: str
@@ -38,6 +41,7 @@ class Backend:
     suits: Check = _always
     auto: bool = True
     note: str = ""
+    detail: Callable[[Any], str] | None = None
 
 
 class Dispatcher:
@@ -94,6 +98,8 @@ class Dispatcher:
                 status = "can run" + (f", passed over: {why2}" if not fits else (f" ({why2})" if why2 else ""))
             mark = "->" if b.name == chosen else "  "
             lines.append(f"  {mark} {b.name:<10} {status}")
+            if b.name == chosen and b.detail is not None:
+                lines.append(f"       {'':<10} path: {b.detail(call)}")
         lines.append(f"  chosen: {chosen}" if chosen else f"  no backend: {failure}")
         return "\n".join(lines)
 
