@@ -1,4 +1,4 @@
-"""Mask patterns as small immutable objects (DESIGN.md §4), one concept per file.
+"""Mask patterns as small immutable objects (``docs/design.md`` §4), one concept per file.
 
 Every mask offers ``mask_mod`` (FlexAttention's predicate), ``to_dense``, exact ``blocks`` and
 ``density`` without materialising ``Nq x Nk``, a readable repr, and composes with ``&``, ``|``, ``~``.

@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import torch
 
+from attnkit._validate import int_arg
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _BIG = 1 << 62  # "no interval": lo = _BIG, hi = -1
 _REFINE_CHUNK = 1 << 22  # predicate evaluations per refinement batch
@@ -33,10 +35,7 @@ def _check_sizes(nq: int, nk: int, bq: int | None = None, bk: int | None = None)
     for name, val in (("nq", nq), ("nk", nk), ("bq", bq), ("bk", bk)):
         if val is None:
             continue
-        if isinstance(val, bool) or not isinstance(val, int):
-            raise TypeError(f"{name} must be an int, got {type(val).__name__}")
-        if val <= 0:
-            raise ValueError(f"{name} must be positive, got {val}")
+        int_arg(name, val, 1)
 
 
 class Mask:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnkit._validate import int_arg
 from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask, _ceil_div
 
 
@@ -75,6 +76,5 @@ def block_sparse(layout: torch.Tensor, block_size: int | tuple[int, int]) -> Blo
         raise ValueError(f"layout must be (nqb, nkb) or (B, H, nqb, nkb), got shape {tuple(layout.shape)}")
     bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     for v in (bq, bk):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
+        int_arg("block_size", v, 1)
     return BlockSparse(layout, bq, bk)

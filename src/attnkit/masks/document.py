@@ -11,6 +11,7 @@ from functools import cached_property
 
 import torch
 
+from attnkit._validate import int_arg
 from attnkit.masks.base import IntervalMask, interval
 
 
@@ -19,10 +20,7 @@ def _lengths(lengths: object, name: str = "lengths", minimum: int = 1) -> tuple[
         lengths = lengths.tolist()
     if not isinstance(lengths, (list, tuple)) or not lengths:
         raise TypeError(f"{name} must be a non-empty list of ints, got {lengths!r}")
-    out = tuple(int(x) for x in lengths)
-    if any(x < minimum for x in out):
-        raise ValueError(f"{name} must all be >= {minimum}, got {out}")
-    return out
+    return tuple(int_arg(f"{name}[{i}]", int(x), minimum) for i, x in enumerate(lengths))
 
 
 def _short(lengths: tuple[int, ...]) -> str:

@@ -1,7 +1,7 @@
 """Neighborhood-attention index rules (NATTEN semantics) and the NA pattern as a mask object.
 
 Index rules follow "Faster Neighborhood Attention" (arXiv 2403.04690) and "Generalized
-Neighborhood Attention" (arXiv 2504.16922) as restated in ``papers/local.md`` §1.2-1.3:
+Neighborhood Attention" (arXiv 2504.16922), as the NATTEN library implements them (``docs/design.md`` §3):
 per axis, dilation groups ``g = i mod d`` (in-group coordinate ``u = i div d``, group length
 ``L``), stride-group leaders, and a window ``[start, end)`` in in-group coordinates that is
 shifted (non-causal) or clipped (causal) at the borders. Multi-dim patterns are the
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnkit._validate import per_dim
+from attnkit._validate import int_arg, per_dim
 from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask
 
 
@@ -29,7 +29,7 @@ def check_na_params(shape: tuple[int, ...], kernel_size: object, dilation: objec
 
     Returns ``(kernel_size, dilation, stride, is_causal)`` as tuples of length ``len(shape)``.
     Raises ValueError naming the argument for kernel > extent, ``dilation * kernel > extent``,
-    ``stride > kernel`` and non-positive values (NATTEN's rules, local.md §1.2).
+    ``stride > kernel`` and non-positive values (NATTEN's rules).
     """
     rank = len(shape)
     ks = per_dim("kernel_size", kernel_size, rank)
@@ -37,12 +37,9 @@ def check_na_params(shape: tuple[int, ...], kernel_size: object, dilation: objec
     ss = per_dim("stride", stride, rank)
     cs = per_dim("is_causal", is_causal, rank, kind=bool)
     for a, (n, k, d, s) in enumerate(zip(shape, ks, ds, ss)):
-        if k < 1:
-            raise ValueError(f"kernel_size must be >= 1 per dim, got {ks} (dim {a})")
-        if d < 1:
-            raise ValueError(f"dilation must be >= 1 per dim, got {ds} (dim {a})")
-        if s < 1:
-            raise ValueError(f"stride must be >= 1 per dim, got {ss} (dim {a})")
+        int_arg("kernel_size", k, 1)
+        int_arg("dilation", d, 1)
+        int_arg("stride", s, 1)
         if k > n:
             raise ValueError(f"kernel_size {k} is larger than the extent {n} of spatial dim {a}")
         if k * d > n:
@@ -58,7 +55,7 @@ def window_bounds(i: torch.Tensor, n: int, k: int, d: int = 1, s: int = 1, causa
     """Per query position ``i`` (any integer tensor) on an axis of length ``n``.
 
     Returns ``(g, u, L, start, end)``: dilation group, in-group coordinate, group length and the
-    window ``[start, end)`` in in-group coordinates (local.md §1.2, steps 1-4). Pure tensor
+    window ``[start, end)`` in in-group coordinates (NATTEN's 1-D rule). Pure tensor
     arithmetic, so it also runs inside flex's vmapped ``mask_mod``.
     """
     g = i % d
@@ -196,7 +193,7 @@ class NeighborhoodMask(Mask):
         return self.count()
 
     def axis_keys(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per axis, the gather table ``(keys (n_a, k_a), valid (n_a, k_a))`` (local.md §1.2)."""
+        """Per axis, the gather table ``(keys (n_a, k_a), valid (n_a, k_a))``."""
         out = []
         for n, k, d, s, c in self._axes():
             g, _u, _L, start, end = axis_windows(n, k, d, s, c)
@@ -288,7 +285,9 @@ def neighborhood_mask(shape: int | tuple[int, ...], kernel_size: object, dilatio
         >>> print(neighborhood_mask((7, 7), 3, dilation=2).picture((3, 3)))
     """
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    if not 1 <= len(shape) <= 3 or any((not isinstance(n, int)) or n < 1 for n in shape):
+    if not 1 <= len(shape) <= 3:
         raise ValueError(f"shape must be 1 to 3 positive ints, got {shape}")
+    for n in shape:
+        int_arg("shape", n, 1)
     ks, ds, ss, cs = check_na_params(shape, kernel_size, dilation, stride, is_causal)
     return NeighborhoodMask(shape, ks, ds, ss, cs)

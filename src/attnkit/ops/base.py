@@ -73,8 +73,17 @@ class Dispatcher:
         for b in self.backends:
             if b.auto and b.supports(call)[0] and b.suits(call)[0]:
                 return b
-        reasons = "; ".join(f"{b.name}: {b.supports(call)[1] or b.suits(call)[1]}" for b in self.backends)
+        reasons = "; ".join(f"{b.name}: {self._why_not(b, call)}" for b in self.backends)
         raise ValueError(f"no backend can run this {self.op} call ({reasons})")
+
+    @staticmethod
+    def _why_not(b: Backend, call: Any) -> str:
+        ok, why = b.supports(call)
+        if not ok:
+            return why
+        if not b.auto:
+            return f"opt-in only (backend={b.name!r})"
+        return b.suits(call)[1]
 
     def run(self, call: Any, backend: str | None = None) -> Any:
         return self.choose(call, backend).run(call)

@@ -33,6 +33,8 @@ def _supports(call):
 
 
 def _suits(call):
+    if call.q.device.type != "cpu":
+        return True, f"{call.q.device.type} tensors: the blocked tile walk is CPU-only"
     if call.mask is None:
         return True, "dense attention"
     if _is_plain_causal(call):

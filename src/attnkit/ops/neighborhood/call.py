@@ -2,7 +2,8 @@
 
 Papers: "Neighborhood Attention Transformer" (arXiv 2204.07143), "Dilated Neighborhood
 Attention Transformer" (arXiv 2209.15001), "Faster Neighborhood Attention" (arXiv 2403.04690),
-"Generalized Neighborhood Attention" (arXiv 2504.16922). Exact index rules: papers/local.md §1.
+"Generalized Neighborhood Attention" (arXiv 2504.16922). Exact index rules: NATTEN's, as stated in
+``docs/design.md`` §3 (arXiv 2204.07143 §3, 2209.15001 §3).
 
 Backends: ``tiled`` (CPU tiles x halos, forward and backward; default), ``reference``
 (materialised mask, the oracle), ``flex`` (torch.compile(flex_attention) with an NA BlockMask,
@@ -17,10 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from attnkit._validate import check_qkv, resolve_scale
+from attnkit.kernels.fused import fused_check
 from attnkit.masks.neighborhood import NeighborhoodMask, check_na_params
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.neighborhood.flex import flex_supports, run_flex
-from attnkit.ops.neighborhood.natten import natten_supports, run_natten
+from attnkit.ops.neighborhood.natten import natten_detail, natten_supports, run_natten
 from attnkit.ops.neighborhood.tiled import neighborhood_tiled
 from attnkit.ops.neighborhood.tiles import choose_tile, make_plan
 from attnkit.reference.naive_neighborhood import naive_neighborhood_attention
@@ -98,13 +100,27 @@ def _run_tiled(call: NACall):
     B, H = call.q.shape[0], call.q.shape[-2]
     out = out.view(B, *call.spatial, H, call.v.shape[-1])  # (B, *S, H, Dv)
     if call.return_lse:
-        return out, lse.view(B, *call.spatial, H).to(call.q.dtype)  # (B, *S, H)
+        return out, lse.view(B, *call.spatial, H)  # (B, *S, H), float32 (float64 for float64 inputs)
     return out
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The lse contract: float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _run_reference(call: NACall):
-    return naive_neighborhood_attention(call.q, call.k, call.v, call.kernel_size, call.dilation, call.stride,
-                                        call.is_causal, call.scale, call.return_lse)
+    q, k, v = call.q, call.k, call.v
+    if call.return_lse and q.dtype != lse_dtype(q.dtype):
+        # the oracle computes in float32 and returns its lse in the input dtype; handing it float32
+        # inputs gives the same output (cast back below) and keeps the lse in float32
+        q, k, v = (t.float() for t in (q, k, v))
+    res = naive_neighborhood_attention(q, k, v, call.kernel_size, call.dilation, call.stride,
+                                       call.is_causal, call.scale, call.return_lse)
+    if not call.return_lse:
+        return res
+    out, lse = res
+    return out.to(call.q.dtype), lse
 
 
 def _reference_suits(call: NACall) -> tuple[bool, str]:
@@ -114,16 +130,33 @@ def _reference_suits(call: NACall) -> tuple[bool, str]:
 
 
 def _tiled_supports(call: NACall) -> tuple[bool, str]:
+    # the tile plan (gather indices, tile masks) is built on the CPU
+    if call.q.device.type != "cpu":
+        return False, f"needs CPU tensors, got {call.q.device.type}"
     return True, ""
 
 
+def _tiled_detail(call: NACall) -> str:
+    ok, why = fused_check(call.q, call.v)
+    kernel = "fused CPU flash op per chunk" if ok else f"matmul softmax per chunk ({why})"
+    if call.requires_grad:
+        return (f"training ({kernel}; halos kept for the chunked backward, which falls back to matmul "
+                "when the lse gets a gradient): an input needs a gradient")
+    return f"inference ({kernel}): no input needs a gradient"
+
+
+def _forward_only_detail(call: NACall) -> str:
+    return "forward only: no input needs a gradient"
+
+
 DISPATCHER = Dispatcher("neighborhood_attention", [
-    Backend("tiled", _run_tiled, _tiled_supports,
+    Backend("tiled", _run_tiled, _tiled_supports, detail=_tiled_detail,
             note="query tiles x key halos, fused CPU attention per chunk, hand-written chunked backward"),
     Backend("reference", _run_reference, suits=_reference_suits, note="materialised mask; the oracle"),
-    Backend("flex", run_flex, flex_supports, auto=False,
+    Backend("flex", run_flex, flex_supports, auto=False, detail=_forward_only_detail,
             note="torch.compile(flex_attention) + NA BlockMask; forward only, compiles per shape"),
-    Backend("natten", run_natten, natten_supports, auto=False, note="the NATTEN library (peer)"),
+    Backend("natten", run_natten, natten_supports, auto=False, detail=natten_detail,
+            note="the NATTEN library (peer)"),
 ])
 
 register_op("neighborhood_attention", make_call, DISPATCHER)
@@ -134,7 +167,7 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, stride=1, is_cau
     """Neighborhood attention (NA / DiNA / causal NA / GNA) over 1-D, 2-D or 3-D token grids.
 
     Each query attends to a window of ``kernel_size`` keys per spatial dim around itself
-    (NATTEN semantics, papers/local.md §1): non-causal windows are shifted, not clipped, at
+    (NATTEN semantics, ``docs/design.md`` §3): non-causal windows are shifted, not clipped, at
     the borders; causal windows end at the query; ``dilation`` splits a dim into interleaved
     groups; ``stride`` lets groups of queries share one window (``stride == kernel_size``
     gives blocked attention). Dims combine as a product.
@@ -152,7 +185,8 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, stride=1, is_cau
         return_lse: also return the natural-log sum-exp of each query's scaled logits.
 
     Returns:
-        ``out (B, *S, H, Dv)`` in q's dtype, and ``lse (B, *S, H)`` when ``return_lse``.
+        ``out (B, *S, H, Dv)`` in q's dtype, and ``lse (B, *S, H)`` when ``return_lse`` (float32,
+        float64 for float64 inputs).
 
     Example:
         >>> q = k = v = torch.randn(1, 32, 32, 4, 16)

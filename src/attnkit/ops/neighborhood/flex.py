@@ -77,5 +77,5 @@ def run_flex(call):
     out, lse = res if call.return_lse else (res, None)
     out = out.transpose(1, 2).reshape(B, *call.spatial, H, Dv)  # (B, *S, H, Dv)
     if call.return_lse:
-        return out, lse.transpose(1, 2).reshape(B, *call.spatial, H).to(q.dtype)  # (B, *S, H)
+        return out, lse.transpose(1, 2).reshape(B, *call.spatial, H).float()  # (B, *S, H), float32
     return out

@@ -1,7 +1,7 @@
 """The NATTEN library as a peer backend for neighborhood attention (imported lazily, opt-in).
 
 NATTEN >= 0.20 takes heads-last tensors and the same ``kernel_size / stride / dilation /
-is_causal`` arguments as attnkit (papers/local.md §1); on CPU it runs forward only.
+is_causal`` arguments as attnkit (``docs/design.md`` §3); on CPU it runs forward only.
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ def natten_supports(call) -> tuple[bool, str]:
     if call.requires_grad and call.q.device.type == "cpu":
         return False, "natten runs forward only on CPU"
     return True, ""
+
+
+def natten_detail(call) -> str:
+    fn = f"natten.na{len(call.spatial)}d"
+    return f"{fn} with its backward: an input needs a gradient" if call.requires_grad else \
+        f"{fn}, forward: no input needs a gradient"
 
 
 def run_natten(call):

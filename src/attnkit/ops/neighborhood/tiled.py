@@ -20,6 +20,7 @@ import math
 import torch
 
 from attnkit.kernels.alloc import recycle_work_buffers
+from attnkit.kernels.fused import can_fuse, fused_ops
 from attnkit.ops.neighborhood.tiles import TilePlan
 
 _CHUNK_BYTES = 32 << 20  # per chunk: gathered rows, gradients (and matmul-path scores); small enough that
@@ -27,17 +28,6 @@ _CHUNK_BYTES = 32 << 20  # per chunk: gathered rows, gradients (and matmul-path 
 # cost ~1/3 of the time with 256 MiB chunks on a 2-core VM)
 _VIEW_CHUNK_BYTES = 256 << 20  # 1-D, B=1: rows are strided views (nothing gathered), so fewer, larger calls win
 _KEEP_HALO_BYTES = 256 << 20  # forward's gathered K/V halos kept for backward when at most this big
-
-
-def _flash_ops():
-    fwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    return (fwd, bwd) if fwd is not None and bwd is not None else (None, None)
-
-
-def use_flash(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """The fused CPU kernel needs a CPU tensor and ``Dv == D``."""
-    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and _flash_ops()[0] is not None
 
 
 # ----- chunk math: q (C, H, M, D), k (C, Hkv, Hk, D), v (C, Hkv, Hk, Dv), bias (C|1, 1, M, Hk) or None -----
@@ -55,8 +45,8 @@ def _manual_scores(q, k, bias, scale):
 
 def chunk_forward(q, k, v, bias, scale):
     """Returns ``out (C, H, M, Dv)`` in q's dtype and ``lse (C, H, M)`` (fp64 for fp64, else fp32)."""
-    if use_flash(q, v):
-        fwd, _ = _flash_ops()
+    if can_fuse(q, v):
+        fwd, _ = fused_ops()
         return fwd(q, k, v, attn_mask=bias, scale=scale)
     C, H, M, _ = q.shape
     s = _manual_scores(q, k, bias, scale)
@@ -70,8 +60,8 @@ def chunk_forward(q, k, v, bias, scale):
 
 def chunk_backward(do, q, k, v, out, lse, bias, scale, dlse=None):
     """Gradients ``dq (C, H, M, D)``, ``dk``, ``dv`` of one chunk; ``dlse (C, H, M)`` optional."""
-    if dlse is None and use_flash(q, v):
-        _, bwd = _flash_ops()
+    if dlse is None and can_fuse(q, v):
+        _, bwd = fused_ops()
         return bwd(do, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
     C, H, M, D = q.shape
     Hkv = k.shape[1]
@@ -200,7 +190,7 @@ def tiled_forward(q, k, v, plan: TilePlan, scale: float, halos: dict | None = No
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty(B, q.shape[1], H, Dv, dtype=q.dtype, device=q.device)
     lse_all = torch.empty(B, q.shape[1], H, dtype=lse_dtype, device=q.device)
-    for ch in plan.chunks(_step(plan, B, H, Hkv, D, Dv, q.element_size(), use_flash(q, v))):
+    for ch in plan.chunks(_step(plan, B, H, Hkv, D, Dv, q.element_size(), can_fuse(q, v))):
         C = ch.hi - ch.lo
         qidx, kidx = ch.qidx.to(q.device), ch.kidx.to(q.device)
         pooled: list[torch.Tensor] = []
@@ -224,7 +214,7 @@ def tiled_backward(do, q, k, v, out, lse, plan: TilePlan, scale: float, dlse=Non
     dk = torch.zeros(B, N, Hkv, D, dtype=acc, device=q.device)  # halos overlap: accumulate
     dv = torch.zeros(B, N, Hkv, Dv, dtype=acc, device=q.device)
     dq = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)
-    for ch in plan.chunks(_step(plan, B, H, Hkv, D, Dv, q.element_size(), use_flash(q, v) and dlse is None)):
+    for ch in plan.chunks(_step(plan, B, H, Hkv, D, Dv, q.element_size(), can_fuse(q, v) and dlse is None)):
         C = ch.hi - ch.lo
         qidx, kidx = ch.qidx.to(q.device), ch.kidx.to(q.device)
         doc = _rows(do, qidx, ch.qaff, C, M)

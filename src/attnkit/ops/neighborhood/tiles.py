@@ -2,7 +2,7 @@
 
 "Faster Neighborhood Attention" (arXiv 2403.04690) §3: tile the queries spatially and load,
 per query tile, the haloed key region covering the union of its queries' windows. Because
-window starts and ends are non-decreasing along an axis (local.md §1.2), that union is one
+window starts and ends are non-decreasing along an axis (NATTEN's rule), that union is one
 interval per axis and dilation group, so a tile's keys are a small dense box.
 
 Per axis we build tiles inside each dilation group (in-group coordinates), pad the last tile

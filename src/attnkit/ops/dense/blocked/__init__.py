@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnkit.kernels.fused import fused_check
 from attnkit.ops.base import Backend
 from attnkit.ops.dense.blocked.groups import group_backward, group_forward, group_inference
 from attnkit.ops.dense.blocked.plan import Chunk, Plan, build_plan
@@ -206,11 +207,29 @@ def blocked_attention(q, k, v, mask, scale: float, *, tiles: tuple[int, int, int
 
 
 def _supports(call):
+    # plans, tile masks and key indices are built on the CPU and indexed into the inputs
+    if call.q.device.type != "cpu":
+        return False, f"needs CPU tensors, got {call.q.device.type}"
     return True, ""
 
 
+def _inference(call) -> bool:
+    """The forward-only path: nothing to differentiate and no lse to return."""
+    return not call.needs_grad and not call.return_lse
+
+
+def _detail(call) -> str:
+    if _inference(call):
+        return "inference (fused SDPA per tile): no input needs a gradient and no lse is asked"
+    why = "an input needs a gradient" if call.needs_grad else "the lse is asked"
+    upcast = " in float32" if call.q.dtype in (torch.float16, torch.bfloat16) else ""
+    ok, no_fuse = fused_check(call.q, call.v)
+    groups = "fused CPU flash op" if ok else f"matmul softmax ({no_fuse})"
+    return f"training (online softmax + lse{upcast}, hand-written backward; tile groups: {groups}): {why}"
+
+
 def _run(call):
-    if not call.needs_grad and not call.return_lse:
+    if _inference(call):
         plan = plan_for(call.mask, call.nq, call.nk, call.batch, call.hq, inference=True)
         q, k, v = (t.transpose(1, 2) for t in (call.q, call.k, call.v))  # (B, H, N, D)
         return _forward_sdpa_tiles(q, k, v, plan, call.scale, call.hq != call.hkv).transpose(1, 2)
@@ -218,5 +237,5 @@ def _run(call):
     return (out, lse) if call.return_lse else out
 
 
-BACKEND = Backend(name="blocked", run=_run, supports=_supports,
+BACKEND = Backend(name="blocked", run=_run, supports=_supports, detail=_detail,
                   note="tiles with online softmax; skips empty tiles, masks only partial ones")
