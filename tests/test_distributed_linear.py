@@ -1,4 +1,4 @@
-"""LASP-2 / LASP-2H (arXiv 2502.07563) on P gloo processes == the single-process ops (papers/linear.md §8.7).
+"""LASP-2 / LASP-2H (arXiv 2502.07563) on P gloo processes == the single-process ops.
 
 LP1 output, final state and every gradient equal ``ak.linear_attention`` over the whole sequence
 (P = 1, 2, 4; causal and not; normalized; GQA); LP2 the pieces' states sum to K^T V; LP3 per-head

@@ -1,4 +1,4 @@
-"""Softmax context parallelism (papers/linear.md §9.5): ring, Ulysses, USP vs the single-process oracle.
+"""Softmax context parallelism: ring, Ulysses, USP vs the single-process oracle.
 
 CP1 every method on P = 2 and P = 4 gloo processes: output, lse and every gradient equal
 ``ak.attention`` (float64 tight, float32, bfloat16), no mask / causal (contiguous and zigzag) / noncausal

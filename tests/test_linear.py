@@ -1,7 +1,7 @@
 """ak.linear_attention: every backend against the fp64 naive oracles, outputs, states and every gradient.
 
 Oracles: reference/naive_linear.py (materialised weights; and an explicit per-token loop).
-Identities from papers/linear.md §1.6 (L*), §3.6 (LA*), §0.6 (state hand-off).
+Identities of arXiv 2006.16236 (L*) and 2401.04658 (LA*), and the state hand-off of ``docs/design.md`` §3.
 """
 
 from __future__ import annotations
@@ -268,13 +268,15 @@ def test_minimax_strong_decay_long_chunk_fp32():
 def test_backend_choice_and_explain():
     q = k = v = torch.randn(1, 100, 2, 8)
     text = ak.explain("linear_attention", q, k, v, decay=torch.full((2,), 0.9))
-    assert "-> chunk" in text and "naive" in text
+    assert "-> chunk" in text and "reference" in text and "naive" not in text
     assert "-> recurrent" in ak.explain("linear_attention", q[:, :1], k[:, :1], v[:, :1])
     assert "recurrent  cannot run" in ak.explain("linear_attention", q, k, v, causal=False)
     with pytest.raises(ValueError, match="non-causal"):
         ak.linear_attention(q, k, v, causal=False, backend="recurrent")
-    o = ak.linear_attention(q, k, v, backend="naive")
-    assert_close(o, ak.linear_attention(q, k, v), torch.float32, "naive backend")
+    o = ak.linear_attention(q, k, v, backend="reference")
+    assert_close(o, ak.linear_attention(q, k, v), torch.float32, "reference backend")
+    with pytest.raises(ValueError, match="unknown backend 'naive'"):
+        ak.linear_attention(q, k, v, backend="naive")  # one vocabulary: no alias
 
 
 @pytest.mark.parametrize("kwargs,err,match", [
@@ -309,3 +311,40 @@ def test_state_is_fp32_for_half_inputs():
     o, S = ak.linear_attention(q, k, v, return_state=True)
     assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
     assert TOL[torch.bfloat16].rrmse > 0  # table is shared; nothing local
+
+
+def test_callable_feature_map_state_width_is_checked():
+    """A callable phi may change the width; the state's Dphi is checked against phi's output."""
+    q = k = v = torch.randn(1, 10, 2, 8)
+
+    def square(x):
+        return torch.cat([x, x * x], dim=-1)  # Dphi = 2 D
+
+    _, S = ak.linear_attention(q, k, v, feature_map=square, return_state=True)
+    assert S.shape == (1, 2, 16, 8)
+    ak.linear_attention(q, k, v, feature_map=square, initial_state=S)
+    with pytest.raises(ValueError, match="initial_state S must have Dphi = 16"):
+        ak.linear_attention(q, k, v, feature_map=square, initial_state=torch.zeros(1, 2, 8, 8))
+
+
+def test_non_cpu_inputs_are_refused_by_the_causal_kernels():
+    q = torch.randn(1, 100, 2, 8, device="meta")
+    text = ak.explain("linear_attention", q, q, q)
+    assert "recurrent  cannot run: needs CPU tensors, got meta" in text
+    assert "chunk      cannot run: needs CPU tensors, got meta" in text
+    for backend in ("chunk", "recurrent"):
+        with pytest.raises(ValueError, match=f"backend '{backend}' cannot run .*needs CPU tensors, got meta"):
+            ak.linear_attention(q, q, q, backend=backend)
+    # non-causal chunk is two einsums: any device
+    assert "-> chunk" in ak.explain("linear_attention", q, q, q, causal=False)
+
+
+def test_explain_shows_the_grad_path():
+    q = torch.randn(1, 100, 2, 8)
+    assert "path: forward only: no input needs a gradient" in ak.explain("linear_attention", q, q, q)
+    text = ak.explain("linear_attention", q.requires_grad_(), q, q)
+    assert "path: forward + hand-written chunked backward" in text
+    with torch.no_grad():
+        assert "path: forward only" in ak.explain("linear_attention", q, q, q)
+    text = ak.explain("linear_attention", q[:, :4], q[:, :4], q[:, :4])
+    assert "-> recurrent" in text and "path: autograd through the token loop" in text

@@ -71,7 +71,7 @@ def test_disabled_by_env_falls_back_and_says_so(monkeypatch):
     assert not _native.available()
     assert _native.status() == "disabled by ATTNKIT_NATIVE=0"
     assert "torch ops, native kernel disabled by ATTNKIT_NATIVE=0" in ak.explain("linear_attention", q, q, q)
-    ref = ak.linear_attention(q.double(), q.double(), q.double(), backend="naive")
+    ref = ak.linear_attention(q.double(), q.double(), q.double(), backend="reference")
     assert_close(ak.linear_attention(q, q, q), ref, torch.float32, "o")
 
 
@@ -83,7 +83,7 @@ def test_failed_build_falls_back_and_says_so(monkeypatch):
     q = torch.randn(1, 100, 2, 16)
     assert not _native.available()
     assert "torch ops, native kernel build failed: RuntimeError: no compiler" in ak.explain("linear_attention", q, q, q)
-    ref = ak.linear_attention(q.double(), q.double(), q.double(), backend="naive")
+    ref = ak.linear_attention(q.double(), q.double(), q.double(), backend="reference")
     assert_close(ak.linear_attention(q, q, q), ref, torch.float32, "o")
 
 

@@ -36,7 +36,7 @@ def _random_config(rng: random.Random, max_n: int = 8):
     return shape, k, d, s, c
 
 
-# ---------------------------------------------------------------- index rules (local.md §1.4)
+# ---------------------------------------------------------------- index rules (NATTEN worked examples)
 @pytest.mark.parametrize("n,k,d,s,causal,expected", [
     (10, 5, 1, 1, False, {0: range(0, 5), 2: range(0, 5), 3: range(1, 6), 6: range(4, 9), 7: range(5, 10)}),
     (10, 4, 1, 1, False, {5: [3, 4, 5, 6]}),
@@ -201,7 +201,7 @@ def test_gradcheck_fp64():
                                     (q1, k1, v1))
 
 
-# ---------------------------------------------------------------- identities (local.md §1.11)
+# ---------------------------------------------------------------- identities
 def test_kernel_equal_extent_is_dense_attention():
     q, k, v = _rand(2, 6, 5, 4, 8, seed=1), _rand(2, 6, 5, 2, 8, seed=2), _rand(2, 6, 5, 2, 8, seed=3)
     out = ak.neighborhood_attention(q, k, v, (6, 5))

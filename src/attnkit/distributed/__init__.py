@@ -1,4 +1,4 @@
-"""Context parallelism on ``torch.distributed`` (DESIGN.md §8): one sequence split over P processes.
+"""Context parallelism on ``torch.distributed`` (``docs/design.md`` §8): one sequence split over P processes.
 
 Every op takes THIS rank's shard of the sequence, heads-last ``(B, N_local, H, D)``, inside an
 initialised process group (gloo on CPU, nccl on GPU; ``group=None`` is the default group), and

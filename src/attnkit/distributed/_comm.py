@@ -123,13 +123,6 @@ def ring_shift_start(tensors: list[torch.Tensor], group=None):
     return out, wait
 
 
-def ring_shift(tensors: list[torch.Tensor], group=None) -> list[torch.Tensor]:
-    """:func:`ring_shift_start` and wait: the tensors received from the previous rank of the ring."""
-    out, wait = ring_shift_start(tensors, group)
-    wait()
-    return out
-
-
 def check_group_shapes(op: str, values: dict[str, int], group=None, *, equal: tuple[str, ...] = (),
                        device=None) -> list[dict]:
     """All-gather a few ints per rank (one tiny collective) and raise the same ValueError on every rank

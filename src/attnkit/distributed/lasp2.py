@@ -1,7 +1,7 @@
 """LASP-2: sequence (context) parallelism for linear attention.
 
 Paper: Sun, Lan, Zhong, Qu, Cheng, "LASP-2: Rethinking Sequence Parallelism for Linear Attention and
-Its Hybrid", arXiv 2502.07563 (2025). Notes: papers/linear.md §8; contract: DESIGN.md §3, §8.
+Its Hybrid", arXiv 2502.07563 (2025). Contract: ``docs/design.md`` §3 (the op), §8 (distributed).
 
 Each rank holds one contiguous piece of the sequence (ranks in sequence order). The only thing a
 piece needs from the others is a ``(Dphi, Dv)`` memory state per head, so:
@@ -235,7 +235,8 @@ def lasp2_linear_attention(q, k, v, *, causal=True, decay=None, feature_map="ide
 def lasp2_comm_elements(B: int, H: int, Hkv: int, Dphi: int, Dv: int, world: int, *, decay: bool = False,
                         normalize: bool = False) -> int:
     """Elements this rank receives in the forward all-gather of :func:`lasp2_linear_attention` (the
-    backward receives as many): ``(P - 1) * B * Hs * (Dphi * Dv' + [decay])`` (papers/linear.md §8.6)."""
+    backward receives as many): ``(P - 1) * B * Hs * (Dphi * Dv' + [decay])``: one all-gather of the
+    memory states (arXiv 2502.07563)."""
     hs = H if decay else Hkv
     per = B * hs * Dphi * (Dv + int(normalize)) + (B * hs if decay else 0)
     return (world - 1) * per

@@ -1,7 +1,7 @@
 """LASP-2H: the softmax-attention layers of a linear/softmax hybrid under LASP-2's sequence split.
 
 Paper: Sun, Lan, Zhong, Qu, Cheng, "LASP-2: Rethinking Sequence Parallelism for Linear Attention and
-Its Hybrid", arXiv 2502.07563 (2025), §8.5 of papers/linear.md; DESIGN.md §8.
+Its Hybrid", arXiv 2502.07563 (2025), its hybrid (softmax) layers; ``docs/design.md`` §8.
 
 Every rank all-gathers K and V (one collective: K and V travel packed together), so it holds the
 keys of the whole sequence, and runs ``ak.attention`` for its own queries with the causal diagonal
@@ -30,7 +30,7 @@ def lasp2h_attention(q, k, v, *, causal=False, scale=None, return_lse=False, bac
     ``"zigzag"``: chunks r and 2P-1-r of 2P, see :mod:`attnkit.distributed.zigzag`); the result is this
     rank's rows of ``ak.attention`` over the whole sequence. With a causal mask, contiguous pieces
     leave the last rank 2P-1 times the pairs of the first; zigzag gives every rank the same count
-    (§8.5 of papers/linear.md).
+    (arXiv 2502.07563, the hybrid layers).
 
     Args:
         q: ``(B, Nq_t, H, D)`` this rank's queries.
@@ -114,7 +114,7 @@ def _zigzag_causal(q, kv, rank, world, D, scale, backend, return_lse, group):
 
 def lasp2h_comm_elements(B: int, N_local: int, Hkv: int, D: int, Dv: int, world: int) -> int:
     """Elements this rank receives in the forward all-gather of :func:`lasp2h_attention` (the backward
-    reduce-scatter receives as many): ``(P - 1) * B * N_local * Hkv * (D + Dv)`` (papers/linear.md §8.6)."""
+    reduce-scatter receives as many): ``(P - 1) * B * N_local * Hkv * (D + Dv)`` (the K/V all-gather)."""
     return (world - 1) * B * N_local * Hkv * (D + Dv)
 
 

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from attnkit._validate import int_arg
+
 
 def _worker(rank: int, world: int, out_dir: str, threads: int, backend: str, timeout_s: float,
             fn: Callable[..., Any], args: tuple) -> None:
@@ -61,8 +63,7 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
     Returns:
         each rank's return value, in rank order (tensors come back through ``torch.save``).
     """
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    int_arg("world_size", world_size, 1)
     with tempfile.TemporaryDirectory(prefix="attnkit_dist_") as out_dir:
         ctx = mp.start_processes(_worker, args=(world_size, out_dir, threads, backend, timeout_s, fn, args),
                                  nprocs=world_size, join=False, start_method="spawn")

@@ -1,6 +1,5 @@
 """Ring Attention with Blockwise Transformers for Near-Infinite Context, arXiv 2310.01889
-(P2P ring, zigzag balancing as in "Long-Context Attention Benchmark", arXiv 2510.17896;
-notes: papers/linear.md §9.1-9.2).
+(P2P ring, zigzag balancing as in "Long-Context Attention Benchmark", arXiv 2510.17896).
 
 Each rank keeps its query shard and passes its K/V shard around the ring: at step i it holds the
 block of rank ``(r - i) mod P``, computes that block's partial ``(out, lse)`` while the block

@@ -1,5 +1,5 @@
 """DeepSpeed Ulysses: System Optimizations for Enabling Training of Extreme Long Sequence
-Transformer Models, arXiv 2309.14509 (notes: papers/linear.md §9.3).
+Transformer Models, arXiv 2309.14509.
 
 An all-to-all turns this rank's sequence shard of all heads into the full sequence of H/P heads,
 any single-device attention runs there under the unchanged GLOBAL mask, and a second all-to-all

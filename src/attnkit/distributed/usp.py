@@ -1,5 +1,5 @@
 """USP: A Unified Sequence Parallelism Approach for Long Context Generative AI, arXiv 2405.07719
-(Ulysses x Ring on a 2-D mesh; notes: papers/linear.md §9.4).
+(Ulysses x Ring on a 2-D mesh).
 
 P = P_u * P_r ranks. Rank ``R = g * P_u + u`` is member ``u`` of Ulysses group ``g`` (contiguous
 ranks, usually inside one node) and member ``g`` of ring group ``u``. An all-to-all inside the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from attnkit._validate import int_arg
 from attnkit.distributed import _comm, zigzag
 from attnkit.distributed.ring import ring_attention
 from attnkit.distributed.ulysses import around_heads
@@ -30,9 +31,8 @@ def make_usp_groups(pu: int, pr: int):
         >>> ug, rg = make_usp_groups(2, 2)   # 4 ranks: Ulysses {0,1} {2,3}, ring {0,2} {1,3}
     """
     rank, world = _comm.rank_world()
-    for name, val in (("pu", pu), ("pr", pr)):
-        if not isinstance(val, int) or val < 1:
-            raise ValueError(f"make_usp_groups: {name} must be a positive int, got {val!r}")
+    int_arg("make_usp_groups: pu", pu, 1)
+    int_arg("make_usp_groups: pr", pr, 1)
     if pu * pr != world:
         raise ValueError(f"make_usp_groups: pu*pr = {pu}*{pr} = {pu * pr} must equal the world size {world}")
     uly = ring = None

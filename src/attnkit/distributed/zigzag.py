@@ -1,7 +1,7 @@
 """Sequence layouts for context parallelism: contiguous chunks and the zigzag (load-balanced) order.
 
 Ring Attention, arXiv 2310.01889; zigzag balancing as benchmarked in "Long-Context Attention
-Benchmark", arXiv 2510.17896 (notes: papers/linear.md §9.2).
+Benchmark", arXiv 2510.17896.
 
 ``contiguous``: rank r holds tokens ``[r*n, (r+1)*n)`` of ``N = P*n``. Under a causal mask rank r
 attends r+1 blocks, so the last rank does P times the work of rank 0.
@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import torch
 
+from attnkit._validate import int_arg
+
 LAYOUTS = ("contiguous", "zigzag")
 
 
 def _check(layout: str, world: int, rank: int | None = None) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not isinstance(world, int) or world < 1:
-        raise ValueError(f"world must be a positive int, got {world!r}")
+    int_arg("world", world, 1)
     if rank is not None and not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank!r}")
 

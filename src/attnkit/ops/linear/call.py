@@ -2,14 +2,14 @@
 
 Papers: "Transformers are RNNs" (arXiv 2006.16236), "Various Lengths, Constant Speed: Efficient
 Language Modeling with Lightning Attention" (arXiv 2405.17381), "Lightning Attention-2"
-(arXiv 2401.04658). Definition: DESIGN.md §3, papers/linear.md §0.3.
+(arXiv 2401.04658). Definition: ``docs/design.md`` §3.
 
 Backends (the algorithms, as in flash-linear-attention):
 
 * ``recurrent`` — one step per token (decoding; chosen automatically for causal N <= 16),
 * ``chunk`` — Lightning-style tiles: intra-chunk masked matmul with the decay matrix, inter-chunk
   through the carried state; hand-written backward, memory O(N D) (see ``linear_chunk``),
-* ``naive`` — the materialised O(N^2) oracle of ``reference/naive_linear.py`` (never automatic).
+* ``reference`` — the materialised O(N^2) oracle of ``reference/naive_linear.py`` (never automatic).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from attnkit._validate import check_qkv, resolve_scale
+from attnkit._validate import check_qkv, int_arg, resolve_scale
 from attnkit.kernels import native as _native
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.linear.chunk import chunk_linear_attention, native_reason
@@ -119,11 +119,9 @@ def make_call(q, k, v, *, causal=True, feature_map="identity", decay=None, norma
     name, phi = resolve_feature_map(feature_map)
     dec, kind = _check_decay(decay, B, N, H)
     if initial_state is not None:
+        # the built-in feature maps keep D; a callable's width is checked once phi has run (_prepare)
         _check_state(initial_state, normalize, B, H, D if isinstance(feature_map, str) else None, v.shape[-1])
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = DEFAULT_CHUNK if chunk_size is None else int_arg("chunk_size", chunk_size, 1)
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     return LinearCall(q, k, v, causal, name, phi, dec, kind, normalize, resolve_scale(scale, D),
@@ -144,8 +142,11 @@ def _prepare(call: LinearCall):
     g = None if call.decay is None else torch.log(call.decay.to(cdt))  # log-decay <= 0
     s0 = call.initial_state
     if s0 is not None:
-        B, H, Dp, Dv = call.q.shape[0], call.q.shape[2], pq.shape[-1], v.shape[-1]
-        _check_state(s0, call.normalize, B, H, Dp, Dv)
+        # make_call checked everything but a callable feature map's width Dphi
+        S0 = s0[0] if call.normalize else s0
+        if S0.shape[2] != pq.shape[-1]:
+            raise ValueError(f"initial_state S must have Dphi = {pq.shape[-1]} (the feature map's width), "
+                             f"got shape {tuple(S0.shape)}")
     if call.normalize:
         # the normaliser z_t is the state of a value column of ones: one recurrence serves both
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, M, Hkv, Dv + 1)
@@ -191,7 +192,7 @@ def _run_recurrent(call: LinearCall):
     return _finish(call, o, S)
 
 
-def _run_naive(call: LinearCall):
+def _run_reference(call: LinearCall):
     dt = torch.promote_types(call.q.dtype, torch.float32)
     st = call.initial_state
     if st is not None:
@@ -205,8 +206,47 @@ def _run_naive(call: LinearCall):
     return res.to(call.q.dtype)
 
 
+def _cpu_only(call: LinearCall) -> tuple[bool, str]:
+    # the causal kernels allocate their states and work buffers on the CPU
+    if call.q.device.type != "cpu":
+        return False, f"needs CPU tensors, got {call.q.device.type}"
+    return True, ""
+
+
 def _recurrent_supports(call: LinearCall) -> tuple[bool, str]:
-    return (True, "") if call.causal else (False, "non-causal attention has no recurrence (use chunk)")
+    if not call.causal:
+        return False, "non-causal attention has no recurrence (use chunk)"
+    return _cpu_only(call)
+
+
+def _chunk_supports(call: LinearCall) -> tuple[bool, str]:
+    return _cpu_only(call) if call.causal else (True, "")  # non-causal: two einsums, any device
+
+
+def _needs_grad(call: LinearCall) -> bool:
+    tensors = [call.q, call.k, call.v, call.decay]
+    st = call.initial_state
+    tensors += list(st) if isinstance(st, (tuple, list)) else [st]
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _recurrent_detail(call: LinearCall) -> str:
+    if _needs_grad(call):
+        return "autograd through the token loop (one state saved per step): an input needs a gradient"
+    return "token loop, nothing saved: no input needs a gradient"
+
+
+def _chunk_detail(call: LinearCall) -> str:
+    if not call.causal:
+        return "phi(K)^T V once, then phi(Q) S; autograd backward"
+    if _needs_grad(call):
+        return "forward + hand-written chunked backward (segment states saved): an input needs a gradient"
+    return "forward only: no input needs a gradient"
+
+
+def _reference_detail(call: LinearCall) -> str:
+    work = "float64" if call.q.dtype == torch.float64 else "float32"
+    return f"materialised O(N^2) scores in {work}, autograd backward"
 
 
 def _recurrent_suits(call: LinearCall) -> tuple[bool, str]:
@@ -227,10 +267,11 @@ def _chunk_suits(call: LinearCall) -> tuple[bool, str]:
 
 
 DISPATCHER = Dispatcher("linear_attention", [
-    Backend("recurrent", _run_recurrent, _recurrent_supports, _recurrent_suits,
+    Backend("recurrent", _run_recurrent, _recurrent_supports, _recurrent_suits, detail=_recurrent_detail,
             note="token-by-token state update (decoding)"),
-    Backend("chunk", _run_chunk, suits=_chunk_suits, note="Lightning-style chunks, hand-written backward"),
-    Backend("naive", _run_naive, auto=False, note="materialised O(N^2) oracle"),
+    Backend("chunk", _run_chunk, _chunk_supports, _chunk_suits, detail=_chunk_detail,
+            note="Lightning-style chunks, hand-written backward"),
+    Backend("reference", _run_reference, auto=False, detail=_reference_detail, note="materialised O(N^2) oracle"),
 ])
 
 register_op("linear_attention", make_call, DISPATCHER)
@@ -238,7 +279,9 @@ register_op("linear_attention", make_call, DISPATCHER)
 
 def linear_attention(q, k, v, *, causal=True, feature_map="identity", decay=None, normalize=False, scale=None,
                      initial_state=None, return_state=False, backend=None, chunk_size=None, eps=1e-6):
-    """Linear attention ``o_t = scale phi(q_t) S_t``, ``S_t = decay_t S_{t-1} + phi(k_t)^T v_t`` (DESIGN §3).
+    """Linear attention ``o_t = scale phi(q_t) S_t``, ``S_t = decay_t S_{t-1} + phi(k_t)^T v_t``.
+
+    The contract is ``docs/design.md`` §3.
 
     Args:
         q: ``(B, N, H, D)``.
@@ -254,7 +297,7 @@ def linear_attention(q, k, v, *, causal=True, feature_map="identity", decay=None
         scale: multiplies ``phi(q)``; default ``D ** -0.5`` (cancels under ``normalize`` up to eps).
         initial_state: ``S_0 (B, H, Dphi, Dv)``; with ``normalize`` the pair ``(S_0, z_0 (B, H, Dphi))``.
         return_state: also return the final state (same form as ``initial_state``; float32, or float64).
-        backend: ``"chunk"``, ``"recurrent"``, ``"naive"`` or None (recurrent for causal N <= 16, else chunk).
+        backend: ``"chunk"``, ``"recurrent"``, ``"reference"`` or None (recurrent for causal N <= 16, else chunk).
         chunk_size: chunk length of the chunk algorithm (default 64).
         eps: added to the normaliser.
 

@@ -2,7 +2,8 @@
 
 "Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large Language
 Models", arXiv 2401.04658; "Various Lengths, Constant Speed: Efficient Language Modeling with
-Lightning Attention", arXiv 2405.17381. Math: papers/linear.md §0.4, §3.2, §3.3.
+Lightning Attention", arXiv 2405.17381. Math: the forward and backward passes of arXiv 2401.04658
+(Algorithms 1 and 2), written with a cumulative log-decay inside each chunk.
 
 Chunk c holds C positions with cumulative in-chunk log-decay ``b_i`` (restarted every chunk,
 so there is no cumsum over N and every exponent is <= 0):

@@ -1,7 +1,7 @@
 """Recurrent (token-by-token) causal linear attention: the decoding algorithm.
 
 "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention", arXiv 2006.16236;
-decay as in "Lightning Attention-2", arXiv 2401.04658 (papers/linear.md §0.3):
+decay as in "Lightning Attention-2", arXiv 2401.04658 (the contract of ``docs/design.md`` §3):
 
     S_t = exp(g_t) S_{t-1} + k_t v_t^T        o_t = scale * q_t S_t
 
