@@ -11,14 +11,15 @@ sequence) are timed in the P=1 worker with both cores, alternating with the P=1 
 
 Timing is measured inside the workers: barrier, then the call; after warm-up the implementations
 alternate and each rank keeps its median; the table shows the slowest rank's median (the step time).
-Bytes are COUNTED: the workers wrap ``dist.all_gather`` / ``reduce_scatter`` / ``all_reduce`` and add
-up what this rank receives (``(P-1)/P`` of the gathered buffer), forward and backward separately,
-next to the §8.6 formula (the shape check, a few int64s, is counted apart as "meta").
+Bytes are COUNTED (``attnkit.bench.ranks.CommCounter``): ``dist.all_gather`` / ``reduce_scatter`` /
+``all_reduce``, what this rank receives (``(P-1)/P`` of the gathered buffer), forward and backward
+separately, next to the formula of ``lasp2_comm_elements`` / ``lasp2h_comm_elements`` (the shape
+check, a few int64s, is counted apart as "meta").
 
 Measured (quiet machine, full run): LASP-2 fwd / fwd+bwd ms: single 124.5 / 496.0, P=2 147.5 / 529.7,
-P=4 151.1 / 526.1, 131 KB (P=2) / 393 KB (P=4) received per rank each way, = §8.6. LASP-2H: single 161 /
-588, P=2 412 / 1273, P=4 314 / 1043 (contiguous causal pieces: the last rank has 3/4 (P=2) of all
-pairs on one thread), 8.4 MB / 12.6 MB per rank each way, = §8.6.
+P=4 151.1 / 526.1, 131 KB (P=2) / 393 KB (P=4) received per rank each way, = the formula. LASP-2H:
+single 161 / 588, P=2 412 / 1273, P=4 314 / 1043 (contiguous causal pieces: the last rank has 3/4
+(P=2) of all pairs on one thread), 8.4 MB / 12.6 MB per rank each way, = the formula.
 
 HONEST CAVEAT: this machine has 2 cores. P=1 uses 2 threads, P=2 one thread per rank, and P=4 runs
 4 single-thread processes on 2 cores (oversubscribed). gloo moves the bytes through local TCP. So
@@ -30,62 +31,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 import attnkit as ak
-from attnkit.distributed import zigzag
-from attnkit.distributed.lasp2 import lasp2_comm_elements, lasp2_linear_attention
-from attnkit.distributed.lasp2h import lasp2h_attention, lasp2h_comm_elements
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _distributed_common import CORES, fwd_bwd, run_worlds, slowest, timed
+from attnkit.bench.machine import default_threads
+from attnkit.bench.ranks import CommCounter, fwd_bwd, run_worlds, slowest, timed
+from attnkit.distributed import (
+    lasp2_comm_elements,
+    lasp2_linear_attention,
+    lasp2h_attention,
+    lasp2h_comm_elements,
+    zigzag,
+)
 
 B, H, D = 1, 8, 64
+CORES = default_threads()
 
 
 def _decay():
     return torch.exp(-torch.tensor([2.0 ** -(i + 1) for i in range(H)]) / 8)  # TNL-like slopes, (H,)
-
-
-class _Counter:
-    """Wrap the collectives this rank calls and add up the bytes it receives."""
-
-    def __init__(self, world):
-        self.world, self.bytes, self.meta, self.calls = world, 0, 0, 0
-        self._orig = {n: getattr(dist, n) for n in ("all_gather", "reduce_scatter", "all_reduce")}
-
-    def _add(self, nbytes, dtype):
-        self.calls += 1
-        if dtype == torch.int64:
-            self.meta += nbytes
-        else:
-            self.bytes += nbytes
-
-    def __enter__(self):
-        P = self.world
-
-        def all_gather(out, x, *a, **k):
-            self._add((P - 1) * x.numel() * x.element_size(), x.dtype)
-            return self._orig["all_gather"](out, x, *a, **k)
-
-        def reduce_scatter(out, xs, *a, **k):
-            self._add((P - 1) * out.numel() * out.element_size(), out.dtype)
-            return self._orig["reduce_scatter"](out, xs, *a, **k)
-
-        def all_reduce(x, *a, **k):  # ring all-reduce: 2 (P-1)/P of the buffer
-            self._add(2 * (P - 1) * x.numel() * x.element_size() // P, x.dtype)
-            return self._orig["all_reduce"](x, *a, **k)
-
-        dist.all_gather, dist.reduce_scatter, dist.all_reduce = all_gather, reduce_scatter, all_reduce
-        return self
-
-    def __exit__(self, *exc):
-        for n, f in self._orig.items():
-            setattr(dist, n, f)
 
 
 def worker(rank: int, world: int, cfg: dict) -> dict:
@@ -103,10 +69,10 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
         one = lambda: ak.linear_attention(fq, fk, fv, decay=dec)  # noqa: E731
         fns.update({"single fwd": lambda: one(), "single fwd+bwd": fwd_bwd(one, (fq, fk, fv))})
     res.update(timed(fns, cfg["warmup"], cfg["reps"]))
-    with _Counter(world) as c:
+    with CommCounter(world) as c:
         o = lasp()
     res["lasp2 bytes fwd"], res["lasp2 meta"] = c.bytes, c.meta
-    with _Counter(world) as c:
+    with CommCounter(world) as c:
         o.sum().backward()
     res["lasp2 bytes bwd"] = c.bytes
     res["lasp2 formula"] = 4 * lasp2_comm_elements(B, H, H, D, D, world, decay=True)
@@ -125,10 +91,10 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
         sm = lambda: ak.attention(fq, fk, fv, ak.masks.causal())  # noqa: E731
         fns.update({"single-h fwd": lambda: sm(), "single-h fwd+bwd": fwd_bwd(sm, (fq, fk, fv))})
     res.update(timed(fns, cfg["warmup"], cfg["reps"]))
-    with _Counter(world) as c:
+    with CommCounter(world) as c:
         o = soft()
     res["lasp2h bytes fwd"] = c.bytes
-    with _Counter(world) as c:
+    with CommCounter(world) as c:
         o.sum().backward()
     res["lasp2h bytes bwd"] = c.bytes
     res["lasp2h formula"] = 4 * lasp2h_comm_elements(B, n, H, D, D, world)
@@ -143,7 +109,7 @@ def main(argv=None) -> dict:
     cfg = ({"N": 8192, "Nh": 2048, "warmup": 1, "reps": 3} if a.quick
            else {"N": 32768, "Nh": 4096, "warmup": 2, "reps": 7})
     out = {"config": {**cfg, "B": B, "H": H, "D": D, "dtype": "float32", "cores": CORES}, "worlds": {}}
-    for P, ranks in run_worlds(worker, cfg).items():
+    for P, ranks in run_worlds(worker, cfg, cores=CORES).items():
         out["worlds"][P] = slowest(ranks)
     w = out["worlds"]
     print(f"LASP-2 causal, per-head decay, N={cfg['N']} B={B} H={H} D={D} fp32 (slowest rank's median, ms)")
@@ -152,14 +118,14 @@ def main(argv=None) -> dict:
     for P, r in w.items():
         print(f"  P={P} (threads/rank {max(1, CORES // P)}): fwd {1e3 * r['lasp2 fwd']:.1f}  "
               f"fwd+bwd {1e3 * r['lasp2 fwd+bwd']:.1f}  bytes/rank fwd {r['lasp2 bytes fwd']} "
-              f"bwd {r['lasp2 bytes bwd']} (§8.6 formula {r['lasp2 formula']}; shape check {r['lasp2 meta']} B)")
+              f"bwd {r['lasp2 bytes bwd']} (formula {r['lasp2 formula']}; shape check {r['lasp2 meta']} B)")
     print(f"LASP-2H causal softmax, N={cfg['Nh']} (slowest rank's median, ms)")
     print(f"  single ak.attention (2 threads): fwd {1e3 * w[1]['single-h fwd']:.1f}  "
           f"fwd+bwd {1e3 * w[1]['single-h fwd+bwd']:.1f}")
     for P, r in w.items():
         print(f"  P={P}: fwd {1e3 * r['lasp2h fwd']:.1f}  fwd+bwd {1e3 * r['lasp2h fwd+bwd']:.1f}  "
               f"bytes/rank fwd {r['lasp2h bytes fwd']} bwd {r['lasp2h bytes bwd']} "
-              f"(§8.6 formula {r['lasp2h formula']})")
+              f"(formula {r['lasp2h formula']})")
         if "lasp2h zigzag fwd" in r:
             print(f"  P={P} zigzag: fwd {1e3 * r['lasp2h zigzag fwd']:.1f}  "
                   f"fwd+bwd {1e3 * r['lasp2h zigzag fwd+bwd']:.1f}")

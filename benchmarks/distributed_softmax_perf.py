@@ -13,14 +13,14 @@ the P=1 calls.
 
 Timing is measured inside the workers: barrier, then the call; after warm-up the methods alternate
 and each rank keeps its median; the table shows the slowest rank's median (the step time).
-Bytes are COUNTED: the workers wrap ``dist.batch_isend_irecv`` (ring P2P: bytes received),
-``dist.all_to_all`` (bytes received from other ranks) and ``dist.all_gather`` (the shard-shape
-check, a few int64s, shown apart as "meta"), forward and backward separately, next to the §9
-formulas: ring fwd ``(P-1)*n*Hkv*(D+Dv)*4`` bytes, bwd ``(P-1)*n*Hkv*(D+Dv)*4`` (K, V again) plus
-``P*n*Hkv*(D+Dv)*4`` (dK, dV accumulators travel home); Ulysses fwd ``(P-1)/P*n*(2H*D+2Hkv*Dv)*4``
-((P-1)/P of the local q, k, v and out), bwd the same for dout, dq, dk, dv (n = N/P); USP the
-all-to-all terms over P_u plus the ring terms over P_r (the ring block then has P_u*n tokens of
-H/P_u heads, so the same bytes per rank as a ring of n tokens and H heads).
+Bytes are COUNTED (``attnkit.bench.ranks.CommCounter``): ``dist.batch_isend_irecv`` (ring P2P:
+bytes received), ``dist.all_to_all`` (bytes received from other ranks) and ``dist.all_gather`` (the
+shard-shape check, a few int64s, shown apart as "meta"), forward and backward separately, next to
+the communication volumes of the papers' schemes: ring fwd ``(P-1)*n*Hkv*(D+Dv)*4`` bytes, bwd
+``(P-1)*n*Hkv*(D+Dv)*4`` (K, V again) plus ``P*n*Hkv*(D+Dv)*4`` (dK, dV accumulators travel home);
+Ulysses fwd ``(P-1)/P*n*(2H*D+2Hkv*Dv)*4`` ((P-1)/P of the local q, k, v and out), bwd the same for
+dout, dq, dk, dv (n = N/P); USP the all-to-all terms over P_u plus the ring terms over P_r (the ring
+block then has P_u*n tokens of H/P_u heads, so the same bytes per rank as a ring of n tokens and H heads).
 The causal work per rank (allowed pairs) is printed for the two ring layouts: contiguous gives
 rank P-1 about 2P-1 times rank 0's work, zigzag gives every rank the same; next to it each rank's
 CPU time (``time.process_time``: busy time, which contention on the cores does not inflate) shows
@@ -45,58 +45,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 import attnkit as ak
-from attnkit.distributed import zigzag
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _distributed_common import CORES, fwd_bwd, run_worlds, slowest, timed
-
-from attnkit.distributed.ring import ring_attention
-from attnkit.distributed.ulysses import ulysses_attention
-from attnkit.distributed.usp import make_usp_groups, usp_attention, usp_shard
+from attnkit.bench.machine import default_threads
+from attnkit.bench.ranks import CommCounter, fwd_bwd, run_worlds, slowest, timed
+from attnkit.distributed import make_usp_groups, ring_attention, ulysses_attention, usp_attention, usp_shard, zigzag
 
 B, H, D = 1, 8, 64
-
-
-class _Counter:
-    """Wrap the collectives this rank calls and add up the bytes it receives."""
-
-    NAMES = ("batch_isend_irecv", "all_to_all", "all_gather")
-
-    def __init__(self):
-        self.bytes, self.meta = 0, 0
-        self._orig = {n: getattr(dist, n) for n in self.NAMES}
-
-    def __enter__(self):
-        def batch_isend_irecv(ops):
-            self.bytes += sum(o.tensor.numel() * o.tensor.element_size() for o in ops if o.op is dist.irecv)
-            return self._orig["batch_isend_irecv"](ops)
-
-        def all_to_all(recv, send, group=None, *a, **k):
-            me = dist.get_rank(group)
-            self.bytes += sum(r.numel() * r.element_size() for i, r in enumerate(recv) if i != me)
-            return self._orig["all_to_all"](recv, send, group, *a, **k)
-
-        def all_gather(out, x, group=None, *a, **k):
-            self.meta += (len(out) - 1) * x.numel() * x.element_size()
-            return self._orig["all_gather"](out, x, group, *a, **k)
-
-        dist.batch_isend_irecv, dist.all_to_all, dist.all_gather = batch_isend_irecv, all_to_all, all_gather
-        return self
-
-    def __exit__(self, *exc):
-        for n, f in self._orig.items():
-            setattr(dist, n, f)
+CORES = default_threads()
 
 
 def formulas(N: int, P: int, pu: int = 1) -> dict:
-    """§9 bytes per rank per call (fp32), forward and backward, for ring / Ulysses / USP(pu, P/pu)."""
+    """Bytes per rank per call (fp32), forward and backward, for ring / Ulysses / USP(pu, P/pu)."""
     n, e, pr = N // P, 4, P // pu
     kv = n * H * 2 * D * e                   # this rank's K and V shard (Hkv = H, Dv = D)
     a2a = lambda p: (p - 1) / p * n * H * 4 * D * e  # noqa: E731  q, k, v, out (or their grads)
@@ -136,10 +99,10 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
     for name, (f, _) in ops.items():
         if name.startswith("single"):
             continue
-        with _Counter() as c:
+        with CommCounter(world) as c:
             o = f()
         res[f"{name} bytes fwd"], res[f"{name} meta"] = c.bytes, c.meta
-        with _Counter() as c:
+        with CommCounter(world) as c:
             o.sum().backward()
         res[f"{name} bytes bwd"] = c.bytes
     return res
@@ -152,7 +115,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     cfg = {"N": 4096, "warmup": 1, "reps": 3} if a.quick else {"N": 8192, "warmup": 1, "reps": 3}
     out = {"config": {**cfg, "B": B, "H": H, "D": D, "dtype": "float32", "cores": CORES}, "worlds": {}}
-    for P, ranks in run_worlds(worker, cfg).items():
+    for P, ranks in run_worlds(worker, cfg, cores=CORES).items():
         out["worlds"][P] = slowest(ranks)
         out["worlds"][P]["cpu per rank"] = {kk: [r[kk] for r in ranks] for kk in ranks[0] if kk.endswith("cpu")}
     N, w = cfg["N"], out["worlds"]

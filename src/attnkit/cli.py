@@ -7,6 +7,9 @@
     attnkit bench [--suite S] [--out DIR] [--only GLOB] [--backend B] [--dtype T] [--pass P]
                   [--case-timeout S] [--repeat N]          run a benchmark suite, write reports
     attnkit bench list-suites | list | report DIR | compare OLD NEW
+
+Suites: quick, default, masks, scaling, full, and one per op family (foundation, neighborhood,
+linear, sparse) holding the comparisons that family's performance claims rest on.
 """
 
 from __future__ import annotations
@@ -150,7 +153,8 @@ def masks_show(name: str,
 @bench_app.callback(invoke_without_command=True)
 def bench(
     ctx: typer.Context,
-    suite: Annotated[str, typer.Option(help="quick | default | masks | scaling | full")] = "default",
+    suite: Annotated[str, typer.Option(help="a suite of `attnkit bench list-suites` (quick, default, full, "
+                                            "foundation, neighborhood, linear, sparse, ...)")] = "default",
     out: Annotated[Path, typer.Option(help="results.jsonl, report.md/.html and PNGs go here")] = DEFAULT_OUT,
     only: Annotated[list[str] | None, typer.Option(help="glob on case id, op or group (repeatable)")] = None,
     backend: Annotated[list[str] | None, typer.Option(help="glob on the implementation (repeatable)")] = None,

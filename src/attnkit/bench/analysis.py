@@ -124,3 +124,60 @@ def summary_rows(records: list[Record]) -> list[Record]:
             row["runner_up"] = ok[1] if len(ok) > 1 else None
         rows.append(row)
     return rows
+
+
+# implementations that compute every (query, key) pair whatever the mask: the ideal speedup over
+# them is ``1 / density``
+DENSE_WORK = ("sdpa", "sdpa_dense_mask")
+
+
+def peer_rows(records: list[Record]) -> list[Record]:
+    """Every ok case of a comparison (group, pass) with at least two ok implementations, with
+    how many times faster it is than each peer and, where its params give a ``density``, the
+    fraction of the ideal speedup ``1 / density`` it reaches over each dense-work peer
+    (:data:`DENSE_WORK`; the group's dense baseline counts too when it was measured elsewhere).
+
+    Returns:
+        dicts ``{"rec", "faster_than": [(impl, ratio)], "of_ideal": [(impl, fraction)]}``, in the
+        records' order.
+    """
+    recs = with_speedups(records)
+    by: dict[tuple[str, str, str], list[Record]] = {}
+    for r in recs:
+        if r.get("status") == "ok" and r.get("median_s"):
+            by.setdefault((r["op"], r["group"], r["pass"]), []).append(r)
+    base_ids = {r["id"]: r for r in recs if r.get("baseline")}
+    rows = []
+    for rs in by.values():
+        if len(rs) < 2:
+            continue
+        for r in rs:
+            peers = [p for p in rs if p is not r]
+            row: Record = {"rec": r, "faster_than": [(p["impl"], p["median_s"] / r["median_s"]) for p in peers],
+                           "of_ideal": []}
+            density = r.get("params", {}).get("density")
+            if density:
+                dense = [(p["impl"], p["median_s"] / r["median_s"]) for p in peers if p["impl"] in DENSE_WORK]
+                b = base_ids.get(r.get("baseline_id", ""))
+                if b is not None and b not in rs and r.get("speedup_vs_baseline"):
+                    dense.append((f"{b['impl']} ({b['group']})", r["speedup_vs_baseline"]))
+                row["of_ideal"] = [(name, s * density) for name, s in dense]
+            rows.append(row)
+    return rows
+
+
+def scaling_rows(records: list[Record]) -> list[Record]:
+    """Per series over N (same op, group without N, impl and pass) with at least two ok lengths:
+    the time ratio between each two consecutive measured lengths, beside the length ratio.
+
+    Returns:
+        dicts ``{"panel", "label", "steps": [(n0, n1, time ratio)]}``.
+    """
+    out = []
+    for panel, by_label in series(records).items():
+        for label, rs in by_label.items():
+            steps = [(a["params"]["N"], b["params"]["N"], b["median_s"] / a["median_s"])
+                     for a, b in itertools.pairwise(rs) if a.get("median_s") and b.get("median_s")]
+            if steps:
+                out.append({"panel": panel, "label": label, "steps": steps})
+    return out

@@ -26,13 +26,20 @@ class Runner:
             the harness times it apart as ``compile_s`` and excludes it from the median.
         check: optional ``check() -> (max_abs, rel_rmse)`` of this implementation's output
             against the fp64/fp32 reference on a slice (called once, untimed).
+        check_vs: what ``check`` compares with, for the report (e.g. ``"registered reference, fp64"``).
         oneoff: one-off costs measured during setup, seconds by name (e.g. ``{"mask_build_s": 0.4}``).
+        flops: the forward's useful FLOPs when only the built inputs tell them (a data-dependent
+            selection, e.g. a routed op's chosen pairs); replaces :attr:`Case.flops` in the record.
+        params: parameters measured in setup (e.g. ``{"density": 0.21}``), merged into the record's.
     """
 
     run: Callable[[], Any]
     first_call_is_oneoff: bool = False
     check: Callable[[], tuple[float, float]] | None = None
+    check_vs: str | None = None
     oneoff: dict[str, float] = field(default_factory=dict)
+    flops: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -46,10 +53,11 @@ class Case:
         group: cases that do the same work and are compared with each other (interleaved timing);
             e.g. ``"sliding_window_512/N=16384"``.
         pass_: ``"fwd"`` or ``"fwd+bwd"``.
-        suites: which suites include it: subset of {"quick", "default", "masks", "scaling", "full"}.
+        suites: which suites include it (names of :data:`attnkit.bench.suites.SUITES`).
         params: readable parameters for tables and plots (``N``, ``B``, ``H``, ``D``, ``dtype``, ``mask``, ...).
         flops: useful FLOPs of the *forward* pass (4 * area * H * D for softmax attention);
-            the harness counts fwd+bwd as 3.5x (LongCA-bench: backward = 2.5x forward).
+            the harness counts fwd+bwd as 3.5x (LongCA-bench: backward = 2.5x forward). A case whose
+            work depends on the data sets an estimate here and the exact figure in ``Runner.flops``.
         setup: builds the inputs and returns a :class:`Runner`; timed as ``setup_s``.
         baseline: this case is its group's reference point for speedups (e.g. dense SDPA).
         requires: optional import name of a peer (``"natten"``, ``"fla"``); missing -> "not installed".

@@ -12,7 +12,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from attnkit.bench.analysis import Record, crossovers, summary_rows, with_speedups
+from attnkit.bench.analysis import Record, crossovers, peer_rows, scaling_rows, summary_rows, with_speedups
 from attnkit.bench.plots import make_plots
 from attnkit.bench.results import latest_cases, load, runs
 
@@ -79,6 +79,38 @@ def summary_cells(row: Record) -> list[str]:
 
 
 CROSS_COLUMNS = ("panel", "series", "time crossover N", "memory crossover N")
+
+PEER_COLUMNS = ("comparison", "pass", "impl", "median ms", "× faster than (peer time / this time)",
+                "fraction of ideal 1/density (vs dense-work peer)")
+
+
+def peer_table(cases: list[Record]) -> list[list[str]]:
+    """Rows of the peer-ratio table: each implementation against the others of its comparison."""
+    rows = []
+    for row in peer_rows(cases):
+        r = row["rec"]
+        d = r.get("params", {}).get("density")
+        ideal = ", ".join(f"{100 * f:.0f}% vs {name}" for name, f in row["of_ideal"])
+        rows.append([f"{r['op']}/{r['group']}", r["pass"], r["impl"], ms(r),
+                     ", ".join(f"{name} {x:.2f}" for name, x in row["faster_than"]),
+                     f"{ideal} (ideal {1 / d:.2f}×)" if ideal and d else ""])
+    return rows
+
+
+SCALING_COLUMNS = ("panel", "series", "time ratio between consecutive N (length ratio)")
+
+
+def scaling_table(cases: list[Record]) -> list[list[str]]:
+    """Rows of the scaling table: how each series' time grows from one measured N to the next."""
+    return [[row["panel"], row["label"], ", ".join(f"{n0}→{n1}: ×{t:.2f} (N ×{n1 / n0:g})"
+                                                   for n0, n1, t in row["steps"])]
+            for row in scaling_rows(cases)]
+
+
+def error_note(rs: list[Record]) -> str:
+    """What the error columns of a section compare with (the cases' ``error_vs``), if recorded."""
+    kinds = list(dict.fromkeys(r["error_vs"] for r in rs if r.get("error_vs")))
+    return f"max abs err / rel err vs: {'; '.join(kinds)}" if kinds else ""
 
 
 def efficiency_lengths(cases: list[Record]) -> list[list[str]]:
@@ -158,7 +190,10 @@ def _header_lines(ctx: dict[str, Any]) -> list[str]:
         "× dense SDPA: time of SDPA without a mask at the same N, H, D, dtype and pass (the `full/N=…` "
         "comparison) over this case's time; > 1 means faster than simply ignoring the mask's sparsity",
         MEMORY_NOTE,
-        "error: vs an fp64 reference on a slice (64 query rows, all heads) or the same module in fp64",
+        "error: vs an fp64 reference on a slice (64 query rows, all heads) unless a section says otherwise; "
+        "mechanisms: vs their registered reference (spec.reference) in fp64",
+        "peer ratios: within one comparison, each implementation's speedup over each other one; fraction "
+        "of ideal = speedup over an implementation that computes every pair (sdpa, sdpa_dense_mask) × density",
     ]
     if ctx["not_installed"]:
         lines.append("not installed: " + ", ".join(f"{k} ({v} cases skipped)" for k, v in ctx["not_installed"].items()))
@@ -176,10 +211,19 @@ def write_markdown(ctx: dict[str, Any], path: Path, figures: list[tuple[str, str
     if cross:
         parts += ["## Efficiency length (N from which an implementation beats dense SDPA)", "",
                   _md_table(CROSS_COLUMNS, cross), ""]
+    peers = peer_table(cases)
+    if peers:
+        parts += ["## Peer ratios (each implementation vs the others in its comparison)", "",
+                  _md_table(PEER_COLUMNS, peers), ""]
+    scaling = scaling_table(cases)
+    if scaling:
+        parts += ["## Scaling over N (time ratio between consecutive measured lengths)", "",
+                  _md_table(SCALING_COLUMNS, scaling), ""]
     parts += ["## Where the time went (wall time per op, setup and memory runs included)", "",
               _md_table(("op", "cases", "wall s"), time_by_op(cases)), ""]
     for suite, op, rs in sections(ctx):
-        parts += [f"## {op} — suite `{suite}`", "",
+        note = error_note(rs)
+        parts += [f"## {op} — suite `{suite}`", "", *([note, ""] if note else []),
                   _md_table([c for c, _ in CASE_COLUMNS], [[f(r) for _, f in CASE_COLUMNS] for r in rs]), ""]
     if figures:
         parts += ["## Figures", ""] + [f"![{t}]({f})" for t, f in figures] + [""]
@@ -217,8 +261,19 @@ def write_html(ctx: dict[str, Any], path: Path, figures: list[tuple[str, str]]) 
     if cross:
         out.append("<h2>Efficiency length (N from which an implementation beats dense SDPA)</h2>")
         out.append(_html_table(CROSS_COLUMNS, [(row, "") for row in cross]))
+    peers = peer_table(cases)
+    if peers:
+        out.append("<h2>Peer ratios (each implementation vs the others in its comparison)</h2>")
+        out.append(_html_table(PEER_COLUMNS, [(row, "") for row in peers]))
+    scaling = scaling_table(cases)
+    if scaling:
+        out.append("<h2>Scaling over N (time ratio between consecutive measured lengths)</h2>")
+        out.append(_html_table(SCALING_COLUMNS, [(row, "") for row in scaling]))
     for suite, op, rs in sections(ctx):
         out.append(f"<h2>{html.escape(op)} — suite {html.escape(suite)}</h2>")
+        note = error_note(rs)
+        if note:
+            out.append(f"<p>{html.escape(note)}</p>")
         out.append(_html_table([c for c, _ in CASE_COLUMNS], [
             ([f(r) for _, f in CASE_COLUMNS], "bad" if r["status"] != "ok" else "base" if r.get("baseline") else "")
             for r in rs]))

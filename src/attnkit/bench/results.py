@@ -39,7 +39,10 @@ def case_record(case: Case, measured: dict[str, Any], roof: float | None, run_id
         "params": _plain(case.param), "flops_fwd": float(case.flops),
         "flops": pass_flops(case.flops, case.pass_), "run_id": run_id, "time": time.time(),
     }
-    rec.update({k: _plain(v) for k, v in measured.items() if k not in ("event", "id")})
+    rec.update({k: _plain(v) for k, v in measured.items() if k not in ("event", "id", "measured_params")})
+    if measured.get("measured_params"):  # measured in setup (a data-dependent density, ...)
+        rec["params"] = {**rec["params"], **_plain(measured["measured_params"])}
+    rec["flops"] = pass_flops(rec["flops_fwd"], case.pass_)  # the runner's exact figure when it gave one
     med = rec.get("median_s")
     if rec.get("status") == "ok" and med:
         rec["gflops"] = rec["flops"] / med / 1e9 if rec["flops"] else None

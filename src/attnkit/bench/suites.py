@@ -1,7 +1,9 @@
 """Benchmark suites as data: which cases run, and how hard each is measured.
 
 A case names the suites it belongs to (``Case.suites``); a :class:`Suite` says how
-to measure them: repeats, warm-up, the time budget of one comparison, whether a
+to measure them (``foundation``, ``neighborhood``, ``linear`` and ``sparse`` are the comparisons
+each op family's performance claims rest on; the report's peer-ratio and scaling tables give
+their ratios): repeats, warm-up, the time budget of one comparison, whether a
 fresh process measures peak memory, and (for ``scaling``) when a series of
 growing ``N`` stops.
 """
@@ -59,8 +61,24 @@ SUITES: dict[str, Suite] = {
               repeat=5, unit_budget_s=10.0, case_timeout_s=120.0),
         Suite("scaling", "N doubling per mechanism until a case takes > 2 s or fails (crossover lengths)",
               repeat=3, min_repeat=2, unit_budget_s=10.0, case_timeout_s=60.0, stop_series_over_s=2.0),
-        Suite("full", "everything, including the foundation's N=8192/16384/65536 checks and flex",
+        Suite("full", "everything, including the large masked-attention checks (N=8192/16384/65536) and flex",
               repeat=5, unit_budget_s=30.0, case_timeout_s=600.0),
+        # one suite per op family: the comparisons that family's performance claims rest on
+        Suite("foundation", "ak.attention: sliding_window(512) N=16384 blocked vs flex; four masks at N=8192 "
+                            "(auto, blocked vs SDPA with a dense mask / is_causal), fwd and fwd+bwd; peak memory "
+                            "of causal & sliding_window(512) at N=65536 fwd+bwd (~10 min on 2 cores)",
+              repeat=5, unit_budget_s=30.0, case_timeout_s=600.0),
+        Suite("neighborhood", "neighborhood attention: 64x64 k13 fwd vs flex and fwd+bwd vs SDPA with a dense "
+                              "mask; N=16384 k1025 fwd vs flex; 16x32x32 k7 fwd+bwd peak memory (~5 min)",
+              repeat=5, unit_budget_s=30.0, case_timeout_s=600.0),
+        Suite("linear", "linear attention: chunk fwd N=16384 and 65536 (scaling, % of roof), fwd+bwd and peak "
+                        "memory, compiled kernel vs torch ops, vs fla's naive chunk, crossover vs causal SDPA "
+                        "from N=64 (~5 min)",
+              repeat=7, unit_budget_s=30.0, case_timeout_s=600.0),
+        Suite("sparse", "routed / sparse mechanisms at N=16384 fwd (MoBA, BiFormer, S2, MoA, PSA, HyperAttention, "
+                        "VMoBA), each vs dense SDPA on the same q, k, v: speedup and fraction of 1/density "
+                        "(~10 min)",
+              repeat=4, min_repeat=2, unit_budget_s=60.0, case_timeout_s=600.0, memory=False),
     )
 }
 

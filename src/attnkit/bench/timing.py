@@ -33,24 +33,6 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def alternate(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
-              clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Seconds per call of each function, calling them in turn (a, b, c, a, b, c, ...) so that
-    machine drift hits all alike; ``warmup`` untimed rounds first. Used by ``benchmarks/*_perf.py``."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(rounds):
-        for n, f in fns.items():
-            sync()
-            t0 = clock()
-            f()
-            sync()
-            times[n].append(clock() - t0)
-    return times
-
-
 def _failure(case: Case, exc: BaseException, phase: str) -> dict[str, Any]:
     status = "oom" if is_oom(exc) else "error"
     tb = traceback.extract_tb(exc.__traceback__)
@@ -95,6 +77,12 @@ def measure_unit(cases: list[Case], opts: dict[str, Any], emit: Emit) -> None:
             continue
         live[c.id] = {"case": c, "runner": runner, "setup_s": time.perf_counter() - t0,
                       "oneoff": dict(runner.oneoff), "spent": time.perf_counter() - t0}
+        if runner.flops is not None:
+            live[c.id]["flops_fwd"] = float(runner.flops)
+        if runner.params:
+            live[c.id]["measured_params"] = dict(runner.params)
+        if runner.check_vs:
+            live[c.id]["error_vs"] = runner.check_vs
 
     for cid, st in list(live.items()):
         run = st["runner"].run
@@ -164,7 +152,8 @@ def measure_unit(cases: list[Case], opts: dict[str, Any], emit: Emit) -> None:
         rec = {"event": "result", "id": cid, "status": "ok", "median_s": statistics.median(xs),
                "p20_s": _quantile(xs, 0.2), "p80_s": _quantile(xs, 0.8), "min_s": min(xs),
                "samples": len(xs), "inner_loops": st["inner"], "setup_s": st["setup_s"]}
-        for key in ("compile_s", "first_call_s", "max_abs_err", "rel_rmse", "check_error"):
+        for key in ("compile_s", "first_call_s", "max_abs_err", "rel_rmse", "check_error", "error_vs", "flops_fwd",
+                    "measured_params"):
             if key in st:
                 rec[key] = st[key]
         if st["oneoff"]:

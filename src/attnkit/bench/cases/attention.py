@@ -9,11 +9,14 @@ Implementations compared (``Case.impl``):
   attnkit would write; building the mask is timed apart (``mask_build_s``);
 * ``blocked``: ``ak.attention(..., backend="blocked")``; its tile plan is built in setup and
   timed apart (``mask_build_s``);
+* ``auto``: ``ak.attention(...)`` with no ``backend=``: what the dispatcher chooses (its first call
+  carries the plan build);
 * ``flex``: ``ak.attention(..., backend="flex")`` = ``torch.compile(flex_attention)`` with a
   BlockMask; forward only on CPU; BlockMask build and compile timed apart.
 
-Shapes follow the foundation's performance checks: B=1, H=8, D=64, fp32, heads-last.
-Each case checks its output on 64 query rows (all heads) against an fp64 reference.
+Shapes: B=1, H=8, D=64, fp32, heads-last. Each case checks its output on 64 query rows (all heads)
+against an fp64 reference. :func:`foundation` is the ``foundation`` suite: the comparisons masked
+attention's performance claims rest on (block-sparse tiles vs flex and vs SDPA with a dense mask).
 """
 
 from __future__ import annotations
@@ -42,12 +45,7 @@ def _masks() -> Any:
 def named_mask(name: str, n: int) -> Any:
     """The mask called ``name`` for ``n`` tokens: ``sliding_window_512``, ``causal``, a zoo name, ..."""
     m = _masks()
-    fixed: dict[str, Callable[[], Any]] = {
-        "full": lambda: None,
-        "causal": m.causal,
-        "causal_document": lambda: m.causal() & m.document(m._doc_lengths(n)),
-        "full_document": lambda: m.document(m._doc_lengths(n)),
-    }
+    fixed: dict[str, Callable[[], Any]] = {"full": lambda: None, "causal": m.causal}
     if name in fixed:
         return fixed[name]()
     for prefix, make in (("sliding_window_causal_", lambda w: m.causal() & m.sliding_window(w)),
@@ -117,6 +115,9 @@ def _setup(impl: str, mask_name: str, n: int, h: int, dtype_name: str, pass_: st
 
             def fn() -> torch.Tensor:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        elif impl == "auto":
+            def fn() -> torch.Tensor:
+                return ak.attention(q, k, v, mask)
         elif impl == "blocked":
             from attnkit.ops.dense.blocked import plan_for
 
@@ -178,8 +179,6 @@ def grid(masks: list[str], ns: list[int], passes: tuple[str, ...], suites: set[s
     return out
 
 
-
-
 FWD, BOTH = ("fwd",), ("fwd", "fwd+bwd")
 DEFAULT_MASKS = ["full", "causal", "sliding_window_256", "causal_document", "block_causal_256", "global_sliding_window"]
 
@@ -201,10 +200,34 @@ def cases() -> list[Case]:
         grid(["full", "sliding_window_256"], [4096], FWD, {"default", "full"}),
         grid(zoo, [1024, 2048, 4096, 8192], BOTH, {"masks", "full"}),
         grid(["full", "causal", "sliding_window_256"], [512 * 2**i for i in range(8)], BOTH, {"scaling"}),
-        # the foundation's performance checks
+        # the large masked-attention checks (the foundation suite's, with dense SDPA beside them)
         grid(["full", "sliding_window_512"], [16384], FWD, {"full"}, impls=with_flex),
         grid(["full", "sliding_window_512", "causal", "causal_document"], [8192], BOTH, {"full"}),
         grid(["full", "causal", "sliding_window_256"], [4096], FWD, {"full"}, impls=with_flex),
         grid(["sliding_window_causal_512"], [65536], ("fwd+bwd",), {"full"}, h=4,
              impls=lambda name: ["blocked", "sdpa_dense_mask"]),
+        foundation(),
+    ])
+
+
+def foundation(n_flex: int = 16384, n_masks: int = 8192, n_memory: int = 65536, h_memory: int = 4,
+               suites: tuple[str, ...] = ("foundation",)) -> list[Case]:
+    """The ``foundation`` suite (sizes are arguments so a test can run it small).
+
+    * ``sliding_window_512`` at ``n_flex``, fwd: ``blocked`` vs ``flex`` (flex's BlockMask build and
+      compile are one-offs);
+    * ``sliding_window_512``, ``full_document``, ``causal_document`` and ``causal`` at ``n_masks``, fwd
+      and fwd+bwd: ``auto`` and ``blocked`` vs ``sdpa_dense_mask`` (and ``sdpa_causal`` for causal):
+      the report's peer ratios give each speedup and its fraction of the ideal ``1 / density``;
+    * ``causal & sliding_window(512)`` at ``n_memory`` with ``h_memory`` heads, fwd+bwd, ``auto``:
+      its peak memory (fresh process) and time.
+    """
+    s = set(suites)
+    dense_peers = ["auto", "blocked", "sdpa_dense_mask"]
+    return merge_cases([
+        grid(["sliding_window_512"], [n_flex], FWD, s, impls=lambda name: ["blocked", "flex"]),
+        grid(["sliding_window_512", "full_document", "causal_document"], [n_masks], BOTH, s,
+             impls=lambda name: dense_peers),
+        grid(["causal"], [n_masks], BOTH, s, impls=lambda name: [*dense_peers, "sdpa_causal"]),
+        grid(["sliding_window_causal_512"], [n_memory], ("fwd+bwd",), s, h=h_memory, impls=lambda name: ["auto"]),
     ])

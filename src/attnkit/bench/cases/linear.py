@@ -1,4 +1,4 @@
-"""Cases for ``ak.linear_attention`` (issue 4): chunked causal linear attention vs causal SDPA and fla.
+"""Cases for ``ak.linear_attention``: chunked causal linear attention vs causal SDPA and fla.
 
 Groups and implementations (``Case.impl``):
 
@@ -9,12 +9,16 @@ Groups and implementations (``Case.impl``):
   (``chunk_linear_attention(..., native=False)``), beside ``chunk``, which runs the compiled
   kernel where it is built: the kernel's gain, measured in the same run;
 * ``causal/N=...``: ``chunk`` without decay and ``fla_naive`` = fla's ``naive_chunk_linear_attn``
-  (same math; ``requires="fla"``, loaded by file path), the baseline of that group.
+  (same math; ``requires="fla"``, loaded by file path), the baseline of that group; in the
+  ``linear`` suite also ``chunk_decay`` (``chunk`` with the per-head decay) beside them.
 
 Shapes: B=1, H=8, D=Dv=64, fp32, heads-last. FLOPs (forward) of linear attention are the useful
 work of the chunk algorithm at C=64: ``H (N C (D + Dv) + 4 N D Dv)`` (causal half of each tile,
-state update and state read); SDPA counts ``4 * area * H * D`` over the causal area. Each case
-checks the first 256 output rows against the fp64 oracle (causality makes a prefix exact).
+state update and state read); SDPA counts ``4 * area * H * D`` over the causal area. The chunk
+algorithm as executed computes full C x C tiles: ``H (2 N C (D + Dv) + 4 N D Dv)``, recorded as the
+``executed_flops`` parameter (4/3 of the useful figure at C=64, D=64). Each case checks the first 256
+output rows against the fp64 oracle (causality makes a prefix exact). :func:`acceptance` is the
+``linear`` suite.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ CHECK_ROWS = 256
 def linear_flops(n: int, h: int = H, d: int = D, dv: int = D, chunk: int = CHUNK, batch: int = B) -> float:
     """Useful forward FLOPs of causal chunked linear attention (see module docstring)."""
     return float(batch * h * (n * min(chunk, n) * (d + dv) + 4 * n * d * dv))
+
+
+def executed_flops(n: int, h: int = H, d: int = D, dv: int = D, chunk: int = CHUNK, batch: int = B) -> float:
+    """Forward FLOPs of the chunk algorithm as executed (full C x C intra tiles)."""
+    return float(batch * h * (2 * n * min(chunk, n) * (d + dv) + 4 * n * d * dv))
 
 
 def _decay() -> torch.Tensor:
@@ -91,7 +100,7 @@ def _setup(impl: str, n: int, decay: bool, pass_: str) -> Callable[[], Runner]:
         for t in (q, k, v):
             t.requires_grad_(pass_ == "fwd+bwd")
         lam = _decay() if decay else None
-        if impl == "chunk":
+        if impl in ("chunk", "chunk_decay"):
             def fn() -> torch.Tensor:
                 return ak.linear_attention(q, k, v, decay=lam, backend="chunk")
         elif impl == "chunk_torchops":
@@ -127,12 +136,14 @@ def _setup(impl: str, n: int, decay: bool, pass_: str) -> Callable[[], Runner]:
 
 def _cases(group: str, impls: list[str], ns: list[int], passes: tuple[str, ...], suites: set[str]) -> list[Case]:
     out = []
-    decay = group == "causal_decay"
     for n in ns:
-        params = (("N", n), ("B", B), ("H", H), ("D", D), ("dtype", "float32"),
-                  ("decay", "per-head (TNL released, layer 0/24)" if decay else "none"), ("chunk", CHUNK))
         for pass_ in passes:
             for impl in impls:
+                decay = group == "causal_decay" or impl == "chunk_decay"
+                params = (("N", n), ("B", B), ("H", H), ("D", D), ("dtype", "float32"),
+                          ("decay", "per-head (TNL released, layer 0/24)" if decay else "none"), ("chunk", CHUNK))
+                if impl.startswith("chunk"):
+                    params += (("executed_flops", executed_flops(n)),)
                 fl = attention_flops(n * (n + 1) // 2, H, D, batch=B) if impl == "sdpa_causal" else linear_flops(n)
                 out.append(Case(op="linear_attention", impl=impl, group=f"{group}/N={n}", pass_=pass_,
                                 suites=frozenset(suites), params=params, flops=fl,
@@ -140,8 +151,6 @@ def _cases(group: str, impls: list[str], ns: list[int], passes: tuple[str, ...],
                                 baseline=impl in ("sdpa_causal", "fla_naive"),
                                 requires="fla" if impl == "fla_naive" else None))
     return out
-
-
 
 
 FWD, BOTH = ("fwd",), ("fwd", "fwd+bwd")
@@ -163,4 +172,26 @@ def cases() -> list[Case]:
         _cases("causal_decay", ["chunk"], pow2, ("fwd+bwd",), {"scaling", "full"}),
         _cases("causal", ["chunk", "fla_naive"], [1024, 4096, 16384, 65536], FWD, {"scaling", "full"}),
         _cases("causal_decay", ["sdpa_causal"], [8192, 16384], ("fwd+bwd",), {"full"}),
+        acceptance(),
+    ])
+
+
+def acceptance(n: int = 16384, n_long: int = 65536, n_cross: tuple[int, ...] = tuple(64 * 2**i for i in range(8)),
+               suites: tuple[str, ...] = ("linear",)) -> list[Case]:
+    """The ``linear`` suite (sizes are arguments so a test can run it small).
+
+    * ``chunk`` with decay, fwd at ``n`` and ``n_long``: the report's scaling table gives the time
+      ratio (linear: ``n_long / n``), the case table GFLOP/s and % of the matmul roof (useful FLOPs;
+      ``executed_flops`` in the params for the algorithm's figure); fwd+bwd at both (time, and
+      peak memory in a fresh process); ``chunk_torchops`` beside ``chunk`` at ``n``, fwd;
+    * ``causal/N=n``, fwd: ``chunk`` (no decay) and ``chunk_decay`` vs fla's ``fla_naive``;
+    * ``n_cross``: ``chunk`` vs ``sdpa_causal`` fwd, whose efficiency-length row is the crossover.
+    """
+    s = set(suites)
+    return merge_cases([
+        _cases("causal_decay", ["chunk", "chunk_torchops"], [n], FWD, s),
+        _cases("causal_decay", ["chunk"], [n_long], FWD, s),
+        _cases("causal_decay", ["chunk"], [n, n_long], ("fwd+bwd",), s),
+        _cases("causal", ["chunk", "chunk_decay", "fla_naive"], [n], FWD, s),
+        _cases("causal_decay", ["chunk", "sdpa_causal"], list(n_cross), FWD, s),
     ])

@@ -2,9 +2,12 @@
 
 The registry is data: a mechanism is benchmarked the moment it is registered. Each case
 runs ``module(*inputs)`` of the spec's small example in fp32 (forward; forward+backward
-through every parameter and float input in ``full``) and checks the fp32 output against
-the same module in fp64. ``default`` takes the forward of every mechanism (examples are
-small by contract); ``quick`` the first three.
+through every parameter and float input in ``full``) and checks the fp32 output against the
+mechanism's registered reference (``spec.reference(module, *inputs)``, a naive twin) computed
+in fp64 on an fp64 copy of the module and inputs; a spec without a reference is checked against
+the same module in fp64 (which measures rounding only, not correctness), and the report says
+which (``error_vs``). ``default`` takes the forward of every mechanism (examples are small by
+contract); ``quick`` the first three.
 """
 
 from __future__ import annotations
@@ -30,6 +33,35 @@ def _outputs(out: Any) -> list[torch.Tensor]:
 
 def _floating(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+REFERENCE_VS = "registered reference (spec.reference), fp64"
+SELF_VS = "same module in fp64 (no registered reference)"
+
+
+def _value(x: Any) -> str:
+    """An enum's value (``Family.DENSE`` -> ``"dense"``) or the string itself."""
+    return str(getattr(x, "value", x))
+
+
+def check_against_reference(spec: Any, module: torch.nn.Module, inputs: tuple) -> tuple[float, float, str]:
+    """``(max_abs, rel_rmse, what)``: ``module(*inputs)`` vs the spec's reference in fp64.
+
+    The reference runs on an fp64 deep copy of ``module`` and fp64 copies of the float inputs, so
+    it sees the same parameters; without ``spec.reference`` the fp64 copy itself is the reference.
+    """
+    ref_fn = getattr(spec, "reference", None)
+    ref_mod = copy.deepcopy(module).double()
+    ref_in = tuple(x.detach().double() if _floating(x) else x for x in inputs)
+    with torch.no_grad():
+        got = _outputs(module(*inputs))
+        ref = _outputs(ref_fn(ref_mod, *ref_in) if ref_fn is not None else ref_mod(*ref_in))
+    if len(got) != len(ref):
+        raise ValueError(f"{len(got)} outputs but the reference gave {len(ref)}")
+    err = max((a.double() - b).abs().max().item() for a, b in zip(got, ref))
+    num = sum((a.double() - b).pow(2).sum().item() for a, b in zip(got, ref))
+    den = sum(b.double().pow(2).sum().item() for b in ref)
+    return err, (num / max(den, 1e-300)) ** 0.5, REFERENCE_VS if ref_fn is not None else SELF_VS
 
 
 def _setup(name: str, pass_: str):
@@ -58,16 +90,10 @@ def _setup(name: str, pass_: str):
                 return torch.autograd.grad(o, wrt, grads, allow_unused=True)
 
         def check() -> tuple[float, float]:
-            ref_mod = copy.deepcopy(module).double()
-            with torch.no_grad():
-                got = _outputs(module(*inputs))
-                ref = _outputs(ref_mod(*(x.detach().double() if _floating(x) else x for x in inputs)))
-            err = max((a.double() - b).abs().max().item() for a, b in zip(got, ref))
-            num = sum((a.double() - b).pow(2).sum().item() for a, b in zip(got, ref))
-            den = sum(b.pow(2).sum().item() for b in ref)
-            return err, (num / max(den, 1e-300)) ** 0.5
+            return check_against_reference(spec, module, inputs)[:2]
 
-        return Runner(run=run, check=check)
+        vs = REFERENCE_VS if getattr(spec, "reference", None) is not None else SELF_VS
+        return Runner(run=run, check=check, check_vs=vs)
 
     return setup
 
@@ -83,10 +109,11 @@ def cases() -> list[Case]:
             flops = float(spec.flops(cfg))
         except Exception:
             flops = 0.0  # a flops() that fails is reported as "no FLOP figure", not a crash
-        params = (("family", spec.family), ("config", json.dumps(cfg, sort_keys=True, default=str)),
+        family = _value(spec.family)
+        params = (("family", family), ("config", json.dumps(cfg, sort_keys=True, default=str)),
                   ("dtype", "float32"), *((k, cfg[k]) for k in ("N", "B", "H", "D") if k in cfg))
         for pass_ in ("fwd", "fwd+bwd"):
             suites = {"full"} | ({"default"} | ({"quick"} if i < 3 else set()) if pass_ == "fwd" else set())
-            out.append(Case(op=spec.name, impl="module", group=f"{spec.family}/{spec.name}", pass_=pass_,
+            out.append(Case(op=spec.name, impl="module", group=f"{family}/{spec.name}", pass_=pass_,
                             suites=frozenset(suites), params=params, flops=flops, setup=_setup(spec.name, pass_)))
     return out

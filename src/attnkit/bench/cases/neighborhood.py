@@ -11,7 +11,8 @@ Implementations (``Case.impl``):
   build timed apart, compilation is the first call's one-off).
 
 Shapes: B=1, H=8, D=64, fp32, heads-last ``(B, *S, H, D)``. Each case checks 64 query rows
-against an fp64 reference built from the pattern's ``mask_mod``.
+against an fp64 reference built from the pattern's ``mask_mod``. :func:`acceptance` is the
+``neighborhood`` suite.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench.case import Case, Runner, pass_fn
+from attnkit.bench.case import Case, Runner, merge_cases, pass_fn
 from attnkit.bench.flops import attention_flops
 
 B, H, D = 1, 8, 64
@@ -132,14 +133,34 @@ FWD, BOTH = ("fwd",), ("fwd", "fwd+bwd")
 
 def cases() -> list[Case]:
     """Neighborhood cases: cheap ones in quick/default, the acceptance shapes (with flex) in full."""
-    return [
-        *_group((1024,), 65, FWD, ["tiled", "sdpa_dense_mask"], {"quick"}),
+    return merge_cases([
+        _group((1024,), 65, FWD, ["tiled", "sdpa_dense_mask"], {"quick"}),
         # default: one 2-D and one 1-D pattern, fwd and fwd+bwd, no compile
-        *_group((32, 32), 7, BOTH, ["tiled", "sdpa", "sdpa_dense_mask"], {"default", "full"}),
-        *_group((2048,), 129, FWD, ["tiled", "sdpa"], {"default", "full"}),
-        *_group((8, 16, 16), 5, FWD, ["tiled", "sdpa_dense_mask"], {"default", "full"}),
-        # the issue's acceptance shapes
-        *_group((64, 64), 13, BOTH, ["tiled", "sdpa", "sdpa_dense_mask", "flex"], {"full"}),
-        *_group((16384,), 1025, FWD, ["tiled", "sdpa", "flex"], {"full"}),
-        *_group((16, 32, 32), 7, ("fwd+bwd",), ["tiled"], {"full"}),
-    ]
+        _group((32, 32), 7, BOTH, ["tiled", "sdpa", "sdpa_dense_mask"], {"default", "full"}),
+        _group((2048,), 129, FWD, ["tiled", "sdpa"], {"default", "full"}),
+        _group((8, 16, 16), 5, FWD, ["tiled", "sdpa_dense_mask"], {"default", "full"}),
+        # the shapes of the neighborhood suite, with dense SDPA beside them
+        _group((64, 64), 13, BOTH, ["tiled", "sdpa", "sdpa_dense_mask", "flex"], {"full"}),
+        _group((16384,), 1025, FWD, ["tiled", "sdpa", "flex"], {"full"}),
+        _group((16, 32, 32), 7, ("fwd+bwd",), ["tiled"], {"full"}),
+        acceptance(),
+    ])
+
+
+def acceptance(shape_2d: tuple[int, ...] = (64, 64), kernel_2d: int = 13, shape_1d: tuple[int, ...] = (16384,),
+               kernel_1d: int = 1025, shape_3d: tuple[int, ...] = (16, 32, 32), kernel_3d: int = 7,
+               suites: tuple[str, ...] = ("neighborhood",)) -> list[Case]:
+    """The ``neighborhood`` suite (sizes are arguments so a test can run it small).
+
+    * 2-D, fwd: ``tiled`` vs ``flex`` (compile and BlockMask one-off); fwd+bwd: ``tiled`` vs
+      ``sdpa_dense_mask`` (the report's peer ratios: speedup and its fraction of ``1 / density``);
+    * 1-D long window, fwd: ``tiled`` vs ``flex``;
+    * 3-D, fwd+bwd: ``tiled``'s time and peak memory (fresh process).
+    """
+    s = set(suites)
+    return merge_cases([
+        _group(shape_2d, kernel_2d, FWD, ["tiled", "flex"], s),
+        _group(shape_2d, kernel_2d, ("fwd+bwd",), ["tiled", "sdpa_dense_mask"], s),
+        _group(shape_1d, kernel_1d, FWD, ["tiled", "flex"], s),
+        _group(shape_3d, kernel_3d, ("fwd+bwd",), ["tiled"], s),
+    ])

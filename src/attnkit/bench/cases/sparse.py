@@ -1,10 +1,12 @@
-"""Cases for the routed / static sparse mechanisms of issue 6 (MoBA, BiFormer, S2, MoA).
+"""Cases for the routed / static sparse mechanisms: MoBA, BiFormer, S2, MoA.
 
 Each group times one mechanism's attention core (routing included, projections excluded)
 against dense SDPA on the same q, k, v (``baseline``), interleaved. ``flops`` counts the
 pairs the mechanism really attends (so effective FLOP/s are comparable), ``density`` is
 that area over ``N^2`` and ``ideal_speedup = 1 / density``: the report's speedup vs dense
-divided by it is the achieved fraction of the ideal. Shapes: B=1, H=8, D=64, fp32, fwd.
+divided by it is the achieved fraction of the ideal (the report's peer-ratio table). Shapes:
+B=1, H=8, D=64, fp32, fwd. The N=16384 cases form the ``sparse`` suite with those of
+``cases/sparse_more.py`` and ``cases/vmoba.py``.
 """
 
 from __future__ import annotations
@@ -167,21 +169,28 @@ def _area(name: str, args: tuple) -> int:
     return int(sum(int((torch.minimum(t + 1, s) + (t + 1 - s).clamp(0, sink)).sum()) for s in spans) / H)
 
 
+def comparison(name: str, label: str, args: tuple, suites: set[str] | frozenset[str]) -> list[Case]:
+    """Mechanism ``name`` (``"moba"``, ``"biformer"``, ``"s2_attention"``, ``"moa"``) with its
+    maker's ``args`` (N first) vs dense SDPA: two cases of group ``label/N=...``."""
+    return _group(name, label, args[0], args, _area(name, args), set(suites))
+
+
 def cases() -> list[Case]:
-    """Default: two cheap N=4096 cases; full: every mechanism at N=16384."""
+    """Default: two cheap N=4096 cases; full and sparse: every mechanism at N=16384."""
+    big = {"full", "sparse"}
     grid = [
-        ("moba", "moba_block_b256_k3", 4096, (4096, 256, 3, "block"), {"default", "full"}),
-        ("s2_attention", "s2_b64_l8_v8", 4096, (4096, 64, 8, 8), {"default", "full"}),
-        ("moba", "moba_block_b512_k3", 16384, (16384, 512, 3, "block"), {"full"}),
-        # token routing (the paper's rule) runs the key-major dispatch (backends/block_dispatch.py)
-        ("moba", "moba_token_b64_k3", 4096, (4096, 64, 3, "token"), {"full"}),
-        ("moba", "moba_token_b512_k3", 16384, (16384, 512, 3, "token"), {"full"}),
-        ("moba", "moba_block_b128_k12", 16384, (16384, 128, 12, "block"), {"full"}),
-        ("biformer", "biformer_S8_k8", 16384, (16384, 8, 8), {"full"}),
-        ("s2_attention", "s2_b64_l16_v8", 16384, (16384, 64, 16, 8), {"full"}),
-        ("moa", "moa_8head_plan", 16384, (16384,), {"full"}),
+        ("moba", "moba_block_b256_k3", (4096, 256, 3, "block"), {"default", "full"}),
+        ("s2_attention", "s2_b64_l8_v8", (4096, 64, 8, 8), {"default", "full"}),
+        ("moba", "moba_block_b512_k3", (16384, 512, 3, "block"), big),
+        # token routing (the paper's rule) runs the key-major dispatch engine
+        ("moba", "moba_token_b64_k3", (4096, 64, 3, "token"), {"full"}),
+        ("moba", "moba_token_b512_k3", (16384, 512, 3, "token"), big),
+        ("moba", "moba_block_b128_k12", (16384, 128, 12, "block"), big),
+        ("biformer", "biformer_S8_k8", (16384, 8, 8), big),
+        ("s2_attention", "s2_b64_l16_v8", (16384, 64, 16, 8), big),
+        ("moa", "moa_8head_plan", (16384,), big),
     ]
     out = []
-    for name, label, n, args, suites in grid:
-        out.extend(_group(name, label, n, args, _area(name, args), suites))
+    for name, label, args, suites in grid:
+        out.extend(comparison(name, label, args, suites))
     return out

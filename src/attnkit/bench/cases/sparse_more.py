@@ -1,4 +1,4 @@
-"""Cases for PSA (pyramid sparse) and HyperAttention (issue 6), following ``cases/sparse.py``.
+"""Cases for PSA (pyramid sparse) and HyperAttention, following ``cases/sparse.py``.
 
 Each group times one mechanism's attention core (routing/hashing included, projections
 excluded) against dense SDPA on the same q, k, v, interleaved. ``flops`` counts the
@@ -129,7 +129,9 @@ def _setup(name: str, impl: str, args: tuple) -> Callable[[], Runner]:
     return setup
 
 
-def _group(name: str, label: str, args: tuple, suites: set[str]) -> list[Case]:
+def comparison(name: str, label: str, args: tuple, suites: set[str] | frozenset[str]) -> list[Case]:
+    """Mechanism ``name`` (``"pyramid_sparse"``, ``"hyper_attention"``) with its maker's ``args``
+    (N first, causal last) vs SDPA (causal when the case is): two cases of group ``label/N=...``."""
     n = args[0]
     area, dense = _area(name, args)
     density = area / dense
@@ -147,15 +149,16 @@ def _group(name: str, label: str, args: tuple, suites: set[str]) -> list[Case]:
 
 
 def cases() -> list[Case]:
-    """Default: one cheap N=4096 case (PSA); full: both mechanisms at N=16384 (and PSA causal)."""
+    """Default: one cheap N=4096 case (PSA); full and sparse: both mechanisms at N=16384 (and causal)."""
+    big = {"full", "sparse"}
     grid = [
         ("pyramid_sparse", "psa_q128_kv64_default", (4096, 128, 64, False), {"default", "full"}),
-        ("pyramid_sparse", "psa_q128_kv64_default", (16384, 128, 64, False), {"full"}),
-        ("pyramid_sparse", "psa_q128_kv64_causal", (16384, 128, 64, True), {"full"}),
-        ("hyper_attention", "hyper_b256_m256", (16384, 256, 256, 4096, False), {"full"}),
-        ("hyper_attention", "hyper_b256_m256_causal", (16384, 256, 256, 4096, True), {"full"}),
+        ("pyramid_sparse", "psa_q128_kv64_default", (16384, 128, 64, False), big),
+        ("pyramid_sparse", "psa_q128_kv64_causal", (16384, 128, 64, True), big),
+        ("hyper_attention", "hyper_b256_m256", (16384, 256, 256, 4096, False), big),
+        ("hyper_attention", "hyper_b256_m256_causal", (16384, 256, 256, 4096, True), big),
     ]
     out = []
     for name, label, args, suites in grid:
-        out.extend(_group(name, label, args, suites))
+        out.extend(comparison(name, label, args, suites))
     return out
