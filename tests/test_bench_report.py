@@ -115,3 +115,32 @@ def test_compare_flags_an_injected_slowdown(tmp_path):
     res = CliRunner().invoke(app, ["bench", "compare", str(tmp_path / "old.jsonl"), str(tmp_path / "old.jsonl"),
                                    "--fail"])
     assert res.exit_code == 0 and "0 regression(s)" in res.output
+
+
+def test_peer_ratios_and_scaling_tables(tmp_path):
+    """Each implementation's speedup over its peers and fraction of 1/density; time ratios over N."""
+    from attnkit.bench.analysis import peer_rows, scaling_rows
+
+    dens = {"density": 0.25}
+    f = [rec("blocked", 1024, 0.01, params={"N": 1024, "density": 0.25, "baseline_group": "full/N=1024"}),
+         rec("sdpa_dense_mask", 1024, 0.02, params={"N": 1024, **dens}),
+         rec("flex", 1024, 0.015, params={"N": 1024, **dens}),
+         rec("blocked", 4096, 0.05, params={"N": 4096, **dens}),
+         rec("sdpa", 4096, 1.0, baseline=True)]
+    rows = {(r["rec"]["impl"], r["rec"]["params"]["N"]): r for r in peer_rows(f)}
+    assert set(rows) == {("blocked", 1024), ("sdpa_dense_mask", 1024), ("flex", 1024)}  # N=4096: one impl
+    b = rows[("blocked", 1024)]
+    assert dict(b["faster_than"]) == pytest.approx({"sdpa_dense_mask": 2.0, "flex": 1.5})
+    assert dict(b["of_ideal"]) == pytest.approx({"sdpa_dense_mask": 0.5})  # 2x of an ideal 4x
+    (row,) = [r for r in scaling_rows(f) if r["label"] == "blocked fwd"]
+    assert row["steps"] == [(1024, 4096, pytest.approx(5.0))]
+    synthetic(tmp_path / "results.jsonl")
+    ResultsFile(tmp_path / "results.jsonl").append({**f[0], "error_vs": "registered reference (spec.reference), fp64"})
+    ResultsFile(tmp_path / "results.jsonl").append(f[1])
+    md = write_reports(tmp_path)["md"].read_text()
+    assert "## Peer ratios" in md and "## Scaling over N" in md
+    peers = md.split("## Peer ratios", 1)[1].split("\n## ", 1)[0]
+    line = next(x for x in peers.splitlines() if x.startswith("| attention/sliding_window_256/N=1024 | fwd | blocked"))
+    assert "sdpa_dense_mask 2.00" in line and "50% vs sdpa_dense_mask, " in line and "(ideal 4.00×)" in line
+    assert "% vs sdpa (full/N=1024)" in line  # the dense baseline of another comparison counts too
+    assert "max abs err / rel err vs: registered reference (spec.reference), fp64" in md

@@ -51,7 +51,8 @@ def test_masks_list_and_show():
 
 def test_bench_list_suites_and_cases():
     code, out = invoke("bench", "list-suites")
-    assert code == 0 and all(s in out for s in ("quick", "default", "masks", "scaling", "full"))
+    assert code == 0 and all(s in out for s in ("quick", "default", "masks", "scaling", "full", "foundation",
+                                                "neighborhood", "linear", "sparse"))
     code, out = invoke("bench", "list", "--suite", "quick", "--only", "attention*")
     assert code == 0 and "attention/full/N=256/sdpa/fwd" in out
     code, out = invoke("bench", "--suite", "nope")
