@@ -309,3 +309,35 @@ def test_combined_routed_mask_with_wrong_heads_raises():
     mask = M.block_sparse(torch.ones(1, 3, 4, 4, dtype=torch.bool), 8) & M.causal()
     with pytest.raises(ValueError, match=r"batch/head dims \(1, 3\)"):
         ak.attention(q, q, q, mask=mask)
+
+
+def test_blocked_refuses_non_cpu_tensors():
+    """The tile plan lives on the CPU: blocked says so, and a sparse mask off the CPU goes to sdpa."""
+    q = torch.randn(1, 2048, 2, 16, device="meta")
+    text = ak.explain("attention", q, q, q, mask=M.sliding_window(64))
+    assert "blocked    cannot run: needs CPU tensors, got meta" in text
+    assert "-> sdpa" in text and "meta tensors: the blocked tile walk is CPU-only" in text
+    with pytest.raises(ValueError, match=r"backend 'blocked' cannot run .*needs CPU tensors, got meta"):
+        ak.attention(q, q, q, mask=M.sliding_window(64), backend="blocked")
+
+
+def test_explain_shows_the_blocked_path():
+    q = torch.randn(1, 256, 2, 16)
+    mask = M.sliding_window(16)
+    text = ak.explain("attention", q, q, q, mask=mask, backend="blocked")
+    assert "path: inference (fused SDPA per tile): no input needs a gradient" in text
+    text = ak.explain("attention", q, q, q, mask=mask, backend="blocked", return_lse=True)
+    assert "path: training (online softmax + lse" in text and "the lse is asked" in text
+    text = ak.explain("attention", q.requires_grad_(), q, q, mask=mask, backend="blocked")
+    assert "path: training (online softmax + lse" in text and "an input needs a gradient" in text
+    with torch.no_grad():
+        assert "path: inference" in ak.explain("attention", q, q, q, mask=mask, backend="blocked")
+    half = ak.explain("attention", q.detach().bfloat16(), q.detach().bfloat16(), q.detach().bfloat16(),
+                      mask=mask, backend="blocked", return_lse=True)
+    assert "online softmax + lse in float32" in half
+
+
+def test_no_backend_names_opt_in_ones():
+    q = torch.randn(1, 256, 2, 16, device="meta")
+    with pytest.raises(ValueError, match="flex: opt-in only"):
+        ak.attention(q, q, q, mask=M.sliding_window(16), return_lse=True)

@@ -310,3 +310,22 @@ def test_flex_backend_forward_matches_reference():
         with pytest.raises(ValueError, match="at least 128 tokens"):
             ak.neighborhood_attention(q[:, :8], k[:, :8], v[:, :8], (3, 4), backend="flex", **kw)
     torch.testing.assert_close(out, naive_neighborhood_attention(q, k, v, (3, 4), **kw), atol=2e-5, rtol=1e-4)
+
+
+def test_tiled_refuses_non_cpu_tensors():
+    q = torch.randn(1, 8, 8, 2, 4, device="meta")
+    text = ak.explain("neighborhood_attention", q, q, q, kernel_size=3)
+    assert "tiled      cannot run: needs CPU tensors, got meta" in text and "-> reference" in text
+    with pytest.raises(ValueError, match=r"backend 'tiled' cannot run .*needs CPU tensors, got meta"):
+        ak.neighborhood_attention(q, q, q, 3, backend="tiled")
+
+
+def test_explain_shows_the_tiled_path():
+    q = torch.randn(1, 8, 8, 2, 4)
+    text = ak.explain("neighborhood_attention", q, q, q, kernel_size=3)
+    assert "-> tiled" in text and "path: inference (fused CPU flash op per chunk): no input needs a gradient" in text
+    text = ak.explain("neighborhood_attention", q.requires_grad_(), q, q, kernel_size=3)
+    assert "path: training (fused CPU flash op per chunk" in text and "an input needs a gradient" in text
+    v = torch.randn(1, 8, 8, 2, 6)  # Dv != D: the fused op cannot take it
+    text = ak.explain("neighborhood_attention", q, q, v, kernel_size=3)
+    assert "matmul softmax per chunk (fused CPU op needs Dv == D" in text
