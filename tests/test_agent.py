@@ -1,4 +1,4 @@
-"""Agent attention: the exact identities of papers/linear.md §5.4 (AG1-AG5) and the biased path vs an fp64 oracle."""
+"""Agent attention (arXiv 2312.08874): the exact identities AG1-AG5 and the biased path vs an fp64 oracle."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Local-attention modules: NA 1/2/3-D, DiNAT stacks, HaloNet, MaxViT multi-axis, CCNet criss-cross.
 
 Each functional core is checked against ak.neighborhood_attention / ak.attention with the
-pattern's mask (the identities of papers/local.md §2-4, §9), and the modules against their
+pattern's mask (block(P) = NA(k=P, s=P), grid(G) = NA(k=G, dilation=Y/G), ...), and the modules against their
 functional cores.
 """
 

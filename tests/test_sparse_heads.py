@@ -1,4 +1,4 @@
-"""Head-level mechanisms of issue 6 vs their naive references: MoH, LSSA/LSSAR, GAAM, RCMHA, SHSA."""
+"""Head-level mechanisms vs their naive references: MoH, LSSA/LSSAR, GAAM, RCMHA, SHSA."""
 
 import pytest
 import torch

@@ -3,7 +3,7 @@
 "Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention",
 arXiv 2405.17381 (TNL, 2307.14995); "Lightning Attention-2", arXiv 2401.04658;
 "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", arXiv 2506.13585
-(same lightning layer as MiniMax-01, arXiv 2501.08313). Spec: papers/linear.md §2-§4.
+(same lightning layer as MiniMax-01, arXiv 2501.08313).
 
 Both modules are projections + norm + gate around ``ak.linear_attention`` with a fixed per-head
 decay (no 1/sqrt(D), no denominator). ``forward(x, state=None, return_state=False)`` supports chunked
@@ -17,16 +17,20 @@ import math
 
 import torch
 
+from attnkit._validate import int_arg
+
 SCHEDULES = ("released", "paper", "fla")
 
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
-    """ALiBi slopes ``s_h = 2^(-8(h+1)/H)``; for H not a power of two, the interleaved extension (§2.2)."""
+    """ALiBi slopes ``s_h = 2^(-8(h+1)/H)``; for H not a power of two, the interleaved extension of ALiBi
+    (arXiv 2108.12409)."""
 
     def pow2(n):
         return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
 
+    int_arg("num_heads", num_heads, 1)
     p = 2 ** math.floor(math.log2(num_heads))
     if p == num_heads:
         return pow2(p)
@@ -53,7 +57,9 @@ def tnl_decay(num_heads: int, layer_idx: int, num_layers: int, schedule: str = "
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if not 0 <= layer_idx < num_layers:
+    int_arg("num_heads", num_heads, 1)
+    int_arg("num_layers", num_layers, 1)
+    if int_arg("layer_idx", layer_idx, 0) >= num_layers:
         raise ValueError(f"layer_idx must be in [0, num_layers), got {layer_idx} of {num_layers}")
     if schedule == "released":
         depth = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0  # guard L - 1 = 0

@@ -1,6 +1,6 @@
 """MaxViT multi-axis attention: block (window) attention followed by grid (dilated global) attention.
 
-"MaxViT: Multi-Axis Vision Transformer", arXiv 2204.01697 (ECCV 2022). Spec: papers/local.md §3.
+"MaxViT: Multi-Axis Vision Transformer", arXiv 2204.01697 (ECCV 2022).
 
 Block attention attends inside non-overlapping ``P x P`` windows; grid attention inside groups
 formed by a ``G x G`` lattice spread over the image (spacing ``Y/G``). Each uses a learned
@@ -11,8 +11,14 @@ grid(G) == NA(k=G, dilation=Y/G) when the bias is zero.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from attnkit._validate import check_qkv, int_arg, resolve_scale
+from attnkit.ops.base import Backend, Dispatcher, register_op
+from attnkit.reference.naive_local import naive_block_attention, naive_grid_attention
 
 
 def block_partition(x: torch.Tensor, P: int) -> torch.Tensor:
@@ -54,27 +60,104 @@ def relative_bias(table: torch.Tensor, M: int) -> torch.Tensor:
 
 
 
-def _windowed(q, k, v, part, unpart, M, size, bias, scale):
+@dataclass(frozen=True, eq=False)
+class WindowCall:
+    """A validated MaxViT block or grid attention call; ``size`` is ``P`` (block) or ``G`` (grid)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    axis: str  # "block" | "grid"
+    size: int
+    bias: torch.Tensor | None
+    scale: float | None  # None: SDPA's own D ** -0.5
+
+    def describe(self) -> str:
+        n = "P" if self.axis == "block" else "G"
+        return (f"q {tuple(self.q.shape)} v {tuple(self.v.shape)} {self.q.dtype}, {self.axis} axis {n}={self.size}, "
+                f"{'relative bias' if self.bias is not None else 'no bias'}")
+
+
+def _make_call(axis: str, arg: str, q, k, v, size, bias, scale) -> WindowCall:
+    hq, hkv = check_qkv(q, k, v, spatial_rank=2, same_extent=True)
+    if hq != hkv:
+        raise ValueError(f"{axis}_attention needs as many K/V heads as query heads, got {hq} and {hkv}")
+    size = int_arg(arg, size, 1)
     Y, X = q.shape[1:3]
-    qw, kw, vw = (part(t, size).transpose(1, 2) for t in (q, k, v))  # (B*nW, H, M*M, D)
-    o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale)
-    return unpart(o.transpose(1, 2), size, Y, X)  # (B, Y, X, H, Dv)
+    if Y % size or X % size:
+        raise ValueError(f"spatial size ({Y}, {X}) must be a multiple of {arg} {size}")
+    m = size * size
+    if bias is not None and tuple(bias.shape) != (hq, m, m):
+        raise ValueError(f"bias must have shape (H, M*M, M*M) = ({hq}, {m}, {m}), got {tuple(bias.shape)}")
+    return WindowCall(q, k, v, axis, size, bias, None if scale is None else resolve_scale(scale, q.shape[-1]))
 
 
-
-def block_attention(q, k, v, block_size: int, *, bias=None, scale=None):
-    """MaxViT block attention, heads-last ``(B, Y, X, H, D)`` -> ``(B, Y, X, H, Dv)``; ``bias (H, P*P, P*P)``."""
-    Y, X = q.shape[1:3]
-    if Y % block_size or X % block_size:
-        raise ValueError(f"spatial size ({Y}, {X}) must be a multiple of block_size {block_size}")
-    return _windowed(q, k, v, block_partition, block_unpartition, block_size, block_size, bias, scale)
+def make_block_call(q, k, v, block_size, *, bias=None, scale=None) -> WindowCall:
+    return _make_call("block", "block_size", q, k, v, block_size, bias, scale)
 
 
+def make_grid_call(q, k, v, grid_size, *, bias=None, scale=None) -> WindowCall:
+    return _make_call("grid", "grid_size", q, k, v, grid_size, bias, scale)
 
-def grid_attention(q, k, v, grid_size: int, *, bias=None, scale=None):
-    """MaxViT grid attention, heads-last ``(B, Y, X, H, D)`` -> ``(B, Y, X, H, Dv)``; ``bias (H, G*G, G*G)``."""
-    Y, X = q.shape[1:3]
-    if Y % grid_size or X % grid_size:
-        raise ValueError(f"spatial size ({Y}, {X}) must be a multiple of grid_size {grid_size}")
-    return _windowed(q, k, v, grid_partition, grid_unpartition, grid_size, grid_size, bias, scale)
 
+def _windowed(c: WindowCall) -> torch.Tensor:
+    part, unpart = (block_partition, block_unpartition) if c.axis == "block" else (grid_partition, grid_unpartition)
+    Y, X = c.q.shape[1:3]
+    qw, kw, vw = (part(t, c.size).transpose(1, 2) for t in (c.q, c.k, c.v))  # (B*nW, H, M*M, D)
+    bias = None if c.bias is None else c.bias.to(c.q.dtype)
+    o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=bias, scale=c.scale)
+    return unpart(o.transpose(1, 2), c.size, Y, X)  # (B, Y, X, H, Dv)
+
+
+def _reference(c: WindowCall) -> torch.Tensor:
+    naive = naive_block_attention if c.axis == "block" else naive_grid_attention
+    return naive(c.q, c.k, c.v, c.size, c.bias, c.scale)
+
+
+def _fast(c: WindowCall) -> tuple[bool, str]:
+    return True, "the fast path"
+
+
+def _dispatcher(axis: str) -> Dispatcher:
+    return Dispatcher(f"{axis}_attention", [
+        Backend("sdpa", _windowed, suits=_fast, note=f"{axis} partition, one batched SDPA over all windows",
+                detail=lambda c: "additive float bias as the SDPA mask" if c.bias is not None else "no mask"),
+        Backend("reference", _reference, auto=False, note=f"naive_{axis}_attention: pixel by pixel over its group"),
+    ])
+
+
+BLOCK_DISPATCHER, GRID_DISPATCHER = _dispatcher("block"), _dispatcher("grid")
+register_op("block_attention", make_block_call, BLOCK_DISPATCHER)
+register_op("grid_attention", make_grid_call, GRID_DISPATCHER)
+
+
+def block_attention(q, k, v, block_size: int, *, bias=None, scale=None, backend: str | None = None) -> torch.Tensor:
+    """MaxViT block attention: every ``P x P`` window attends within itself.
+
+    Args:
+        q: ``(B, Y, X, H, D)``; k: ``(B, Y, X, H, D)``; v: ``(B, Y, X, H, Dv)``; ``Y, X`` multiples of ``P``.
+        block_size: ``P``.
+        bias: ``(H, P*P, P*P)`` additive relative bias (see :func:`relative_bias`), or None.
+        scale: default ``D ** -0.5``.
+        backend: None / ``"sdpa"`` (partition + SDPA) or ``"reference"``; see ``ak.explain("block_attention", ...)``.
+
+    Returns:
+        ``(B, Y, X, H, Dv)``.
+    """
+    return BLOCK_DISPATCHER.run(make_block_call(q, k, v, block_size, bias=bias, scale=scale), backend)
+
+
+def grid_attention(q, k, v, grid_size: int, *, bias=None, scale=None, backend: str | None = None) -> torch.Tensor:
+    """MaxViT grid attention: the ``G x G`` pixels of a lattice with spacing ``(Y/G, X/G)`` attend each other.
+
+    Args:
+        q: ``(B, Y, X, H, D)``; k: ``(B, Y, X, H, D)``; v: ``(B, Y, X, H, Dv)``; ``Y, X`` multiples of ``G``.
+        grid_size: ``G``.
+        bias: ``(H, G*G, G*G)`` additive relative bias (see :func:`relative_bias`), or None.
+        scale: default ``D ** -0.5``.
+        backend: None / ``"sdpa"`` (partition + SDPA) or ``"reference"``; see ``ak.explain("grid_attention", ...)``.
+
+    Returns:
+        ``(B, Y, X, H, Dv)``.
+    """
+    return GRID_DISPATCHER.run(make_grid_call(q, k, v, grid_size, bias=bias, scale=scale), backend)

@@ -3,9 +3,12 @@
 Every head has its own causal sliding window whose span grows with the input length,
 ``S_h(N) = clamp(alpha_h + beta_h N, 1, N)``, plus ``g`` always-visible initial (sink)
 tokens. Heads with equal spans share one mask ``causal & (sliding_window(S - 1, 0) |
-global_tokens(g))``, so each distinct span is one ``ak.attention`` call (the blocked backend walks
-its diagonal band and sink tiles, K/V read through views); the outputs are put back in head order.
-The (alpha, beta) plan comes from MoA's offline profiling; it is an input here.
+global_tokens(g))``: each distinct span is one head group of
+:func:`attnkit.ops.per_head.call.per_head_attention`, whose default ``masked`` path makes it one
+``ak.attention`` call (the blocked backend walks its diagonal band and sink tiles, K/V read
+through views); the outputs are put back in head order. ``backend="gather"`` runs the per-head
+block layout on the block-gather engine; ``backend="reference"`` is naive attention under
+``naive_moa_mask``. The (alpha, beta) plan comes from MoA's offline profiling; it is an input here.
 """
 
 
@@ -16,9 +19,10 @@ from dataclasses import dataclass
 import torch
 
 import attnkit.masks as M
-from attnkit._validate import check_qkv
-from attnkit.kernels.gather import block_gather_attention
-from attnkit.ops.dense.call import attention
+from attnkit._validate import check_qkv, int_arg, resolve_scale
+from attnkit.ops.base import Dispatcher, register_op
+from attnkit.ops.per_head.call import BACKENDS, GatherPlan, HeadGroup, PerHeadCall, resolve_backend
+from attnkit.reference.naive_per_head import naive_moa_mask
 
 
 def moa_spans(alphas: torch.Tensor, betas: torch.Tensor, n: int) -> torch.Tensor:
@@ -59,10 +63,39 @@ def moa_mask(span: int, sink: int) -> M.Mask:
     return M.causal() & (m | M.global_tokens(sink) if sink > 0 else m)
 
 
+def make_call(q, k, v, alphas, betas, *, sink=64, block_size=64, scale=None) -> PerHeadCall:
+    hq, _ = check_qkv(q, k, v, same_extent=True)
+    if not isinstance(alphas, torch.Tensor) or not isinstance(betas, torch.Tensor):
+        raise TypeError("alphas and betas must be tensors of shape (Hq,)")
+    if alphas.shape != (hq,) or betas.shape != (hq,):
+        raise ValueError(f"alphas and betas must have shape (Hq,) = ({hq},), got {tuple(alphas.shape)}, "
+                         f"{tuple(betas.shape)}")
+    sink = int_arg("sink", sink, 0)
+    block_size = int_arg("block_size", block_size, 1)
+    n = q.shape[1]
+    spans = moa_spans(alphas, betas, n)  # (Hq,) int64
+    by_span: dict[int, list[int]] = {}
+    for h, s in enumerate(spans.tolist()):
+        by_span.setdefault(s, []).append(h)
+    groups = tuple(HeadGroup(tuple(heads), moa_mask(s, sink)) for s, heads in by_span.items())
+
+    def gather() -> GatherPlan:
+        sp = spans.to(q.device)
+        return GatherPlan(moa_layout(sp, sink, n, block_size).unsqueeze(0), block_size,  # (1, Hq, nb, nb)
+                          _MoAMask(sp, sink))
+
+    label = f"moa(spans={spans.tolist()}, sink={sink})"
+    return PerHeadCall(q, k, v, groups, resolve_scale(scale, q.shape[-1]), lambda: naive_moa_mask(spans, sink, n),
+                       gather, label)
+
+
+DISPATCHER = Dispatcher("moa_attention", BACKENDS)
+register_op("moa_attention", make_call, DISPATCHER)
+
 
 def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alphas: torch.Tensor, betas: torch.Tensor, *,
                   sink: int = 64, block_size: int = 64, scale: float | None = None,
-                  impl: str = "masked", backend: str | None = None) -> torch.Tensor:
+                  impl: str | None = None, backend: str | None = None) -> torch.Tensor:
     """Causal attention with heterogeneous elastic per-head windows and attention sinks.
 
     Args:
@@ -70,10 +103,15 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alphas: tor
         alphas, betas: ``(Hq,)`` span rule per query head, ``S_h = alpha_h + beta_h N`` (N = this
             call's length; alpha may be negative), clamped to ``[1, N]``.
         sink: initial tokens every query sees.
-        block_size: tile of the ``"gather"`` engine (a speed knob only; unused by ``"masked"``).
-        impl: ``"masked"`` (default: one ``ak.attention`` call per distinct span, heads grouped) or
-            ``"gather"`` (per-head block layout on the block-gather engine). Same result.
-        backend: forwarded to ``ak.attention`` by ``"masked"`` (None = automatic).
+        block_size: tile of the ``"gather"`` path (a speed knob only; unused by the others).
+        scale: score scale, default ``D ** -0.5``.
+        impl: older spelling of the path: ``"masked"`` or ``"gather"``
+            (see ``attnkit.ops.per_head.call.resolve_backend``).
+        backend: None (automatic: ``"masked"``, one ``ak.attention`` call per distinct span, heads
+            grouped; without gradients each group is written in place), ``"masked"``, ``"sdpa"`` /
+            ``"blocked"`` / ``"flex"`` (those calls forced onto that backend), ``"gather"`` (per-head
+            block layout on the block-gather engine) or ``"reference"``. Same result;
+            ``ak.explain("moa_attention", q, k, v, alphas=..., betas=...)`` says which and why.
 
     Returns:
         ``(B, N, Hq, Dv)``.
@@ -82,54 +120,6 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alphas: tor
         >>> q = k = v = torch.randn(1, 512, 4, 32)
         >>> out = moa_attention(q, k, v, torch.tensor([32., 64, 0, 16]), torch.tensor([0., 0, .5, .1]))
     """
-    hq, hkv = check_qkv(q, k, v, same_extent=True)
-    if alphas.shape != (hq,) or betas.shape != (hq,):
-        raise ValueError(f"alphas and betas must have shape (Hq,) = ({hq},), got {tuple(alphas.shape)}, "
-                         f"{tuple(betas.shape)}")
-    if sink < 0:
-        raise ValueError(f"sink must be >= 0, got {sink}")
-    if impl not in ("masked", "gather"):
-        raise ValueError(f"impl must be 'masked' or 'gather', got {impl!r}")
-    n = q.shape[1]
-    spans = moa_spans(alphas, betas, n)
-    if impl == "gather":
-        spans = spans.to(q.device)
-        lay = moa_layout(spans, sink, n, block_size).unsqueeze(0)  # (1, Hq, nb, nb)
-        return block_gather_attention(q, k, v, lay, block_size, extra_mask=_MoAMask(spans, sink), scale=scale)
-    return _masked(q, k, v, spans.tolist(), sink, hq // hkv, scale, backend)
-
-
-
-def _masked(q, k, v, spans: list[int], sink: int, g: int, scale, backend) -> torch.Tensor:
-    """One ``ak.attention`` call per distinct span; GQA kept where a span group is whole KV groups."""
-    hq = q.shape[2]
-    by_span: dict[int, list[int]] = {}
-    for h, s in enumerate(spans):
-        by_span.setdefault(s, []).append(h)
-    if len(by_span) == 1:
-        return attention(q, k, v, moa_mask(spans[0], sink), scale=scale, backend=backend)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    out = None if grad else q.new_empty(*q.shape[:3], v.shape[-1])  # (B, N, Hq, Dv), written per group
-    outs, order = [], []
-    for s, heads in by_span.items():
-        kv = sorted({h // g for h in heads})
-        whole = len(heads) == len(kv) * g  # every query head of these KV heads has this span
-        if whole:
-            heads = [kv_h * g + i for kv_h in kv for i in range(g)]
-            kv_ix = kv
-        else:
-            kv_ix = [h // g for h in heads]  # one KV head per query head (a copy of O(N D) per head)
-        qs = q[:, :, heads[0]:heads[0] + 1] if len(heads) == 1 else q[:, :, heads]  # (B, N, h', D)
-        ks, vs = (t[:, :, kv_ix[0]:kv_ix[0] + 1] if len(kv_ix) == 1 else t[:, :, kv_ix] for t in (k, v))
-        o = attention(qs, ks, vs, moa_mask(s, sink), scale=scale, backend=backend)  # (B, N, h', Dv)
-        if out is not None:
-            out[:, :, heads] = o
-            continue
-        outs.append(o)
-        order += heads
-    if out is not None:
-        return out
-    inv = torch.empty(hq, dtype=torch.long)
-    inv[torch.tensor(order)] = torch.arange(hq)
-    return torch.cat(outs, 2).index_select(2, inv.to(q.device))  # (B, N, Hq, Dv) in head order
-
+    path = resolve_backend(impl, backend)
+    call = make_call(q, k, v, alphas, betas, sink=sink, block_size=block_size, scale=scale)
+    return DISPATCHER.run(call, path)

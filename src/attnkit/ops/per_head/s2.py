@@ -3,11 +3,12 @@
 Each head sees a local band of blocks plus a strided shard of distant blocks, at absolute
 block positions offset per head, so that the heads together cover the context (HHST).
 
-Fast path (``impl="masked"``): one ``ak.attention`` call per KV head (its query group shares the
-pattern) with the head's pattern as an exact :class:`S2Mask`, so the blocked backend walks only
-the head's band and stripe tiles, with the causal mask on the diagonal tiles only. Dense heads
-(and the bidirectional rule, equal for all heads) share one call. ``impl="gather"`` runs the
-per-head layout on the block-gather engine.
+The op is :func:`attnkit.ops.per_head.call.per_head_attention`'s head groups: every KV head (its
+query group shares the pattern) gets its pattern as an exact :class:`S2Mask`, so the default
+``masked`` path's ``ak.attention`` call walks only the head's band and stripe tiles on the blocked
+backend, with the causal mask on the diagonal tiles only. Dense heads (and the bidirectional rule,
+equal for all heads) share one group. ``backend="gather"`` runs the per-head layout on the
+block-gather engine; ``backend="reference"`` is naive attention under ``naive_s2_mask``.
 """
 
 
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 import torch
 
 import attnkit.masks as M
-from attnkit._validate import check_qkv
-from attnkit.kernels.gather import block_gather_attention
+from attnkit._validate import check_qkv, int_arg, resolve_scale
 from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask
-from attnkit.ops.dense.call import attention
+from attnkit.ops.base import Dispatcher, register_op
+from attnkit.ops.per_head.call import BACKENDS, GatherPlan, HeadGroup, PerHeadCall, resolve_backend
+from attnkit.reference.naive_dense import causal_dense
+from attnkit.reference.naive_per_head import naive_s2_mask
 
 
 class _Causal:
@@ -34,15 +37,15 @@ class _Causal:
 def s2_layout(num_heads: int, n_blocks: int, local_blocks: int, vert_stride: int, *, causal: bool = True,
               num_dense_heads: int = 0, head_offset: int = 0, homo_head: bool = False,
               device: torch.device | None = None) -> torch.Tensor:
-    """Block layout ``(H, n, n)`` of S2-Attention (dkernel's rule).
+    """Block layout ``(H, n, n)`` of S2-Attention (the rule of its released dkernel).
 
     causal: ``i >= j and (i - j < l or (j + h*sigma + o) % v == 0)`` with ``sigma = max(1, v // H)``
     (``sigma = 0`` for homogeneous heads); bidirectional: ``((left + right) % v == 0)`` with
     ``left = max(0, i - j - l + 1)``, ``right = max(0, j - i - l + 1)``. The last
     ``num_dense_heads`` heads are dense (causal or full).
     """
-    if local_blocks < 1 or vert_stride < 1:
-        raise ValueError(f"local_blocks and vert_stride must be >= 1, got {local_blocks}, {vert_stride}")
+    int_arg("local_blocks", local_blocks, 1)
+    int_arg("vert_stride", vert_stride, 1)
     if not 0 <= num_dense_heads <= num_heads:
         raise ValueError(f"num_dense_heads must be in [0, {num_heads}], got {num_dense_heads}")
     i = torch.arange(n_blocks, device=device).view(1, -1, 1)
@@ -64,7 +67,7 @@ def s2_layout(num_heads: int, n_blocks: int, local_blocks: int, vert_stride: int
 
 @dataclass(frozen=True)
 class S2Mask(Mask):
-    """One head's S2 pattern at token level: block pair ``(t // b, u // b)`` allowed by dkernel's rule
+    """One head's S2 pattern at token level: block pair ``(t // b, u // b)`` allowed by :func:`s2_layout`'s rule
     (``phase = h * sigma + o``), and ``u <= t`` when causal.
 
     Frozen and hashable, so the blocked backend's plan is built once per configuration; tiles are
@@ -118,9 +121,73 @@ class S2Mask(Mask):
 
 
 
+def _phases(hkv: int, vert_stride: int, head_offset: int, homo_head: bool, causal: bool) -> list[int]:
+    """Stripe phase ``(h * sigma + o) mod v`` of every KV head (0 for all under the bidirectional rule)."""
+    sigma = 0 if homo_head or not causal else max(1, vert_stride // hkv)
+    return [(h * sigma + head_offset) % vert_stride for h in range(hkv)]
+
+
+def _reference_mask(hq, hkv, n, block_size, local_blocks, vert_stride, causal, num_dense_heads, phases):
+    """``(1, Hq, N, N)`` from ``naive_s2_mask``: its head ``h`` has phase ``h * max(1, v // H)``, so with
+    ``H = v`` heads it lists every phase ``0..v-1`` once (used when an offset or homogeneous heads move
+    the phases off the default ``h * max(1, v // Hkv)``)."""
+    if not causal:
+        m = naive_s2_mask(1, n, block_size, local_blocks, vert_stride, False).expand(1, hkv, n, n)
+    elif phases == _phases(hkv, vert_stride, 0, False, True):
+        m = naive_s2_mask(hkv, n, block_size, local_blocks, vert_stride, True)
+    else:
+        m = naive_s2_mask(vert_stride, n, block_size, local_blocks, vert_stride, True)[:, phases]
+    m = m.clone()
+    if num_dense_heads:
+        m[:, hkv - num_dense_heads:] = causal_dense(n, n) if causal else True
+    return m.repeat_interleave(hq // hkv, dim=1)  # (1, Hq, N, N): the pattern is indexed by KV head
+
+
+def make_call(q, k, v, block_size, local_blocks, vert_stride, *, causal=True, num_dense_heads=0, head_offset=0,
+              homo_head=False, scale=None) -> PerHeadCall:
+    hq, hkv = check_qkv(q, k, v, same_extent=True)
+    block_size = int_arg("block_size", block_size, 1)
+    local_blocks = int_arg("local_blocks", local_blocks, 1)
+    vert_stride = int_arg("vert_stride", vert_stride, 1)
+    if not 0 <= num_dense_heads <= hkv:
+        raise ValueError(f"num_dense_heads must be in [0, {hkv}], got {num_dense_heads}")
+    n, g = q.shape[1], hq // hkv
+    phases = _phases(hkv, vert_stride, head_offset, homo_head, causal)
+    # KV heads with one pattern share a group: dense heads, and every sparse head when the rule does
+    # not depend on the head (bidirectional, homogeneous)
+    dense_mask = M.causal() if causal else None
+    by_mask: dict[object, list[int]] = {}
+    for h in range(hkv):
+        if h >= hkv - num_dense_heads:
+            key: object = dense_mask if dense_mask is not None else "full"
+        else:
+            key = S2Mask(block_size, local_blocks, vert_stride, phases[h], causal)
+        by_mask.setdefault(key, []).append(h)
+    groups = tuple(HeadGroup(tuple(h * g + i for h in kv_heads for i in range(g)), None if key == "full" else key)
+                   for key, kv_heads in by_mask.items())
+
+    def gather() -> GatherPlan:
+        lay = s2_layout(hkv, math.ceil(n / block_size), local_blocks, vert_stride, causal=causal,
+                        num_dense_heads=num_dense_heads, head_offset=head_offset, homo_head=homo_head,
+                        device=q.device)  # (Hkv, nb, nb)
+        return GatherPlan(lay.repeat_interleave(g, dim=0).unsqueeze(0), block_size,  # (1, Hq, nb, nb)
+                          _Causal() if causal else None)
+
+    def reference_mask() -> torch.Tensor:
+        return _reference_mask(hq, hkv, n, block_size, local_blocks, vert_stride, causal, num_dense_heads, phases)
+
+    label = (f"s2(block={block_size}, local={local_blocks}, vert={vert_stride}, "
+             f"{'causal' if causal else 'bidirectional'}, dense heads={num_dense_heads})")
+    return PerHeadCall(q, k, v, groups, resolve_scale(scale, q.shape[-1]), reference_mask, gather, label)
+
+
+DISPATCHER = Dispatcher("s2_attention", BACKENDS)
+register_op("s2_attention", make_call, DISPATCHER)
+
+
 def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, local_blocks: int,
                  vert_stride: int, *, causal: bool = True, num_dense_heads: int = 0, head_offset: int = 0,
-                 homo_head: bool = False, scale: float | None = None, impl: str = "masked",
+                 homo_head: bool = False, scale: float | None = None, impl: str | None = None,
                  backend: str | None = None) -> torch.Tensor:
     """S2-Attention (heterogeneous strided + local block-sparse heads).
 
@@ -129,9 +196,13 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
             indexed by the KV head and shared by its query group (keeps the KV savings).
         block_size: ``b``; local_blocks: ``l`` (incl. the current block); vert_stride: ``v``.
         causal, num_dense_heads, head_offset, homo_head: see :func:`s2_layout`.
-        impl: ``"masked"`` (default: one ``ak.attention`` call per KV head with its exact
-            :class:`S2Mask`) or ``"gather"`` (the per-head layout on the block-gather engine).
-        backend: forwarded to ``ak.attention`` by ``"masked"`` (None = automatic).
+        scale: score scale, default ``D ** -0.5``.
+        impl: older spelling of the path: ``"masked"`` or ``"gather"``
+            (see ``attnkit.ops.per_head.call.resolve_backend``).
+        backend: None (automatic: ``"masked"``, one ``ak.attention`` call per KV-head pattern),
+            ``"masked"``, ``"sdpa"`` / ``"blocked"`` / ``"flex"`` (those calls forced onto that
+            backend), ``"gather"`` (the per-head layout on the block-gather engine) or ``"reference"``;
+            ``ak.explain("s2_attention", q, k, v, block_size=..., ...)`` says which and why.
 
     Returns:
         ``(B, N, Hq, Dv)``.
@@ -140,42 +211,7 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
         >>> q = k = v = torch.randn(1, 1024, 8, 32)
         >>> out = s2_attention(q, k, v, block_size=64, local_blocks=4, vert_stride=8)
     """
-    hq, hkv = check_qkv(q, k, v, same_extent=True)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if impl not in ("masked", "gather"):
-        raise ValueError(f"impl must be 'masked' or 'gather', got {impl!r}")
-    n = math.ceil(q.shape[1] / block_size)
-    lay = s2_layout(hkv, n, local_blocks, vert_stride, causal=causal, num_dense_heads=num_dense_heads,
-                    head_offset=head_offset, homo_head=homo_head, device=q.device)  # validates the config
-    if impl == "gather":
-        lay = lay.repeat_interleave(hq // hkv, dim=0).unsqueeze(0)  # (1, Hq, n, n)
-        return block_gather_attention(q, k, v, lay, block_size, extra_mask=_Causal() if causal else None,
-                                      scale=scale)
-    # KV heads with one pattern share a call: dense heads, and every sparse head when the rule does
-    # not depend on the head (bidirectional, homogeneous)
-    sigma = 0 if homo_head or not causal else max(1, vert_stride // hkv)
-    dense_mask = M.causal() if causal else None
-    by_mask: dict[object, list[int]] = {}
-    for h in range(hkv):
-        if h >= hkv - num_dense_heads:
-            key: object = dense_mask if dense_mask is not None else "full"
-        else:
-            key = S2Mask(block_size, local_blocks, vert_stride, (h * sigma + head_offset) % vert_stride, causal)
-        by_mask.setdefault(key, []).append(h)
-    g = hq // hkv
-    if len(by_mask) == 1:
-        (key,) = by_mask
-        return attention(q, k, v, None if key == "full" else key, scale=scale, backend=backend)
-    outs, order = [], []
-    for key, kv_heads in by_mask.items():
-        kv_ix = torch.tensor(kv_heads, device=q.device)
-        heads = [h * g + i for h in kv_heads for i in range(g)]
-        qs = q.view(*q.shape[:2], hkv, g, -1).index_select(2, kv_ix).flatten(2, 3)  # (B, N, h'*G, D)
-        ks, vs = (t.index_select(2, kv_ix) for t in (k, v))  # (B, N, h', D|Dv)
-        outs.append(attention(qs, ks, vs, None if key == "full" else key, scale=scale, backend=backend))
-        order += heads
-    inv = torch.empty(hq, dtype=torch.long)
-    inv[torch.tensor(order)] = torch.arange(hq)
-    return torch.cat(outs, 2).index_select(2, inv.to(q.device))  # (B, N, Hq, Dv) in head order
-
+    path = resolve_backend(impl, backend)
+    call = make_call(q, k, v, block_size, local_blocks, vert_stride, causal=causal, num_dense_heads=num_dense_heads,
+                     head_offset=head_offset, homo_head=homo_head, scale=scale)
+    return DISPATCHER.run(call, path)
