@@ -325,6 +325,9 @@ def test_callable_feature_map_state_width_is_checked():
     ak.linear_attention(q, k, v, feature_map=square, initial_state=S)
     with pytest.raises(ValueError, match="initial_state S must have Dphi = 16"):
         ak.linear_attention(q, k, v, feature_map=square, initial_state=torch.zeros(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="initial_state z must have Dphi = 16"):
+        ak.linear_attention(q, k, v, feature_map=lambda x: square(x).exp(), normalize=True,
+                            initial_state=(torch.zeros(1, 2, 16, 8), torch.zeros(1, 2, 8)))
 
 
 def test_non_cpu_inputs_are_refused_by_the_causal_kernels():

@@ -143,10 +143,10 @@ def _prepare(call: LinearCall):
     s0 = call.initial_state
     if s0 is not None:
         # make_call checked everything but a callable feature map's width Dphi
-        S0 = s0[0] if call.normalize else s0
-        if S0.shape[2] != pq.shape[-1]:
-            raise ValueError(f"initial_state S must have Dphi = {pq.shape[-1]} (the feature map's width), "
-                             f"got shape {tuple(S0.shape)}")
+        for name, t in zip("Sz", s0 if call.normalize else (s0,)):
+            if t.shape[2] != pq.shape[-1]:
+                raise ValueError(f"initial_state {name} must have Dphi = {pq.shape[-1]} (the feature map's "
+                                 f"width), got shape {tuple(t.shape)}")
     if call.normalize:
         # the normaliser z_t is the state of a value column of ones: one recurrence serves both
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, M, Hkv, Dv + 1)
