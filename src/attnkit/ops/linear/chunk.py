@@ -23,11 +23,11 @@ backward runs the same scan on the flipped chunks.
 Two implementations of the same algorithm and contract. Where ``attnkit.kernels.native`` can build its C++
 kernel (``kernels/native/linear_chunk_cpu.cpp``: fp32/fp64 CPU inputs, a C++ compiler) forward and backward run
 there: one thread walks the chunks of one head in order with the state in cache, so no intermediate
-leaves the cache and no prefix scan is needed (benchmarks/linear_perf.py: N=16384 forward 58-65 ms vs
-89-114 ms for the torch-ops path, fwd+bwd 263 vs 400 ms; bf16 inputs, upcast to fp32 as a whole:
-67 vs 94 ms, fwd+bwd 273 vs 433 ms). Otherwise (no compiler, ``ATTNKIT_NATIVE=0``, a strided feature
-dim) the torch-ops path below runs; ``ak.explain`` says which and why. Both save the
-same segment-entry states, so either backward can follow either forward.
+leaves the cache and no prefix scan is needed (linear benchmark, now ``attnkit bench --suite linear``:
+N=16384 forward 58-65 ms vs 89-114 ms for the torch-ops path, fwd+bwd 263 vs 400 ms; bf16 inputs,
+upcast to fp32 as a whole: 67 vs 94 ms, fwd+bwd 273 vs 433 ms). Otherwise (no compiler,
+``ATTNKIT_NATIVE=0``, a strided feature dim) the torch-ops path below runs; ``ak.explain`` says which
+and why. Both save the same segment-entry states, so either backward can follow either forward.
 
 Memory: forward+backward keep only q, k, v (the caller's tensors, not copies), the log-decay and
 one state per segment (``(N / segment) * B*H*D*Dv``); every per-chunk tensor (scores, chunk
@@ -35,7 +35,7 @@ states) lives for one segment, so extra memory is O(segment * (C + D) * H) regar
 backward is hand-written (Lightning-2 algorithm generalised to per-token log-decay, including the
 decay gradient) and recomputes the chunk states of a segment from the stored segment state.
 At B=1, H=8, D=Dv=64, fp32, segment 4096 the per-segment workspace is ~50 MiB (chunk states U, P,
-their gradients W, R: 8 MiB each; one head's C x C tiles); benchmarks/linear_perf.py measured a
+their gradients W, R: 8 MiB each; one head's C x C tiles); the linear benchmark suite measured a
 peak RSS of 1.37 GiB for forward+backward at N=65536, of which q, k, v, dO, o, dq, dk, dv are 1 GiB.
 """
 
