@@ -75,12 +75,12 @@ def test_quick_suite_end_to_end(tmp_path):
     attention = {i: recs[i] for i in mine}
     bad = {i: r.get("reason") for i, r in recs.items() if r["status"] != "ok"}
     assert not bad, bad
-    from attnkit.kernels import native as _native
+    from attnkit.kernels import native
 
     run = next(r for r in load(tmp_path / "results.jsonl") if r.get("kind") == "run")
     nat = run["native_kernels"]  # built (or loaded) once in the roof job, kept out of every case
     assert nat is not None and nat["build_s"] >= 0
-    assert (nat["status"] == "loaded") == _native.available()
+    assert (nat["status"] == "loaded") == native.available()
     for r in attention.values():
         assert r["max_abs_err"] < 1e-4 and r["gflops"] > 0 and r["peak_rss_mb"] is not None
         assert r["speedup_vs_baseline"] > 0

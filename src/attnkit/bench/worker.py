@@ -59,11 +59,11 @@ def _child(job: dict[str, Any], cases: dict[str, Any], cfg: dict[str, Any]) -> N
                 _emit({"event": "roof", "dtype": dt, "gflops": None, "reason": repr(exc)})
         # the optional compiled kernels build here, once per run and machine (a one-off cost recorded
         # in the run line), so no case's first call carries the build; later children load the cache
-        from attnkit.kernels import native as _native
+        from attnkit.kernels import native
 
         t0 = time.perf_counter()
-        _native.available()
-        _emit({"event": "native", "status": _native.status(), "build_s": time.perf_counter() - t0})
+        native.available()
+        _emit({"event": "native", "status": native.status(), "build_s": time.perf_counter() - t0})
         return
     missing = [i for i in job.get("ids", [job.get("id")]) if i not in cases]
     for i in missing:
