@@ -1,6 +1,6 @@
-"""PSA's inference fast path (backends/pyramid_fused.py) vs the naive pyramid reference.
+"""PSA's inference fast path (``attnkit.ops.routed.psa_fused``) vs the naive pyramid reference.
 
-``pyramid_sparse_attention`` takes the fused path only without autograd and below fp64, so these
+``pyramid_sparse_attention``'s ``fused`` backend runs only without autograd and below fp64, so these
 tests call it under ``torch.no_grad()`` in fp32/bf16/fp16 (the gradient tests of
 test_pyramid_sparse.py cover the differentiable path)."""
 
@@ -33,7 +33,8 @@ def test_fused_matches_reference(N, Nq, bq, bk, causal, Hq, Hkv, dtype):
     if causal:
         assert causal_diag_ok(M, bq, bk, Nq)
     with torch.no_grad():
-        got = pyramid_sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), M, bq, bk, causal=causal)
+        got = pyramid_sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), M, bq, bk, causal=causal,
+                                       backend="fused")
     assert got.dtype == dtype
     assert_close(got.double(), naive_pyramid_attention(q, k, v, M, bq, bk, causal=causal), dtype, "out")
 

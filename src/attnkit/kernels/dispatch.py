@@ -12,10 +12,10 @@ An optional *diagonal* part gives each query ``t`` its own block ``t // bs`` (ca
 full) as one batched call over all blocks; MoBA's causal own block and VMoBA's forced own block
 (in partition order) are this part.
 
-Without autograd each part runs torch's fused CPU flash-attention op (it returns the
-log-sum-exp) and the merge is an online rescaling into one accumulator per query; with autograd
-the explicit softmax of ``attend_gathered`` runs and the partials merge by differentiable
-scatter-adds. Cost: ``O(P * bs * D)`` for ``P`` selected pairs plus ``O(N * bs * D)`` for the
+Two paths, chosen by the caller through ``fused``: each part on torch's fused CPU flash-attention
+op (it returns the log-sum-exp; no backward) with the merge an in-place rescaling into one
+accumulator per query, or the explicit softmax of ``attend_gathered`` with the partials merged
+by differentiable scatter-adds. Cost: ``O(P * bs * D)`` for ``P`` selected pairs plus ``O(N * bs * D)`` for the
 diagonal; memory: ``O(N * Dv)`` without autograd.
 """
 
@@ -25,10 +25,10 @@ import math
 
 import torch
 
-from attnkit._validate import check_qkv, resolve_scale
+from attnkit._validate import check_qkv, int_arg, resolve_scale
 from attnkit.kernels import alloc
-from attnkit.kernels.fused import fused_ops
-from attnkit.kernels.gather import attend_gathered, compute_dtype
+from attnkit.kernels.fused import fused_check, fused_ops
+from attnkit.kernels.gather import attend_gathered, compute_dtype, needs_grad
 
 _TILE = 128  # query rows per tile: pads < 128 rows per (batch, head, block) group
 
@@ -63,7 +63,7 @@ def _tiles(sel: torch.Tensor, tile: int):
 
 def routed_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor,
                            block_size: int, *, diag: str | None = None,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, fused: bool | None = None) -> torch.Tensor:
     """Each query attends every key of its selected key blocks (plus optionally its own block).
 
     Args:
@@ -75,6 +75,11 @@ def routed_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
         diag: ``None``, ``"causal"`` (query ``t`` also attends keys ``j * bs <= u <= t`` of its own
             block ``j = t // bs``) or ``"full"`` (all of its own block); needs ``N == Nk``.
         scale: logit scale, default ``D ** -0.5``.
+        fused: run every part on the fused CPU op (True; ValueError when it cannot: an input needs
+            a gradient, or ``kernels.fused.fused_check`` fails), on the differentiable matmul
+            softmax (False), or None: fused exactly when no input needs a gradient, the input is
+            not float64 (the fused exp is approximate) and ``fused_check`` passes. Ops pass it
+            explicitly and show the choice in ``explain``.
 
     Returns:
         ``(B, N, Hq, Dv)``; a query with no key at all gets zeros.
@@ -85,8 +90,7 @@ def routed_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
         >>> out = routed_block_attention(q, k, v, sel, 128, diag="causal")  # own block + block 0
     """
     hq, hkv = check_qkv(q, k, v)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    int_arg("block_size", block_size, 1)
     if diag not in (None, "causal", "full"):
         raise ValueError(f"diag must be None, 'causal' or 'full', got {diag!r}")
     B, N, _, D = q.shape
@@ -100,9 +104,16 @@ def routed_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
         raise ValueError(f"diag needs self-attention (N == Nk), got N={N}, Nk={Nk}")
     scale = resolve_scale(scale, D)
     cdt = compute_dtype(q.dtype)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    # fp64 keeps the matmul path: the fused kernel's exp is approximate (~1e-9 relative)
-    fwd = fused_ops()[0] if (q.device.type == "cpu" and D == Dv and not grad and cdt != torch.float64) else None
+    grad = needs_grad(q, k, v)
+    ok, why = fused_check(q, v)
+    if fused is None:
+        # fp64 keeps the matmul path: the fused kernel's exp is approximate (~1e-9 relative)
+        fused = ok and not grad and cdt != torch.float64
+    elif fused and grad:
+        raise ValueError("fused=True cannot run: inputs require grad (the fused op has no backward)")
+    elif fused and not ok:
+        raise ValueError(f"fused=True cannot run: {why}")
+    fwd = fused_ops()[0] if fused else None
     g = hq // hkv
     qh = q.to(cdt).transpose(1, 2).contiguous()  # (B, Hq, N, D)
     kh = k.to(cdt).transpose(1, 2).contiguous()  # (B, Hkv, Nk, D)

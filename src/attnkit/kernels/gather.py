@@ -8,8 +8,8 @@ those K/V blocks with one ``index_select`` and runs a batched matmul over all qu
 blocks at once, then a masked softmax. Autograd provides the backward pass.
 
 Cost: ``O(B * Hq * Nq * kmax * bk * D)`` flops. Memory: the forward is chunked over query
-blocks (about 64 MiB of gathered K/V and scores per chunk; without autograd the gather
-buffers are reused across chunks, since fresh multi-MiB allocations page-fault); with gradients enabled
+blocks (about 64 MiB of gathered K/V and scores per chunk; with ``reuse_buffers`` the gather
+buffers are reused across chunks, since fresh multi-MiB allocations page-fault); with gradients
 autograd keeps every chunk's gathered K/V and probabilities, i.e.
 ``O(B * Hq * nqb * kmax * bk * (D + Dv + bq))`` elements. The K/V gather duplicates
 blocks per query head, which is the price of per-head routing.
@@ -24,6 +24,14 @@ import torch.nn.functional as F
 
 from attnkit._validate import check_qkv, resolve_scale
 from attnkit.kernels import alloc
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will record an op on ``tensors``: grad mode is on and one of them requires grad.
+
+    Ops compute this once, when they build their call, and choose their path from it explicitly.
+    """
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -119,6 +127,7 @@ def _blocks(x: torch.Tensor, n_blocks: int, b: int) -> torch.Tensor:
 def block_gather_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int | tuple[int, int],
     *, extra_mask: object = None, scale: float | None = None, return_lse: bool = False,
+    reuse_buffers: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention where each (batch, head, query block) attends only its selected key blocks.
 
@@ -131,6 +140,10 @@ def block_gather_attention(
             ``ak.masks.causal()``), applied inside the selected blocks.
         scale: logit scale, default ``D ** -0.5``.
         return_lse: also return the log-sum-exp ``(B, Nq, Hq)`` (``-inf`` for empty rows).
+        reuse_buffers: gather every chunk into one pair of buffers (``index_select(out=)``, which
+            autograd cannot record: ValueError when an input needs a gradient). None: reuse exactly
+            when no input needs one (:func:`needs_grad`); ops pass it explicitly. Same numbers
+            either way.
 
     Returns:
         ``out (B, Nq, Hq, Dv)`` in the input dtype (fp32 accumulation for half types);
@@ -176,7 +189,10 @@ def block_gather_attention(
     chunk = max(1, min(nqb, alloc.CHUNK_BYTES // max(per_block, 1)))
     # without autograd, gather into buffers reused across chunks: fresh multi-MiB allocations
     # page-fault on every chunk and cost more than the copy itself
-    reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    grad = needs_grad(q, k, v)
+    reuse = not grad if reuse_buffers is None else bool(reuse_buffers)
+    if reuse and grad:
+        raise ValueError("reuse_buffers=True cannot record autograd (index_select(out=)): inputs require grad")
     if reuse:
         kbuf = kflat.new_empty(B * hq * chunk * kmax, bk, D)
         vbuf = vflat.new_empty(B * hq * chunk * kmax, bk, Dv)

@@ -3,16 +3,26 @@
 The map is split into ``S x S`` regions; region-mean queries and keys give a region affinity,
 each region routes to its top-k regions, and its tokens attend to the tokens of those regions
 (the block-gather engine, with regions made contiguous). A depthwise conv on V (local
-context enhancement, LCE) is added before the output projection.
+context enhancement, LCE) is added before the output projection (the module's part).
+
+Backends (``ak.explain("bi_level_routing_attention", q, k, v, n_win=.., topk=..)``):
+
+* ``gather`` -- the block-gather engine (``attnkit.kernels.gather``) on the region routes;
+* ``reference`` -- the naive raster-grid twin of ``attnkit.reference.naive_routed`` (never automatic).
 """
 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from attnkit._validate import check_qkv
-from attnkit.kernels.gather import block_gather_attention
+from attnkit._validate import check_qkv, int_arg, resolve_scale
+from attnkit.kernels.gather import block_gather_attention, needs_grad
+from attnkit.ops.base import Backend, Dispatcher, register_op
+from attnkit.ops.routed._common import cpu_only, gather_detail, grad_words, reference_dtype
+from attnkit.reference.naive_routed import naive_biformer
 
 
 def _to_regions(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -45,8 +55,78 @@ def region_routes(q: torch.Tensor, k: torch.Tensor, n_win: int, topk: int, scale
 
 
 
+@dataclass(frozen=True)
+class BRACall:
+    """A validated ``bi_level_routing_attention`` call (what backends and ``explain`` see)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    n_win: int
+    topk: int
+    scale: float
+    return_layout: bool
+    needs_grad: bool  # autograd will record the attention (read once, when the call is built)
+
+    def describe(self) -> str:
+        return (f"q {tuple(self.q.shape)} k {tuple(self.k.shape)} v {tuple(self.v.shape)} {self.q.dtype}, "
+                f"n_win={self.n_win} ({self.n_win ** 2} regions), topk={self.topk}, scale={self.scale:.4g}, "
+                f"{grad_words(self.needs_grad)}")
+
+
+def make_call(q, k, v, n_win, topk, *, scale=None, return_layout=False) -> BRACall:
+    """Validate a ``bi_level_routing_attention`` call; errors name the argument."""
+    check_qkv(q, k, v, spatial_rank=2, same_extent=True)
+    _, yy, xx, h, d = q.shape
+    int_arg("n_win", n_win, 1)
+    if yy % n_win or xx % n_win:
+        raise ValueError(f"n_win must be a positive int dividing the grid ({yy}, {xx}), got {n_win!r}")
+    r = n_win * n_win
+    if int_arg("topk", topk, 1) > r:
+        raise ValueError(f"topk must be in [1, number of regions = n_win^2 = {r}], got {topk!r}")
+    if k.shape[-2] != h:
+        raise ValueError("bi_level_routing_attention needs as many key as query heads (routing concatenates heads)")
+    # the reference's full q/k width, not the head dim
+    return BRACall(q, k, v, n_win, topk, resolve_scale(scale, h * d), bool(return_layout), needs_grad(q, k, v))
+
+
+def _run_gather(call: BRACall):
+    q, k, v, n_win = call.q, call.k, call.v, call.n_win
+    yy, xx = q.shape[1:3]
+    layout = region_routes(q, k, n_win, call.topk, call.scale)  # (B, 1, R, R)
+    m = (yy // n_win) * (xx // n_win)
+    qr, kr, vr = (_to_regions(t, n_win) for t in (q, k, v))  # (B, R*m, H, D)
+    out = block_gather_attention(qr, kr, vr, layout, m, scale=call.scale,
+                                 reuse_buffers=not call.needs_grad)  # (B, R*m, H, Dv)
+    out = _from_regions(out, n_win, yy, xx)  # (B, Y, X, H, Dv)
+    return (out, layout) if call.return_layout else out
+
+
+def _reference_supports(call: BRACall) -> tuple[bool, str]:
+    if call.return_layout:
+        return False, "the naive twin returns no layout (return_layout=True)"
+    return cpu_only(call)
+
+
+def _run_reference(call: BRACall):
+    """The naive raster-grid twin (float32 for half inputs)."""
+    dt = reference_dtype(call.q.dtype)
+    q, k, v = (t.to(dt) for t in (call.q, call.k, call.v))
+    return naive_biformer(q, k, v, call.n_win, call.topk, call.scale).to(call.q.dtype)
+
+
+DISPATCHER = Dispatcher("bi_level_routing_attention", [
+    Backend("gather", _run_gather, suits=lambda call: (True, "regions made contiguous, routed blocks gathered"),
+            detail=lambda call: gather_detail(call.needs_grad), note="block-gather engine"),
+    Backend("reference", _run_reference, _reference_supports, auto=False, note="naive raster twin (the oracle)"),
+])
+
+register_op("bi_level_routing_attention", make_call, DISPATCHER)
+
+
 def bi_level_routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_win: int, topk: int, *,
-                               scale: float | None = None, return_layout: bool = False):
+                               scale: float | None = None, return_layout: bool = False,
+                               backend: str | None = None):
     """Bi-level routing attention on a 2-D grid.
 
     Args:
@@ -54,6 +134,9 @@ def bi_level_routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         n_win: regions per side ``S`` (``Y % S == X % S == 0``); topk: routed regions per region.
         scale: token and routing logit scale; default ``(H*D) ** -0.5`` (the reference's full
             q/k width, not the head dim).
+        return_layout: also return the routing layout.
+        backend: ``"gather"``, ``"reference"`` or None (gather). A forced backend that cannot run
+            raises ValueError with the reason.
 
     Returns:
         ``(B, Y, X, H, Dv)``; with ``return_layout`` also the ``(B, 1, R, R)`` routing layout.
@@ -62,20 +145,5 @@ def bi_level_routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         >>> q = k = v = torch.randn(1, 16, 16, 4, 16)
         >>> out = bi_level_routing_attention(q, k, v, n_win=4, topk=4)
     """
-    check_qkv(q, k, v, spatial_rank=2, same_extent=True)
-    _, yy, xx, h, d = q.shape
-    if isinstance(n_win, bool) or not isinstance(n_win, int) or n_win < 1 or yy % n_win or xx % n_win:
-        raise ValueError(f"n_win must be a positive int dividing the grid ({yy}, {xx}), got {n_win!r}")
-    r = n_win * n_win
-    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= r:
-        raise ValueError(f"topk must be in [1, number of regions = n_win^2 = {r}], got {topk!r}")
-    if k.shape[-2] != h:
-        raise ValueError("bi_level_routing_attention needs as many key as query heads (routing concatenates heads)")
-    scale = (h * d) ** -0.5 if scale is None else scale
-    layout = region_routes(q, k, n_win, topk, scale)
-    m = (yy // n_win) * (xx // n_win)
-    qr, kr, vr = (_to_regions(t, n_win) for t in (q, k, v))  # (B, R*m, H, D)
-    out = block_gather_attention(qr, kr, vr, layout, m, scale=scale)  # (B, R*m, H, Dv)
-    out = _from_regions(out, n_win, yy, xx)
-    return (out, layout) if return_layout else out
-
+    call = make_call(q, k, v, n_win, topk, scale=scale, return_layout=return_layout)
+    return DISPATCHER.run(call, backend)

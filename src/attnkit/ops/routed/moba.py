@@ -3,10 +3,16 @@
 Keys are cut into blocks; a parameter-free router scores every block by its mean key and
 each query attends, at token level, only inside its top-k blocks. Causal: the query's own
 block is always selected (causally masked inside) and blocks past the query are never
-candidates; the top-k budget counts the own block. Token routing runs the paper's key-major
-dispatch (``backends.block_dispatch``); block routing runs, without autograd, the fused CPU op
-(own block + each query block's gathered past blocks, merged by log-sum-exp), else the
-block-gather engine.
+candidates; the top-k budget counts the own block (paper section 2.2).
+
+Backends (``ak.explain("moba_attention", q, k, v, block_size=.., topk=..)`` shows the choice):
+
+* ``dispatch`` -- token routing on the paper's key-major dispatch (``attnkit.kernels.dispatch``):
+  fused CPU op without autograd, differentiable matmul softmax with it (``explain`` shows which);
+* ``fused`` -- block routing without autograd on the fused CPU op (own block + each query block's
+  gathered past blocks, merged by log-sum-exp); whole blocks, self-attention, ``Dv == D``;
+* ``gather`` -- block routing on the block-gather engine (``attnkit.kernels.gather``);
+* ``reference`` -- the naive per-query mask of ``attnkit.reference.naive_routed`` (never automatic).
 """
 
 
@@ -17,12 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
-from attnkit._validate import check_qkv, resolve_scale
+from attnkit._validate import check_qkv, int_arg, resolve_scale
 from attnkit.kernels import alloc
 from attnkit.kernels.dispatch import _diag, routed_block_attention
 from attnkit.kernels.fused import fused_ops
-from attnkit.kernels.gather import block_gather_attention, compute_dtype
+from attnkit.kernels.gather import block_gather_attention, compute_dtype, needs_grad
 from attnkit.kernels.merge import merge_partials
+from attnkit.ops.base import Backend, Dispatcher, register_op
+from attnkit.ops.routed._common import cpu_only, gather_detail, grad_words, no_grad_fused_check, reference_dtype
+from attnkit.reference.naive_dense import naive_masked_attention
+from attnkit.reference.naive_routed import naive_moba_mask
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -78,9 +88,168 @@ class _Causal:
 
 
 
+@dataclass(frozen=True)
+class MoBACall:
+    """A validated ``moba_attention`` call (what backends and ``explain`` see)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    block_size: int
+    topk: int
+    causal: bool
+    routing: str  # "token" | "block"
+    scale: float
+    return_layout: bool
+    needs_grad: bool  # autograd will record the attention (read once, when the call is built)
+
+    @property
+    def self_attn(self) -> bool:
+        return self.q.shape[1] == self.k.shape[1]
+
+    def describe(self) -> str:
+        kind = ("causal" if self.causal else "non-causal") + (" self" if self.self_attn else " cross")
+        return (f"q {tuple(self.q.shape)} k {tuple(self.k.shape)} v {tuple(self.v.shape)} {self.q.dtype}, "
+                f"{kind}, routing={self.routing}, block_size={self.block_size}, topk={self.topk}, "
+                f"scale={self.scale:.4g}, {grad_words(self.needs_grad)}")
+
+
+def make_call(q, k, v, block_size, topk, *, causal=True, routing="token", scale=None,
+              return_layout=False) -> MoBACall:
+    """Validate a ``moba_attention`` call; errors name the argument."""
+    check_qkv(q, k, v)
+    if routing not in ("token", "block"):
+        raise ValueError(f"routing must be 'token' or 'block', got {routing!r}")
+    int_arg("block_size", block_size, 1)
+    N, Nk = q.shape[1], k.shape[1]
+    n = math.ceil(Nk / block_size)
+    if int_arg("topk", topk, 1) > n:
+        raise ValueError(f"topk must be in [1, number of key blocks = ceil({Nk} / {block_size}) = {n}], got {topk}")
+    if causal and N != Nk:
+        raise ValueError(f"causal MoBA needs self-attention (Nq == Nk), got Nq={N}, Nk={Nk}")
+    return MoBACall(q, k, v, block_size, topk, bool(causal), routing, resolve_scale(scale, q.shape[-1]),
+                    bool(return_layout), needs_grad(q, k, v))
+
+
+def _route(call: MoBACall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The router: ``(sel (B, Hq, rows, n) bool, own (rows,) or None)``; rows are queries (token
+    routing) or query blocks (block routing). No gradient flows through routing."""
+    q, k = call.q, call.k
+    hq, hkv, bs = q.shape[2], k.shape[2], call.block_size
+    cdt = compute_dtype(q.dtype)
+    kbar = block_means(k.detach().to(cdt), bs).repeat_interleave(hq // hkv, dim=2)  # (B, n, Hq, D)
+    qr = q.detach().to(cdt)
+    if call.routing == "block":
+        qr = block_means(qr, bs)  # (B, nqb, Hq, D): one route per query block
+    scores = torch.einsum("bqhd,bnhd->bhqn", qr, kbar)  # (B, Hq, rows, n)
+    rows = scores.shape[2]
+    own = None
+    if call.self_attn:
+        own = torch.arange(rows, device=q.device) // (1 if call.routing == "block" else bs)
+    return route_topk(scores, own, call.topk, call.causal), own
+
+
+def _finish(call: MoBACall, out: torch.Tensor, sel: torch.Tensor):
+    return (out, sel) if call.return_layout else out
+
+
+def _dispatch_fused(call: MoBACall) -> tuple[bool, str]:
+    return no_grad_fused_check(call.q, call.v, call.needs_grad)
+
+
+def _run_dispatch(call: MoBACall):
+    # the paper's dispatch: own block as one batched (causal) block-diagonal part, every other
+    # selected block attended in full by the queries that chose it, merged by log-sum-exp
+    sel, own = _route(call)
+    routes = sel
+    if own is not None:
+        n = sel.shape[-1]
+        routes = sel & (torch.arange(n, device=sel.device) != own.unsqueeze(-1))  # (B, Hq, N, n)
+    out = routed_block_attention(call.q, call.k, call.v, routes, call.block_size, scale=call.scale,
+                                 diag=None if own is None else ("causal" if call.causal else "full"),
+                                 fused=_dispatch_fused(call)[0])
+    return _finish(call, out, sel)
+
+
+def _dispatch_supports(call: MoBACall) -> tuple[bool, str]:
+    if call.routing != "token":
+        return False, "block routing runs on 'fused' or 'gather' (the dispatch engine takes per-token routes)"
+    return True, ""
+
+
+def _dispatch_detail(call: MoBACall) -> str:
+    ok, why = _dispatch_fused(call)
+    if ok:
+        return "key-major dispatch, every part on the fused CPU op (no input needs a gradient)"
+    return f"key-major dispatch, differentiable matmul softmax: {why}"
+
+
+def _fused_supports(call: MoBACall) -> tuple[bool, str]:
+    if call.routing != "block":
+        return False, "token routing: the fused block path routes per query block (use 'dispatch')"
+    if not call.self_attn:
+        return False, "cross attention: the fused block path needs self-attention (Nq == Nk)"
+    if call.q.shape[1] % call.block_size:
+        return False, f"partial last block: N={call.q.shape[1]} is not a multiple of block_size={call.block_size}"
+    return no_grad_fused_check(call.q, call.v, call.needs_grad)
+
+
+def _run_fused(call: MoBACall):
+    sel, _ = _route(call)
+    out = _block_routed_fused(call.q, call.k, call.v, sel, call.block_size, call.causal, call.scale)
+    return _finish(call, out, sel)
+
+
+def _gather_supports(call: MoBACall) -> tuple[bool, str]:
+    if call.routing != "block":
+        return False, "token routing runs on 'dispatch' (the gather engine takes one route per query block)"
+    return True, ""
+
+
+def _run_gather(call: MoBACall):
+    sel, _ = _route(call)
+    out = block_gather_attention(call.q, call.k, call.v, sel, call.block_size, scale=call.scale,
+                                 extra_mask=_Causal() if call.causal else None, reuse_buffers=not call.needs_grad)
+    return _finish(call, out, sel)
+
+
+def _run_reference(call: MoBACall):
+    """The naive per-query mask (float32 for half inputs); the layout is read back from that mask."""
+    dt = reference_dtype(call.q.dtype)
+    q, k, v = (t.to(dt) for t in (call.q, call.k, call.v))
+    bs = call.block_size
+    allowed = naive_moba_mask(q.detach(), k.detach(), bs, call.topk, call.causal, call.routing)  # (B, H, N, Nk)
+    out = naive_masked_attention(q, k, v, allowed, call.scale)[0].to(call.q.dtype)
+    if not call.return_layout:
+        return out
+    B, H, N, Nk = allowed.shape
+    n = math.ceil(Nk / bs)
+    padded = torch.cat([allowed, allowed.new_zeros(B, H, N, n * bs - Nk)], -1)  # (B, H, N, n*bs)
+    # a selected block always shows a visible key (the query itself, or a wholly past block)
+    sel = padded.view(B, H, N, n, bs).any(-1)  # (B, H, N, n)
+    if call.routing == "block":
+        sel = sel[:, :, ::bs]  # (B, H, nqb, n): a query block's first row carries its route
+    return out, sel
+
+
+DISPATCHER = Dispatcher("moba_attention", [
+    Backend("dispatch", _run_dispatch, _dispatch_supports,
+            lambda call: (True, "work ~ selected (query, block) pairs, no per-token mask"), detail=_dispatch_detail,
+            note="token routing: per key block, the queries that chose it, merged by log-sum-exp"),
+    Backend("fused", _run_fused, _fused_supports, lambda call: (True, "no autograd: fused op, no element mask"),
+            note="block routing without autograd on the fused CPU op",
+            detail=lambda call: "own block + gathered past blocks on the fused CPU op, merged by log-sum-exp"),
+    Backend("gather", _run_gather, _gather_supports, lambda call: (True, "any block routing, differentiable"),
+            detail=lambda call: gather_detail(call.needs_grad), note="block routing on the block-gather engine"),
+    Backend("reference", _run_reference, cpu_only, auto=False, note="naive per-query mask (the oracle)"),
+])
+
+register_op("moba_attention", make_call, DISPATCHER)
+
+
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, topk: int, *,
                    causal: bool = True, routing: str = "token", scale: float | None = None,
-                   return_layout: bool = False):
+                   return_layout: bool = False, backend: str | None = None):
     """Mixture of block attention.
 
     Args:
@@ -92,6 +261,11 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
             non-causal cross (``N != Nk``) is plain top-k.
         routing: ``"token"`` (paper: every query scores blocks) or ``"block"`` (the mean query of
             each query block routes for the block; cheaper and exactly ``topk`` blocks per row).
+        scale: logit scale, default ``D ** -0.5``.
+        return_layout: also return the selection.
+        backend: ``"dispatch"`` (token routing), ``"fused"`` (block routing, no autograd),
+            ``"gather"`` (block routing), ``"reference"`` or None (the first that can run, in
+            that order). A forced backend that cannot run raises ValueError with the reason.
 
     Returns:
         ``(B, N, Hq, Dv)``; with ``return_layout`` also the bool selection ``(B, Hq, rows, n)``.
@@ -99,57 +273,11 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     Example:
         >>> q = k = v = torch.randn(1, 1024, 4, 32)
         >>> out = moba_attention(q, k, v, block_size=128, topk=3)
+        >>> print(ak.explain("moba_attention", q, k, v, block_size=128, topk=3, routing="block"))
     """
-    hq, hkv = check_qkv(q, k, v)
-    if routing not in ("token", "block"):
-        raise ValueError(f"routing must be 'token' or 'block', got {routing!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    N = q.shape[1]
-    Nk = k.shape[1]
-    n = math.ceil(Nk / block_size)
-    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= n:
-        raise ValueError(f"topk must be in [1, number of key blocks = ceil({Nk} / {block_size}) = {n}], got {topk}")
-    self_attn = N == Nk
-    if causal and not self_attn:
-        raise ValueError(f"causal MoBA needs self-attention (Nq == Nk), got Nq={N}, Nk={Nk}")
-    cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    kbar = block_means(k.detach().to(cdt), block_size).repeat_interleave(hq // hkv, dim=2)  # (B, n, Hq, D)
-    qr = q.detach().to(cdt)
-    if routing == "block":
-        qr = block_means(qr, block_size)  # (B, nqb, Hq, D): one route per query block
-    scores = torch.einsum("bqhd,bnhd->bhqn", qr, kbar)  # (B, Hq, rows, n); no gradient through routing
-    rows = scores.shape[2]
-    own = None
-    if self_attn:
-        own = torch.arange(rows, device=q.device) // (1 if routing == "block" else block_size)
-    sel = route_topk(scores, own, topk, causal)  # (B, Hq, rows, n)
-    if routing == "block" and _block_fused_ok(q, k, v, block_size, self_attn):
-        out = _block_routed_fused(q, k, v, sel, block_size, causal, resolve_scale(scale, q.shape[-1]))
-    elif routing == "block":
-        out = block_gather_attention(q, k, v, sel, block_size, extra_mask=_Causal() if causal else None, scale=scale)
-    else:
-        # the paper's dispatch: own block as one batched (causal) block-diagonal part, every other
-        # selected block attended in full by the queries that chose it, merged by log-sum-exp
-        routes = sel
-        if own is not None:
-            routes = sel & (torch.arange(n, device=q.device) != own.unsqueeze(-1))  # (B, Hq, N, n)
-        out = routed_block_attention(q, k, v, routes, block_size, scale=scale,
-                                     diag=None if own is None else ("causal" if causal else "full"))
-    return (out, sel) if return_layout else out
-
-
-
-def _block_fused_ok(q, k, v, bs: int, self_attn: bool) -> bool:
-    """Block routing's inference path: no autograd, CPU, ``D == Dv``, not fp64 (the fused kernel's exp
-    is approximate), self-attention on whole blocks. Anything else runs the block-gather engine."""
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return (not grad and self_attn and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
-            and q.dtype != torch.float64 and q.shape[1] % bs == 0 and fused_ops()[0] is not None)
-
-
-
-
+    call = make_call(q, k, v, block_size, topk, causal=causal, routing=routing, scale=scale,
+                     return_layout=return_layout)
+    return DISPATCHER.run(call, backend)
 
 
 def _block_routed_fused(q, k, v, sel, bs: int, causal: bool, scale: float) -> torch.Tensor:

@@ -7,6 +7,15 @@ rest are skipped. A pooled key stands for the ``r`` tokens it replaces through a
 logit bias, exact when those tokens are equal. One softmax runs over all visible tokens of
 all levels: per level the selected pooled blocks are gathered as in the block-gather engine,
 concatenated along the key axis and attended with ``attend_gathered`` (bias = ``ln r``).
+
+Two ops: ``pyramid_sparse_attention`` (a given level map) and ``psa_attention`` (sampled
+importance -> level map -> pyramid attention). Backends of both (``ak.explain`` shows the choice):
+
+* ``fused`` -- without autograd, torch's fused CPU op with per-row masks (``psa_fused``);
+  causal needs ``block_q % block_kv == 0`` and the diagonal KV blocks at factor 1;
+* ``gather`` -- every level's selected pooled blocks gathered per query block, one masked
+  softmax (SDPA on a float mask without autograd, ``attend_gathered`` with it);
+* ``reference`` -- the naive twins of ``attnkit.reference.naive_routed`` (never automatic).
 """
 
 
@@ -18,11 +27,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attnkit._validate import check_qkv, resolve_scale
+from attnkit._validate import check_qkv, int_arg, resolve_scale
 from attnkit.kernels import alloc
-from attnkit.kernels.fused import can_fuse
-from attnkit.kernels.gather import _blocks, attend_gathered, check_layout, compute_dtype, layout_indices
+from attnkit.kernels.gather import _blocks, attend_gathered, check_layout, compute_dtype, layout_indices, needs_grad
+from attnkit.ops.base import Backend, Dispatcher, register_op
+from attnkit.ops.routed._common import cpu_only, grad_words, no_grad_fused_check, reference_dtype
 from attnkit.ops.routed.psa_fused import causal_diag_ok, pyramid_fused
+from attnkit.reference.naive_routed import naive_psa_importance, naive_psa_levels, naive_pyramid_attention
 
 DEFAULT_RATIOS = (0.10, 0.05, 0.0, 0.20)  # repository default: ~85% of blocks skipped
 
@@ -40,9 +51,7 @@ class PSAConfig:
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "levels"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            int_arg(name, getattr(self, name), 1)
         if self.block_kv % 2 ** (self.levels - 1):
             raise ValueError(f"block_kv ({self.block_kv}) must be divisible by the largest pool factor "
                              f"2**(levels-1) = {2 ** (self.levels - 1)} (pooling happens inside KV blocks)")
@@ -69,6 +78,15 @@ def band_ends(n: int, ratios: tuple[float, ...], forced: int = 0) -> list[int]:
 
 
 
+def sample_offsets(b: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The ``max(1, b // 4)`` sampled offsets inside a block of ``b`` tokens, shared by all blocks:
+    strided ``0, s, 2s, ...`` (``s = b // m``) without ``generator``, else a sorted random subset."""
+    m = max(1, b // 4)
+    if generator is None:
+        return torch.arange(m) * (b // m)
+    return torch.randperm(b, generator=generator)[:m].sort().values
+
+
 def psa_importance(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int, *, causal: bool = False,
                    scale: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """PSA's sampled block-importance estimate ``S (B, Hq, nqb, nkb)``.
@@ -83,14 +101,10 @@ def psa_importance(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int
     nqb, nkb = math.ceil(Nq / block_q), Nk // block_kv
     cdt = compute_dtype(q.dtype)
 
-    def offsets(b: int) -> torch.Tensor:
-        m = max(1, b // 4)
-        if generator is None:
-            return torch.arange(m) * (b // m)
-        return torch.randperm(b, generator=generator)[:m].sort().values
-
-    qpos = (torch.arange(nqb).view(-1, 1) * block_q + offsets(block_q)).clamp_max(Nq - 1).to(q.device)  # (nqb, mq)
-    kpos = (torch.arange(nkb).view(-1, 1) * block_kv + offsets(block_kv)).to(q.device)  # (nkb, mk)
+    oq = sample_offsets(block_q, generator)  # drawn first: the query offsets, then the key offsets
+    ok = sample_offsets(block_kv, generator)
+    qpos = (torch.arange(nqb).view(-1, 1) * block_q + oq).clamp_max(Nq - 1).to(q.device)  # (nqb, mq)
+    kpos = (torch.arange(nkb).view(-1, 1) * block_kv + ok).to(q.device)  # (nkb, mk)
     mq, mk = qpos.shape[1], kpos.shape[1]
     qs = (q.detach().to(cdt)[:, qpos.flatten()] * resolve_scale(scale, D)).transpose(1, 2)  # (B, Hq, nqb*mq, D)
     ks = k.detach().to(cdt)[:, kpos.flatten()].repeat_interleave(hq // hkv, dim=2).transpose(1, 2)  # (B, Hq, K, D)
@@ -151,34 +165,35 @@ def psa_level_map(scores: torch.Tensor, mask_ratios: tuple[float, ...], *, causa
 
 
 
-def pyramid_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, level_map: torch.Tensor,
-                             block_q: int, block_kv: int, *, causal: bool = False,
-                             scale: float | None = None) -> torch.Tensor:
-    """Attention over a pyramid of pooled KV blocks chosen per (batch, head, query block).
+@dataclass(frozen=True)
+class PyramidCall:
+    """A validated ``pyramid_sparse_attention`` call (what backends and ``explain`` see)."""
 
-    Args:
-        q: ``(B, Nq, Hq, D)``; k: ``(B, Nk, Hkv, D)``; v: ``(B, Nk, Hkv, Dv)``; GQA by ``Hq % Hkv``.
-            ``Nk % block_kv == 0`` (pooling stays inside blocks); ``Nq`` may be ragged.
-        level_map: int ``(B or 1, Hq or 1, nqb, nkb)`` pool factors (0 = skip, else a power of two
-            dividing ``block_kv``), ``nqb = ceil(Nq / block_q)``, ``nkb = Nk / block_kv``.
-        causal: a pooled key covering tokens ``[p r, (p+1) r)`` is visible to query ``t`` only if
-            ``(p+1) r - 1 <= t`` (self-attention, ``Nq == Nk``).
-        scale: logit scale, default ``D ** -0.5``; each pooled logit gets ``+ ln r``.
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    level_map: torch.Tensor  # (B, Hq, nqb, nkb) pool factors, 0 = skip
+    factors: tuple[int, ...]  # the non-zero pool factors present, ascending
+    block_q: int
+    block_kv: int
+    causal: bool
+    scale: float
+    needs_grad: bool  # autograd will record the attention (read once, when the call is built)
 
-    Returns:
-        ``(B, Nq, Hq, Dv)``; rows that see no key are zeros.
+    def describe(self) -> str:
+        mode = "causal" if self.causal else "non-causal"
+        return (f"q {tuple(self.q.shape)} k {tuple(self.k.shape)} v {tuple(self.v.shape)} {self.q.dtype}, "
+                f"{mode}, block_q={self.block_q}, block_kv={self.block_kv}, pool factors {list(self.factors)}, "
+                f"scale={self.scale:.4g}, {grad_words(self.needs_grad)}")
 
-    Example:
-        >>> q = k = v = torch.randn(1, 512, 4, 32)
-        >>> M = torch.ones(4, 8, dtype=torch.long)         # every block at full resolution: dense
-        >>> out = pyramid_sparse_attention(q, k, v, M, 128, 64)
-    """
-    hq, hkv = check_qkv(q, k, v)
-    for name, val in (("block_q", block_q), ("block_kv", block_kv)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+
+def make_pyramid_call(q, k, v, level_map, block_q, block_kv, *, causal=False, scale=None) -> PyramidCall:
+    """Validate a ``pyramid_sparse_attention`` call; errors name the argument."""
+    hq, _ = check_qkv(q, k, v)
+    int_arg("block_q", block_q, 1)
+    int_arg("block_kv", block_kv, 1)
     B, Nq, _, D = q.shape
-    Nk, Dv = k.shape[1], v.shape[-1]
+    Nk = k.shape[1]
     if Nk % block_kv:
         raise ValueError(f"Nk ({Nk}) must be divisible by block_kv ({block_kv}): pooled levels live inside KV blocks")
     if causal and Nq != Nk:
@@ -188,27 +203,60 @@ def pyramid_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     nqb, nkb = math.ceil(Nq / block_q), Nk // block_kv
     lm = check_layout(level_map != 0, B, hq, nqb, nkb).to(q.device)  # validates the shape
     lm = level_map.to(q.device).reshape(lm.shape).expand(B, hq, nqb, nkb)  # (B, Hq, nqb, nkb)
-    factors = sorted(int(f) for f in torch.unique(lm) if f != 0)
+    factors = tuple(sorted(int(f) for f in torch.unique(lm) if f != 0))
     bad = [f for f in factors if f & (f - 1) or block_kv % f]
     if bad or bool((lm < 0).any()):
         raise ValueError(f"level_map values must be 0 or powers of two dividing block_kv ({block_kv}), got {bad}")
-    scale = resolve_scale(scale, D)
+    return PyramidCall(q, k, v, lm, factors, block_q, block_kv, bool(causal), resolve_scale(scale, D),
+                       needs_grad(q, k, v))
+
+
+def _empty(call: PyramidCall) -> torch.Tensor:
+    """Nothing visible anywhere (no non-zero factor): zeros ``(B, Nq, Hq, Dv)``."""
+    return call.q.new_zeros(*call.q.shape[:3], call.v.shape[-1])
+
+
+def _fused_supports(call: PyramidCall) -> tuple[bool, str]:
+    ok, why = no_grad_fused_check(call.q, call.v, call.needs_grad)
+    if not ok:
+        return ok, why
+    if call.causal and not causal_diag_ok(call.level_map, call.block_q, call.block_kv, call.q.shape[1]):
+        return False, ("causal split needs block_q % block_kv == 0 and every query block's own KV blocks "
+                       "at factor 1")
+    return True, ""
+
+
+def _run_fused(call: PyramidCall) -> torch.Tensor:
+    if not call.factors:
+        return _empty(call)
+    # inference: fused op, per-row masks only, causal split into own span + unmasked past
+    cdt = compute_dtype(call.q.dtype)
+    out = pyramid_fused(call.q.to(cdt), call.k.to(cdt), call.v.to(cdt), call.level_map, list(call.factors),
+                        call.block_q, call.block_kv, call.causal, call.scale)
+    return out.to(call.q.dtype)
+
+
+def _gather_detail(call: PyramidCall) -> str:
+    if call.needs_grad:
+        return "gathered pooled blocks, explicit softmax (attend_gathered; autograd records it)"
+    return "gathered pooled blocks, SDPA on a float mask (ln r where visible, -inf elsewhere; no grad needed)"
+
+
+def _run_gather(call: PyramidCall) -> torch.Tensor:
+    if not call.factors:
+        return _empty(call)
+    q, k, v, lm, factors = call.q, call.k, call.v, call.level_map, call.factors
+    block_q, block_kv, causal, scale = call.block_q, call.block_kv, call.causal, call.scale
+    B, Nq, hq, D = q.shape
+    Nk, hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    nqb, nkb = lm.shape[-2:]
     cdt = compute_dtype(q.dtype)
     dev = q.device
-    if not factors:  # nothing visible anywhere
-        return q.new_zeros(B, Nq, hq, Dv)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    # fp64 keeps the exact path: the fused kernel's exp is approximate (~1e-9 relative)
-    fast = not grad and cdt != torch.float64 and can_fuse(q, v)
-    if fast and (not causal or causal_diag_ok(lm, block_q, block_kv, Nq)):
-        # inference: fused op, per-row masks only, causal split into own span + unmasked past
-        out = pyramid_fused(q.to(cdt), k.to(cdt), v.to(cdt), lm, factors, block_q, block_kv, causal, scale)
-        return out.to(q.dtype)
     b_ar = torch.arange(B, device=dev).view(B, 1, 1, 1)
     kvh = (torch.arange(hq, device=dev) // (hq // hkv)).view(1, hq, 1, 1)
     # one bank of every level's pooled tokens in granules of g tokens (g = the smallest pooled block),
     # so that a single index_select gathers a row's blocks of all levels without a concatenation
-    g = block_kv // factors[-1] if factors else block_kv
+    g = block_kv // factors[-1]
     kbank, vbank, ids, oks, lasts, biases, off = [], [], [], [], [], [], 0
     for r in factors:
         per = block_kv // r // g  # granules per pooled block
@@ -236,7 +284,7 @@ def pyramid_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     chunk = max(1, min(nqb, alloc.CHUNK_BYTES // max(per_block, 1)))
     # without autograd the fused SDPA kernel runs on a float mask (ln r where visible, -inf elsewhere);
     # with autograd the explicit softmax of attend_gathered (exact zeros and finite grads on empty rows)
-    fused = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    fused = not call.needs_grad
     outs = []
     for i0 in range(0, nqb, chunk):
         i1 = min(nqb, i0 + chunk)
@@ -260,15 +308,166 @@ def pyramid_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out.permute(0, 2, 1, 3).to(q.dtype)  # (B, Nq, Hq, Dv)
 
 
+def _run_reference(call: PyramidCall) -> torch.Tensor:
+    """The naive pyramid (every pooled key materialised, float32 for half inputs)."""
+    dt = reference_dtype(call.q.dtype)
+    q, k, v = (t.to(dt) for t in (call.q, call.k, call.v))
+    out = naive_pyramid_attention(q, k, v, call.level_map.cpu(), call.block_q, call.block_kv, call.causal,
+                                  call.scale)
+    return out.to(call.q.dtype)
+
+
+PYRAMID_DISPATCHER = Dispatcher("pyramid_sparse_attention", [
+    Backend("fused", _run_fused, _fused_supports, lambda call: (True, "no autograd: per-row masks only"),
+            note="fused CPU op without autograd (psa_fused)",
+            detail=lambda call: "fused CPU op, per-row masks" + (", causal own span split off and merged by "
+                                                                  "log-sum-exp" if call.causal else "")),
+    Backend("gather", _run_gather, suits=lambda call: (True, "any level map, differentiable"),
+            detail=_gather_detail, note="gathered pooled blocks, one masked softmax"),
+    Backend("reference", _run_reference, cpu_only, auto=False, note="naive pyramid (the oracle)"),
+])
+
+register_op("pyramid_sparse_attention", make_pyramid_call, PYRAMID_DISPATCHER)
+
+
+def pyramid_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, level_map: torch.Tensor,
+                             block_q: int, block_kv: int, *, causal: bool = False,
+                             scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Attention over a pyramid of pooled KV blocks chosen per (batch, head, query block).
+
+    Args:
+        q: ``(B, Nq, Hq, D)``; k: ``(B, Nk, Hkv, D)``; v: ``(B, Nk, Hkv, Dv)``; GQA by ``Hq % Hkv``.
+            ``Nk % block_kv == 0`` (pooling stays inside blocks); ``Nq`` may be ragged.
+        level_map: int ``(B or 1, Hq or 1, nqb, nkb)`` pool factors (0 = skip, else a power of two
+            dividing ``block_kv``), ``nqb = ceil(Nq / block_q)``, ``nkb = Nk / block_kv``.
+        causal: a pooled key covering tokens ``[p r, (p+1) r)`` is visible to query ``t`` only if
+            ``(p+1) r - 1 <= t`` (self-attention, ``Nq == Nk``).
+        scale: logit scale, default ``D ** -0.5``; each pooled logit gets ``+ ln r``.
+        backend: ``"fused"`` (no autograd), ``"gather"``, ``"reference"`` or None (the first that can
+            run). A forced backend that cannot run raises ValueError with the reason.
+
+    Returns:
+        ``(B, Nq, Hq, Dv)``; rows that see no key are zeros.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 512, 4, 32)
+        >>> M = torch.ones(4, 8, dtype=torch.long)         # every block at full resolution: dense
+        >>> out = pyramid_sparse_attention(q, k, v, M, 128, 64)
+    """
+    call = make_pyramid_call(q, k, v, level_map, block_q, block_kv, causal=causal, scale=scale)
+    return PYRAMID_DISPATCHER.run(call, backend)
+
+
+@dataclass(frozen=True)
+class PSACall:
+    """A validated ``psa_attention`` call (what backends and ``explain`` see)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    config: PSAConfig
+    scale: float
+    generator: torch.Generator | None
+    return_levels: bool
+    needs_grad: bool  # autograd will record the attention (read once, when the call is built)
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"q {tuple(self.q.shape)} k {tuple(self.k.shape)} v {tuple(self.v.shape)} {self.q.dtype}, "
+                f"{'causal' if c.causal else 'non-causal'}, block_q={c.block_q}, block_kv={c.block_kv}, "
+                f"levels={c.levels}, mask_ratios={tuple(c.mask_ratios)}, "
+                f"offsets={'strided' if self.generator is None else 'random'}, scale={self.scale:.4g}, "
+                f"{grad_words(self.needs_grad)}")
+
+
+def make_psa_call(q, k, v, config=PSAConfig(), *, scale=None, generator=None, return_levels=False) -> PSACall:
+    """Validate a ``psa_attention`` call; errors name the argument."""
+    if not isinstance(config, PSAConfig):
+        raise TypeError(f"config must be a PSAConfig, got {type(config).__name__}")
+    check_qkv(q, k, v)
+    if k.shape[1] % config.block_kv:
+        raise ValueError(f"Nk ({k.shape[1]}) must be divisible by block_kv ({config.block_kv})")
+    if config.causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"causal PSA needs self-attention (Nq == Nk), got Nq={q.shape[1]}, Nk={k.shape[1]}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return PSACall(q, k, v, config, resolve_scale(scale, q.shape[-1]), generator, bool(return_levels),
+                   needs_grad(q, k, v))
+
+
+def _levels(call: PSACall) -> torch.Tensor:
+    """Sampled importance -> rank-band level map ``(B, Hq, nqb, nkb)`` (no gradient)."""
+    c = call.config
+    s = psa_importance(call.q, call.k, c.block_q, c.block_kv, causal=c.causal, scale=call.scale,
+                       generator=call.generator)
+    return psa_level_map(s, c.mask_ratios, causal=c.causal, block_q=c.block_q, block_kv=c.block_kv)
+
+
+def _psa_run(name: str):
+    """``psa_attention`` on pyramid backend ``name``: the level map, then that backend (forced, so a
+    level map it cannot take raises ValueError with the reason)."""
+    def run(call: PSACall):
+        c = call.config
+        lm = _levels(call)
+        pcall = make_pyramid_call(call.q, call.k, call.v, lm, c.block_q, c.block_kv, causal=c.causal,
+                                  scale=call.scale)
+        out = PYRAMID_DISPATCHER.run(pcall, name)
+        return (out, lm) if call.return_levels else out
+    return run
+
+
+def _psa_fused_supports(call: PSACall) -> tuple[bool, str]:
+    ok, why = no_grad_fused_check(call.q, call.v, call.needs_grad)
+    if not ok:
+        return ok, why
+    c = call.config
+    if c.causal and c.block_q % c.block_kv:
+        # psa_level_map pins the diagonal KV blocks at factor 1, so the split needs only whole KV blocks
+        return False, f"causal split needs block_q % block_kv == 0, got {c.block_q} % {c.block_kv}"
+    return True, ""
+
+
+def _psa_run_reference(call: PSACall):
+    """The naive importance (same sampled offsets), naive rank bands, naive pyramid (float32 for halves)."""
+    c = call.config
+    dt = reference_dtype(call.q.dtype)
+    q, k, v = (t.to(dt) for t in (call.q, call.k, call.v))
+    oq = sample_offsets(c.block_q, call.generator).tolist()  # drawn in psa_importance's order
+    ok = sample_offsets(c.block_kv, call.generator).tolist()
+    S = naive_psa_importance(q.detach(), k.detach(), c.block_q, c.block_kv, c.causal, oq, ok, call.scale)
+    lm = naive_psa_levels(S, c.mask_ratios, c.causal, c.block_q, c.block_kv)  # (B, Hq, nqb, nkb)
+    out = naive_pyramid_attention(q, k, v, lm, c.block_q, c.block_kv, c.causal, call.scale).to(call.q.dtype)
+    return (out, lm) if call.return_levels else out
+
+
+PSA_DISPATCHER = Dispatcher("psa_attention", [
+    Backend("fused", _psa_run("fused"), _psa_fused_supports, lambda call: (True, "no autograd: per-row masks"),
+            note="level map, then the fused pyramid path",
+            detail=lambda call: "sampled importance -> level map -> fused CPU op, per-row masks"),
+    Backend("gather", _psa_run("gather"), suits=lambda call: (True, "differentiable"),
+            detail=lambda call: "sampled importance -> level map -> " + (
+                "gathered pooled blocks, explicit softmax (autograd records it)" if call.needs_grad
+                else "gathered pooled blocks, SDPA on a float mask (no grad needed)"),
+            note="level map, then the gathered pyramid"),
+    Backend("reference", _psa_run_reference, cpu_only, auto=False,
+            note="naive importance, bands and pyramid (the oracle)"),
+])
+
+register_op("psa_attention", make_psa_call, PSA_DISPATCHER)
+
 
 def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PSAConfig = PSAConfig(), *,
                   scale: float | None = None, generator: torch.Generator | None = None,
-                  return_levels: bool = False):
+                  return_levels: bool = False, backend: str | None = None):
     """PSA end to end: sampled importance -> rank-band level map -> pyramid attention.
 
     Args:
         q, k, v: heads-last as in :func:`pyramid_sparse_attention`. config: :class:`PSAConfig`.
+        scale: logit scale (importance and attention), default ``D ** -0.5``.
         generator: random sampled offsets for the importance estimate (default strided).
+        return_levels: also return the level map.
+        backend: ``"fused"`` (no autograd), ``"gather"``, ``"reference"`` or None (the first that
+            can run). A forced backend that cannot run raises ValueError with the reason.
 
     Returns:
         ``(B, Nq, Hq, Dv)``; with ``return_levels`` also the level map ``(B, Hq, nqb, nkb)``.
@@ -277,13 +476,5 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PSA
         >>> q = k = v = torch.randn(1, 1024, 4, 64)
         >>> out = psa_attention(q, k, v, PSAConfig(block_q=128, block_kv=64))
     """
-    if not isinstance(config, PSAConfig):
-        raise TypeError(f"config must be a PSAConfig, got {type(config).__name__}")
-    check_qkv(q, k, v)
-    if k.shape[1] % config.block_kv:
-        raise ValueError(f"Nk ({k.shape[1]}) must be divisible by block_kv ({config.block_kv})")
-    s = psa_importance(q, k, config.block_q, config.block_kv, causal=config.causal, scale=scale, generator=generator)
-    lm = psa_level_map(s, config.mask_ratios, causal=config.causal, block_q=config.block_q, block_kv=config.block_kv)
-    out = pyramid_sparse_attention(q, k, v, lm, config.block_q, config.block_kv, causal=config.causal, scale=scale)
-    return (out, lm) if return_levels else out
-
+    call = make_psa_call(q, k, v, config, scale=scale, generator=generator, return_levels=return_levels)
+    return PSA_DISPATCHER.run(call, backend)

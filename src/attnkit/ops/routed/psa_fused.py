@@ -13,7 +13,7 @@ pooled token, ``+ln r`` per level), computed without per-element masks:
   as one block-diagonal causal call at full resolution, the rest unmasked, and the two merge
   by log-sum-exp.
 
-Without autograd only; ``pyramid_sparse_attention`` picks it.
+Without autograd only: the ``fused`` backend of ``pyramid_sparse_attention`` / ``psa_attention``.
 """
 
 from __future__ import annotations

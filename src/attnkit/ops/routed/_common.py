@@ -1,0 +1,49 @@
+"""Checks and wording shared by the routed ops' backends (MoBA, VMoBA, PSA, HyperAttention, BiFormer).
+
+A routed op computes its routes (which key blocks each query sees) and then attends; the backends
+differ in the attention. The fused CPU op has no backward here, so every "fused" backend is
+no-grad only, and its ``supports`` says so instead of a hidden ``torch.is_grad_enabled()`` switch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.kernels.fused import fused_check
+
+
+def no_grad_fused_check(q: torch.Tensor, v: torch.Tensor, needs_grad: bool) -> tuple[bool, str]:
+    """Whether a no-grad path on torch's fused CPU op may run: ``(ok, reason)``.
+
+    Refuses inputs that need a gradient (no backward), float64 (the fused kernel's exp is
+    approximate, ~1e-9 relative, so fp64 keeps the exact matmul path), then ``fused_check``.
+    """
+    if needs_grad:
+        return False, "inputs require grad (the fused op has no backward)"
+    if q.dtype == torch.float64:
+        return False, "float64: the fused kernel's exp is approximate (~1e-9 relative); fp64 stays on matmuls"
+    return fused_check(q, v)
+
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The naive twins run in float32 for half inputs (their output is cast back), else the input dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def cpu_only(call) -> tuple[bool, str]:
+    """``supports`` of a reference backend: the naive twins build their masks on the CPU (``call.q``)."""
+    if call.q.device.type != "cpu":
+        return False, f"the naive reference builds its masks on the CPU, got {call.q.device.type} tensors"
+    return True, ""
+
+
+def grad_words(needs_grad: bool) -> str:
+    """``describe()`` wording of the autograd state that the backends' checks read."""
+    return "inputs need grad" if needs_grad else "no grad needed"
+
+
+def gather_detail(needs_grad: bool) -> str:
+    """``Backend.detail`` of a path on the block-gather engine (which buffers it uses)."""
+    if needs_grad:
+        return "block-gather engine, fresh gather buffers per chunk (autograd records each chunk)"
+    return "block-gather engine, gather buffers reused across chunks (no input needs a gradient)"
