@@ -1,7 +1,7 @@
 """Agent Attention: softmax attention through a few pooled agent tokens (generalised linear attention).
 
 "Agent Attention: On the Integration of Softmax and Linear Attention", arXiv 2312.08874
-(ECCV 2024). Spec: papers/linear.md §5.
+(ECCV 2024).
 
     A   = AvgPool(Q)  to n agents                       (B, n, H, D)
     V_A = softmax(A K^T tau + B1) V                     agents gather from all keys
@@ -13,7 +13,6 @@ size-3 depthwise Conv1d (our choice: the paper is 2-D only). Non-causal only (po
 queries).
 """
 
-
 from __future__ import annotations
 
 import math
@@ -23,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnkit.ops.linear.agent import _DEFAULT_1D, agent_attention, depthwise_conv
-from attnkit.registry import Paper, register
+from attnkit.ops.linear.agent import agent_attention, depthwise_conv
+from attnkit.reference.naive_modules import naive_agent
+from attnkit.registry import Family, InputKind, Paper, register
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,6 @@ class AgentConfig:
     agent_bias: bool = True
     dwc: bool = True
     qkv_bias: bool = True
-
 
 
 class AgentAttention(nn.Module):
@@ -125,51 +124,46 @@ class AgentAttention(nn.Module):
         return self.proj(o).reshape(x.shape)
 
 
-
 def _flops(cfg: dict) -> float:
     B, C, n = cfg.get("batch", 1), cfg["dim"], cfg["num_agents"]
     N = math.prod(cfg["grid"])
     return float(B * (2 * N * C * 3 * C + 2 * N * C * C + 4 * N * n * C + 9 * 2 * N * C))
 
 
-
 _DEFAULT = {"batch": 2, "dim": 32, "num_heads": 2, "num_agents": 9, "grid": (6, 6)}
+_DEFAULT_1D = {"batch": 2, "dim": 32, "num_heads": 2, "num_agents": 8, "grid": (40,)}
+_TINY = {"batch": 1, "dim": 8, "num_agents": 4, "grid": (4, 4)}
+_TINY_1D = {"batch": 1, "dim": 8, "num_agents": 3, "grid": (8,)}
 
 
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "num_agents": c["num_agents"], "grid": tuple(c["grid"])}
 
-def _example(default):
-    def example(config=None):
-        c = {**default, **(config or {})}
-        m = AgentAttention(c["dim"], c["num_heads"], c["num_agents"], c["grid"])
-        return m, (torch.randn(c["batch"], *c["grid"], c["dim"]),)
 
-    return example
-
+def _shape(c: dict) -> tuple[int, ...]:
+    return (c["batch"], *c["grid"], c["dim"])  # (B, h, w, C) or (B, N, C)
 
 
 _PAPER = Paper("Agent Attention: On the Integration of Softmax and Linear Attention", "2312.08874", 2023)
 
 
-
 register(
-    name="agent_attention", family="linear", paper=_PAPER, patterns=("noncausal-self",),
-    complexity="O(N n D)", flops=_flops, example=_example(_DEFAULT), default_config=_DEFAULT,
-    input_kind="image",
+    name="agent_attention", family=Family.LINEAR, paper=_PAPER, patterns=("noncausal-self",),
+    complexity="O(N n D)", flops=_flops, options=_options, reference=naive_agent, functional=agent_attention,
+    default_config=_DEFAULT, tiny_config=_TINY, input_kind=InputKind.IMAGE, shape=_shape,
     notes="2-D: agents by adaptive avg-pool to sqrt(n) x sqrt(n); agent bias = bilinear 7x7 position bias + "
           "row + column biases (resized when the grid differs); 3x3 DWC on V; no class token.",
 )(AgentAttention)
-
 
 
 class AgentAttention1d(AgentAttention):
     """1-D agent attention on ``x (B, N, C)``: ``AgentAttention`` with ``grid=(N,)``."""
 
 
-
 register(
-    name="agent_attention_1d", family="linear", paper=_PAPER, patterns=("noncausal-self",),
-    complexity="O(N n D)", flops=_flops, example=_example(_DEFAULT_1D), default_config=_DEFAULT_1D,
+    name="agent_attention_1d", family=Family.LINEAR, paper=_PAPER, patterns=("noncausal-self",),
+    complexity="O(N n D)", flops=_flops, options=_options, reference=naive_agent, functional=agent_attention,
+    default_config=_DEFAULT_1D, tiny_config=_TINY_1D, shape=_shape,
     notes="1-D variant (our choice, the paper is 2-D): adaptive avg-pool of queries to n agents, agent bias "
           "= linear resize of a length-7 position bias, size-3 depthwise Conv1d on V.",
 )(AgentAttention1d)
-

@@ -6,7 +6,6 @@ each region routes to its top-k regions, and its tokens attend to the tokens of 
 context enhancement, LCE) is added before the output projection.
 """
 
-
 from __future__ import annotations
 
 import torch
@@ -14,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnkit.ops.routed.biformer import bi_level_routing_attention
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_biformer_module
+from attnkit.registry import Family, InputKind, Paper, register
 
 
 def _flops(cfg: dict) -> float:
@@ -23,23 +23,21 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 2 * b * n_win ** 4 * c + 4 * b * n * k * (n // n_win ** 2) * c + 50 * b * n * c
 
 
-
 _DEFAULT = {"batch": 2, "size": 8, "dim": 32, "num_heads": 2, "n_win": 4, "topk": 4}
+_TINY = {"batch": 1, "size": 4, "dim": 8, "n_win": 2, "topk": 2}
 
 
-
-def _example(config: dict | None = None):
-    c = {**_DEFAULT, **(config or {})}
-    m = BiLevelRoutingAttention(c["dim"], c["num_heads"], n_win=c["n_win"], topk=c["topk"])
-    return m, (torch.randn(c["batch"], c["size"], c["size"], c["dim"]),)
-
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "n_win": c["n_win"], "topk": c["topk"]}
 
 
 @register(
-    name="biformer", family="sparse",
+    name="biformer", family=Family.ROUTED,
     paper=Paper("BiFormer: Vision Transformer with Bi-Level Routing Attention", "2303.08810", 2023),
     patterns=("noncausal-self",), complexity="O((YX)^(4/3) C) at the optimal S", flops=_flops,
-    example=_example, default_config=_DEFAULT, input_kind="image",
+    options=_options, reference=naive_biformer_module, functional=bi_level_routing_attention,
+    default_config=_DEFAULT, tiny_config=_TINY, input_kind=InputKind.IMAGE,
+    shape=lambda c: (c["batch"], c["size"], c["size"], c["dim"]),
     notes="Scale (H*D)^-1/2 for routing and tokens (the reference's choice); routing detached, shared by "
           "heads, no forced self-region, ties to the lower region; LCE = depthwise 5x5 conv on v added "
           "before W_o; no KV downsampling; grid must be divisible by n_win (no auto-pad).",

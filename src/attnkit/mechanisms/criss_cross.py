@@ -1,11 +1,10 @@
 """CCNet criss-cross attention: each pixel attends to its row and its column (centre counted once).
 
 "CCNet: Criss-Cross Attention for Semantic Segmentation", arXiv 1811.11721 (ICCV 2019).
-Spec: papers/local.md §4. One joint softmax over the ``Y + X - 1`` positions; no logit
+One joint softmax over the ``Y + X - 1`` positions; no logit
 scaling; ``out = gamma * attn + x`` with ``gamma`` initialised to 0; recurrence ``R`` reuses
 the same weights (RCCA, ``R = 2`` gives full reachability).
 """
-
 
 from __future__ import annotations
 
@@ -13,7 +12,8 @@ import torch
 from torch import nn
 
 from attnkit.ops.local.criss_cross import criss_cross_attention
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_criss_cross
+from attnkit.registry import Family, InputKind, Paper, register
 
 
 class CrissCrossAttention(nn.Module):
@@ -49,7 +49,6 @@ class CrissCrossAttention(nn.Module):
         return x
 
 
-
 def _flops(cfg: dict) -> float:
     B, C = cfg.get("batch", 1), cfg["in_channels"]
     Y, X = cfg["input_size"]
@@ -58,24 +57,22 @@ def _flops(cfg: dict) -> float:
     return float(B * cfg.get("recurrence", 1) * per)
 
 
-
 _DEFAULT = {"batch": 2, "in_channels": 16, "reduction": 8, "recurrence": 2, "gamma_init": 0.5, "input_size": (6, 7)}
+_TINY = {"batch": 1, "in_channels": 8, "reduction": 4, "input_size": (3, 4)}
 
 
-
-def _example(config=None):
-    c = {**_DEFAULT, **(config or {})}
-    m = CrissCrossAttention(c["in_channels"], c["reduction"], c["recurrence"], gamma_init=c["gamma_init"])
-    return m, (torch.randn(c["batch"], c["in_channels"], *c["input_size"]),)
+def _options(c: dict) -> dict:
+    return {"in_channels": c["in_channels"], "reduction": c["reduction"], "recurrence": c["recurrence"],
+            "gamma_init": c["gamma_init"]}
 
 
-
-register(name="criss_cross", family="local",
+register(name="criss_cross", family=Family.LOCAL,
          paper=Paper("CCNet: Criss-Cross Attention for Semantic Segmentation", "1811.11721", 2018),
-         patterns=("noncausal-self",), complexity="O(N (Y + X) C)", flops=_flops, example=_example,
-         default_config=_DEFAULT,
+         patterns=("noncausal-self",), complexity="O(N (Y + X) C)", flops=_flops, options=_options,
+         reference=naive_criss_cross, functional=criss_cross_attention, default_config=_DEFAULT, tiny_config=_TINY,
+         shape=lambda c: (c["batch"], c["in_channels"], *c["input_size"]),
          notes="Centre kept in the row branch, removed from the column branch (one joint softmax); no scaling. "
                "The paper initialises gamma to 0 (gamma_init=0.0, the class default); the example uses 0.5 "
                "so that attention gradients are exercised. Single head as in the paper (num_heads option).",
-         input_kind="cnn")(CrissCrossAttention)
+         input_kind=InputKind.CNN)(CrissCrossAttention)
 

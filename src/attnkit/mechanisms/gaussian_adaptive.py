@@ -6,37 +6,34 @@ is shifted by a learned offset, the spread scaled by a learned width, and every 
 multiplied by its Gaussian density. Features are split into heads with their own parameters.
 """
 
-
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from attnkit.ops.dense.gaussian import gaussian_adaptive
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_gaussian_adaptive
+from attnkit.registry import Family, Paper, register
 
 
 def _flops(cfg: dict) -> float:
     return 12.0 * cfg["batch"] * cfg["seq_len"] * cfg["dim"] * cfg["num_gaussians"]
 
 
-
 _DEFAULT = {"batch": 2, "seq_len": 32, "dim": 64, "num_heads": 4, "num_gaussians": 1}
+_TINY = {"batch": 1, "seq_len": 6, "dim": 8, "num_heads": 2, "num_gaussians": 2}  # the mixture path
 
 
-
-def _example(config: dict | None = None):
-    c = {**_DEFAULT, **(config or {})}
-    m = GaussianAdaptiveAttention(c["dim"], c["num_heads"], num_gaussians=c["num_gaussians"])
-    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
-
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "num_gaussians": c["num_gaussians"]}
 
 
 @register(
-    name="gaussian_adaptive", family="sparse",
+    name="gaussian_adaptive", family=Family.DENSE,
     paper=Paper("Gaussian Adaptive Attention is All You Need: Robust Contextual Representations Across "
                 "Multiple Modalities", "2401.11143", 2024),
-    patterns=("noncausal-self",), complexity="O(N C)", flops=_flops, example=_example, default_config=_DEFAULT,
+    patterns=("noncausal-self",), complexity="O(N C)", flops=_flops, options=_options,
+    reference=naive_gaussian_adaptive, functional=gaussian_adaptive, default_config=_DEFAULT, tiny_config=_TINY,
     notes="Statistics along the token axis by default (non-causal); population variance with eps inside "
           "the sqrt; width parametrised as c (G = exp(-z^2/2c^2), xi = c^2), init c=2, offsets 0. "
           "num_gaussians>1 gives the later code's mixture with softmax weights, normalised along the axis.",

@@ -1,13 +1,12 @@
 """HaloNet: blocked local self-attention with haloes.
 
 "Scaling Local Self-Attention for Parameter Efficient Visual Backbones", arXiv 2103.12731
-(CVPR 2021). Spec: papers/local.md §2.
+(CVPR 2021).
 
 The map is cut into ``b x b`` query blocks; each block attends to its ``(b + 2h)^2`` haloed
 window (zero-padded at the image border), with content-dependent relative embeddings
 ``q . rH[dy] + q . rW[dx]`` (shared across heads). Interior blocks equal GNA(k = b + 2h, s = b).
 """
-
 
 from __future__ import annotations
 
@@ -15,7 +14,8 @@ import torch
 from torch import nn
 
 from attnkit.ops.local.halo import halo_attention
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_halo
+from attnkit.registry import Family, InputKind, Paper, register
 
 
 class HaloAttention(nn.Module):
@@ -49,7 +49,6 @@ class HaloAttention(nn.Module):
         return self.proj(out.reshape(B, Y, X, C))
 
 
-
 def _flops(cfg: dict) -> float:
     B, C = cfg.get("batch", 1), cfg["dim"]
     Y, X = cfg["input_size"]
@@ -58,24 +57,21 @@ def _flops(cfg: dict) -> float:
     return float(B * (2 * n * C * 4 * C + 4 * n * W * W * C + 4 * n * (2 * (W - 1)) * C // cfg["num_heads"]))
 
 
-
 _DEFAULT = {"batch": 2, "dim": 32, "num_heads": 4, "block_size": 4, "halo_size": 1, "input_size": (8, 8)}
+_TINY = {"batch": 1, "dim": 8, "num_heads": 2, "block_size": 2, "input_size": (4, 4)}
 
 
-
-def _example(config=None):
-    c = {**_DEFAULT, **(config or {})}
-    m = HaloAttention(c["dim"], c["num_heads"], c["block_size"], c["halo_size"])
-    return m, (torch.randn(c["batch"], *c["input_size"], c["dim"]),)
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "block_size": c["block_size"],
+            "halo_size": c["halo_size"]}
 
 
-
-register(name="halonet", family="local",
+register(name="halonet", family=Family.LOCAL,
          paper=Paper("Scaling Local Self-Attention for Parameter Efficient Visual Backbones", "2103.12731", 2021),
-         patterns=("noncausal-self",), complexity="O(N (b+2h)^2 D)", flops=_flops, example=_example,
-         default_config=_DEFAULT,
+         patterns=("noncausal-self",), complexity="O(N (b+2h)^2 D)", flops=_flops, options=_options,
+         reference=naive_halo, functional=halo_attention, default_config=_DEFAULT, tiny_config=_TINY,
          notes="Padded window positions are masked by default (mask_padding=False keeps timm's zero keys). "
                "Relative embeddings: two full-D tables (row, column) indexed by the true offset, shared by "
                "heads; only the content term is scaled (timm). An output projection is added (lucidrains).",
-         input_kind="image")(HaloAttention)
+         input_kind=InputKind.IMAGE)(HaloAttention)
 

@@ -3,10 +3,10 @@
 "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", arXiv 2506.13585
 (7 lightning : 1 softmax layers); "HydraHead: From Head-Level Functional Heterogeneity to
 Specialized Attention Hybridization", arXiv 2606.20097 (softmax and linear heads inside one layer,
-scale-normalised fusion); "MiniCPM-SALA", arXiv 2602.11761 (1 : 3 by layer). Spec:
-papers/linear.md §4.1, §11. HydraHead's fusion formula and head selection are [unverified] in the
-notes: the fusion here is the sheet's default (per-head RMS normalisation with a learnable gain),
-and the softmax heads are given explicitly (selection by a retrieval score is left to the caller).
+scale-normalised fusion); "MiniCPM-SALA", arXiv 2602.11761 (1 : 3 by layer). HydraHead's fusion
+formula and head selection are [unverified] in the notes: the fusion here is our default
+(per-head RMS normalisation with a learnable gain), and the softmax heads are given explicitly
+(selection by a retrieval score is left to the caller).
 
 One module, :class:`HybridAttention`, is a layer whose heads in ``softmax_heads`` run causal softmax
 attention (``ak.attention``) and whose other heads run decayed linear attention
@@ -26,7 +26,8 @@ from attnkit import masks
 from attnkit.ops.dense.call import attention
 from attnkit.ops.linear.call import linear_attention
 from attnkit.ops.linear.decay import tnl_decay
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_hybrid
+from attnkit.registry import Family, Paper, register
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,17 @@ class HybridAttention(nn.Module):
         self.num_heads, self.fusion = num_heads, fusion
         self.softmax_heads = tuple(sm)
         self.linear_heads = tuple(h for h in range(num_heads) if h not in sm)
-        lam = tnl_decay(num_heads, layer_idx, num_layers, schedule)
+        with torch.device("cpu"):  # a python-side constant, also when built under torch.device("meta")
+            lam = tnl_decay(num_heads, layer_idx, num_layers, schedule)
         self._decay = lam[list(self.linear_heads)].tolist()  # python-side fp32 constant, see lightning.py
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.gain = nn.Parameter(torch.ones(num_heads)) if fusion == "rms" else None
         self.out = nn.Linear(dim, dim, bias=False)
+
+    @property
+    def decay(self) -> torch.Tensor:
+        """The linear heads' lightning decay ``(Hl,)`` float32 (in ``linear_heads`` order)."""
+        return torch.tensor(self._decay, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None, return_cache: bool = False):
         B, N, C = x.shape
@@ -146,20 +153,19 @@ def _flops(cfg: dict) -> float:
 
 
 _DEFAULT = {"batch": 2, "seq_len": 40, "dim": 32, "num_heads": 4, "softmax_heads": (1,)}
+_TINY = {"batch": 1, "seq_len": 20, "dim": 8, "num_heads": 2}  # N > 16: the chunked linear algorithm
 
 
-def _example(config=None):
-    c = {**_DEFAULT, **(config or {})}
-    return HybridAttention(c["dim"], c["num_heads"], c["softmax_heads"]), (torch.randn(c["batch"], c["seq_len"],
-                                                                                         c["dim"]),)
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "softmax_heads": tuple(c["softmax_heads"])}
 
 
 register(
-    name="hybrid_attention", family="linear",
+    name="hybrid_attention", family=Family.LINEAR,
     paper=Paper("HydraHead: From Head-Level Functional Heterogeneity to Specialized Attention Hybridization",
                 "2606.20097", 2026),
-    patterns=("causal-self",), complexity="(Hs/H) O(N^2 D) + (Hl/H) O(N D^2)", flops=_flops, example=_example,
-    default_config=_DEFAULT,
+    patterns=("causal-self",), complexity="(Hs/H) O(N^2 D) + (Hl/H) O(N D^2)", flops=_flops, options=_options,
+    reference=naive_hybrid, functional=(attention, linear_attention), default_config=_DEFAULT, tiny_config=_TINY,
     notes="Head-level hybrid; HybridSpec gives MiniMax-M1's 7:1 layer ratio (softmax_every=8). Linear heads: "
           "SiLU q/k, lightning decay, scale D^-1/2 (no Gated DeltaNet). Fusion = per-head RMS norm x gain "
           "[unverified in the paper]; softmax heads are chosen by the caller (no retrieval-score selection).",

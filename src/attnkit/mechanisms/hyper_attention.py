@@ -13,7 +13,6 @@ Randomness (``generator``): every non-causal call draws, in order, the LSH direc
 causal recursion visits top half, bottom half, then the off-diagonal part.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -22,7 +21,8 @@ import torch
 from torch import nn
 
 from attnkit.ops.routed.hyper import hyper_attention
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_hyper_module
+from attnkit.registry import Family, Paper, register
 
 
 def _flops(cfg: dict) -> float:
@@ -35,25 +35,25 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 4 * b * h * n * (bs + m) * d * levels + 4 * b * h * n * nmin * d / 2
 
 
-
 _DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "block_size": 8, "sample_size": 8,
             "lsh_bits": 3, "min_seq_len": 16, "causal": True, "seed": 0}
+# N = 16 over min 4: the causal path recurses twice, every level hashes and samples
+_TINY = {"batch": 1, "seq_len": 16, "dim": 8, "num_heads": 2, "block_size": 4, "sample_size": 3, "lsh_bits": 2,
+         "min_seq_len": 4}
 
 
-
-def _example(config: dict | None = None):
-    c = {**_DEFAULT, **(config or {})}
-    m = HyperAttention(c["dim"], c["num_heads"], block_size=c["block_size"], sample_size=c["sample_size"],
-                       lsh_bits=c["lsh_bits"], min_seq_len=c["min_seq_len"], causal=c["causal"], seed=c["seed"])
-    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
-
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "block_size": c["block_size"],
+            "sample_size": c["sample_size"], "lsh_bits": c["lsh_bits"], "min_seq_len": c["min_seq_len"],
+            "causal": c["causal"], "seed": c["seed"]}
 
 
 @register(
-    name="hyper_attention", family="sparse",
+    name="hyper_attention", family=Family.ROUTED,
     paper=Paper("HyperAttention: Long-context Attention in Near-Linear Time", "2310.05869", 2023),
-    patterns=("noncausal-self", "causal-self", "noncausal-cross"),
-    complexity="O(N (b + m) D log(N / n_min) + n_min N D)", flops=_flops, example=_example, default_config=_DEFAULT,
+    patterns=("noncausal-self", "causal-self"),
+    complexity="O(N (b + m) D log(N / n_min) + n_min N D)", flops=_flops, options=_options,
+    reference=naive_hyper_module, functional=hyper_attention, default_config=_DEFAULT, tiny_config=_TINY,
     notes="Released (practical) estimator: uniform sampling with replacement, own-block samples dropped, weight "
           "n_k/m as an ln(n_k/m) lse shift; Gray rank g^-1(c) (not the reference's g(c)); one set of LSH "
           "directions per call shared by all batch elements and heads (hashing per query head under GQA); ragged "

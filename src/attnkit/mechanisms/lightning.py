@@ -3,13 +3,12 @@
 "Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention",
 arXiv 2405.17381 (TNL, 2307.14995); "Lightning Attention-2", arXiv 2401.04658;
 "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", arXiv 2506.13585
-(same lightning layer as MiniMax-01, arXiv 2501.08313). Spec: papers/linear.md §2-§4.
+(same lightning layer as MiniMax-01, arXiv 2501.08313).
 
 Both modules are projections + norm + gate around ``ak.linear_attention`` with a fixed per-head
 decay (no 1/sqrt(D), no denominator). ``forward(x, state=None, return_state=False)`` supports chunked
 prefill followed by token-by-token decoding (the op picks the recurrent algorithm for one token).
 """
-
 
 from __future__ import annotations
 
@@ -21,7 +20,8 @@ from torch import nn
 
 from attnkit.ops.linear.call import linear_attention
 from attnkit.ops.linear.decay import srms_norm, tnl_decay
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_lightning
+from attnkit.registry import Family, Paper, register
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,12 @@ class LightningConfig:
     chunk_size: int = 64
 
 
-
 class LightningAttention(nn.Module):
-    """TNL gated linear attention (GLA) on ``x (B, N, C)`` (papers/linear.md §2.3).
+    """TNL gated linear attention (GLA) on ``x (B, N, C)`` (arXiv 2307.14995).
 
     ``[q, k, v, u] = x W``; ``q, k = SiLU``; ``a = lightning(q, k, v, lambda_l)`` (scale 1, no denominator);
     ``y = (SRMSNorm_{H*D}(a) * u) W_o``. The norm spans all heads jointly. LRPE (TNL's first layer only) is
-    not included. ``style="minimax"`` gives the MiniMax lightning layer instead (§4.2).
+    not included. ``style="minimax"`` gives the MiniMax lightning layer instead (arXiv 2501.08313).
 
     Example:
         >>> m = LightningAttention(64, 4, layer_idx=0, num_layers=12)
@@ -61,7 +60,8 @@ class LightningAttention(nn.Module):
         self.config = LightningConfig(dim, num_heads, hd, layer_idx, num_layers, schedule, style, eps, chunk_size)
         inner = num_heads * hd
         # lambda stays a python-side fp32 constant (not a buffer): module.to(bf16) must not round it
-        self._decay = tnl_decay(num_heads, layer_idx, num_layers, schedule).tolist()
+        with torch.device("cpu"):  # also when the module is built under torch.device("meta")
+            self._decay = tnl_decay(num_heads, layer_idx, num_layers, schedule).tolist()
         if style == "tnl":
             self.qkvu = nn.Linear(dim, 4 * inner, bias=False)
         else:
@@ -95,14 +95,12 @@ class LightningAttention(nn.Module):
         return (y, new_state) if return_state else y
 
 
-
 class MiniMaxLightningAttention(LightningAttention):
-    """MiniMax-01/M1 lightning layer: ``LightningAttention(style="minimax")`` (papers/linear.md §4.2)."""
+    """MiniMax-01/M1 lightning layer: ``LightningAttention(style="minimax")`` (arXiv 2501.08313)."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, layer_idx: int = 0,
                  num_layers: int = 80, schedule: str = "released", eps: float = 1e-6, chunk_size: int = 64):
         super().__init__(dim, num_heads, head_dim, layer_idx, num_layers, schedule, "minimax", eps, chunk_size)
-
 
 
 def _flops(cfg: dict) -> float:
@@ -114,40 +112,30 @@ def _flops(cfg: dict) -> float:
     return float(proj + core)
 
 
-
 _DEFAULT = {"batch": 2, "seq_len": 40, "dim": 32, "num_heads": 2, "layer_idx": 1, "num_layers": 4, "chunk_size": 16}
+_TINY = {"batch": 1, "seq_len": 20, "dim": 8, "chunk_size": 8}  # N > 16: the chunked algorithm
 
 
-
-def _example(cls):
-    def example(config=None):
-        cfg = {**_DEFAULT, **(config or {})}
-        m = cls(cfg["dim"], cfg["num_heads"], cfg.get("head_dim"), layer_idx=cfg["layer_idx"],
-                num_layers=cfg["num_layers"], chunk_size=cfg["chunk_size"])
-        return m, (torch.randn(cfg["batch"], cfg["seq_len"], cfg["dim"]),)
-
-    return example
-
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "head_dim": c.get("head_dim"), "layer_idx": c["layer_idx"],
+            "num_layers": c["num_layers"], "chunk_size": c["chunk_size"]}
 
 
 register(
-    name="lightning_attention", family="linear",
+    name="lightning_attention", family=Family.LINEAR,
     paper=Paper("Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention",
                 "2405.17381", 2024),
-    patterns=("causal-self",), complexity="O(N H D^2 + N H C D)", flops=_flops,
-    example=_example(LightningAttention), default_config=_DEFAULT,
+    patterns=("causal-self",), complexity="O(N H D^2 + N H C D)", flops=_flops, options=_options,
+    reference=naive_lightning, functional=linear_attention, default_config=_DEFAULT, tiny_config=_TINY,
     notes="TNL GLA mixer; decay schedule 'released' (ALiBi slopes x (1 - l/(L-1) + 1e-5)) by default, "
           "'paper' and 'fla' selectable; no LRPE; decay fixed (not learnable) as in the paper.",
 )(LightningAttention)
 
-
-
 register(
-    name="minimax_lightning", family="linear",
+    name="minimax_lightning", family=Family.LINEAR,
     paper=Paper("MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", "2506.13585", 2025),
-    patterns=("causal-self",), complexity="O(N H D^2 + N H C D)", flops=_flops,
-    example=_example(MiniMaxLightningAttention), default_config=_DEFAULT,
+    patterns=("causal-self",), complexity="O(N H D^2 + N H C D)", flops=_flops, options=_options,
+    reference=naive_lightning, functional=linear_attention, default_config=_DEFAULT, tiny_config=_TINY,
     notes="MiniMax-01/M1 lightning layer: SiLU on q,k,v; RMSNorm over all H*D (learnable weight); sigmoid "
           "output gate; decay schedule 'released' with the global layer index.",
 )(MiniMaxLightningAttention)
-

@@ -3,8 +3,8 @@
 "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention", arXiv 2006.16236;
 "The Linear Attention Resurrection in Vision Transformer" (L2ViT), arXiv 2501.16182 — its linear
 global attention (LGA); "CARE Transformer: Mobile-Friendly Linear Visual Transformer via Decoupled
-Dual Interaction", arXiv 2411.16170 — its global (linear-attention) branch. Spec: papers/linear.md
-§1, §6.1, §7.1. All three are ``ak.linear_attention`` plus projections; only the normaliser differs.
+Dual Interaction", arXiv 2411.16170 — its global (linear-attention) branch.
+All three are ``ak.linear_attention`` plus projections; only the normaliser differs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from attnkit.ops.linear.call import linear_attention
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_care, naive_l2vit, naive_linear_module
+from attnkit.registry import Family, InputKind, Paper, register
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class LinearAttention(nn.Module):
 
 
 class L2ViTAttention(nn.Module):
-    """L2ViT linear global attention (LGA) on channels-last ``x (B, h, w, C)`` (papers/linear.md §6.1).
+    """L2ViT linear global attention (LGA) on channels-last ``x (B, h, w, C)``.
 
     phi = ReLU; ``O = tau_h * phi(Q)(phi(K)^T V) / max(phi(Q) . sum_s phi(k_s), 100)``; tau learnable per
     head, init D^-1/2. Both numerator and denominator are ``ak.linear_attention`` calls (non-causal,
@@ -87,7 +88,7 @@ class L2ViTAttention(nn.Module):
 
 
 class CAREAttention(nn.Module):
-    """CARE global branch on channels-last ``x (B, h, w, g)`` (papers/linear.md §7.1).
+    """CARE global branch on channels-last ``x (B, h, w, g)``.
 
     ``[Q, K] = x W_qk`` (1x1 conv = Linear, with bias), ``V = x`` (no value projection), heads of width
     ``d_att``; phi = elu+1; normalised non-causal with the *mean* normaliser, i.e. the sum-normalised op
@@ -127,47 +128,45 @@ def _vis_flops(cfg: dict) -> float:
 _LIN = {"batch": 2, "seq_len": 33, "dim": 32, "num_heads": 4, "causal": True}
 _L2 = {"batch": 2, "height": 6, "width": 5, "dim": 32, "num_heads": 2}
 _CARE = {"batch": 2, "height": 6, "width": 5, "dim": 32, "head_dim": 16}
+_LIN_TINY = {"batch": 1, "seq_len": 6, "dim": 8, "num_heads": 2}
+_L2_TINY = {"batch": 1, "height": 3, "width": 4, "dim": 8, "num_heads": 2}
+_CARE_TINY = {"batch": 1, "height": 3, "width": 4, "dim": 8, "head_dim": 4}
 
 
-def _lin_example(config=None):
-    c = {**_LIN, **(config or {})}
-    return LinearAttention(c["dim"], c["num_heads"], causal=c["causal"]), (torch.randn(c["batch"], c["seq_len"],
-                                                                                         c["dim"]),)
-
-
-def _l2_example(config=None):
-    c = {**_L2, **(config or {})}
-    return L2ViTAttention(c["dim"], c["num_heads"]), (torch.randn(c["batch"], c["height"], c["width"], c["dim"]),)
-
-
-def _care_example(config=None):
-    c = {**_CARE, **(config or {})}
-    return CAREAttention(c["dim"], c["head_dim"]), (torch.randn(c["batch"], c["height"], c["width"], c["dim"]),)
+def _vis_shape(c: dict) -> tuple[int, ...]:
+    return (c["batch"], c["height"], c["width"], c["dim"])
 
 
 register(
-    name="linear_attention", family="linear",
+    name="linear_attention", family=Family.LINEAR,
     paper=Paper("Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention", "2006.16236", 2020),
-    patterns=("noncausal-self", "causal-self", "noncausal-cross", "causal-cross"),
-    complexity="O(N H D^2)", flops=_lin_flops, example=_lin_example, default_config=_LIN,
-    notes="phi = elu+1, normalised, eps 1e-6 added to the denominator, no q scale (it would cancel).",
+    patterns=("noncausal-self", "causal-self", "noncausal-cross"),
+    complexity="O(N H D^2)", flops=_lin_flops,
+    options=lambda c: {"dim": c["dim"], "num_heads": c["num_heads"], "causal": c["causal"]},
+    reference=naive_linear_module, functional=linear_attention, default_config=_LIN, tiny_config=_LIN_TINY,
+    notes="phi = elu+1, normalised, eps 1e-6 added to the denominator, no q scale (it would cancel). "
+          "Cross-attention (forward(x, context)) is non-causal only: causal needs M == N.",
 )(LinearAttention)
 
 register(
-    name="l2vit_lga", family="linear",
+    name="l2vit_lga", family=Family.LINEAR,
     paper=Paper("The Linear Attention Resurrection in Vision Transformer", "2501.16182", 2025),
-    patterns=("noncausal-self",), complexity="O(N H D^2)", flops=_vis_flops, example=_l2_example,
-    default_config=_L2, input_kind="image",
+    patterns=("noncausal-self",), complexity="O(N H D^2)", flops=_vis_flops,
+    options=lambda c: {"dim": c["dim"], "num_heads": c["num_heads"]}, reference=naive_l2vit,
+    functional=linear_attention, default_config=_L2, tiny_config=_L2_TINY, input_kind=InputKind.IMAGE,
+    shape=_vis_shape,
     notes="LGA op only (ReLU kernel, learnable per-head numerator temperature, denominator clamped at 100); "
           "LCM/LWA blocks are outside this token mixer.",
 )(L2ViTAttention)
 
 register(
-    name="care_attention", family="linear",
+    name="care_attention", family=Family.LINEAR,
     paper=Paper("CARE Transformer: Mobile-Friendly Linear Visual Transformer via Decoupled Dual Interaction",
                 "2411.16170", 2024),
-    patterns=("noncausal-self",), complexity="O(N g d_att)", flops=_vis_flops, example=_care_example,
-    default_config=_CARE, input_kind="image",
+    patterns=("noncausal-self",), complexity="O(N g d_att)", flops=_vis_flops,
+    options=lambda c: {"dim": c["dim"], "head_dim": c["head_dim"]}, reference=naive_care,
+    functional=linear_attention, default_config=_CARE, tiny_config=_CARE_TINY, input_kind=InputKind.IMAGE,
+    shape=_vis_shape,
     notes="Global branch only (elu+1, mean normaliser = sum normaliser with eps*N, V = input without "
           "projection); channel split, conv branches and dual interaction are not token mixing.",
 )(CAREAttention)

@@ -1,6 +1,6 @@
 """MaxViT multi-axis attention: block (window) attention followed by grid (dilated global) attention.
 
-"MaxViT: Multi-Axis Vision Transformer", arXiv 2204.01697 (ECCV 2022). Spec: papers/local.md §3.
+"MaxViT: Multi-Axis Vision Transformer", arXiv 2204.01697 (ECCV 2022).
 
 Block attention attends inside non-overlapping ``P x P`` windows; grid attention inside groups
 formed by a ``G x G`` lattice spread over the image (spacing ``Y/G``). Each uses a learned
@@ -8,14 +8,14 @@ per-head relative bias table ``((2M-1)^2, H)``. Identities: block(P) == NA(k=P, 
 grid(G) == NA(k=G, dilation=Y/G) when the bias is zero.
 """
 
-
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from attnkit.ops.local.multi_axis import block_attention, grid_attention, relative_bias
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_maxvit
+from attnkit.registry import Family, InputKind, Paper, register
 
 
 class _RelAttention(nn.Module):
@@ -34,7 +34,6 @@ class _RelAttention(nn.Module):
         fn = block_attention if self.kind == "block" else grid_attention
         out = fn(q, k, v, self.size, bias=relative_bias(self.table, self.size))
         return self.proj(out.reshape(B, Y, X, C))
-
 
 
 class MultiAxisAttention(nn.Module):
@@ -58,30 +57,26 @@ class MultiAxisAttention(nn.Module):
         return x + self.grid(self.norm2(x))
 
 
-
 def _flops(cfg: dict) -> float:
     B, C = cfg.get("batch", 1), cfg["dim"]
     n = cfg["input_size"][0] * cfg["input_size"][1]
     return float(B * 2 * (2 * n * C * 4 * C) + B * 4 * n * (cfg["block_size"] ** 2 + cfg["grid_size"] ** 2) * C)
 
 
-
 _DEFAULT = {"batch": 2, "dim": 32, "num_heads": 4, "block_size": 4, "grid_size": 2, "input_size": (8, 8)}
+_TINY = {"batch": 1, "dim": 8, "num_heads": 2, "block_size": 2, "input_size": (4, 4)}
 
 
-
-def _example(config=None):
-    c = {**_DEFAULT, **(config or {})}
-    return (MultiAxisAttention(c["dim"], c["num_heads"], c["block_size"], c["grid_size"]),
-            (torch.randn(c["batch"], *c["input_size"], c["dim"]),))
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "block_size": c["block_size"], "grid_size": c["grid_size"]}
 
 
-
-register(name="maxvit_attention", family="local", paper=Paper("MaxViT: Multi-Axis Vision Transformer",
-                                                              "2204.01697", 2022),
-         patterns=("noncausal-self",), complexity="O(N (P^2 + G^2) D)", flops=_flops, example=_example,
-         default_config=_DEFAULT,
+register(name="maxvit_attention", family=Family.LOCAL,
+         paper=Paper("MaxViT: Multi-Axis Vision Transformer", "2204.01697", 2022),
+         patterns=("noncausal-self",), complexity="O(N (P^2 + G^2) D)", flops=_flops, options=_options,
+         reference=naive_maxvit, functional=(block_attention, grid_attention), default_config=_DEFAULT,
+         tiny_config=_TINY,
          notes="Block then grid attention, each pre-norm residual with its own qkv/proj and ((2M-1)^2, H) "
                "relative bias (trunc-normal-ish init 0.02); MBConv and FFNs left out. Sizes must divide the map.",
-         input_kind="image")(MultiAxisAttention)
+         input_kind=InputKind.IMAGE)(MultiAxisAttention)
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from attnkit.masks import Mask, causal
 from attnkit.ops.dense.call import attention
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_mha
+from attnkit.registry import Family, Paper, register
 
 
 def _flops(cfg: dict) -> float:
@@ -22,24 +23,27 @@ def _flops(cfg: dict) -> float:
     return proj + 4 * b * h * n * n * d                  # QK^T and PV
 
 
-def _example(config: dict | None = None):
-    cfg = {**_DEFAULT, **(config or {})}
-    m = MultiHeadAttention(cfg["dim"], cfg["num_heads"], num_kv_heads=cfg.get("num_kv_heads"), causal=cfg["causal"])
-    return m, (torch.randn(cfg["batch"], cfg["seq_len"], cfg["dim"]),)
+def _options(cfg: dict) -> dict:
+    return {"dim": cfg["dim"], "num_heads": cfg["num_heads"], "num_kv_heads": cfg.get("num_kv_heads"),
+            "causal": cfg["causal"]}
 
 
 _DEFAULT = {"batch": 2, "seq_len": 64, "dim": 64, "num_heads": 4, "num_kv_heads": 2, "causal": True}
+_TINY = {"batch": 1, "seq_len": 6, "dim": 8, "num_heads": 2, "num_kv_heads": 1}
 
 
 @register(
     name="mha",
-    family="dense",
+    family=Family.DENSE,
     paper=Paper("Attention Is All You Need", "1706.03762", 2017),
     patterns=("noncausal-self", "causal-self", "noncausal-cross", "causal-cross"),
     complexity="O(N^2 d)",
     flops=_flops,
-    example=_example,
+    options=_options,
+    reference=naive_mha,
+    functional=attention,
     default_config=_DEFAULT,
+    tiny_config=_TINY,
     notes="GQA/MQA via num_kv_heads (arXiv 2305.13245); causal cross-attention is top-left aligned "
           "(query i sees context 0..i) unless a mask is given.",
 )

@@ -8,14 +8,14 @@ its diagonal band and sink tiles, K/V read through views); the outputs are put b
 The (alpha, beta) plan comes from MoA's offline profiling; it is an input here.
 """
 
-
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from attnkit.ops.per_head.moa import moa_attention, moa_spans
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_moa
+from attnkit.registry import Family, Paper, register
 
 
 def _flops(cfg: dict) -> float:
@@ -25,25 +25,23 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 4 * b * pairs * (c // h)
 
 
-
 _DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "alphas": [4.0, 8.0, 0.0, -4.0],
             "betas": [0.0, 0.0, 0.25, 0.5], "sink": 4, "block_size": 8}
+_TINY = {"batch": 1, "seq_len": 12, "dim": 8, "num_heads": 2, "alphas": [2.0, 0.0], "betas": [0.0, 0.25],
+         "sink": 2, "block_size": 4}
 
 
-
-def _example(config: dict | None = None):
-    c = {**_DEFAULT, **(config or {})}
-    m = MoA(c["dim"], c["num_heads"], alphas=c["alphas"], betas=c["betas"], sink=c["sink"], block_size=c["block_size"])
-    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
-
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "alphas": list(c["alphas"]), "betas": list(c["betas"]),
+            "sink": c["sink"], "block_size": c["block_size"]}
 
 
 @register(
-    name="moa", family="sparse",
+    name="moa", family=Family.HEAD,
     paper=Paper("MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression",
                 "2406.14909", 2024),
     patterns=("causal-self",), complexity="O(N (alpha_h + beta_h N) D) per head", flops=_flops,
-    example=_example, default_config=_DEFAULT,
+    options=_options, reference=naive_moa, functional=moa_attention, default_config=_DEFAULT, tiny_config=_TINY,
     notes="N in the span rule is the length of the call (prompt length); spans round to the nearest token "
           "and clamp to [1, N]; sink = 64 tokens by default (the reference's one global block of 64). "
           "The profiling/search that chooses (alpha, beta) is not implemented: the plan is an input.",

@@ -3,12 +3,9 @@
 Keys are cut into blocks; a parameter-free router scores every block by its mean key and
 each query attends, at token level, only inside its top-k blocks. Causal: the query's own
 block is always selected (causally masked inside) and blocks past the query are never
-candidates; the top-k budget counts the own block. Token routing runs the paper's key-major
-dispatch (``backends.block_dispatch``); block routing runs, without autograd, the fused CPU op
-(own block + each query block's gathered past blocks, merged by log-sum-exp), else the
-block-gather engine.
+candidates; the top-k budget counts the own block. The module is projections around
+:func:`~attnkit.ops.routed.moba.moba_attention`, which picks the path (``ak.explain`` shows it).
 """
-
 
 from __future__ import annotations
 
@@ -18,7 +15,8 @@ import torch
 from torch import nn
 
 from attnkit.ops.routed.moba import moba_attention
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_moba_module
+from attnkit.registry import Family, Paper, register
 
 
 def _flops(cfg: dict) -> float:
@@ -27,25 +25,22 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 2 * b * h * n * math.ceil(n / bs) * d + 4 * b * h * n * min(n, k * bs) * d
 
 
-
 _DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "block_size": 8, "topk": 3, "causal": True,
             "routing": "token"}
+_TINY = {"batch": 1, "seq_len": 12, "dim": 8, "num_heads": 2, "block_size": 3, "topk": 2}
 
 
-
-def _example(config: dict | None = None):
-    c = {**_DEFAULT, **(config or {})}
-    m = MoBA(c["dim"], c["num_heads"], block_size=c["block_size"], topk=c["topk"], causal=c["causal"],
-             routing=c["routing"])
-    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
-
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "block_size": c["block_size"], "topk": c["topk"],
+            "causal": c["causal"], "routing": c["routing"]}
 
 
 @register(
-    name="moba", family="sparse",
+    name="moba", family=Family.ROUTED,
     paper=Paper("MoBA: Mixture of Block Attention for Long-Context LLMs", "2502.13189", 2025),
     patterns=("causal-self", "noncausal-self"), complexity="O(N^2 D / Bk + N k Bk D)", flops=_flops,
-    example=_example, default_config=_DEFAULT,
+    options=_options, reference=naive_moba_module, functional=moba_attention,
+    default_config=_DEFAULT, tiny_config=_TINY,
     notes="topk counts the own block; ties go to the lower block index; gate scores in fp32 without "
           "1/sqrt(D) and without gradient. routing='token' is the paper (per-query routes, run as the paper's "
           "dispatch: own block as one batched causal block-diagonal call, every other selected block attended "

@@ -5,7 +5,6 @@ two-stage gate weighs the shared against the routed group, and the per-head outp
 summed with those weights (a broadcast multiply before the output projection).
 """
 
-
 from __future__ import annotations
 
 import torch
@@ -14,7 +13,8 @@ from torch import nn
 from attnkit.masks import causal as causal_mask
 from attnkit.ops.dense.call import attention
 from attnkit.ops.per_head.moh import moh_gates
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_moh
+from attnkit.registry import Family, Paper, register
 
 
 def _flops(cfg: dict) -> float:
@@ -22,23 +22,21 @@ def _flops(cfg: dict) -> float:
     return 2 * b * n * c * 4 * c + 4 * b * h * n * n * (c // h) + 2 * b * n * c * (h + 2)
 
 
-
 _DEFAULT = {"batch": 2, "seq_len": 32, "dim": 64, "num_heads": 8, "shared_heads": 2, "topk": 4, "causal": True}
+_TINY = {"batch": 1, "seq_len": 6, "dim": 8, "num_heads": 4, "shared_heads": 1, "topk": 2}
 
 
-
-def _example(config: dict | None = None):
-    c = {**_DEFAULT, **(config or {})}
-    m = MoHAttention(c["dim"], c["num_heads"], shared_heads=c["shared_heads"], topk=c["topk"], causal=c["causal"])
-    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
-
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "shared_heads": c["shared_heads"], "topk": c["topk"],
+            "causal": c["causal"]}
 
 
 @register(
-    name="moh", family="sparse",
+    name="moh", family=Family.HEAD,
     paper=Paper("MoH: Multi-Head Attention as Mixture-of-Head Attention", "2410.11842", 2024),
     patterns=("noncausal-self", "causal-self"), complexity="O(N^2 d (h_s + K))", flops=_flops,
-    example=_example, default_config=_DEFAULT,
+    options=_options, reference=naive_moh, functional=(attention, moh_gates),
+    default_config=_DEFAULT, tiny_config=_TINY,
     notes="Released-code gate rescaling (active heads weigh 1 under uniform routing); when one group is "
           "empty the group gate is dropped (weight 1). Every head is computed and unselected ones are "
           "zero-gated: the FLOP count is MHA's (per-token head gathering is not implemented). "

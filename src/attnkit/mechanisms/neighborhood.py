@@ -2,10 +2,10 @@
 
 "Neighborhood Attention Transformer" (arXiv 2204.07143), "Dilated Neighborhood Attention
 Transformer" (arXiv 2209.15001), "Faster Neighborhood Attention" (arXiv 2403.04690),
-"Generalized Neighborhood Attention" (arXiv 2504.16922). Spec: papers/local.md §1.
+"Generalized Neighborhood Attention" (arXiv 2504.16922).
 
 Module = ``Linear(C, 3C)`` -> heads-last q, k, v -> ``ak.neighborhood_attention`` ->
-``Linear(C, C)`` (NATTEN's module structure, local.md §1.7). Inputs are channels-last
+``Linear(C, C)`` (NATTEN's module structure). Inputs are channels-last
 ``(B, N, C)``, ``(B, X, Y, C)`` or ``(B, T, X, Y, C)``. No relative positional bias (NATTEN >=
 0.20 dropped it; our choice, noted in the registry).
 """
@@ -19,7 +19,8 @@ from torch import nn
 
 from attnkit.masks.neighborhood import neighborhood_mask
 from attnkit.ops.neighborhood.call import neighborhood_attention
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_dilated_neighborhood, naive_neighborhood
+from attnkit.registry import Family, InputKind, Paper, register
 
 NAT = Paper("Neighborhood Attention Transformer", "2204.07143", 2022)
 DINAT = Paper("Dilated Neighborhood Attention Transformer", "2209.15001", 2022)
@@ -64,18 +65,17 @@ def _na_flops(cfg: dict) -> float:
     shape, C = tuple(cfg["input_size"]), cfg["dim"]
     n = math.prod(shape)
     pairs = neighborhood_mask(shape, cfg["kernel_size"], cfg.get("dilation", 1), cfg.get("stride", 1),
-                              cfg.get("is_causal", False)).count()
+                              cfg.get("causal", False)).count()
     return float(cfg.get("batch", 1) * (2 * n * C * 4 * C + 4 * pairs * C))
 
 
-def _na_example(cls, default):
-    def example(config=None):
-        c = {**default, **(config or {})}
-        m = cls(c["dim"], c["num_heads"], c["kernel_size"], c.get("dilation", 1), c.get("stride", 1),
-                c.get("is_causal", False))
-        return m, (torch.randn(c.get("batch", 1), *c["input_size"], c["dim"]),)
+def _na_options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "kernel_size": c["kernel_size"],
+            "dilation": c.get("dilation", 1), "stride": c.get("stride", 1), "is_causal": c.get("causal", False)}
 
-    return example
+
+def _grid_shape(c: dict) -> tuple[int, ...]:
+    return (c.get("batch", 1), *c["input_size"], c["dim"])  # channels-last (B, *S, C), 1-D included
 
 
 _NA_NOTES = ("No relative positional bias (NATTEN >= 0.20 semantics). Windows shift at borders "
@@ -103,19 +103,24 @@ class NeighborhoodAttention3D(_NeighborhoodAttention):
 _D1 = {"batch": 2, "dim": 32, "num_heads": 4, "kernel_size": 5, "input_size": (24,)}
 _D2 = {"batch": 2, "dim": 32, "num_heads": 4, "kernel_size": 3, "input_size": (8, 7)}
 _D3 = {"batch": 1, "dim": 16, "num_heads": 2, "kernel_size": 3, "input_size": (4, 5, 5)}
-for _cls, _name, _default, _kind in ((NeighborhoodAttention1D, "neighborhood_1d", _D1, "sequence"),
-                                     (NeighborhoodAttention2D, "neighborhood_2d", _D2, "image"),
-                                     (NeighborhoodAttention3D, "neighborhood_3d", _D3, "video")):
-    register(name=_name, family="local", paper=NAT, patterns=("noncausal-self", "causal-self"),
-             complexity="O(N prod(k) D)", flops=_na_flops, example=_na_example(_cls, _default),
-             default_config=_default, notes=_NA_NOTES, input_kind=_kind)(_cls)
+_T1 = {"batch": 1, "dim": 8, "num_heads": 2, "kernel_size": 3, "input_size": (7,)}
+_T2 = {"batch": 1, "dim": 8, "num_heads": 2, "kernel_size": 3, "input_size": (4, 5)}
+_T3 = {"batch": 1, "dim": 8, "num_heads": 2, "kernel_size": 3, "input_size": (3, 3, 4)}
+for _cls, _name, _default, _tiny, _kind in (
+        (NeighborhoodAttention1D, "neighborhood_1d", _D1, _T1, InputKind.SEQUENCE),
+        (NeighborhoodAttention2D, "neighborhood_2d", _D2, _T2, InputKind.IMAGE),
+        (NeighborhoodAttention3D, "neighborhood_3d", _D3, _T3, InputKind.VIDEO)):
+    register(name=_name, family=Family.LOCAL, paper=NAT, patterns=("noncausal-self", "causal-self"),
+             complexity="O(N prod(k) D)", flops=_na_flops, options=_na_options, reference=naive_neighborhood,
+             functional=neighborhood_attention, default_config=_default, tiny_config=_tiny, notes=_NA_NOTES,
+             input_kind=_kind, shape=_grid_shape)(_cls)
 
 
 class DilatedNeighborhoodAttention(nn.Module):
     """DiNAT-style stack: pre-norm residual NA layers whose dilations follow a schedule.
 
     ``dilations=(1, "auto")`` alternates NA (dilation 1) and DiNA with ``floor(extent / kernel)``
-    per axis (DiNAT's rule, papers/local.md §1.8), computed from the input size. Each layer is a
+    per axis (DiNAT's rule, arXiv 2209.15001), computed from the input size. Each layer is a
     :class:`NeighborhoodAttention2D` (or 1D/3D by ``rank``): ``x = x + NA_l(LN(x))``.
 
     Example:
@@ -150,24 +155,24 @@ class DilatedNeighborhoodAttention(nn.Module):
         return x
 
 
+def _dinat_options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "kernel_size": c["kernel_size"],
+            "dilations": tuple(c["dilations"]), "rank": len(c["input_size"]), "is_causal": c.get("causal", False)}
+
+
 def _dinat_flops(cfg: dict) -> float:
-    m = DilatedNeighborhoodAttention(cfg["dim"], cfg["num_heads"], cfg["kernel_size"], cfg["dilations"],
-                                     rank=len(cfg["input_size"]))
+    m = DilatedNeighborhoodAttention(**_dinat_options(cfg))
     return sum(_na_flops({**cfg, "dilation": d}) for d in m.resolve(tuple(cfg["input_size"])))
 
 
 _DD = {"batch": 2, "dim": 32, "num_heads": 4, "kernel_size": 3, "dilations": (1, "auto"), "input_size": (9, 8)}
+_DD_TINY = {"batch": 1, "dim": 8, "num_heads": 2, "input_size": (6, 6)}  # "auto" = dilation 2
 
 
-def _dinat_example(config=None):
-    c = {**_DD, **(config or {})}
-    m = DilatedNeighborhoodAttention(c["dim"], c["num_heads"], c["kernel_size"], c["dilations"],
-                                     rank=len(c["input_size"]))
-    return m, (torch.randn(c["batch"], *c["input_size"], c["dim"]),)
-
-
-register(name="dilated_neighborhood", family="local", paper=DINAT, patterns=("noncausal-self", "causal-self"),
-         complexity="O(N prod(k) D) per layer", flops=_dinat_flops, example=_dinat_example, default_config=_DD,
+register(name="dilated_neighborhood", family=Family.LOCAL, paper=DINAT, patterns=("noncausal-self", "causal-self"),
+         complexity="O(N prod(k) D) per layer", flops=_dinat_flops, options=_dinat_options,
+         reference=naive_dilated_neighborhood, functional=neighborhood_attention, default_config=_DD,
+         tiny_config=_DD_TINY,
          notes="A stack of pre-norm residual NA layers; dilations (1, 'auto') alternate NA and DiNA with "
                "floor(extent / kernel) (DiNAT rule). MLPs and downsamplers of the DiNAT backbone are left out.",
-         input_kind="image")(DilatedNeighborhoodAttention)
+         input_kind=InputKind.IMAGE)(DilatedNeighborhoodAttention)

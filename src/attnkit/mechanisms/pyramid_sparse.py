@@ -9,14 +9,14 @@ all levels: per level the selected pooled blocks are gathered as in the block-ga
 concatenated along the key axis and attended with ``attend_gathered`` (bias = ``ln r``).
 """
 
-
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from attnkit.ops.routed.psa import DEFAULT_RATIOS, PSAConfig, psa_attention
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_pyramid_sparse
+from attnkit.registry import Family, Paper, register
 
 
 def _flops(cfg: dict) -> float:
@@ -26,25 +26,24 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 4 * b * h * (n / 4) ** 2 * d + 4 * b * h * n * n * dens * d
 
 
-
 _DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "block_q": 16, "block_kv": 8, "levels": 4,
             "mask_ratios": (0.25, 0.25, 0.0, 0.25), "causal": False}
+# four KV blocks: one at x1, one pooled x2, one pooled x4, one skipped
+_TINY = {"batch": 1, "seq_len": 16, "dim": 8, "num_heads": 2, "block_q": 4, "block_kv": 4, "levels": 3,
+         "mask_ratios": (0.25, 0.25, 0.25)}
 
 
-
-def _example(config: dict | None = None):
-    c = {**_DEFAULT, **(config or {})}
-    m = PyramidSparseAttention(c["dim"], c["num_heads"], block_q=c["block_q"], block_kv=c["block_kv"],
-                               levels=c["levels"], mask_ratios=c["mask_ratios"], causal=c["causal"])
-    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
-
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "block_q": c["block_q"], "block_kv": c["block_kv"],
+            "levels": c["levels"], "mask_ratios": tuple(c["mask_ratios"]), "causal": c["causal"]}
 
 
 @register(
-    name="pyramid_sparse", family="sparse",
+    name="pyramid_sparse", family=Family.ROUTED,
     paper=Paper("PSA: Pyramid Sparse Attention for Efficient Video Understanding and Generation", "2512.04025", 2025),
     patterns=("noncausal-self", "causal-self"), complexity="O(N^2 D / 16 + N D sum_l f_l N / r_l)", flops=_flops,
-    example=_example, default_config=_DEFAULT,
+    options=_options, reference=naive_pyramid_sparse, functional=psa_attention,
+    default_config=_DEFAULT, tiny_config=_TINY,
     notes="Level map = pool factors {0,1,2,4,8} from rank bands per query-block row (cumulative round-half-up, "
           "top block always x1, ties to the lower index); importance = the sampled estimator (bq/4 x bk/4 "
           "strided samples, or random with a generator) for both causal and non-causal (the reference's causal "

@@ -5,7 +5,6 @@ MDHA), and the scores get learned relative-position terms (Transformer-XL style,
 learned variant): ``[(q_t + u)·k_s + q_t·R[t-s] + b[t-s]] / sqrt(D)``.
 """
 
-
 from __future__ import annotations
 
 import torch
@@ -13,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnkit.ops.dense.relative import relative_position_attention
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_rcmha
+from attnkit.registry import Family, Paper, register
 
 
 def _flops(cfg: dict) -> float:
@@ -21,24 +21,21 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 6 * b * n * n * c + 18 * b * n * c
 
 
-
 _DEFAULT = {"batch": 2, "seq_len": 32, "dim": 64, "num_heads": 4, "max_rel": 64, "causal": True}
+_TINY = {"batch": 1, "seq_len": 6, "dim": 8, "num_heads": 2, "max_rel": 8}
 
 
-
-def _example(config: dict | None = None):
-    c = {**_DEFAULT, **(config or {})}
-    m = RCMHA(c["dim"], c["num_heads"], max_rel=c["max_rel"], causal=c["causal"])
-    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
-
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "max_rel": c["max_rel"], "causal": c["causal"]}
 
 
 @register(
-    name="rcmha", family="sparse",
+    name="rcmha", family=Family.DENSE,
     paper=Paper("RCMHA: Relative Convolutional Multi-Head Attention for Natural Language Modelling",
                 "2308.03429", 2023),
     patterns=("causal-self", "noncausal-self"), complexity="O(N^2 H D)", flops=_flops,
-    example=_example, default_config=_DEFAULT,
+    options=_options, reference=naive_rcmha, functional=relative_position_attention,
+    default_config=_DEFAULT, tiny_config=_TINY,
     notes="Learned relative key embeddings R and scalar biases b (labml variant, not sinusoidal), direct "
           "t-s indexing instead of the shift trick; depthwise conv (kernel 3) shared by heads, causal left "
           "padding (centred padding when causal=False). u, R, b init 0; q/k without bias, v with bias. "

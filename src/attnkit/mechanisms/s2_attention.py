@@ -10,7 +10,6 @@ the head's band and stripe tiles, with the causal mask on the diagonal tiles onl
 per-head layout on the block-gather engine.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -19,7 +18,8 @@ import torch
 from torch import nn
 
 from attnkit.ops.per_head.s2 import s2_attention, s2_layout
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_s2
+from attnkit.registry import Family, Paper, register
 
 
 def _density(cfg: dict) -> float:
@@ -28,31 +28,26 @@ def _density(cfg: dict) -> float:
     return lay.float().mean().item()
 
 
-
 def _flops(cfg: dict) -> float:
     b, n, c = cfg["batch"], cfg["seq_len"], cfg["dim"]
     return 8 * b * n * c * c + 4 * b * n * n * c * _density(cfg)
 
 
-
 _DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "block_size": 4, "local_blocks": 2,
             "vert_stride": 4, "causal": True}
+_TINY = {"batch": 1, "seq_len": 16, "dim": 8, "num_heads": 2, "block_size": 2, "local_blocks": 2, "vert_stride": 2}
 
 
-
-def _example(config: dict | None = None):
-    c = {**_DEFAULT, **(config or {})}
-    m = S2Attention(c["dim"], c["num_heads"], block_size=c["block_size"], local_blocks=c["local_blocks"],
-                    vert_stride=c["vert_stride"], causal=c["causal"])
-    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
-
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "block_size": c["block_size"],
+            "local_blocks": c["local_blocks"], "vert_stride": c["vert_stride"], "causal": c["causal"]}
 
 
 @register(
-    name="s2_attention", family="sparse",
+    name="s2_attention", family=Family.HEAD,
     paper=Paper("S2-Attention: Hardware-Aware Context Sharding Among Attention Heads", "2407.17678", 2024),
     patterns=("causal-self", "noncausal-self"), complexity="O(N (l b + N / v) D)", flops=_flops,
-    example=_example, default_config=_DEFAULT,
+    options=_options, reference=naive_s2, functional=s2_attention, default_config=_DEFAULT, tiny_config=_TINY,
     notes="dkernel's layout rule: absolute stripes offset by h*max(1, v // H) (causal); the bidirectional "
           "rule (relative stripes) is the same for every head. GQA: indexed by KV head. The layer-level "
           "hybrid (dense every n-th layer) is a model choice outside this module.",

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from attnkit.ops.dense.call import attention
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_single_head
+from attnkit.registry import Family, InputKind, Paper, register
 
 
 def _flops(cfg: dict) -> float:
@@ -20,19 +21,19 @@ def _flops(cfg: dict) -> float:
 
 
 _DEFAULT = {"batch": 2, "size": 6, "dim": 48, "partial_dim": 12, "qk_dim": 16}
+_TINY = {"batch": 1, "size": 3, "dim": 12, "partial_dim": 4, "qk_dim": 4}
 
 
-def _example(config: dict | None = None):
-    c = {**_DEFAULT, **(config or {})}
-    m = SingleHeadAttention(c["dim"], c["partial_dim"], qk_dim=c["qk_dim"])
-    return m, (torch.randn(c["batch"], c["size"], c["size"], c["dim"]),)
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "partial_dim": c["partial_dim"], "qk_dim": c["qk_dim"]}
 
 
 @register(
-    name="single_head", family="sparse",
+    name="single_head", family=Family.VISION,
     paper=Paper("SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design", "2401.16456", 2024),
     patterns=("noncausal-self",), complexity="O(N^2 (d_qk + C_p) + N C^2)", flops=_flops,
-    example=_example, default_config=_DEFAULT, input_kind="image",
+    options=_options, reference=naive_single_head, functional=attention, default_config=_DEFAULT,
+    tiny_config=_TINY, input_kind=InputKind.IMAGE, shape=lambda c: (c["batch"], c["size"], c["size"], c["dim"]),
     notes="Channels-last input. The 1x1 conv + BN projections are Linear layers (BN folded; no train/eval "
           "difference); the output projection's BN (zero-init in the paper) is omitted. The residual and "
           "the DWConv/FFN of the SHViT block are outside this module. C_p need not divide C.",

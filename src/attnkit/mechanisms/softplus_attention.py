@@ -6,14 +6,14 @@ invariance-entropy length scale ``ln(d) ln(N_t)``; LSSAR sharpens the weights wi
 ``ReLU(N_t A - O_t)^p`` and normalises again.
 """
 
-
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from attnkit.ops.dense.softplus import softplus_attention
-from attnkit.registry import Paper, register
+from attnkit.reference.naive_modules import naive_softplus_attention
+from attnkit.registry import Family, Paper, register
 
 
 def _flops(cfg: dict) -> float:
@@ -21,24 +21,21 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 4 * b * n * n * c
 
 
-
 _DEFAULT = {"batch": 2, "seq_len": 32, "dim": 64, "num_heads": 4, "p": 15.0, "causal": True}
+_TINY = {"batch": 1, "seq_len": 6, "dim": 8, "num_heads": 2}
 
 
-
-def _example(config: dict | None = None):
-    c = {**_DEFAULT, **(config or {})}
-    m = SoftplusAttention(c["dim"], c["num_heads"], p=c["p"], causal=c["causal"])
-    return m, (torch.randn(c["batch"], c["seq_len"], c["dim"]),)
-
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "p": c["p"], "causal": c["causal"]}
 
 
 @register(
-    name="softplus_attention", family="sparse",
+    name="softplus_attention", family=Family.DENSE,
     paper=Paper("Softplus Attention with Re-weighting Boosts Length Extrapolation in Large Language Models",
                 "2501.13428", 2025),
     patterns=("noncausal-self", "causal-self"), complexity="O(N^2 d)", flops=_flops,
-    example=_example, default_config=_DEFAULT,
+    options=_options, reference=naive_softplus_attention, functional=softplus_attention,
+    default_config=_DEFAULT, tiny_config=_TINY,
     notes="p=None gives LSSA, p>0 LSSAR. O_t = offset (1) for rows with more than 3 visible keys, else 0 "
           "(a public re-implementation's choice). N_t = visible keys of row t. Materialised per query "
           "chunk (LSSAR needs the whole LSSA row before sharpening). Weights are divided by the row max "

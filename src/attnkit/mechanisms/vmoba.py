@@ -5,14 +5,9 @@ successive layers cycle the key-block partition 1-D (``s_T`` whole frames: conti
 flattened sequence), 2-D (an ``s_Y x s_X`` tile over all frames) and 3-D (an ``s_T x s_Y x s_X``
 cube); blocks are selected globally over all ``(query, key block)`` pairs of a head instead of
 per query; and the number of pairs is set by a cumulative-similarity threshold ``tau``. Every
-query always attends its own block. The partition is a token permutation that makes blocks
-contiguous, so the attention runs on the key-major dispatch engine
-(``backends.block_dispatch.routed_block_attention``: the own block as its diagonal part in
-partition order, each other selected block attended by the queries that chose it), or on the
-block-gather path (union layout per query block plus a per-token route mask); routing reuses
-``moba.block_means`` / ``route_topk`` / ``_TokenRoutes``.
+query always attends its own block. The module is projections around
+:func:`~attnkit.ops.routed.vmoba.vmoba_attention`, which picks the path (``ak.explain`` shows it).
 """
-
 
 from __future__ import annotations
 
@@ -21,8 +16,10 @@ import math
 import torch
 from torch import nn
 
-from attnkit.ops.routed.vmoba import SELECTIONS, VMoBAConfig, _pos, block_shape, layer_mode, vmoba_attention
-from attnkit.registry import Paper, register
+from attnkit._validate import int_arg
+from attnkit.ops.routed.vmoba import SELECTIONS, VMoBAConfig, block_shape, layer_mode, vmoba_attention
+from attnkit.reference.naive_modules import naive_vmoba_module
+from attnkit.registry import Family, InputKind, Paper, register
 
 
 def _flops(cfg: dict) -> float:
@@ -38,26 +35,24 @@ def _flops(cfg: dict) -> float:
     return 8 * b * N * c * c + 2 * b * h * N * n * d + 4 * b * h * N * N * density * d
 
 
-
 _DEFAULT = {"batch": 1, "grid_shape": (4, 4, 4), "dim": 32, "num_heads": 4, "layer_idx": 2, "block_1d": 2,
             "block_2d": (2, 2), "block_3d": (2, 2, 2), "selection": "threshold", "threshold": 0.25, "topk": None}
+_TINY = {"grid_shape": (2, 2, 4), "dim": 8, "num_heads": 2, "block_3d": (1, 2, 2)}
 
 
-
-def _example(config: dict | None = None):
-    c = {**_DEFAULT, **(config or {})}
-    m = VMoBAAttention(c["dim"], c["num_heads"], layer_idx=c["layer_idx"], block_1d=c["block_1d"],
-                       block_2d=tuple(c["block_2d"]), block_3d=tuple(c["block_3d"]), selection=c["selection"],
-                       threshold=c["threshold"], topk=c["topk"])
-    return m, (torch.randn(c["batch"], *c["grid_shape"], c["dim"]),)
-
+def _options(c: dict) -> dict:
+    return {"dim": c["dim"], "num_heads": c["num_heads"], "layer_idx": c["layer_idx"], "block_1d": c["block_1d"],
+            "block_2d": tuple(c["block_2d"]), "block_3d": tuple(c["block_3d"]), "selection": c["selection"],
+            "threshold": c["threshold"], "topk": c["topk"]}
 
 
 @register(
-    name="vmoba", family="sparse",
+    name="vmoba", family=Family.ROUTED,
     paper=Paper("VMoBA: Mixture-of-Block Attention for Video Diffusion Models", "2506.23858", 2025),
     patterns=("noncausal-self",), complexity="O(N D (N / s_b + k_avg s_b)) + O(N n log(N n)) sort",
-    flops=_flops, example=_example, default_config=_DEFAULT, input_kind="video",
+    flops=_flops, options=_options, reference=naive_vmoba_module, functional=vmoba_attention,
+    default_config=_DEFAULT, tiny_config=_TINY, input_kind=InputKind.VIDEO,
+    shape=lambda c: (c["batch"], *c["grid_shape"], c["dim"]),
     notes="layer l uses partition ('1d', '2d', '3d')[l % 3] (1-D = block_1d whole frames, contiguous in "
           "raster order; 2-D = block_2d tile x all frames; 3-D = block_3d cube); 1-D blocks may be ragged in "
           "time (last block partial, mean over its real tokens), 2-D/3-D blocks must divide the grid "
@@ -97,7 +92,9 @@ class VMoBAAttention(nn.Module):
         self.layer_idx, self.num_heads, self.selection, self.threshold, self.topk = (
             layer_idx, num_heads, selection, threshold, topk)
         self.config = VMoBAConfig(block_1d, tuple(block_2d), tuple(block_3d))
-        self.grid_shape = None if grid_shape is None else _pos("grid_shape", grid_shape, 3)
+        if grid_shape is not None and len(tuple(grid_shape)) != 3:
+            raise ValueError(f"grid_shape must be (T, Y, X), got {grid_shape!r}")
+        self.grid_shape = None if grid_shape is None else tuple(int_arg("grid_shape", g, 1) for g in grid_shape)
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
