@@ -42,8 +42,16 @@ def grad_words(needs_grad: bool) -> str:
     return "inputs need grad" if needs_grad else "no grad needed"
 
 
-def gather_detail(needs_grad: bool) -> str:
-    """``Backend.detail`` of a path on the block-gather engine (which buffers it uses)."""
-    if needs_grad:
-        return "block-gather engine, fresh gather buffers per chunk (autograd records each chunk)"
-    return "block-gather engine, gather buffers reused across chunks (no input needs a gradient)"
+def upcast_words(dtype: torch.dtype) -> str:
+    """``Backend.detail`` suffix for half inputs: the routed paths compute in float32."""
+    return f"; {str(dtype).removeprefix('torch.')} inputs computed in float32" if dtype in (
+        torch.float16, torch.bfloat16) else ""
+
+
+def gather_detail(call) -> str:
+    """``Backend.detail`` of a path on the block-gather engine (which buffers it uses, the compute dtype)."""
+    if call.needs_grad:
+        how = "block-gather engine, fresh gather buffers per chunk (autograd records each chunk)"
+    else:
+        how = "block-gather engine, gather buffers reused across chunks (no input needs a gradient)"
+    return how + upcast_words(call.q.dtype)

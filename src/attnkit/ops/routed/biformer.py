@@ -117,7 +117,7 @@ def _run_reference(call: BRACall):
 
 DISPATCHER = Dispatcher("bi_level_routing_attention", [
     Backend("gather", _run_gather, suits=lambda call: (True, "regions made contiguous, routed blocks gathered"),
-            detail=lambda call: gather_detail(call.needs_grad), note="block-gather engine"),
+            detail=gather_detail, note="block-gather engine"),
     Backend("reference", _run_reference, _reference_supports, auto=False, note="naive raster twin (the oracle)"),
 ])
 

@@ -36,7 +36,7 @@ from attnkit.kernels.gather import attend_gathered, compute_dtype, needs_grad
 from attnkit.kernels.merge import merge_partials
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.dense.call import attention
-from attnkit.ops.routed._common import cpu_only, grad_words, no_grad_fused_check, reference_dtype
+from attnkit.ops.routed._common import cpu_only, grad_words, no_grad_fused_check, reference_dtype, upcast_words
 from attnkit.reference.naive_routed import naive_hyper_attention
 
 
@@ -250,9 +250,11 @@ def _run_reference(call: HyperCall):
 DISPATCHER = Dispatcher("hyper_attention", [
     Backend("fused", lambda call: _run(call, True), _fused_supports,
             lambda call: (True, "no autograd: one fused softmax per sorted block"),
-            detail=lambda call: f"{call.algorithm()}; fused CPU op", note="no-grad path on the fused CPU op"),
+            detail=lambda call: f"{call.algorithm()}; fused CPU op{upcast_words(call.q.dtype)}",
+            note="no-grad path on the fused CPU op"),
     Backend("matmul", lambda call: _run(call, False), suits=lambda call: (True, "differentiable"),
-            detail=lambda call: f"{call.algorithm()}; explicit softmaxes (exact leaves on ak.attention)",
+            detail=lambda call: (f"{call.algorithm()}; explicit softmaxes (exact leaves on ak.attention)"
+                                 f"{upcast_words(call.q.dtype)}"),
             note="differentiable matmul path"),
     Backend("reference", _run_reference, _reference_supports, auto=False, note="naive estimator (the oracle)"),
 ])

@@ -30,7 +30,14 @@ from attnkit.kernels.fused import fused_ops
 from attnkit.kernels.gather import block_gather_attention, compute_dtype, needs_grad
 from attnkit.kernels.merge import merge_partials
 from attnkit.ops.base import Backend, Dispatcher, register_op
-from attnkit.ops.routed._common import cpu_only, gather_detail, grad_words, no_grad_fused_check, reference_dtype
+from attnkit.ops.routed._common import (
+    cpu_only,
+    gather_detail,
+    grad_words,
+    no_grad_fused_check,
+    reference_dtype,
+    upcast_words,
+)
 from attnkit.reference.naive_dense import naive_masked_attention
 from attnkit.reference.naive_routed import naive_moba_mask
 
@@ -180,8 +187,9 @@ def _dispatch_supports(call: MoBACall) -> tuple[bool, str]:
 def _dispatch_detail(call: MoBACall) -> str:
     ok, why = _dispatch_fused(call)
     if ok:
-        return "key-major dispatch, every part on the fused CPU op (no input needs a gradient)"
-    return f"key-major dispatch, differentiable matmul softmax: {why}"
+        return "key-major dispatch, every part on the fused CPU op (no input needs a gradient)" + upcast_words(
+            call.q.dtype)
+    return f"key-major dispatch, differentiable matmul softmax: {why}" + upcast_words(call.q.dtype)
 
 
 def _fused_supports(call: MoBACall) -> tuple[bool, str]:
@@ -238,9 +246,10 @@ DISPATCHER = Dispatcher("moba_attention", [
             note="token routing: per key block, the queries that chose it, merged by log-sum-exp"),
     Backend("fused", _run_fused, _fused_supports, lambda call: (True, "no autograd: fused op, no element mask"),
             note="block routing without autograd on the fused CPU op",
-            detail=lambda call: "own block + gathered past blocks on the fused CPU op, merged by log-sum-exp"),
+            detail=lambda call: "own block + gathered past blocks on the fused CPU op, merged by log-sum-exp"
+            + upcast_words(call.q.dtype)),
     Backend("gather", _run_gather, _gather_supports, lambda call: (True, "any block routing, differentiable"),
-            detail=lambda call: gather_detail(call.needs_grad), note="block routing on the block-gather engine"),
+            detail=gather_detail, note="block routing on the block-gather engine"),
     Backend("reference", _run_reference, cpu_only, auto=False, note="naive per-query mask (the oracle)"),
 ])
 

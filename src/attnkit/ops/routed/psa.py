@@ -31,7 +31,7 @@ from attnkit._validate import check_qkv, int_arg, resolve_scale
 from attnkit.kernels import alloc
 from attnkit.kernels.gather import _blocks, attend_gathered, check_layout, compute_dtype, layout_indices, needs_grad
 from attnkit.ops.base import Backend, Dispatcher, register_op
-from attnkit.ops.routed._common import cpu_only, grad_words, no_grad_fused_check, reference_dtype
+from attnkit.ops.routed._common import cpu_only, grad_words, no_grad_fused_check, reference_dtype, upcast_words
 from attnkit.ops.routed.psa_fused import causal_diag_ok, pyramid_fused
 from attnkit.reference.naive_routed import naive_psa_importance, naive_psa_levels, naive_pyramid_attention
 
@@ -238,8 +238,10 @@ def _run_fused(call: PyramidCall) -> torch.Tensor:
 
 def _gather_detail(call: PyramidCall) -> str:
     if call.needs_grad:
-        return "gathered pooled blocks, explicit softmax (attend_gathered; autograd records it)"
-    return "gathered pooled blocks, SDPA on a float mask (ln r where visible, -inf elsewhere; no grad needed)"
+        how = "gathered pooled blocks, explicit softmax (attend_gathered; autograd records it)"
+    else:
+        how = "gathered pooled blocks, SDPA on a float mask (ln r where visible, -inf elsewhere; no grad needed)"
+    return how + upcast_words(call.q.dtype)
 
 
 def _run_gather(call: PyramidCall) -> torch.Tensor:
@@ -321,7 +323,8 @@ PYRAMID_DISPATCHER = Dispatcher("pyramid_sparse_attention", [
     Backend("fused", _run_fused, _fused_supports, lambda call: (True, "no autograd: per-row masks only"),
             note="fused CPU op without autograd (psa_fused)",
             detail=lambda call: "fused CPU op, per-row masks" + (", causal own span split off and merged by "
-                                                                  "log-sum-exp" if call.causal else "")),
+                                                                  "log-sum-exp" if call.causal else "")
+            + upcast_words(call.q.dtype)),
     Backend("gather", _run_gather, suits=lambda call: (True, "any level map, differentiable"),
             detail=_gather_detail, note="gathered pooled blocks, one masked softmax"),
     Backend("reference", _run_reference, cpu_only, auto=False, note="naive pyramid (the oracle)"),
@@ -443,11 +446,12 @@ def _psa_run_reference(call: PSACall):
 PSA_DISPATCHER = Dispatcher("psa_attention", [
     Backend("fused", _psa_run("fused"), _psa_fused_supports, lambda call: (True, "no autograd: per-row masks"),
             note="level map, then the fused pyramid path",
-            detail=lambda call: "sampled importance -> level map -> fused CPU op, per-row masks"),
+            detail=lambda call: "sampled importance -> level map -> fused CPU op, per-row masks"
+            + upcast_words(call.q.dtype)),
     Backend("gather", _psa_run("gather"), suits=lambda call: (True, "differentiable"),
             detail=lambda call: "sampled importance -> level map -> " + (
                 "gathered pooled blocks, explicit softmax (autograd records it)" if call.needs_grad
-                else "gathered pooled blocks, SDPA on a float mask (no grad needed)"),
+                else "gathered pooled blocks, SDPA on a float mask (no grad needed)") + upcast_words(call.q.dtype),
             note="level map, then the gathered pyramid"),
     Backend("reference", _psa_run_reference, cpu_only, auto=False,
             note="naive importance, bands and pyramid (the oracle)"),

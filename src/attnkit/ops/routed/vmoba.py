@@ -30,7 +30,14 @@ from attnkit._validate import check_qkv, int_arg, resolve_scale
 from attnkit.kernels.dispatch import routed_block_attention
 from attnkit.kernels.gather import block_gather_attention, compute_dtype, needs_grad
 from attnkit.ops.base import Backend, Dispatcher, register_op
-from attnkit.ops.routed._common import cpu_only, gather_detail, grad_words, no_grad_fused_check, reference_dtype
+from attnkit.ops.routed._common import (
+    cpu_only,
+    gather_detail,
+    grad_words,
+    no_grad_fused_check,
+    reference_dtype,
+    upcast_words,
+)
 from attnkit.ops.routed.moba import _TokenRoutes, block_means, route_topk
 from attnkit.reference.naive_dense import naive_masked_attention
 from attnkit.reference.naive_routed import naive_block_ids, naive_vmoba_selection
@@ -289,8 +296,9 @@ def _run_dispatch(call: VMoBACall):
 def _dispatch_detail(call: VMoBACall) -> str:
     ok, why = _dispatch_fused(call)
     if ok:
-        return "key-major dispatch, every part on the fused CPU op (no input needs a gradient)"
-    return f"key-major dispatch, differentiable matmul softmax: {why}"
+        return "key-major dispatch, every part on the fused CPU op (no input needs a gradient)" + upcast_words(
+            call.q.dtype)
+    return f"key-major dispatch, differentiable matmul softmax: {why}" + upcast_words(call.q.dtype)
 
 
 def _run_gather(call: VMoBACall):
@@ -322,7 +330,7 @@ DISPATCHER = Dispatcher("vmoba_attention", [
     Backend("dispatch", _run_dispatch, suits=lambda call: (True, "work ~ selected (query, block) pairs"),
             detail=_dispatch_detail, note="per key block, the queries that chose it, merged by log-sum-exp"),
     Backend("gather", _run_gather, suits=lambda call: (True, "union layout per query tile + token mask"),
-            detail=lambda call: gather_detail(call.needs_grad), note="block-gather engine"),
+            detail=gather_detail, note="block-gather engine"),
     Backend("reference", _run_reference, cpu_only, auto=False, note="naive selection and mask (the oracle)"),
 ])
 
