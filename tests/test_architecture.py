@@ -18,8 +18,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import attnkit
 
 PKG = Path(attnkit.__file__).resolve().parent
@@ -168,8 +166,6 @@ def test_no_op_lives_in_mechanisms():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="reference/naive_linear.py imports attnkit.ops.linear.feature_maps."
-                   "resolve_feature_map; remove this mark once the reference has its own feature maps")
 def test_reference_imports_only_torch_and_stdlib():
     bad = reference_import_violations()
     assert not bad, "\n".join(bad)

@@ -58,13 +58,14 @@ def assert_close(
 
 
 def compare_fn(fast, ref, inputs: dict[str, torch.Tensor], dtype: torch.dtype, *, factor: float = 1.0,
-               grad_names: tuple[str, ...] | None = None, seed: int = 0) -> None:
+               grad_names: tuple[str, ...] | None = None, seed: int = 0, lse_at: tuple[int, ...] = ()) -> None:
     """Run ``fast(**inputs_in_dtype)`` and ``ref(**inputs_in_float64)``; compare output and every gradient.
 
     ``inputs`` are float64 leaf tensors (others pass through); ``fast`` sees them cast to
     ``dtype``. Outputs may be a tensor or a tuple of tensors (all compared; the first gets
     the upstream gradient, the rest a smaller random one). This is the tinygrad
-    ``helper_test_op`` idea: one helper checks forward, gradients, shapes and dtypes.
+    ``helper_test_op`` idea: one helper checks forward, gradients, shapes and dtypes. Outputs at
+    the indices ``lse_at`` are log-sum-exps: float32 (float64 for float64), whatever ``dtype``.
     """
     names = grad_names if grad_names is not None else tuple(
         n for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.is_floating_point())
@@ -77,7 +78,9 @@ def compare_fn(fast, ref, inputs: dict[str, torch.Tensor], dtype: torch.dtype, *
     loss_f, loss_r = 0, 0
     for i, (a, b) in enumerate(zip(out_f, out_r, strict=True)):
         if a.dtype.is_floating_point:
-            assert a.dtype == dtype, f"output {i}: dtype {a.dtype}, expected {dtype}"
+            # outputs keep the input dtype; a log-sum-exp is float32 (float64 for float64 inputs)
+            want = (torch.float64 if dtype == torch.float64 else torch.float32) if i in lse_at else dtype
+            assert a.dtype == want, f"output {i}: dtype {a.dtype}, expected {want}"
         finite = torch.isfinite(b)
         a_fin, b_fin = torch.where(finite, a.double(), 0.0), torch.where(finite, b, 0.0)
         assert_close(a_fin, b_fin, dtype, f"out[{i}]", factor=factor)

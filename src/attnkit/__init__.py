@@ -10,10 +10,24 @@ Example:
 """
 
 from attnkit import masks
-from attnkit.ops.base import explain
-from attnkit.ops.dense.call import attention
-from attnkit.ops.linear.call import linear_attention
-from attnkit.ops.neighborhood.call import neighborhood_attention
+from attnkit.ops.base import explain, explainable_ops
+from attnkit.ops.dense import attention
+from attnkit.ops.dense.gaussian import gaussian_adaptive
+from attnkit.ops.dense.relative import relative_position_attention
+from attnkit.ops.dense.softplus import softplus_attention
+from attnkit.ops.linear import linear_attention
+from attnkit.ops.linear.agent import agent_attention
+from attnkit.ops.local import block_attention, criss_cross_attention, grid_attention, halo_attention
+from attnkit.ops.neighborhood import neighborhood_attention
+from attnkit.ops.per_head import moa_attention, per_head_attention, s2_attention
+from attnkit.ops.routed import (
+    bi_level_routing_attention,
+    hyper_attention,
+    moba_attention,
+    psa_attention,
+    pyramid_sparse_attention,
+    vmoba_attention,
+)
 from attnkit.registry import MechanismSpec, Paper, get, info, list_mechanisms, register
 
 __version__ = "0.1.0"
@@ -21,13 +35,31 @@ __version__ = "0.1.0"
 __all__ = [
     "MechanismSpec",
     "Paper",
+    "agent_attention",
     "attention",
+    "bi_level_routing_attention",
+    "block_attention",
+    "criss_cross_attention",
     "explain",
+    "explainable_ops",
+    "gaussian_adaptive",
     "get",
+    "grid_attention",
+    "halo_attention",
+    "hyper_attention",
     "info",
     "linear_attention",
     "list_mechanisms",
     "masks",
+    "moa_attention",
+    "moba_attention",
     "neighborhood_attention",
+    "per_head_attention",
+    "psa_attention",
+    "pyramid_sparse_attention",
     "register",
+    "relative_position_attention",
+    "s2_attention",
+    "softplus_attention",
+    "vmoba_attention",
 ]

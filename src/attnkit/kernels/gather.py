@@ -235,4 +235,4 @@ def block_gather_attention(
     if not return_lse:
         return out
     lse = torch.cat(lses, dim=2).flatten(2, 3)[:, :, :Nq].permute(0, 2, 1)  # (B, Nq, Hq)
-    return out, lse.to(q.dtype)
+    return out, lse

@@ -1,3 +1,8 @@
-"""The functional API, one folder per op family: validate -> choose a backend -> run."""
+"""The functional API, one folder per op family: validate -> choose a backend -> run.
 
-from attnkit.ops import dense, linear, neighborhood  # noqa: F401  (each registers its op for explain)
+Importing this package imports every op module, which registers each op for ``ak.explain``.
+"""
+
+from attnkit.ops import dense, linear, local, neighborhood, per_head, routed  # noqa: F401
+from attnkit.ops.dense import gaussian, relative, softplus  # noqa: F401
+from attnkit.ops.linear import agent  # noqa: F401

@@ -1,4 +1,4 @@
-"""Naive linear attention: the spec and the test oracle (DESIGN.md §3, papers/linear.md §0.3).
+"""Naive linear attention: the spec and the test oracle (docs/design.md §3; Katharopoulos et al., arXiv 2006.16236 §3).
 
 Two obvious implementations that must agree with each other and with every fast path:
 
@@ -16,11 +16,19 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.ops.linear.feature_maps import resolve_feature_map
+# The feature maps by the book (elu+1: arXiv 2006.16236; ReLU: L2ViT, arXiv 2501.16182; softmax over
+# features), written again here so the oracle does not share code with the op it checks.
+_PHI = {
+    "identity": lambda x: x,
+    "elu+1": lambda x: torch.where(x > 0, x + 1, torch.exp(x)),
+    "elu1": lambda x: torch.where(x > 0, x + 1, torch.exp(x)),
+    "relu": lambda x: x.clamp_min(0),
+    "softmax": lambda x: torch.softmax(x.to(torch.promote_types(x.dtype, torch.float32)), -1).to(x.dtype),
+}
 
 
 def _prepare(q, k, v, feature_map, decay, scale):
-    _, phi = resolve_feature_map(feature_map)
+    phi = feature_map if callable(feature_map) else _PHI[feature_map]
     B, _, H, D = q.shape
     g = k.shape[2]
     rep = H // g

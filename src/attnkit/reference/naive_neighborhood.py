@@ -1,7 +1,7 @@
 """Reference neighborhood attention: obvious loops build the mask, then dense masked softmax attention.
 
 Papers: "Faster Neighborhood Attention" (arXiv 2403.04690), "Generalized Neighborhood
-Attention" (arXiv 2504.16922); index rules from ``papers/local.md`` §1.2-1.3, written here
+Attention" (arXiv 2504.16922); index rules of NATTEN (arXiv 2204.07143 §3.1, 2209.15001 §3), written here
 as plain Python loops on purpose (it is the oracle; the fast path uses a separate tensor
 formulation). Imports only torch.
 """
@@ -84,5 +84,5 @@ def naive_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     out = torch.softmax(s, dim=-1) @ vf  # (B, H, N, Dv)
     out = out.transpose(1, 2).reshape(B, *spatial, H, Dv).to(q.dtype)  # (B, *S, H, Dv)
     if return_lse:
-        return out, lse.transpose(1, 2).reshape(B, *spatial, H).to(q.dtype)  # (B, *S, H)
+        return out, lse.transpose(1, 2).reshape(B, *spatial, H)  # (B, *S, H), float32 (float64 for float64)
     return out

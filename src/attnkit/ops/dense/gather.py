@@ -7,8 +7,6 @@ the selected blocks, e.g. MoBA's causal diagonal).
 
 from __future__ import annotations
 
-import torch
-
 from attnkit.kernels.gather import block_gather_attention
 from attnkit.masks.block_sparse import BlockSparse
 from attnkit.masks.combine import _GenericAnd
@@ -42,17 +40,9 @@ def _suits(call):
 
 def _run(call):
     layout, extra = _split(call.mask)
-    q, k, v = call.q, call.k, call.v
-    if call.return_lse and q.dtype in (torch.float16, torch.bfloat16):
-        # the engine returns the lse in its input dtype; with return_lse it casts half inputs to
-        # float32 anyway, so casting here first gives the same numbers and a float32 lse
-        q, k, v = q.float(), k.float(), v.float()
-    res = block_gather_attention(q, k, v, layout.l4, (layout.block_q, layout.block_k),
+    res = block_gather_attention(call.q, call.k, call.v, layout.l4, (layout.block_q, layout.block_k),
                                  extra_mask=extra, scale=call.scale, return_lse=call.return_lse)
-    if not call.return_lse:
-        return res
-    out, lse = res
-    return out.to(call.q.dtype), lse
+    return res
 
 
 BACKEND = Backend(name="gather", run=_run, supports=_supports, suits=_suits,
