@@ -28,11 +28,13 @@ from attnkit.ops.routed import (
     pyramid_sparse_attention,
     vmoba_attention,
 )
-from attnkit.registry import MechanismSpec, Paper, get, info, list_mechanisms, register
+from attnkit.registry import Family, InputKind, MechanismSpec, Paper, get, info, list_mechanisms, register
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Family",
+    "InputKind",
     "MechanismSpec",
     "Paper",
     "agent_attention",

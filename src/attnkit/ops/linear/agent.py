@@ -142,5 +142,4 @@ def agent_attention(q, k, v, agents, *, bias1=None, bias2=None, scale=None, back
     return DISPATCHER.run(make_call(q, k, v, agents, bias1=bias1, bias2=bias2, scale=scale), backend)
 
 
-_DEFAULT_1D = {"batch": 2, "dim": 32, "num_heads": 2, "num_agents": 8, "grid": (40,)}
 
