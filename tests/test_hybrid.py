@@ -1,4 +1,5 @@
-"""Hybrid softmax/linear layers (MiniMax-M1, arXiv 2506.13585; HydraHead, arXiv 2606.20097; MiniCPM-SALA, arXiv 2602.11761)."""
+"""Hybrid softmax/linear layers (MiniMax-M1, arXiv 2506.13585; HydraHead, arXiv 2606.20097;
+MiniCPM-SALA, arXiv 2602.11761)."""
 
 from __future__ import annotations
 

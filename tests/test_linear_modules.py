@@ -1,5 +1,6 @@
 """Linear-family modules: Lightning (TNL, MiniMax), LinearAttention, L2ViT LGA, CARE — against compositions of
-the fp64 naive oracle, decay tables (TransNormerLLM, arXiv 2307.14995; MiniMax-01, arXiv 2501.08313), prefill + decode."""
+the fp64 naive oracle, decay tables (TransNormerLLM, arXiv 2307.14995; MiniMax-01, arXiv 2501.08313),
+prefill + decode."""
 
 from __future__ import annotations
 
