@@ -12,7 +12,8 @@ STAMP   := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]" "$(TORCH)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,hf]" "$(TORCH)"
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps "timm>=1.0"
 	touch $(STAMP)
 
 venv: $(STAMP)

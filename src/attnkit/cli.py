@@ -178,7 +178,9 @@ def bench(
     from attnkit.bench.harness import BenchOptions, Harness
     from attnkit.bench.live import LiveView
     from attnkit.bench.report import summary_table, write_reports
-    from attnkit.bench.suites import SUITES
+    from attnkit.bench.suites import all_suites
+
+    SUITES = all_suites()
 
     if suite not in SUITES:
         console.print(f"[red]unknown suite {suite!r}; suites: {', '.join(SUITES)}[/red]")
@@ -213,7 +215,9 @@ def bench(
 @bench_app.command("list-suites")
 def list_suites() -> None:
     """The suites and how each is measured."""
-    from attnkit.bench.suites import SUITES
+    from attnkit.bench.suites import all_suites
+
+    SUITES = all_suites()
 
     t = Table(header_style="bold")
     for col in ("suite", "what", "repeat", "case timeout s", "memory"):

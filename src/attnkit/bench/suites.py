@@ -83,9 +83,36 @@ SUITES: dict[str, Suite] = {
 }
 
 
+def register_suite(suite: Suite) -> Suite:
+    """Add a suite from a case module (``attnkit.bench.cases.<name>``) at import; a name may be registered once
+    (re-registering the identical suite, as a re-import does, is a no-op)."""
+    old = SUITES.get(suite.name)
+    if old is not None and old != suite:
+        raise ValueError(f"suite {suite.name!r} is already registered with other settings")
+    SUITES[suite.name] = suite
+    return suite
+
+
+def all_suites() -> dict[str, Suite]:
+    """Every suite: the built-in ones above and those the case modules register when imported."""
+    import importlib
+    import pkgutil
+
+    from attnkit.bench import cases
+
+    for m in pkgutil.iter_modules(cases.__path__):
+        if not m.name.startswith("_"):
+            try:
+                importlib.import_module(f"{cases.__name__}.{m.name}")
+            except Exception:  # a provider that fails to import is reported by discover()
+                pass
+    return SUITES
+
+
 def get_suite(name: str) -> Suite:
     """The suite called ``name``; unknown names raise ``KeyError`` listing the valid ones."""
+    suites = all_suites()
     try:
-        return SUITES[name]
+        return suites[name]
     except KeyError:
-        raise KeyError(f"unknown suite {name!r}; suites: {', '.join(SUITES)}") from None
+        raise KeyError(f"unknown suite {name!r}; suites: {', '.join(suites)}") from None
