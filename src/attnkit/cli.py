@@ -5,8 +5,10 @@
     attnkit masks list                  the mask zoo
     attnkit masks show NAME [ARGS] [--n N]   a picture of a mask
     attnkit bench [--suite S] [--out DIR] [--only GLOB] [--backend B] [--dtype T] [--pass P]
-                  [--case-timeout S] [--repeat N]          run a benchmark suite, write reports
+                  [--case-timeout S] [--repeat N] [--force]   run a benchmark suite, write reports
     attnkit bench list-suites | list | report DIR | compare OLD NEW
+
+``python -m attnkit`` runs the same command line.
 
 Suites: quick, default, masks, scaling, full, and one per op family (foundation, neighborhood,
 linear, sparse) holding the comparisons that family's performance claims rest on.
@@ -81,7 +83,13 @@ def build_mask(name: str, args: list[str], n: int):
     """A mask from a factory name and integer args (``sliding_window 4``), else from the zoo."""
     import attnkit.masks as m
 
-    ints = [int(a) for a in args]
+    try:
+        ints = [int(a) for a in args]
+    except ValueError:
+        bad = next(a for a in args if not a.lstrip("-").isdigit())
+        what = f"unknown option {bad!r}" if bad.startswith("--") else f"{bad!r} is not an integer"
+        raise ValueError(f"masks show: {what}; the factory arguments are integers (a negative one such as -3 is "
+                         f"an offset), got {' '.join(args)!r}") from None
     if name in ("document", "share_question", "causal_blockwise"):
         return getattr(m, name)(ints or [n])
     if name == "prefix_lm_document":
@@ -124,7 +132,9 @@ def _neighborhood_picture(args: list[str], grid: str | None, query: int | None, 
     return mask.picture(q)
 
 
-@masks_app.command("show")
+# ``-3`` in ``attnkit masks show causal -3`` is a negative integer argument (an offset), not an option:
+# unknown option-like tokens are passed through as arguments, and build_mask checks they are integers.
+@masks_app.command("show", context_settings={"ignore_unknown_options": True})
 def masks_show(name: str,
                args: Annotated[list[str] | None, typer.Argument(help="integer args of the factory")] = None,
                n: Annotated[int, typer.Option("--n", help="sequence length to draw")] = 32,
@@ -168,6 +178,8 @@ def bench(
     provider: Annotated[list[str] | None, typer.Option(help="extra cases: module:func or file.py:func")] = None,
     builtin: Annotated[bool, typer.Option("--builtin/--no-builtin", help="attnkit's own cases")] = True,
     retry_failed: Annotated[bool, typer.Option(help="rerun cases recorded as error/oom/timeout")] = False,
+    force: Annotated[bool, typer.Option("--force", help="rerun every selected case, even those already recorded "
+                                                         "(the new records replace the old in reports)")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="write report.md/.html at the end")] = True,
 ) -> None:
     """Run a suite; every finished case is appended to OUT/results.jsonl, then reports are written."""
@@ -175,7 +187,7 @@ def bench(
         return
     import psutil
 
-    from attnkit.bench.harness import BenchOptions, Harness
+    from attnkit.bench.harness import BenchOptions, Harness, describe_filters
     from attnkit.bench.live import LiveView
     from attnkit.bench.report import summary_table, write_reports
     from attnkit.bench.suites import all_suites
@@ -189,11 +201,17 @@ def bench(
         suite=suite, out=str(out), only=tuple(only or ()), backend=tuple(backend or ()), dtype=tuple(dtype or ()),
         passes=tuple(pass_ or ()), case_timeout_s=case_timeout, repeat=repeat, threads=threads, memory=memory,
         mem_limit_gb=mem_limit if mem_limit is not None else 0.85 * psutil.virtual_memory().available / 2**30,
-        providers=tuple(provider or ()), builtin=builtin, retry_failed=retry_failed)
+        providers=tuple(provider or ()), builtin=builtin, retry_failed=retry_failed, force=force)
     view = LiveView(console)
     harness = Harness(opts, on_event=view, fork_worker=True)  # forks before the live view starts a thread
     with view:
         summary = harness.run()
+    if not summary.selected:
+        console.print(f"[red]no case matches {describe_filters(opts)}; see `attnkit bench list --suite {suite}`"
+                      "[/red]")
+        for name, err in summary.provider_errors.items():
+            console.print(f"[red]provider failed[/red]: {name}: {err}")
+        raise typer.Exit(1)
     if not report:
         console.print(f"{len(summary.recorded)} cases recorded this run in {summary.wall_s:.0f} s -> {out}")
         raise typer.Exit(130 if summary.interrupted else 0)
@@ -233,15 +251,19 @@ def list_cases(suite: Annotated[str, typer.Option()] = "default",
                provider: Annotated[list[str] | None, typer.Option()] = None) -> None:
     """The cases a suite would run (nothing is measured)."""
     from attnkit.bench.discover import discover
-    from attnkit.bench.harness import BenchOptions, select
+    from attnkit.bench.harness import BenchOptions, describe_filters, select
 
     found, errors = discover(list(provider or ()))
-    chosen = select(found, suite, BenchOptions(suite=suite, only=tuple(only or ())))
+    opts = BenchOptions(suite=suite, only=tuple(only or ()))
+    chosen = select(found, suite, opts)
     for c in chosen:
         console.print(f"{c.id}  [dim]{c.flops:.3g} FLOP fwd[/dim]", highlight=False)
     for name, err in errors.items():
         console.print(f"[red]provider failed[/red]: {name}: {err}")
     console.print(f"{len(chosen)} cases in suite {suite!r}")
+    if not chosen:
+        console.print(f"[red]no case matches {describe_filters(opts)}[/red]")
+        raise typer.Exit(1)
 
 
 @bench_app.command("report")
@@ -249,7 +271,11 @@ def report(out: Annotated[Path, typer.Argument(help="a directory holding results
     """Rebuild report.md, report.html and the PNGs from a results file."""
     from attnkit.bench.report import write_reports
 
-    paths = write_reports(out)
+    try:
+        paths = write_reports(out)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
     console.print(f"wrote {paths['md']} and {paths['html']}")
 
 
@@ -260,7 +286,11 @@ def compare_cmd(old: Path, new: Path,
     """Per-case time ratio NEW/OLD of two results files (or directories); flags > threshold."""
     from attnkit.bench.compare import compare, regressions
 
-    changes, extra = compare(old, new, threshold)
+    try:
+        changes, extra = compare(old, new, threshold)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
     t = Table(title=f"new / old median time (flag beyond ±{threshold:.0%})", header_style="bold")
     for col in ("case", "old ms", "new ms", "ratio", "flag"):
         t.add_column(col, overflow="fold")

@@ -2,7 +2,8 @@
 
 *Efficiency length* (CAB, arXiv 2210.07661): the sequence length from which an
 implementation beats dense attention. Here it is read off the measurements, not a
-fitted model: the speedup vs dense SDPA is interpolated linearly in (log N, log speedup)
+fitted model: the speedup vs the comparison's baseline (dense SDPA, or causal SDPA for causal
+ops) is interpolated linearly in (log N, log speedup)
 between the two measured lengths where it crosses 1.
 """
 
@@ -27,8 +28,38 @@ def baseline_of(rec: Record, by_group: dict[tuple[str, str], Record]) -> Record 
     return None
 
 
+def baseline_label(b: Record) -> str:
+    """What a baseline record is, in words: ``"dense SDPA"``, ``"causal softmax SDPA"``, or its impl.
+
+    A causal SDPA baseline (linear attention's, a causal mechanism's) is named as such, so that a
+    speedup over it is never read as one over full dense attention.
+    """
+    impl, p = b.get("impl", "?"), b.get("params", {})
+    if not impl.startswith("sdpa"):
+        return impl
+    causal = ("causal" in impl or p.get("mask") == "causal" or p.get("causal") is True
+              or str(p.get("baseline_group", "")).startswith("causal/"))
+    return "causal softmax SDPA" if causal else "dense SDPA"
+
+
+def relative_speed(speedup: float | None, short: bool = False) -> str:
+    """``baseline time / this time`` in plain words: ``"2.10× faster"``, ``"1.32× slower"``, ``"same"``.
+
+    Two decimals; within 0.5% of the baseline is ``"same"``.
+    """
+    if not speedup:
+        return ""
+    fmt = "{:.1f}" if short else "{:.2f}"
+    if speedup >= 1.005:
+        return f"{fmt.format(speedup)}× faster"
+    if speedup <= 1 / 1.005:
+        return f"{fmt.format(1 / speedup)}× slower"
+    return "same"
+
+
 def with_speedups(records: list[Record]) -> list[Record]:
-    """Copies of ``records`` with ``speedup_vs_baseline`` filled in wherever a baseline was measured."""
+    """Copies of ``records`` with ``speedup_vs_baseline`` (baseline time / this time), ``baseline_id`` and
+    ``baseline_label`` filled in wherever a baseline was measured."""
     by_group = {(r["group"], r["pass"]): r for r in records if r.get("baseline") and r.get("status") == "ok"}
     out = []
     for r in records:
@@ -37,6 +68,7 @@ def with_speedups(records: list[Record]) -> list[Record]:
         if b is not None and r.get("median_s") and b.get("median_s"):
             r["speedup_vs_baseline"] = b["median_s"] / r["median_s"]
             r["baseline_id"] = b["id"]
+            r["baseline_label"] = baseline_label(b)
         if b is not None and r.get("peak_rss_mb") and b.get("peak_rss_mb"):
             r["mem_saving_vs_baseline"] = b["peak_rss_mb"] / r["peak_rss_mb"]
         out.append(r)
@@ -69,7 +101,7 @@ def series(records: list[Record]) -> dict[str, dict[str, list[Record]]]:
 
 @dataclass(frozen=True)
 class Crossover:
-    """Where a series starts beating dense SDPA."""
+    """Where a series starts beating its baseline (dense SDPA, or causal SDPA for causal ops)."""
 
     panel: str
     label: str
@@ -82,7 +114,7 @@ def _fmt_n(n: float) -> str:
 
 
 def crossovers(records: list[Record], key: str = "speedup_vs_baseline") -> list[Crossover]:
-    """Efficiency length of every series with at least two N and a ratio vs dense SDPA.
+    """Efficiency length of every series with at least two N and a ratio vs its baseline.
 
     Args:
         key: ``"speedup_vs_baseline"`` (time) or ``"mem_saving_vs_baseline"`` (peak memory).

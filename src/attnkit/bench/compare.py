@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnkit.bench.results import latest_cases, load, runs
+from attnkit.bench.results import latest_cases, load_results, runs
 
 
 @dataclass(frozen=True)
@@ -25,19 +25,18 @@ class Change:
     flag: str  # "regression", "improvement", "" or "failed: <status>", "fixed"
 
 
-def _path(p: str | Path) -> Path:
-    p = Path(p)
-    return p / "results.jsonl" if p.is_dir() else p
-
-
 def compare(old: str | Path, new: str | Path, threshold: float = 0.10) -> tuple[list[Change], dict[str, list[str]]]:
     """Compare two results files (or directories holding ``results.jsonl``).
 
     Returns:
         ``(changes, extra)``: a :class:`Change` per common case (worst ratio first) and
         ``{"only_old": [...], "only_new": [...], "machines": [old, new]}``.
+
+    Raises:
+        FileNotFoundError: a path that does not exist (or a directory without ``results.jsonl``).
+        ValueError: a file that holds no benchmark record.
     """
-    a_recs, b_recs = load(_path(old)), load(_path(new))
+    a_recs, b_recs = load_results(old, "bench compare"), load_results(new, "bench compare")
     a, b = latest_cases(a_recs), latest_cases(b_recs)
     out = []
     for cid in a.keys() & b.keys():

@@ -22,7 +22,7 @@ from attnkit.bench.case import Case
 from attnkit.bench.client import JobOutcome, Worker
 from attnkit.bench.discover import discover, peer_installed
 from attnkit.bench.machine import default_threads, machine_info
-from attnkit.bench.results import ResultsFile, baseline_times, case_record, load
+from attnkit.bench.results import NOISY_SPREAD, ResultsFile, baseline_times, case_record, load
 from attnkit.bench.suites import Suite, get_suite
 
 
@@ -44,6 +44,7 @@ class BenchOptions:
     providers: tuple[str, ...] = ()
     builtin: bool = True
     retry_failed: bool = False
+    force: bool = False
 
 
 @dataclass
@@ -53,6 +54,7 @@ class RunSummary:
     out: Path
     results_path: Path
     run_id: str
+    selected: int = 0  # cases of the suite that pass the filters (0: nothing to do, the CLI says so)
     planned: int = 0
     skipped_done: int = 0
     recorded: list[dict[str, Any]] = field(default_factory=list)
@@ -88,6 +90,15 @@ def units(cases: list[Case]) -> list[list[Case]]:
     for c in cases:
         grouped.setdefault((c.group, c.pass_), []).append(c)
     return [sorted(u, key=lambda c: not c.baseline) for u in grouped.values()]
+
+
+def describe_filters(opts: BenchOptions) -> str:
+    """The filters of ``opts`` as the CLI spells them (for "nothing matched" messages)."""
+    parts = [f"--suite {opts.suite}"]
+    for flag, values in (("--only", opts.only), ("--backend", opts.backend), ("--dtype", opts.dtype),
+                         ("--pass", opts.passes)):
+        parts += [f"{flag} {v}" for v in values]
+    return " ".join(parts)
 
 
 def series_key(c: Case) -> tuple[Any, ...]:
@@ -143,7 +154,8 @@ class Harness:
             signal.signal(signal.SIGINT, old)
             self.summary.interrupted = self.stop
             self.summary.wall_s = time.perf_counter() - t_start
-            self.results.append({"kind": "run_end", "run_id": self.summary.run_id, "wall_s": self.summary.wall_s,
+            if self.summary.selected:  # nothing selected: the results file is left as it was
+                self.results.append({"kind": "run_end", "run_id": self.summary.run_id, "wall_s": self.summary.wall_s,
                                  "interrupted": self.stop, "recorded": len(self.summary.recorded)})
         return self.summary
 
@@ -151,13 +163,18 @@ class Harness:
         sm = self.summary
         found, sm.provider_errors = discover(list(self.opts.providers), builtin=self.opts.builtin)
         chosen = select(found, self.suite.name, self.opts)
+        sm.selected = len(chosen)
+        if not chosen:
+            if self.worker is not None:
+                self.worker.close()
+            return
         runnable = []
         for c in chosen:
             if peer_installed(c.requires):
                 runnable.append(c)
             else:
                 sm.not_installed[c.requires] = sm.not_installed.get(c.requires, 0) + 1  # type: ignore[index]
-        done = self.results.done_ids(retry_failed=self.opts.retry_failed)
+        done = set() if self.opts.force else self.results.done_ids(retry_failed=self.opts.retry_failed)
         self.base_times = baseline_times(load(self.results.path))
         todo = [c for c in runnable if c.id not in done]
         sm.planned, sm.skipped_done = len(todo), len(runnable) - len(todo)
@@ -176,10 +193,11 @@ class Harness:
 
     def _measure(self, w: Worker, todo: list[Case]) -> None:
         dtypes = sorted({str(c.param.get("dtype", "float32")) for c in todo})
-        roof_job = {"job": "roof", "dtypes": dtypes, "n": self.suite.roof_n, "seconds": self.suite.roof_s}
+        roof_job = {"job": "roof", "dtypes": dtypes, "sizes": list(self.suite.roof_sizes), "seconds": self.suite.roof_s}
         # the roof job also builds the compiled kernels on a fresh machine (~15 s here): room for a slow one
         out = w.run_job(roof_job, timeout_s=600, should_stop=lambda: self.stop)
         self.roofs = {e["dtype"]: e["gflops"] for e in out.events if e.get("event") == "roof"}
+        self.roof_sizes = {e["dtype"]: e.get("by_size") for e in out.events if e.get("event") == "roof"}
         self.native = next(({"status": e["status"], "build_s": e["build_s"]} for e in out.events
                             if e.get("event") == "native"), None)
         self._write_run_line(self.roofs)
@@ -204,12 +222,13 @@ class Harness:
             "filters": {"only": self.opts.only, "backend": self.opts.backend, "dtype": self.opts.dtype,
                         "pass": self.opts.passes},
             "machine": machine_info(self.threads), "roof_gflops": roofs,
+            "roof_by_size": getattr(self, "roof_sizes", {}) if roofs else {},
             "native_kernels": getattr(self, "native", None), "memory_method": "fresh-fork-rss"
             if self.memory else None, "not_installed": sm.not_installed, "provider_errors": sm.provider_errors,
             "planned": sm.planned, "skipped_done": sm.skipped_done})
 
-    def _run_unit(self, w: Worker, unit: list[Case], stopped: set[tuple[Any, ...]]) -> None:
-        t_unit = time.perf_counter()
+    def _time(self, w: Worker, unit: list[Case]) -> dict[str, dict[str, Any]]:
+        """One timing job per comparison (more when its child dies mid-unit): a result per case."""
         measured: dict[str, dict[str, Any]] = {}
         pending = list(unit)
         while pending and not self.stop:
@@ -220,7 +239,7 @@ class Harness:
                 if e.get("event") == "result":
                     measured[e["id"]] = e
             if out.killed == "interrupted":
-                return  # nothing of this unit is written; a rerun does it again
+                return measured  # the caller sees self.stop: nothing of this unit is written
             if out.current is not None and out.current not in measured:
                 measured[out.current] = self._abnormal(out)
             before = len(pending)
@@ -231,8 +250,32 @@ class Harness:
                 for c in pending:
                     measured[c.id] = {"status": "error", "reason": reason}
                 pending = []
-        if self.stop:
+        return measured
+
+    def _remeasure_noisy(self, w: Worker, unit: list[Case], measured: dict[str, dict[str, Any]]) -> None:
+        """Time once more, in a fresh child, every case whose p80/p20 exceeds :data:`NOISY_SPREAD`; keep
+        the second measurement and record the first beside it (``first_measurement``)."""
+        noisy = [c for c in unit if measured.get(c.id, {}).get("status") == "ok"
+                 and measured[c.id]["p80_s"] > NOISY_SPREAD * measured[c.id]["p20_s"]]
+        if not noisy or self.stop:
             return
+        again = self._time(w, noisy)
+        for c in noisy:
+            first = measured[c.id]
+            kept = {k: first[k] for k in ("median_s", "p20_s", "p80_s", "samples") if k in first}
+            second = again.get(c.id)
+            if second is not None and second.get("status") == "ok":
+                measured[c.id] = {**second, "first_measurement": kept}
+            else:  # the re-measurement failed: the first one stands, and says why
+                why = "interrupted" if second is None else f"{second.get('status')}: {second.get('reason', '')}"
+                first["remeasure_failed"] = why[:200]
+
+    def _run_unit(self, w: Worker, unit: list[Case], stopped: set[tuple[Any, ...]]) -> None:
+        t_unit = time.perf_counter()
+        measured = self._time(w, unit)
+        self._remeasure_noisy(w, unit, measured)
+        if self.stop:
+            return  # nothing of this unit is written; a rerun does it again
         if self.memory:
             for c in unit:
                 m = measured.get(c.id, {})

@@ -14,7 +14,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from attnkit.bench.report import ms, status
+from attnkit.bench.analysis import relative_speed
+from attnkit.bench.report import ms, roof_cell, status
 
 _STYLE = {"ok": "", "error": "red", "oom": "magenta", "timeout": "yellow", "crashed": "red", "skipped": "dim"}
 
@@ -23,13 +24,14 @@ def case_table(records: list[dict[str, Any]], title: str | None = None) -> Table
     """A rich table of case records (the live view and ``attnkit bench`` use it)."""
     t = Table(title=title, show_lines=False, header_style="bold", pad_edge=False)
     for col, just in (("case", "left"), ("median ms", "right"), ("GFLOP/s", "right"), ("% roof", "right"),
-                      ("× dense", "right"), ("peak MiB", "right"), ("max err", "right"), ("status", "left")):
+                      ("vs baseline", "right"), ("peak MiB", "right"), ("max err", "right"), ("status", "left")):
         t.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
     for r in records:
         def f(key: str, fmt: str, r: dict[str, Any] = r) -> str:
             return "" if r.get(key) is None else fmt.format(r[key])
 
-        t.add_row(r["id"], ms(r), f("gflops", "{:.1f}"), f("pct_roof", "{:.0f}"), f("speedup_vs_baseline", "{:.2f}"),
+        t.add_row(r["id"], ms(r), f("gflops", "{:.1f}"), roof_cell(r),
+                  relative_speed(r.get("speedup_vs_baseline"), short=True),
                   f("peak_rss_mb", "{:.0f}"), f("max_abs_err", "{:.0e}"), status(r)[:60],
                   style=_STYLE.get(r.get("status", ""), ""))
     return t

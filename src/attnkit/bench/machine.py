@@ -1,8 +1,9 @@
 """What machine a result came from, and its matmul roof.
 
-The roof is the GFLOP/s of a large square matmul measured in the same run, in the
-same kind of worker process, with the same thread count and dtype as the cases:
-every "% of roof" figure divides by it.
+The roof is the best GFLOP/s of square matmuls of several sizes, measured in the same run,
+in the same kind of worker process, with the same thread count and dtype as the cases:
+every "% of roof" figure divides by it (and is capped at 100, see
+:func:`attnkit.bench.results.roof_share`).
 """
 
 from __future__ import annotations
@@ -50,31 +51,45 @@ def machine_info(threads: int) -> dict[str, Any]:
     return info
 
 
-def measure_roof(dtype: str, *, n: int = 2048, seconds: float = 1.0) -> float:
-    """Matmul GFLOP/s of this process for ``dtype``: the best of repeated ``n x n @ n x n``.
+def measure_roof(dtype: str, *, sizes: tuple[int, ...] = (1024, 2048, 3072), seconds: float = 1.0) -> dict[str, Any]:
+    """Matmul GFLOP/s of this process for ``dtype``: the best sample over several sizes and repeats.
 
     The best (not the median) sample, because a roof is what the machine *can* do; a busy
-    neighbour only ever makes a sample slower.
+    neighbour only ever makes a sample slower. Several sizes, because which size a BLAS runs
+    fastest depends on the machine (caches, threads): one size alone under-estimates the roof,
+    and a case then shows more than 100% of it. Sizes run smallest first; a size whose call
+    would take longer than ``seconds`` (extrapolated as n^3 from the previous one) is skipped.
 
     Args:
         dtype: ``"float32"``, ``"float64"``, ``"bfloat16"`` or ``"float16"``.
-        n: matrix size (2048: large enough to reach the BLAS kernel's steady state).
-        seconds: time spent sampling after one warm-up call (at least three samples).
+        sizes: square matrix sizes ``n`` of ``(n, n) @ (n, n)``.
+        seconds: sampling time per dtype, shared by the sizes (each size: one warm-up call, then
+            at least two samples).
 
     Returns:
-        ``2 n^3 / best_time / 1e9``.
+        ``{"gflops": best 2 n^3 / time / 1e9 over all samples, "by_size": {n: best GFLOP/s}}``.
     """
     t = DTYPES[dtype]
-    a = torch.randn(n, n).to(t)  # (n, n)
-    b = torch.randn(n, n).to(t)  # (n, n)
-    a @ b
-    samples = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(samples) < 3:
+    by_size: dict[int, float] = {}
+    per_call = None
+    prev = None
+    for n in sorted(sizes):
+        if per_call is not None and prev is not None and per_call * (n / prev) ** 3 > seconds:
+            break  # this size's calls would eat the whole budget: the smaller ones stand
+        a = torch.randn(n, n).to(t)  # (n, n)
+        b = torch.randn(n, n).to(t)  # (n, n)
         t0 = time.perf_counter()
-        a @ b
-        samples.append(time.perf_counter() - t0)
-    return 2.0 * n**3 / min(samples) / 1e9
+        a @ b  # warm-up: first touch of the output, BLAS packing buffers
+        per_call = time.perf_counter() - t0
+        samples: list[float] = []
+        end = time.perf_counter() + seconds / len(sizes)
+        while time.perf_counter() < end or len(samples) < 2:
+            t0 = time.perf_counter()
+            a @ b
+            samples.append(time.perf_counter() - t0)
+        per_call, prev = min(samples), n
+        by_size[n] = 2.0 * n**3 / per_call / 1e9
+    return {"gflops": max(by_size.values()), "by_size": by_size}
 
 
 def default_threads() -> int:

@@ -9,12 +9,22 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attnkit.bench.analysis import Record, crossovers, peer_rows, scaling_rows, summary_rows, with_speedups
+from attnkit.bench.analysis import (
+    Record,
+    crossovers,
+    peer_rows,
+    relative_speed,
+    scaling_rows,
+    summary_rows,
+    with_speedups,
+)
 from attnkit.bench.plots import make_plots
-from attnkit.bench.results import latest_cases, load, runs
+from attnkit.bench.results import NOISY_SPREAD, latest_cases, load, load_results, runs
 
 MEMORY_NOTE = ("peak memory: resident growth of a fresh process forked from an idle worker while it builds "
                "the inputs and runs one pass (Linux VmHWM after clear_refs); compile residue excluded")
@@ -51,19 +61,54 @@ def status(r: Record) -> str:
     return s if s == "ok" else f"{s}: {r.get('reason', '')}"[:160]
 
 
+def roof_cell(r: Record) -> str:
+    """``% roof``, capped at 100; ``100*`` marks a case above the measured roof (see the report's notes)."""
+    if r.get("pct_roof") is None:
+        return ""
+    return "100*" if r.get("over_roof") else f"{r['pct_roof']:.0f}"
+
+
+def versus(r: Record) -> str:
+    """This case against its comparison's baseline, in words: ``2.10× faster than dense SDPA``."""
+    if r.get("baseline") and r.get("status") == "ok":
+        return "baseline"
+    rel = relative_speed(r.get("speedup_vs_baseline"))
+    if not rel:
+        return ""
+    label = r.get("baseline_label", "the baseline")
+    return f"{rel} than {label}" if rel != "same" else f"same as {label}"
+
+
+def flags(r: Record) -> str:
+    """Warnings about a measurement: noisy, re-measured, above the roof."""
+    out = []
+    first = r.get("first_measurement")
+    if r.get("noisy") or (r.get("p20_s") and r["p80_s"] > NOISY_SPREAD * r["p20_s"]):
+        out.append(f"noisy: p80/p20 ×{r['p80_s'] / r['p20_s']:.2f}" + (" after re-measuring" if first else ""))
+    if first and first.get("p20_s"):
+        out.append(f"re-measured (first: median {first['median_s'] * 1e3:.3g} ms, "
+                   f"p80/p20 ×{first['p80_s'] / first['p20_s']:.2f})")
+    if r.get("remeasure_failed"):
+        out.append(f"re-measure failed ({r['remeasure_failed'][:60]})")
+    if r.get("over_roof"):
+        out.append(f"above roof: {r['pct_roof_raw']:.0f}% uncapped")
+    if r.get("check_error"):
+        out.append(f"check failed: {r['check_error'][:60]}")
+    return "; ".join(out)
+
+
 CASE_COLUMNS = (
     ("group", lambda r: r["group"]), ("impl", lambda r: r["impl"]), ("pass", lambda r: r["pass"]),
     ("median ms", ms), ("p20–p80 ms", spread), ("GFLOP/s", lambda r: _num(r.get("gflops"), "{:.1f}")),
-    ("% roof", lambda r: _num(r.get("pct_roof"), "{:.0f}")),
-    ("× dense SDPA", lambda r: _num(r.get("speedup_vs_baseline"), "{:.2f}")),
+    ("% roof", roof_cell), ("vs baseline", versus),
     ("peak MiB", lambda r: _num(r.get("peak_rss_mb"), "{:.0f}")),
     ("max abs err", lambda r: _num(r.get("max_abs_err"), "{:.1e}")),
     ("rel err", lambda r: _num(r.get("rel_rmse"), "{:.1e}")),
-    ("one-off", oneoffs), ("status", status),
+    ("one-off", oneoffs), ("flags", flags), ("status", status),
 )
 
-SUMMARY_COLUMNS = ("comparison", "pass", "fastest", "median ms", "GFLOP/s", "% roof", "× dense SDPA",
-                   "next best", "max abs err", "failed")
+SUMMARY_COLUMNS = ("comparison", "pass", "fastest", "median ms", "GFLOP/s", "% roof", "vs baseline",
+                   "next best", "max abs err", "flags", "failed")
 
 
 def summary_cells(row: Record) -> list[str]:
@@ -71,11 +116,10 @@ def summary_cells(row: Record) -> list[str]:
     b, nxt = row.get("best"), row.get("runner_up")
     failed = ", ".join(f"{f['impl']} ({f['status']})" for f in row["failed"])
     if b is None:
-        return [f"{row['op']}/{row['group']}", row["pass"], "—", "", "", "", "", "", "", failed]
+        return [f"{row['op']}/{row['group']}", row["pass"], "—", "", "", "", "", "", "", "", failed]
     return [f"{row['op']}/{row['group']}", row["pass"], b["impl"], ms(b), _num(b.get("gflops"), "{:.1f}"),
-            _num(b.get("pct_roof"), "{:.0f}"), _num(b.get("speedup_vs_baseline"), "{:.2f}"),
-            f"{nxt['impl']} ×{nxt['median_s'] / b['median_s']:.2f} slower" if nxt else "",
-            _num(b.get("max_abs_err"), "{:.1e}"), failed]
+            roof_cell(b), versus(b), f"{nxt['impl']} ×{nxt['median_s'] / b['median_s']:.2f} slower" if nxt else "",
+            _num(b.get("max_abs_err"), "{:.1e}"), flags(b), failed]
 
 
 CROSS_COLUMNS = ("panel", "series", "time crossover N", "memory crossover N")
@@ -129,7 +173,7 @@ def time_by_op(cases: list[Record]) -> list[list[str]]:
     return [[op, str(int(n)), f"{s:.0f}"] for op, (n, s) in sorted(tot.items(), key=lambda kv: -kv[1][1])]
 
 
-def sections(ctx: dict[str, Any]) -> list[tuple[str, str, list[Record]]]:
+def suite_ops(ctx: dict[str, Any]) -> list[tuple[str, str, list[Record]]]:
     """(suite, op, records) per suite that was run and op that it measured."""
     suites = list(dict.fromkeys(r.get("suite", "?") for r in ctx["runs"])) or ["?"]
     out = []
@@ -138,6 +182,79 @@ def sections(ctx: dict[str, Any]) -> list[tuple[str, str, list[Record]]]:
         for op in dict.fromkeys(r["op"] for r in in_suite):
             out.append((suite, op, [r for r in in_suite if r["op"] == op]))
     return out
+
+
+@dataclass(frozen=True)
+class Table:
+    """One titled table of a report; the markdown and HTML writers render the same list of them.
+
+    Attributes:
+        title: the section heading.
+        header: column names.
+        rows: cells, as text.
+        notes: lines shown between the heading and the table.
+        classes: per row, an HTML class (``"bad"`` failed, ``"base"`` baseline, ``""``); may be empty.
+    """
+
+    title: str
+    header: tuple[str, ...]
+    rows: list[list[str]]
+    notes: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+
+
+# A section turns the report's context (``_context``: ``cases``, ``runs``, ...) into tables (none when it
+# has nothing to say). SECTIONS is the report's order; a new section is one function appended here.
+Section = Callable[[dict[str, Any]], list[Table]]
+
+
+def summary_section(ctx: dict[str, Any]) -> list[Table]:
+    rows = summary_rows(ctx["cases"])
+    return [Table("Summary (fastest implementation per comparison)", SUMMARY_COLUMNS,
+                  [summary_cells(r) for r in rows], classes=tuple("bad" if r["failed"] else "" for r in rows))]
+
+
+def efficiency_section(ctx: dict[str, Any]) -> list[Table]:
+    cross = efficiency_lengths(ctx["cases"])
+    return [Table("Efficiency length (N from which an implementation beats its baseline)", CROSS_COLUMNS,
+                  cross)] if cross else []
+
+
+def peer_section(ctx: dict[str, Any]) -> list[Table]:
+    peers = peer_table(ctx["cases"])
+    return [Table("Peer ratios (each implementation vs the others in its comparison)", PEER_COLUMNS,
+                  peers)] if peers else []
+
+
+def scaling_section(ctx: dict[str, Any]) -> list[Table]:
+    scaling = scaling_table(ctx["cases"])
+    return [Table("Scaling over N (time ratio between consecutive measured lengths)", SCALING_COLUMNS,
+                  scaling)] if scaling else []
+
+
+def time_section(ctx: dict[str, Any]) -> list[Table]:
+    return [Table("Where the time went (wall time per op, setup and memory runs included)",
+                  ("op", "cases", "wall s"), time_by_op(ctx["cases"]))]
+
+
+def case_sections(ctx: dict[str, Any]) -> list[Table]:
+    out = []
+    for suite, op, rs in suite_ops(ctx):
+        note = error_note(rs)
+        out.append(Table(f"{op} — suite `{suite}`", tuple(c for c, _ in CASE_COLUMNS),
+                         [[f(r) for _, f in CASE_COLUMNS] for r in rs], notes=(note,) if note else (),
+                         classes=tuple("bad" if r["status"] != "ok" else "base" if r.get("baseline") else ""
+                                       for r in rs)))
+    return out
+
+
+SECTIONS: list[Section] = [summary_section, efficiency_section, peer_section, scaling_section, time_section,
+                           case_sections]
+
+
+def tables(ctx: dict[str, Any]) -> list[Table]:
+    """Every table of the report, in :data:`SECTIONS` order."""
+    return [t for section in SECTIONS for t in section(ctx)]
 
 
 def _md_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
@@ -172,6 +289,8 @@ def _native_line(nat: dict[str, Any] | None) -> str:
 def _header_lines(ctx: dict[str, Any]) -> list[str]:
     run, m = ctx["run"], ctx["run"].get("machine", {})
     roofs = ", ".join(f"{k} {v:.1f}" for k, v in (run.get("roof_gflops") or {}).items() if v)
+    by_size = next((b for b in (run.get("roof_by_size") or {}).values() if b), {})
+    sizes = "/".join(str(n) for n in by_size)
     when = _dt.datetime.fromtimestamp(run.get("time", 0)).strftime("%Y-%m-%d %H:%M") if run else "?"
     ok = sum(r["status"] == "ok" for r in ctx["cases"])
     lines = [
@@ -181,14 +300,23 @@ def _header_lines(ctx: dict[str, Any]) -> list[str]:
         f"machine: {m.get('cpu', '?')}, {m.get('physical_cores', '?')} cores / {m.get('logical_cores', '?')} "
         f"threads, {m.get('ram_gb', '?')} GiB; torch {m.get('torch', '?')}, python {m.get('python', '?')}, "
         f"{m.get('threads', '?')} torch threads",
-        f"matmul roof (GFLOP/s, best square matmul in this run, same threads): {roofs or 'n/a'}",
+        f"matmul roof (GFLOP/s, best sample of square matmuls of {sizes or 'several sizes'}, repeated, in this run, "
+        f"same threads): {roofs or 'n/a'}",
+        "% roof: useful GFLOP/s over the roof, capped at 100; `100*` marks a case that ran above the measured "
+        "roof (uncapped figure in its flags): the roof is then no upper bound for that case (its working set "
+        "fits in cache where the matmul's does not, or a neighbour slowed the roof's samples), not a case "
+        "faster than the machine",
         _native_line(run.get("native_kernels")),
         "FLOPs: useful only — 4·area·H·D forward over the mask's exact allowed pairs, fwd+bwd = 3.5× "
         "(LongCA-bench); mechanisms: their registered flops()",
         "timing: warm-up, then interleaved rounds within each comparison; median with 20th–80th percentiles; "
         "one-off costs (setup, mask/plan build, compile) apart",
-        "× dense SDPA: time of SDPA without a mask at the same N, H, D, dtype and pass (the `full/N=…` "
-        "comparison) over this case's time; > 1 means faster than simply ignoring the mask's sparsity",
+        "vs baseline: the comparison's baseline time over this case's time, in words (\"2.10× faster than "
+        "dense SDPA\"); dense SDPA = SDPA without a mask at the same N, H, D, dtype and pass (the `full/N=…` "
+        "comparison: faster than it means faster than simply ignoring the mask's sparsity); causal softmax "
+        "SDPA = SDPA with is_causal=True (the baseline of linear attention and of causal mechanisms)",
+        f"noisy: a case whose p80/p20 exceeds {NOISY_SPREAD:g} is measured once more in a fresh process; the "
+        "second measurement is kept and the first shown in its flags; `noisy` stays when the second is too",
         MEMORY_NOTE,
         "error: vs an fp64 reference on a slice (64 query rows, all heads) unless a section says otherwise; "
         "mechanisms: vs their registered reference (spec.reference) in fp64",
@@ -203,30 +331,11 @@ def _header_lines(ctx: dict[str, Any]) -> list[str]:
 
 
 def write_markdown(ctx: dict[str, Any], path: Path, figures: list[tuple[str, str]]) -> None:
-    cases = ctx["cases"]
-    parts = ["# attnkit benchmark", "", *(f"- {line}" for line in _header_lines(ctx)), "",
-             "## Summary (fastest implementation per comparison)", "",
-             _md_table(SUMMARY_COLUMNS, [summary_cells(r) for r in summary_rows(cases)]), ""]
-    cross = efficiency_lengths(cases)
-    if cross:
-        parts += ["## Efficiency length (N from which an implementation beats dense SDPA)", "",
-                  _md_table(CROSS_COLUMNS, cross), ""]
-    peers = peer_table(cases)
-    if peers:
-        parts += ["## Peer ratios (each implementation vs the others in its comparison)", "",
-                  _md_table(PEER_COLUMNS, peers), ""]
-    scaling = scaling_table(cases)
-    if scaling:
-        parts += ["## Scaling over N (time ratio between consecutive measured lengths)", "",
-                  _md_table(SCALING_COLUMNS, scaling), ""]
-    parts += ["## Where the time went (wall time per op, setup and memory runs included)", "",
-              _md_table(("op", "cases", "wall s"), time_by_op(cases)), ""]
-    for suite, op, rs in sections(ctx):
-        note = error_note(rs)
-        parts += [f"## {op} — suite `{suite}`", "", *([note, ""] if note else []),
-                  _md_table([c for c, _ in CASE_COLUMNS], [[f(r) for _, f in CASE_COLUMNS] for r in rs]), ""]
-    if figures:
-        parts += ["## Figures", ""] + [f"![{t}]({f})" for t, f in figures] + [""]
+    parts = ["# attnkit benchmark", "", *(f"- {line}" for line in _header_lines(ctx)), ""]
+    for i, t in enumerate(tables(ctx)):
+        parts += [f"## {t.title}", "", *(x for note in t.notes for x in (note, "")), _md_table(t.header, t.rows), ""]
+        if i == 0 and figures:  # the figures right after the summary, as in the HTML
+            parts += ["## Figures", ""] + [f"![{title}]({f})" for title, f in figures] + [""]
     path.write_text("\n".join(parts))
 
 
@@ -244,46 +353,33 @@ def _html_table(header: list[str] | tuple[str, ...], rows: list[tuple[list[str],
 
 
 def write_html(ctx: dict[str, Any], path: Path, figures: list[tuple[str, str]]) -> None:
-    cases = ctx["cases"]
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>attnkit benchmark</title><style>{CSS}"
            "</style></head><body><h1>attnkit benchmark</h1><ul>"]
     out += [f"<li>{html.escape(line)}</li>" for line in _header_lines(ctx)]
-    out.append("</ul><h2>Summary (fastest implementation per comparison)</h2>")
-    out.append(_html_table(SUMMARY_COLUMNS, [(summary_cells(r), "bad" if r["failed"] else "")
-                                             for r in summary_rows(cases)]))
-    if figures:
-        out.append("<h2>Figures</h2>")
-        for title, fname in figures:
-            data = base64.b64encode((path.parent / fname).read_bytes()).decode()
-            out.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption>{html.escape(title)} ({html.escape(fname)})</figcaption></figure>")
-    cross = efficiency_lengths(cases)
-    if cross:
-        out.append("<h2>Efficiency length (N from which an implementation beats dense SDPA)</h2>")
-        out.append(_html_table(CROSS_COLUMNS, [(row, "") for row in cross]))
-    peers = peer_table(cases)
-    if peers:
-        out.append("<h2>Peer ratios (each implementation vs the others in its comparison)</h2>")
-        out.append(_html_table(PEER_COLUMNS, [(row, "") for row in peers]))
-    scaling = scaling_table(cases)
-    if scaling:
-        out.append("<h2>Scaling over N (time ratio between consecutive measured lengths)</h2>")
-        out.append(_html_table(SCALING_COLUMNS, [(row, "") for row in scaling]))
-    for suite, op, rs in sections(ctx):
-        out.append(f"<h2>{html.escape(op)} — suite {html.escape(suite)}</h2>")
-        note = error_note(rs)
-        if note:
-            out.append(f"<p>{html.escape(note)}</p>")
-        out.append(_html_table([c for c, _ in CASE_COLUMNS], [
-            ([f(r) for _, f in CASE_COLUMNS], "bad" if r["status"] != "ok" else "base" if r.get("baseline") else "")
-            for r in rs]))
+    out.append("</ul>")
+    for i, t in enumerate(tables(ctx)):
+        out.append(f"<h2>{html.escape(t.title.replace('`', ''))}</h2>")
+        out += [f"<p>{html.escape(note)}</p>" for note in t.notes]
+        out.append(_html_table(t.header, list(zip(t.rows, t.classes or ("",) * len(t.rows), strict=True))))
+        if i == 0 and figures:
+            out.append("<h2>Figures</h2>")
+            for title, fname in figures:
+                data = base64.b64encode((path.parent / fname).read_bytes()).decode()
+                out.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+                           f"<figcaption>{html.escape(title)} ({html.escape(fname)})</figcaption></figure>")
     out.append("</body></html>")
     path.write_text("\n".join(out))
 
 
 def write_reports(out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.md``, ``report.html`` and the PNGs from ``out_dir/results.jsonl``."""
+    """Write ``report.md``, ``report.html`` and the PNGs from ``out_dir/results.jsonl``.
+
+    Raises:
+        FileNotFoundError: ``out_dir`` or its ``results.jsonl`` does not exist.
+        ValueError: the file holds no benchmark record.
+    """
     out_dir = Path(out_dir)
+    load_results(out_dir, "bench report")  # a missing folder or file, or no records: a clear error
     ctx = _context(out_dir / "results.jsonl")
     figures = make_plots(ctx["cases"], out_dir) if ctx["cases"] else []
     write_markdown(ctx, out_dir / "report.md", figures)

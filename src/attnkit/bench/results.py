@@ -47,8 +47,33 @@ def case_record(case: Case, measured: dict[str, Any], roof: float | None, run_id
     if rec.get("status") == "ok" and med:
         rec["gflops"] = rec["flops"] / med / 1e9 if rec["flops"] else None
         rec["roof_gflops"] = roof
-        rec["pct_roof"] = 100.0 * rec["gflops"] / roof if roof and rec["gflops"] else None
+        rec.update(roof_share(rec["gflops"], roof))
+        if rec.get("p20_s"):
+            rec["spread"] = rec["p80_s"] / rec["p20_s"]
+            rec["noisy"] = rec["spread"] > NOISY_SPREAD
     return rec
+
+
+# A case whose 80th percentile is more than this many times its 20th is flagged ``noisy`` (and the
+# harness measures it once more, keeping the second measurement).
+NOISY_SPREAD = 1.5
+
+
+def roof_share(gflops: float | None, roof: float | None) -> dict[str, Any]:
+    """``pct_roof`` of a case: its GFLOP/s as a percentage of the matmul roof, capped at 100.
+
+    The roof is the best of several matmul sizes and repeats, but a case can still pass it (its
+    working set fits in cache where the matmul's does not, a neighbour slowed the roof's samples,
+    or its FLOP count credits work it skips). Such a figure is capped at 100 and flagged
+    ``over_roof``, with the uncapped value kept as ``pct_roof_raw``: it means "the roof is no upper
+    bound for this case", not "faster than the machine".
+    """
+    if not roof or not gflops:
+        return {"pct_roof": None}
+    raw = 100.0 * gflops / roof
+    if raw <= 100.0:
+        return {"pct_roof": raw}
+    return {"pct_roof": 100.0, "pct_roof_raw": raw, "over_roof": True}
 
 
 class ResultsFile:
@@ -83,9 +108,11 @@ def load(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             if not line:
                 continue
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(rec, dict):  # a line of another kind of JSON file is not a record
+                out.append(rec)
     return out
 
 
@@ -93,9 +120,33 @@ def latest_cases(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The latest ``case`` record per id, in first-seen order."""
     out: dict[str, dict[str, Any]] = {}
     for r in records:
-        if r.get("kind") == "case":
+        if r.get("kind") == "case" and isinstance(r.get("id"), str):
             out[r["id"]] = r
     return out
+
+
+def load_results(path: str | os.PathLike[str], who: str) -> list[dict[str, Any]]:
+    """The records of a results file (or of a directory's ``results.jsonl``) that must hold some.
+
+    Args:
+        who: the command asking, for the messages (``"bench compare"``).
+
+    Raises:
+        FileNotFoundError: no such file or directory, or a directory without ``results.jsonl``.
+        ValueError: the file holds no benchmark record (empty, or not a results file).
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.jsonl"
+        if not p.exists():
+            raise FileNotFoundError(f"{who}: {path} holds no results.jsonl (write one with "
+                                    f"`attnkit bench --out {path}`)")
+    elif not p.exists():
+        raise FileNotFoundError(f"{who}: no such file or directory: {path}")
+    records = load(p)
+    if not any(r.get("kind") in ("run", "case") for r in records):
+        raise ValueError(f"{who}: {p} holds no benchmark records (expected the JSON lines `attnkit bench` writes)")
+    return records
 
 
 def runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -30,8 +30,9 @@ class Suite:
         memory: measure each case's peak RSS in a fresh forked process.
         stop_series_over_s: in a series of growing ``N`` (same op, impl, pass and other
             params), skip the larger ``N`` once a case's median exceeds this or fails.
-        roof_n: size of the square matmul whose best GFLOP/s is the roof.
-        roof_s: seconds spent sampling it (at least three samples).
+        roof_sizes: sizes of the square matmuls whose best GFLOP/s (over sizes and repeats) is the roof.
+        roof_s: seconds spent sampling them per dtype (at least a warm-up and two samples per size;
+            a size whose call would take longer than this is skipped).
     """
 
     name: str
@@ -44,16 +45,16 @@ class Suite:
     case_timeout_s: float = 120.0
     memory: bool = True
     stop_series_over_s: float | None = None
-    roof_n: int = 2048
-    roof_s: float = 1.0
+    roof_sizes: tuple[int, ...] = (1024, 2048, 3072)
+    roof_s: float = 1.5
 
 
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in (
         Suite("quick", "smoke test of the harness and every provider (< 1 min; used by tests)",
-              repeat=3, min_repeat=2, warmup_s=0.0, unit_budget_s=1.0, case_timeout_s=30.0, roof_n=1024,
-              roof_s=0.3),
+              repeat=3, min_repeat=2, warmup_s=0.0, unit_budget_s=1.0, case_timeout_s=30.0,
+              roof_sizes=(512, 1024, 2048), roof_s=0.6),
         Suite("default", "the CPU suite `make bench` runs: dense vs each mask family vs backends, "
                          "fwd and fwd+bwd, a few N (< 5 min on 2 cores)",
               repeat=5, min_repeat=3, warmup_s=0.02, unit_budget_s=4.0, case_timeout_s=60.0),

@@ -53,8 +53,9 @@ def _child(job: dict[str, Any], cases: dict[str, Any], cfg: dict[str, Any]) -> N
     if kind == "roof":
         for dt in job["dtypes"]:
             try:
-                gf = machine.measure_roof(dt, n=job.get("n", 2048), seconds=job.get("seconds", 1.0))
-                _emit({"event": "roof", "dtype": dt, "gflops": gf})
+                roof = machine.measure_roof(dt, sizes=tuple(job.get("sizes", (1024, 2048, 3072))),
+                                            seconds=job.get("seconds", 1.0))
+                _emit({"event": "roof", "dtype": dt, "gflops": roof["gflops"], "by_size": roof["by_size"]})
             except Exception as exc:
                 _emit({"event": "roof", "dtype": dt, "gflops": None, "reason": repr(exc)})
         # the optional compiled kernels build here, once per run and machine (a one-off cost recorded
