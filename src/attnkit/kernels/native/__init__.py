@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).parent / "linear_chunk_cpu.cpp"]
+_SOURCES = [Path(__file__).parent / "linear_chunk_cpu.cpp", Path(__file__).parent / "flash_tiles_cpu.cpp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {"ops": None, "error": None}
 NOT_BUILT = "not built yet (builds on first use)"
@@ -41,6 +41,10 @@ def _ninja_on_path() -> None:
             pass
 
 
+def _cflags() -> list[str]:
+    return ["-O3", "-fopenmp", "-march=native"]
+
+
 def _register_fakes() -> None:
     """Shape-only twins of the C++ ops, so torch.compile / FakeTensor tracing can pass through them."""
 
@@ -57,6 +61,15 @@ def _register_fakes() -> None:
         dgt = q.new_empty(B, N, H) if need_g else q.new_empty(0)
         return (q.new_empty(B, N, H, D), k.new_empty(k.shape), v.new_empty(v.shape), dgt,
                 q.new_empty(B, H, D, v.shape[-1]))
+
+    @torch.library.register_fake("attnkit_native::flash_tiles_fwd")
+    def _flash_fwd(q, k, v, row_ptr, cols, slots, bits, bq, bk, scale, span):
+        B, Nq, Hq, _ = q.shape
+        return q.new_empty(B, Nq, Hq, v.shape[-1]), q.new_empty(B, Nq, Hq, dtype=torch.float32)
+
+    @torch.library.register_fake("attnkit_native::flash_tiles_bwd")
+    def _flash_bwd(q, k, v, out, dout, lse, dlse, row_ptr, cols, slots, bits, bq, bk, scale, span, splits):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _writable_build_root() -> None:
@@ -89,8 +102,10 @@ def ops():
 
                 _ninja_on_path()
                 _writable_build_root()
-                # -fopenmp: at::parallel_for is inline OpenMP; without it the heads would run serially
-                load(name="attnkit_native", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
+                # -fopenmp: at::parallel_for is inline OpenMP; without it the heads would run serially.
+                # -march=native: the flash kernel's 16-float vectors become AVX-512 / AVX2 registers
+                # (the build is per machine, in its own cache)
+                load(name="attnkit_native", sources=[str(s) for s in _SOURCES], extra_cflags=_cflags(),
                      extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
                 _register_fakes()
                 _state["ops"] = torch.ops.attnkit_native

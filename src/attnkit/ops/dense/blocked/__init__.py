@@ -1,5 +1,9 @@
 """The blocked CPU backend: walk only non-empty tiles, dense math inside, online softmax across chunks.
 
+Where the compiled tile kernel builds (``kernels/flash.py`` over ``kernels/native/flash_tiles_cpu.cpp``)
+float32 / bfloat16 / float16 calls run on it, forward and backward; float64 (exact, for gradcheck),
+``ATTNKIT_NATIVE=0`` and machines without a compiler run the torch-ops path below. ``explain`` says which.
+
 FlexAttention has no backward on CPU, so this is ours to own. Per query tile the plan lists the
 key chunks to visit (contiguous runs of non-empty key tiles, glued together up to ``max_keys``);
 each chunk is one matmul ``(bq*G, D) x (D, w)``, the mask is applied only to the PARTIAL
@@ -15,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnkit.kernels import flash as _flash
+from attnkit.kernels import native as _native
 from attnkit.kernels.fused import fused_check
 from attnkit.ops.base import Backend
 from attnkit.ops.dense.blocked.groups import group_backward, group_forward, group_inference
@@ -213,12 +219,40 @@ def _supports(call):
     return True, ""
 
 
+def native_tiles(call, build: bool = True) -> str | None:
+    """None when the call runs on the compiled tile kernel, else why not (``build=False``: never builds)."""
+    return _flash.native_reason(call.q, build=build)
+
+
+def kernel_tiles(nq: int, nk: int, hq: int, hkv: int) -> tuple[int, int]:
+    """``(bq, bk)`` of the compiled kernel's tile list."""
+    return _flash.tile_sizes(nq, nk, hq // hkv)
+
+
+def _run_native(call):
+    bq, bk = kernel_tiles(call.nq, call.nk, call.hq, call.hkv)
+    tl = _flash.tile_list(call.mask, call.nq, call.nk, bq, bk)
+    out, lse = _flash.flash_attention(call.q, call.k, call.v, tl, call.scale)
+    return (out, lse) if call.return_lse else out
+
+
 def _inference(call) -> bool:
     """The forward-only path: nothing to differentiate and no lse to return."""
     return not call.needs_grad and not call.return_lse
 
 
 def _detail(call) -> str:
+    why_not = native_tiles(call, build=False)
+    if why_not is None:
+        path = "forward only" if _inference(call) else "forward + hand-written backward, lse float32"
+        low = call.q.dtype in (torch.float16, torch.bfloat16)
+        half = " (half inputs upcast to float32 tile by tile)" if low else ""
+        return f"compiled tile kernel (attnkit.kernels.native: {_native.status()}): {path}{half}"
+    prefix = f"torch-ops path ({why_not}); "
+    return prefix + _detail_torch(call)
+
+
+def _detail_torch(call) -> str:
     if _inference(call):
         return "inference (fused SDPA per tile): no input needs a gradient and no lse is asked"
     why = "an input needs a gradient" if call.needs_grad else "the lse is asked"
@@ -229,6 +263,8 @@ def _detail(call) -> str:
 
 
 def _run(call):
+    if native_tiles(call) is None:
+        return _run_native(call)
     if _inference(call):
         plan = plan_for(call.mask, call.nq, call.nk, call.batch, call.hq, inference=True)
         q, k, v = (t.transpose(1, 2) for t in (call.q, call.k, call.v))  # (B, H, N, D)

@@ -1,0 +1,184 @@
+"""Softmax attention over a list of tiles with the compiled CPU kernel (``kernels/native/flash_tiles_cpu.cpp``).
+
+"FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning", arXiv 2307.08691
+(Algorithms 1 and 2), run only on the (query tile, key tile) pairs a mask leaves non-empty.
+
+A :class:`TileList` is what the kernel walks: per query tile, its non-empty key tiles in order, each FULL
+(no masking) or PARTIAL with a per-tile bitmask. It is built once per (mask, Nq, Nk, tile sizes) from
+``mask.blocks`` and the mask evaluated on the partial tiles only, and cached. Other engines can hand the
+kernel their own lists (:func:`tile_list_from`): the CSR rows may differ per batch and KV head
+(``row_ptr (Lb, Lh, nqt + 1)``) and the bitmasks per batch and query head (``bits (Bm, Hm, nslots, bq, words)``).
+
+:func:`flash_attention` is differentiable: the backward (dQ, dK, dV from the saved log-sum-exp, and the
+gradient of the returned lse when it is used) runs in the same kernel with a deterministic dK/dV sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from attnkit.kernels import native as _native
+from attnkit.masks.base import EMPTY, PARTIAL, Mask
+
+#: dtypes the kernel takes (computed in float32); float64 stays on the exact torch path
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: keys one GEMM of the kernel covers at most (consecutive key tiles are merged up to this)
+SPAN = 512
+_EVAL_CHUNK = 1 << 22  # predicate evaluations per batch while building bitmasks
+
+
+@dataclass(frozen=True, eq=False)
+class TileList:
+    """The entries the kernel visits (see the module docstring). ``computed_pairs``: query-key pairs it
+    computes per (batch, head) (useful + masked-out ones in partial tiles)."""
+
+    bq: int
+    bk: int
+    row_ptr: torch.Tensor  # int64 (Lb, Lh, nqt + 1)
+    cols: torch.Tensor     # int64 (E,) key tile of each entry, ascending within a query tile
+    slots: torch.Tensor    # int64 (E,) -1 for FULL, else the entry's bitmask in ``bits``
+    bits: torch.Tensor     # int64 (Bm, Hm, nslots, bq, ceil(bk / 64)); bit c of word w = key 64 w + c
+    computed_pairs: int
+
+
+def tile_sizes(nq: int, nk: int, groups: int = 1) -> tuple[int, int]:
+    """``(bq, bk)``: 64-key tiles (one bitmask word per row); 64 query rows per head, 32 when four or more
+    query heads share a KV head (their rows are stacked into one taller GEMM)."""
+    return min(64 if groups < 4 else 32, nq), 64
+
+
+def pack_bits(allowed: torch.Tensor, bk: int) -> torch.Tensor:
+    """Bool ``(..., bq, w <= bk)`` -> int64 ``(..., bq, ceil(bk / 64))`` (bit c of word j = column 64 j + c)."""
+    words = -(-bk // 64)
+    pad = words * 64 - allowed.shape[-1]
+    if pad:
+        allowed = torch.nn.functional.pad(allowed, (0, pad))
+    a = allowed.reshape(*allowed.shape[:-1], words, 64).long()
+    # distinct powers of two: their int64 sum is the word (bit 63 wraps to the sign bit, as intended)
+    return (a << torch.arange(64)).sum(-1)
+
+
+def tile_list_from(classes: torch.Tensor, allowed: torch.Tensor | None, bq: int, bk: int,
+                   computed_pairs: int = 0) -> TileList:
+    """A tile list from tile classes ``(nqt, nkt)`` (0 EMPTY, 1 PARTIAL, 2 FULL) and the partial tiles' bool
+    masks in row-major tile order, ``(P, bq, bk)`` or ``(Bm, Hm, P, bq, bk)`` (False outside the tensor)."""
+    nqt = classes.shape[0]
+    ti, tj = (classes != EMPTY).nonzero(as_tuple=True)
+    counts = torch.bincount(ti, minlength=nqt)
+    row_ptr = torch.zeros(nqt + 1, dtype=torch.long)
+    row_ptr[1:] = counts.cumsum(0)
+    partial = classes[ti, tj] == PARTIAL
+    slots = torch.full((ti.numel(),), -1, dtype=torch.long)
+    if allowed is None or allowed.shape[-3] == 0:
+        bits = torch.zeros(1, 1, 1, bq, -(-bk // 64), dtype=torch.long)
+    else:
+        a5 = allowed if allowed.dim() == 5 else allowed[None, None]          # (Bm, Hm, P, bq, bk)
+        packed = pack_bits(a5, bk)                                             # (Bm, Hm, P, bq, words)
+        bm, hm, p = packed.shape[:3]
+        flat = packed.permute(2, 0, 1, 3, 4).reshape(p, -1)                    # (P, Bm*Hm*bq*words)
+        uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)        # identical tiles share a slot
+        bits = uniq.view(-1, bm, hm, bq, packed.shape[-1]).permute(1, 2, 0, 3, 4).contiguous()
+        slots[partial] = inverse
+    return TileList(bq, bk, row_ptr.view(1, 1, -1), tj.long().contiguous(), slots, bits, computed_pairs)
+
+
+def tile_list(mask: Mask | None, nq: int, nk: int, bq: int, bk: int) -> TileList:
+    """The (cached) tile list of ``mask`` for ``nq`` queries and ``nk`` keys."""
+    return _tile_list_cached(mask, nq, nk, bq, bk)
+
+
+@lru_cache(maxsize=64)
+def _tile_list_cached(mask: Mask | None, nq: int, nk: int, bq: int, bk: int) -> TileList:
+    nqt, nkt = -(-nq // bq), -(-nk // bk)
+    if mask is None:
+        cls = torch.full((nqt, nkt), 2, dtype=torch.int8)
+    else:
+        cls = mask.blocks(nq, nk, bq, bk)
+    rows = torch.clamp(torch.arange(nqt) * bq + bq, max=nq) - torch.arange(nqt) * bq
+    cols = torch.clamp(torch.arange(nkt) * bk + bk, max=nk) - torch.arange(nkt) * bk
+    computed = int(((cls != EMPTY).long() * rows[:, None] * cols[None, :]).sum())
+    ti, tj = (cls == PARTIAL).nonzero(as_tuple=True)
+    allowed = None
+    if ti.numel():
+        parts = []
+        dq, dk = torch.arange(bq), torch.arange(bk)
+        per = max(1, _EVAL_CHUNK // (bq * bk))
+        for s in range(0, ti.numel(), per):
+            i, j = ti[s:s + per], tj[s:s + per]
+            q = i[:, None] * bq + dq[None]                                     # (P, bq)
+            kv = j[:, None] * bk + dk[None]                                    # (P, bk)
+            valid = (q < nq)[:, :, None] & (kv < nk)[:, None, :]               # (P, bq, bk)
+            ok = mask._evaluate(q.clamp_max(nq - 1)[:, :, None], kv.clamp_max(nk - 1)[:, None, :], nq, nk)
+            parts.append(ok & valid)                                           # (P, bq, bk) or (B, H, P, bq, bk)
+        allowed = torch.cat(parts, dim=-3)
+    return tile_list_from(cls, allowed, bq, bk, computed)
+
+
+def native_reason(q: torch.Tensor, build: bool = True) -> str | None:
+    """None when the compiled tile kernel takes ``q``'s device and dtype, else why not.
+
+    ``build=False`` never triggers the build (for ``explain``): an unbuilt kernel counts as usable.
+    """
+    if q.device.type != "cpu":
+        return f"inputs on {q.device.type}"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"{q.dtype} runs the exact torch path (the kernel computes in float32)"
+    if build:
+        _native.available()
+    st = _native.status()
+    return None if st in ("loaded", _native.NOT_BUILT) else f"native kernel {st}"
+
+
+def _splits(batch: int, hkv: int) -> int:
+    """Query ranges per (batch, KV head) in the backward: enough tasks for every thread, else 1 (no extra
+    dK/dV accumulators)."""
+    tasks, want = batch * hkv, 2 * torch.get_num_threads()
+    return 1 if tasks >= want else -(-want // tasks)
+
+
+def _feature_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _FlashTiles(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, tl: TileList, scale: float):
+        out, lse = _native.ops().flash_tiles_fwd(q, k, v, tl.row_ptr, tl.cols, tl.slots, tl.bits, tl.bq, tl.bk,
+                                                 scale, SPAN)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.tl, ctx.scale = tl, scale
+        ctx.set_materialize_grads(False)  # dlse stays None unless the caller differentiates the lse
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        tl = ctx.tl
+        dout = torch.zeros_like(out) if dout is None else _feature_contiguous(dout.to(out.dtype))
+        dlse = lse.new_empty(0) if dlse is None else dlse.float().expand_as(lse).contiguous()
+        if dlse.numel() and dlse.stride() != lse.stride():
+            dlse = dlse.as_strided(lse.shape, lse.stride()).copy_(dlse)  # same layout as lse
+        dq, dk, dv = _native.ops().flash_tiles_bwd(q, k, v, out, dout, lse, dlse, tl.row_ptr, tl.cols, tl.slots,
+                                                   tl.bits, tl.bq, tl.bk, ctx.scale, SPAN,
+                                                   _splits(q.shape[0], k.shape[2]))
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tl: TileList,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the tiles of ``tl``; the caller has checked :func:`native_reason`.
+
+    Args:
+        q: ``(B, Nq, Hq, D)``; k: ``(B, Nk, Hkv, D)``; v: ``(B, Nk, Hkv, Dv)``: float32, bfloat16 or float16,
+            any strides (a non-contiguous feature dim is copied).
+        tl: the tile list (:func:`tile_list`); scale: the score scale.
+
+    Returns:
+        ``out (B, Nq, Hq, Dv)`` in the input dtype and ``lse (B, Nq, Hq)`` float32 (``-inf`` and a zero
+        output on rows that allow no key; their gradients are zero).
+    """
+    q, k, v = (_feature_contiguous(t) for t in (q, k, v))
+    return _FlashTiles.apply(q, k, v, tl, scale)

@@ -1,0 +1,513 @@
+// Softmax attention over a list of (query tile, key tile, full | partial) entries, forward and backward, on the CPU.
+//
+// "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning", arXiv 2307.08691
+// (Algorithm 1 for the forward with its online softmax, Algorithm 2 for the backward from the saved
+// log-sum-exp), restricted to the tiles a mask leaves non-empty.
+//
+// Entry list (CSR, built in Python from the mask's tile classes): query tile i visits entries
+// row_ptr[i] .. row_ptr[i+1] of (cols, slots); cols holds the key tile index (ascending), slots -1 for a
+// FULL tile or the index of the tile's bitmask in `bits` (bit c of word w of row r set = key c + 64 w of
+// the tile is allowed to row r). Lead dims let later callers route per batch / per KV head:
+//   row_ptr (Lb, Lh, nqt + 1), Lb in {1, B}, Lh in {1, Hkv};  bits (Bm, Hm, nslots, bq, words), Bm in {1, B},
+//   Hm in {1, Hq}.
+//
+// Work unit: one query tile of ALL the G = Hq / Hkv query heads that share a KV head, stacked as one
+// (G * rows) x D matrix, so every K/V tile is read and converted once per group (GQA costs no copy) and
+// each GEMM is G times taller. Consecutive key tiles run as one span of up to `span` keys (one GEMM).
+// Inputs are heads-last (B, N, H, D) with any strides but a contiguous feature dim; bf16 / fp16 are
+// converted to float32 while packing a tile, all arithmetic is float32. Scores are kept in base 2
+// (scale * log2 e folded into the GEMM's alpha) so one vectorised exp2 serves both passes.
+//
+// Backward: one task per (batch, KV head, query split). A task walks its query tiles and, per tile,
+// its spans: P = exp2(S - lse), dV += P^T dO, dP = dO V^T, dS = P (dP - delta) scale, dQ += dS K,
+// dK += dS^T Q. The task owns its dQ rows and one dK/dV accumulator per split; splits are summed in a
+// fixed order afterwards, so the result does not depend on thread timing (deterministic).
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+}
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Row-major C (M x N) = alpha op(A) op(B) + beta C, through column-major BLAS (operands swapped).
+inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const char a = tb ? 'T' : 'N', b = ta ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  sgemm_(&a, &b, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+}
+
+// 16 floats in GCC's portable vector type: AVX-512 registers with -march=native on such a CPU, two AVX2
+// or four SSE registers elsewhere. Score rows are padded to a multiple of 16.
+using v16f = float __attribute__((vector_size(64)));
+using v16i = int32_t __attribute__((vector_size(64)));
+
+inline v16f load(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
+inline v16f splat(float x) { return v16f{} + x; }
+
+// 2^t, with t clamped to [-127, 127]: 2^-127 and below come out as exactly 0, so masked (-inf) scores
+// give P = 0 without a branch. Rounds t to n + f with |f| <= 1/2 and evaluates 2^f by its degree-6 Taylor
+// series (relative error < 2e-7, float's own rounding).
+inline v16f exp2v(v16f t) {
+  t = t < -127.f ? splat(-127.f) : t;
+  t = t > 127.f ? splat(127.f) : t;
+  const v16f magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const v16f y = t + magic;
+  const v16i n = (v16i)y - 0x4B400000;
+  const v16f f = t - (y - magic);
+  v16f p = splat(1.5403530e-4f);
+  p = p * f + 1.3333558e-3f;
+  p = p * f + 9.6181291e-3f;
+  p = p * f + 5.5504109e-2f;
+  p = p * f + 2.4022651e-1f;
+  p = p * f + 6.9314718e-1f;
+  p = p * f + 1.0f;
+  const v16i e = (n + 127) << 23;
+  return p * (v16f)e;
+}
+
+inline float hmax(v16f v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float hsum(v16f v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+template <typename T>
+inline void to_float(const T* src, int64_t n, float* dst) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+}
+
+// Copy `rows` rows of width w, `stride` apart, converted to float, into a packed rows x w block.
+template <typename T>
+inline void pack(const T* src, int64_t stride, int64_t rows, int64_t w, float* dst) {
+  for (int64_t i = 0; i < rows; ++i) to_float(src + i * stride, w, dst + i * w);
+}
+
+struct Geo {
+  int64_t B, Nq, Nk, Hq, Hkv, G, D, Dv, bq, bk, nqt, words, span;
+  int64_t qs[3], ks[3], vs[3];  // (batch, token, head) strides; the feature stride is 1
+  int64_t Lb, Lh, Bm, Hm, nslots;
+  float scale;
+  const int64_t *row_ptr, *cols, *slots;
+  const uint64_t* bits;
+
+  const int64_t* rows_of(int64_t b, int64_t hk) const {
+    return row_ptr + ((Lb == 1 ? 0 : b) * Lh + (Lh == 1 ? 0 : hk)) * (nqt + 1);
+  }
+  const uint64_t* tile_bits(int64_t b, int64_t h, int64_t slot) const {
+    return bits + (((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * nslots + slot) * bq * words;
+  }
+  int64_t spad() const { return (span + 15) / 16 * 16; }
+};
+
+Geo make_geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& row_ptr,
+             const at::Tensor& cols, const at::Tensor& slots, const at::Tensor& bits, int64_t bq, int64_t bk,
+             double scale, int64_t span) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "flash_tiles: q, k, v must be (B, N, H, D)");
+  TORCH_CHECK(q.device().is_cpu(), "flash_tiles runs on the CPU");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "flash_tiles: dtypes differ");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "flash_tiles: feature dim must be contiguous");
+  TORCH_CHECK(bk > 0 && bk % 16 == 0 && bq > 0 && span >= bk, "flash_tiles: bk must be a multiple of 16, span >= bk");
+  Geo g{};
+  g.B = q.size(0);
+  g.Nq = q.size(1);
+  g.Hq = q.size(2);
+  g.D = q.size(3);
+  g.Nk = k.size(1);
+  g.Hkv = k.size(2);
+  g.Dv = v.size(3);
+  TORCH_CHECK(g.Hq % g.Hkv == 0 && v.size(1) == g.Nk && v.size(2) == g.Hkv && k.size(0) == g.B &&
+                  v.size(0) == g.B && k.size(3) == g.D,
+              "flash_tiles: bad k/v shapes");
+  g.G = g.Hq / g.Hkv;
+  g.bq = bq;
+  g.bk = bk;
+  g.nqt = (g.Nq + bq - 1) / bq;
+  g.words = (bk + 63) / 64;
+  g.span = span / bk * bk;
+  g.scale = static_cast<float>(scale);
+  for (int i = 0; i < 3; ++i) {
+    g.qs[i] = q.stride(i);
+    g.ks[i] = k.stride(i);
+    g.vs[i] = v.stride(i);
+  }
+  TORCH_CHECK(row_ptr.dim() == 3 && row_ptr.size(2) == g.nqt + 1 && row_ptr.is_contiguous() &&
+                  row_ptr.scalar_type() == at::kLong,
+              "flash_tiles: row_ptr must be int64 (Lb, Lh, nqt + 1)");
+  g.Lb = row_ptr.size(0);
+  g.Lh = row_ptr.size(1);
+  TORCH_CHECK((g.Lb == 1 || g.Lb == g.B) && (g.Lh == 1 || g.Lh == g.Hkv), "flash_tiles: row_ptr lead dims");
+  TORCH_CHECK(cols.is_contiguous() && slots.is_contiguous() && cols.scalar_type() == at::kLong &&
+                  slots.scalar_type() == at::kLong && cols.numel() == slots.numel(),
+              "flash_tiles: cols / slots must be int64 of one length");
+  TORCH_CHECK(bits.dim() == 5 && bits.is_contiguous() && bits.scalar_type() == at::kLong &&
+                  bits.size(3) == bq && bits.size(4) == g.words,
+              "flash_tiles: bits must be int64 (Bm, Hm, nslots, bq, ceil(bk / 64))");
+  g.Bm = bits.size(0);
+  g.Hm = bits.size(1);
+  g.nslots = bits.size(2);
+  TORCH_CHECK((g.Bm == 1 || g.Bm == g.B) && (g.Hm == 1 || g.Hm == g.Hq), "flash_tiles: bits lead dims");
+  g.row_ptr = row_ptr.data_ptr<int64_t>();
+  g.cols = cols.data_ptr<int64_t>();
+  g.slots = slots.data_ptr<int64_t>();
+  g.bits = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  return g;
+}
+
+// The next span of entries [e, e_end): consecutive key tiles, at most g.span keys. Returns its end entry.
+inline int64_t next_span(const Geo& g, int64_t e, int64_t end, int64_t& k0, int64_t& w) {
+  const int64_t c0 = g.cols[e];
+  int64_t f = e + 1;
+  while (f < end && g.cols[f] == g.cols[f - 1] + 1 && (g.cols[f] - c0 + 1) * g.bk <= g.span) ++f;
+  k0 = c0 * g.bk;
+  w = std::min(g.Nk, (g.cols[f - 1] + 1) * g.bk) - k0;
+  return f;
+}
+
+// Scores of masked-out pairs in partial tiles of a span -> -inf; padding columns [w, ld) -> -inf.
+inline void apply_masks(const Geo& g, int64_t b, int64_t hk, int64_t rows, int64_t e0, int64_t e1, int64_t k0,
+                        int64_t w, float* S, int64_t ld) {
+  static const v16i lane = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
+  for (int64_t e = e0; e < e1; ++e) {
+    const int64_t slot = g.slots[e];
+    if (slot < 0) continue;
+    const int64_t c0 = g.cols[e] * g.bk - k0, tw = std::min(g.bk, w - c0);
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      const uint64_t* tb = g.tile_bits(b, hk * g.G + gi, slot);
+      for (int64_t i = 0; i < rows; ++i) {
+        float* s = S + (gi * rows + i) * ld + c0;
+        const uint64_t* rb = tb + i * g.words;
+        for (int64_t c = 0; c < tw; c += 16) {
+          const int32_t chunk = static_cast<int32_t>((rb[c >> 6] >> (c & 63)) & 0xFFFF);
+          const v16i off = ((v16i{} + chunk) & lane) == 0;
+          store(s + c, off ? splat(kNegInf) : load(s + c));  // the padding past tw is reset below
+        }
+      }
+    }
+  }
+  if (w % 16 != 0) {
+    const int64_t R = g.G * rows;
+    for (int64_t r = 0; r < R; ++r) std::fill(S + r * ld + w, S + r * ld + (w + 15) / 16 * 16, kNegInf);
+  }
+}
+
+template <typename T>
+struct Ptrs {
+  const T *q, *k, *v;
+  const T* qrow(const Geo& g, int64_t b, int64_t n, int64_t h) const { return q + b * g.qs[0] + n * g.qs[1] + h * g.qs[2]; }
+  const T* krow(const Geo& g, int64_t b, int64_t n, int64_t h) const { return k + b * g.ks[0] + n * g.ks[1] + h * g.ks[2]; }
+  const T* vrow(const Geo& g, int64_t b, int64_t n, int64_t h) const { return v + b * g.vs[0] + n * g.vs[1] + h * g.vs[2]; }
+};
+
+// Packed Q (or dO) of one query tile of the G heads of KV head hk: rows ordered (head, token).
+template <typename T>
+void pack_group(const Geo& g, const T* base, const int64_t* st, int64_t b, int64_t hk, int64_t q0, int64_t rows,
+                int64_t width, float* dst) {
+  for (int64_t gi = 0; gi < g.G; ++gi)
+    pack(base + b * st[0] + q0 * st[1] + (hk * g.G + gi) * st[2], st[1], rows, width, dst + gi * rows * width);
+}
+
+template <typename T>
+void forward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_t qt, T* out, const int64_t* os,
+                  float* lse, const int64_t* ls, std::vector<float>& buf) {
+  const int64_t D = g.D, Dv = g.Dv, q0 = qt * g.bq, rows = std::min(g.bq, g.Nq - q0), R = g.G * rows;
+  const int64_t ld = g.spad();
+  float *Qp = buf.data(), *Kp = Qp + g.G * g.bq * D, *Vp = Kp + g.span * D, *S = Vp + g.span * Dv;
+  float *acc = S + g.G * g.bq * ld, *m = acc + g.G * g.bq * Dv, *l = m + g.G * g.bq;
+  std::fill(acc, acc + R * Dv, 0.f);
+  std::fill(m, m + R, kNegInf);
+  std::fill(l, l + R, 0.f);
+  const int64_t* rp = g.rows_of(b, hk);
+  const int64_t e_end = rp[qt + 1];
+  if (rp[qt] < e_end) pack_group(g, p.q, g.qs, b, hk, q0, rows, D, Qp);
+  const float alpha = g.scale * kLog2e;
+  for (int64_t e = rp[qt]; e < e_end;) {
+    int64_t k0, w;
+    const int64_t f = next_span(g, e, e_end, k0, w);
+    pack(p.krow(g, b, k0, hk), g.ks[1], w, D, Kp);
+    pack(p.vrow(g, b, k0, hk), g.vs[1], w, Dv, Vp);
+    gemm(false, true, R, w, D, alpha, Qp, D, Kp, D, 0.f, S, ld);
+    apply_masks(g, b, hk, rows, e, f, k0, w, S, ld);
+    const int64_t wp = (w + 15) / 16 * 16;
+    for (int64_t r = 0; r < R; ++r) {
+      float* s = S + r * ld;
+      v16f vm = splat(kNegInf);
+      for (int64_t c = 0; c < wp; c += 16) {
+        const v16f x = load(s + c);
+        vm = x > vm ? x : vm;
+      }
+      const float mx = std::max(m[r], hmax(vm));
+      if (mx == kNegInf) {  // nothing allowed in this row yet: P = 0
+        std::fill(s, s + wp, 0.f);
+        continue;
+      }
+      v16f vs = splat(0.f);
+      const v16f vmx = splat(mx);
+      for (int64_t c = 0; c < wp; c += 16) {
+        const v16f pe = exp2v(load(s + c) - vmx);
+        store(s + c, pe);
+        vs += pe;
+      }
+      const float corr = m[r] == kNegInf ? 0.f : std::exp2(m[r] - mx);
+      l[r] = l[r] * corr + hsum(vs);
+      if (corr != 1.f) {
+        float* a = acc + r * Dv;
+        for (int64_t d = 0; d < Dv; ++d) a[d] *= corr;
+      }
+      m[r] = mx;
+    }
+    gemm(false, false, R, Dv, w, 1.f, S, ld, Vp, Dv, 1.f, acc, Dv);
+    e = f;
+  }
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+    const int64_t h = hk * g.G + gi;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = gi * rows + i;
+      T* o = out + b * os[0] + (q0 + i) * os[1] + h * os[2];
+      float* lrow = lse + b * ls[0] + (q0 + i) * ls[1] + h * ls[2];
+      if (l[r] > 0.f) {
+        const float inv = 1.f / l[r];
+        for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(acc[r * Dv + d] * inv);
+        *lrow = (m[r] + std::log2(l[r])) * kLn2;
+      } else {
+        for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(0.f);
+        *lrow = kNegInf;
+      }
+    }
+  }
+}
+
+// q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, Dv): float32 / bfloat16 / float16, feature-contiguous.
+// Returns out (B, Nq, Hq, Dv) in the input dtype and lse (B, Nq, Hq) float32 (-inf on rows with no key).
+std::tuple<at::Tensor, at::Tensor> flash_tiles_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& row_ptr, const at::Tensor& cols,
+                                                   const at::Tensor& slots, const at::Tensor& bits, int64_t bq,
+                                                   int64_t bk, double scale, int64_t span) {
+  const Geo g = make_geo(q, k, v, row_ptr, cols, slots, bits, bq, bk, scale, span);
+  at::Tensor out = at::empty({g.B, g.Nq, g.Hq, g.Dv}, q.options());
+  at::Tensor lse = at::empty({g.B, g.Nq, g.Hq}, q.options().dtype(at::kFloat));
+  const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  const int64_t ls[3] = {lse.stride(0), lse.stride(1), lse.stride(2)};
+  const int64_t tasks = g.B * g.Hkv * g.nqt;
+  const int64_t need = g.G * g.bq * (g.D + g.spad() + g.Dv + 2) + g.span * (g.D + g.Dv);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_tiles_fwd", [&] {
+    using T = scalar_t;
+    const Ptrs<T> p{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>()};
+    T* op = out.data_ptr<T>();
+    float* lp = lse.data_ptr<float>();
+    at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> buf(need);
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t qt = t % g.nqt, bh = t / g.nqt;
+        forward_tile<T>(g, p, bh / g.Hkv, bh % g.Hkv, qt, op, os, lp, ls, buf);
+      }
+    });
+  });
+  return {out, lse};
+}
+
+template <typename T>
+void backward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_t qt, const T* out,
+                   const int64_t* os, const T* dout, const int64_t* dos, const float* lse, const int64_t* ls,
+                   const float* dlse, T* dq, const int64_t* dqs, float* dk, float* dv, int64_t dk_ld,
+                   int64_t dv_ld, std::vector<float>& buf) {
+  const int64_t D = g.D, Dv = g.Dv, q0 = qt * g.bq, rows = std::min(g.bq, g.Nq - q0), R = g.G * rows;
+  const int64_t ld = g.spad(), cap = g.G * g.bq;
+  float *Qp = buf.data(), *dOp = Qp + cap * D, *Kp = dOp + cap * Dv, *Vp = Kp + g.span * D;
+  float *P = Vp + g.span * Dv, *dP = P + cap * ld, *dQa = dP + cap * ld, *lse2 = dQa + cap * D;
+  float *delta = lse2 + cap, *orow = delta + cap;
+  const int64_t* rp = g.rows_of(b, hk);
+  const int64_t e_end = rp[qt + 1];
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+    const int64_t h = hk * g.G + gi;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = gi * rows + i;
+      T* dqr = dq + b * dqs[0] + (q0 + i) * dqs[1] + h * dqs[2];
+      if (rp[qt] == e_end) {  // a query tile with no key: zero gradient
+        for (int64_t d = 0; d < D; ++d) dqr[d] = static_cast<T>(0.f);
+        continue;
+      }
+      const float lv = lse[b * ls[0] + (q0 + i) * ls[1] + h * ls[2]];
+      lse2[r] = lv == kNegInf ? std::numeric_limits<float>::infinity() : lv * kLog2e;  // empty row: P = 0
+      to_float(out + b * os[0] + (q0 + i) * os[1] + h * os[2], Dv, orow);
+      to_float(dout + b * dos[0] + (q0 + i) * dos[1] + h * dos[2], Dv, dOp + r * Dv);
+      float dl = 0.f;
+      for (int64_t d = 0; d < Dv; ++d) dl += orow[d] * dOp[r * Dv + d];
+      delta[r] = dl - (dlse ? dlse[b * ls[0] + (q0 + i) * ls[1] + h * ls[2]] : 0.f);
+    }
+  }
+  if (rp[qt] == e_end) return;
+  pack_group(g, p.q, g.qs, b, hk, q0, rows, D, Qp);
+  std::fill(dQa, dQa + R * D, 0.f);
+  const float alpha = g.scale * kLog2e;
+  for (int64_t e = rp[qt]; e < e_end;) {
+    int64_t k0, w;
+    const int64_t f = next_span(g, e, e_end, k0, w);
+    pack(p.krow(g, b, k0, hk), g.ks[1], w, D, Kp);
+    pack(p.vrow(g, b, k0, hk), g.vs[1], w, Dv, Vp);
+    gemm(false, true, R, w, D, alpha, Qp, D, Kp, D, 0.f, P, ld);
+    apply_masks(g, b, hk, rows, e, f, k0, w, P, ld);
+    gemm(false, true, R, w, Dv, 1.f, dOp, Dv, Vp, Dv, 0.f, dP, ld);
+    const int64_t wp = (w + 15) / 16 * 16;
+    for (int64_t r = 0; r < R; ++r) {
+      float *s = P + r * ld, *dp = dP + r * ld;
+      const v16f sub = splat(lse2[r]), dl = splat(delta[r]);
+      for (int64_t c = 0; c < wp; c += 16) {
+        const v16f pe = exp2v(load(s + c) - sub);
+        store(s + c, pe);
+        store(dp + c, pe * (load(dp + c) - dl) * g.scale);
+      }
+    }
+    gemm(true, false, w, Dv, R, 1.f, P, ld, dOp, Dv, 1.f, dv + k0 * dv_ld, dv_ld);
+    gemm(false, false, R, D, w, 1.f, dP, ld, Kp, D, 1.f, dQa, D);
+    gemm(true, false, w, D, R, 1.f, dP, ld, Qp, D, 1.f, dk + k0 * dk_ld, dk_ld);
+    e = f;
+  }
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+    const int64_t h = hk * g.G + gi;
+    for (int64_t i = 0; i < rows; ++i) {
+      T* dqr = dq + b * dqs[0] + (q0 + i) * dqs[1] + h * dqs[2];
+      const float* a = dQa + (gi * rows + i) * D;
+      for (int64_t d = 0; d < D; ++d) dqr[d] = static_cast<T>(a[d]);
+    }
+  }
+}
+
+// Gradients of flash_tiles_fwd. out, dout (B, Nq, Hq, Dv) in the input dtype, lse (B, Nq, Hq) float32 from the
+// forward, dlse the same shape or empty. `splits` query ranges per (batch, KV head) run as separate tasks
+// with their own dK/dV accumulators (more parallelism when B * Hkv is below the thread count).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_tiles_bwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& dout,
+    const at::Tensor& lse, const at::Tensor& dlse, const at::Tensor& row_ptr, const at::Tensor& cols,
+    const at::Tensor& slots, const at::Tensor& bits, int64_t bq, int64_t bk, double scale, int64_t span,
+    int64_t splits) {
+  const Geo g = make_geo(q, k, v, row_ptr, cols, slots, bits, bq, bk, scale, span);
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type() &&
+                  out.stride(3) == 1 && dout.stride(3) == 1,
+              "flash_tiles_bwd: out / dout must match q's dtype, feature-contiguous");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3, "flash_tiles_bwd: lse must be float32 (B, Nq, Hq)");
+  const bool has_dlse = dlse.numel() > 0;
+  TORCH_CHECK(!has_dlse || (dlse.scalar_type() == at::kFloat && dlse.sizes() == lse.sizes() &&
+                            dlse.strides() == lse.strides()),
+              "flash_tiles_bwd: dlse must be float32 laid out like lse");
+  const int64_t S = std::max<int64_t>(1, std::min(splits, g.nqt));
+  at::Tensor dq = at::empty({g.B, g.Nq, g.Hq, g.D}, q.options());
+  // float32 accumulators (S, B, Hkv, Nk, D|Dv); with one split and float32 inputs, the outputs themselves
+  const bool direct = S == 1 && q.scalar_type() == at::kFloat;
+  at::Tensor dk = direct ? at::zeros({g.B, g.Nk, g.Hkv, g.D}, q.options())
+                         : at::zeros({S, g.B, g.Hkv, g.Nk, g.D}, q.options().dtype(at::kFloat));
+  at::Tensor dv = direct ? at::zeros({g.B, g.Nk, g.Hkv, g.Dv}, q.options())
+                         : at::zeros({S, g.B, g.Hkv, g.Nk, g.Dv}, q.options().dtype(at::kFloat));
+  const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  const int64_t dos[3] = {dout.stride(0), dout.stride(1), dout.stride(2)};
+  const int64_t ls[3] = {lse.stride(0), lse.stride(1), lse.stride(2)};
+  const int64_t dqs[3] = {dq.stride(0), dq.stride(1), dq.stride(2)};
+  const int64_t cap = g.G * g.bq;
+  const int64_t need = cap * (g.D + g.Dv + 2 * g.spad() + g.D + 2) + g.span * (g.D + g.Dv) + g.Dv;
+  float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const float* lp = lse.data_ptr<float>();
+  const float* dlp = has_dlse ? dlse.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_tiles_bwd", [&] {
+    using T = scalar_t;
+    const Ptrs<T> p{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>()};
+    const T *outp = out.data_ptr<T>(), *dop = dout.data_ptr<T>();
+    T* dqp = dq.data_ptr<T>();
+    at::parallel_for(0, g.B * g.Hkv * S, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> buf(need);
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t s = t % S, bh = t / S, b = bh / g.Hkv, hk = bh % g.Hkv;
+        float *dkt, *dvt;
+        int64_t dk_ld, dv_ld;
+        if (direct) {
+          dkt = dkp + b * dk.stride(0) + hk * dk.stride(2);
+          dvt = dvp + b * dv.stride(0) + hk * dv.stride(2);
+          dk_ld = dk.stride(1);
+          dv_ld = dv.stride(1);
+        } else {
+          dkt = dkp + ((s * g.B + b) * g.Hkv + hk) * g.Nk * g.D;
+          dvt = dvp + ((s * g.B + b) * g.Hkv + hk) * g.Nk * g.Dv;
+          dk_ld = g.D;
+          dv_ld = g.Dv;
+        }
+        const int64_t qa = g.nqt * s / S, qb = g.nqt * (s + 1) / S;
+        for (int64_t qt = qa; qt < qb; ++qt)
+          backward_tile<T>(g, p, b, hk, qt, outp, os, dop, dos, lp, ls, dlp, dqp, dqs, dkt, dvt, dk_ld, dv_ld, buf);
+      }
+    });
+  });
+  if (direct) return {dq, dk, dv};
+  // sum the splits in order (deterministic) into heads-last outputs of the input dtype
+  at::Tensor gk = at::empty({g.B, g.Nk, g.Hkv, g.D}, q.options()), gv = at::empty({g.B, g.Nk, g.Hkv, g.Dv}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_tiles_bwd_reduce", [&] {
+    using T = scalar_t;
+    T *gkp = gk.data_ptr<T>(), *gvp = gv.data_ptr<T>();
+    at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> row(std::max(g.D, g.Dv));
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        const int64_t b = bh / g.Hkv, hk = bh % g.Hkv;
+        for (int64_t n = 0; n < g.Nk; ++n) {
+          for (int pass = 0; pass < 2; ++pass) {
+            const int64_t W = pass == 0 ? g.D : g.Dv;
+            const float* src = pass == 0 ? dkp : dvp;
+            T* dst = (pass == 0 ? gkp : gvp) + ((b * g.Nk + n) * g.Hkv + hk) * W;
+            std::fill(row.begin(), row.begin() + W, 0.f);
+            for (int64_t s = 0; s < S; ++s) {
+              const float* a = src + (((s * g.B + b) * g.Hkv + hk) * g.Nk + n) * W;
+              for (int64_t d = 0; d < W; ++d) row[d] += a[d];
+            }
+            for (int64_t d = 0; d < W; ++d) dst[d] = static_cast<T>(row[d]);
+          }
+        }
+      }
+    });
+  });
+  return {dq, gk, gv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(attnkit_native, m) {
+  m.def("flash_tiles_fwd(Tensor q, Tensor k, Tensor v, Tensor row_ptr, Tensor cols, Tensor slots, Tensor bits,"
+        " int bq, int bk, float scale, int span) -> (Tensor, Tensor)");
+  m.def("flash_tiles_bwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor lse, Tensor dlse,"
+        " Tensor row_ptr, Tensor cols, Tensor slots, Tensor bits, int bq, int bk, float scale, int span,"
+        " int splits) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(attnkit_native, CPU, m) {
+  m.impl("flash_tiles_fwd", &flash_tiles_fwd);
+  m.impl("flash_tiles_bwd", &flash_tiles_bwd);
+}
