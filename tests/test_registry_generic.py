@@ -48,7 +48,7 @@ def _skip(spec, check: str) -> None:
 
 def _build(spec, pattern: str | None = None, seed: int = 0, **config):
     """``(module, inputs, cfg)`` of the spec's tiny config for ``pattern``, parameters nudged off their init."""
-    cfg = spec.config({**spec.tiny_config, **config}, pattern=pattern)
+    cfg = spec.config(config, pattern=pattern, tiny=True)
     torch.manual_seed(seed)
     module, inputs = spec.example(cfg, pattern=pattern, generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_pattern(spec, pattern):
 @pytest.mark.parametrize(("spec", "pattern"), [c for c in CASES if c.values[1].endswith("-cross")])
 def test_cross_lengths(spec, pattern, context_len):
     _skip(spec, "cross")
-    n = math.prod(spec.input_shape(spec.config(spec.tiny_config))[1:-1])
+    n = math.prod(spec.input_shape(spec.config(tiny=True))[1:-1])
     module, inputs, _ = _build(spec, pattern, context_len=n + context_len)
     x, ctx = inputs
     assert ctx.shape[1] == n + context_len != x.shape[1]
@@ -213,7 +213,7 @@ def test_output_dtype(spec, dtype):
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_builds_on_meta(spec):
     _skip(spec, "meta")
-    options = spec.options(spec.config(spec.tiny_config, pattern=spec.patterns[0]))
+    options = spec.options(spec.config(pattern=spec.patterns[0], tiny=True))
     with torch.device("meta"):
         module = spec.module(**options)
     tensors = list(module.parameters()) + list(module.buffers())

@@ -5,21 +5,127 @@ module class. Tests and the benchmark iterate over :func:`list_mechanisms`, so a
 mechanism is tested and benchmarked the moment it is registered: the generic tests
 compare every module with its registered ``reference``, check the claimed
 ``patterns`` and build the module from ``options`` (see ``docs/architecture.md``).
+
+A spec keeps two dicts apart: ``default_config`` holds module options only (so
+``ak.get(name, **spec.default_config)`` builds the benchmarked module) and ``default_input`` the
+input sizes (``batch``, ``seq_len`` / ``input_size`` / ...). :meth:`MechanismSpec.config` merges them.
+
+The module contract shared by every mechanism, with the helpers that implement it:
+
+* bad input raises ``ValueError`` / ``TypeError`` naming the module, the expected layout and the shape
+  received (:func:`check_input`);
+* options are validated when the module is built, not at its first forward (:func:`int_option`,
+  :func:`choice_option`, :func:`float_option`);
+* an empty input (``B == 0`` or no tokens) raises ``ValueError`` naming the module: every op refuses
+  empty tensors (``check_qkv``), so modules refuse them up front with their own name;
+* on the ``meta`` device a module either runs (shape inference) or raises ``NotImplementedError``
+  naming the module and why (value-dependent routing, or an op without a meta path);
+* a module deep-copies and pickles after a forward (no autograd graph is kept on the module).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fnmatch
+import functools
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from attnkit._validate import int_arg
+
 PATTERNS = ("noncausal-self", "causal-self", "noncausal-cross", "causal-cross")
+
+
+# ------------------------------------------------------------------------------ module contract
+
+
+def _who(module: object) -> str:
+    return module if isinstance(module, str) else type(module).__name__
+
+
+def check_input(module: object, x: object, layout: str, *, channels: int | None = None, name: str = "x",
+                meta: str | None = None) -> torch.Tensor:
+    """Check a module's input against ``layout`` (e.g. ``"(B, N, C)"``) and return it.
+
+    Raises ``TypeError`` for a non-tensor or a non-floating tensor, ``ValueError`` for a wrong rank, a
+    channel count (the ``C`` of ``layout``) other than ``channels``, or an empty dimension; every message
+    names the module, the expected layout and the shape received. ``meta``: None when the module runs on
+    the meta device, else the reason it cannot (raised as ``NotImplementedError``).
+    """
+    who = _who(module)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be a torch.Tensor {layout}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who}: {name} must be a floating-point tensor, got {x.dtype}")
+    dims = [d.strip() for d in layout.strip("()").split(",")]
+    expected = layout if channels is None else layout.replace("C", f"C={channels}", 1)
+    if x.dim() != len(dims) or (channels is not None and x.shape[dims.index("C")] != channels):
+        raise ValueError(f"{who}: {name} must be {expected}, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        empty = ", ".join(d for d, s in zip(dims, x.shape) if s == 0)
+        raise ValueError(f"{who}: {name} has an empty dimension ({empty} = 0) in shape {tuple(x.shape)}; "
+                         f"attention modules need at least one example and one token")
+    if meta is not None and x.is_meta:
+        raise NotImplementedError(f"{who} cannot run on meta tensors: {meta}")
+    return x
+
+
+def int_option(module: object, name: str, value: object, minimum: int) -> int:
+    """``value`` as an int ``>= minimum`` (``attnkit._validate.int_arg``), errors prefixed with the module."""
+    try:
+        return int_arg(name, value, minimum)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{_who(module)}: {e}") from None
+
+
+def choice_option(module: object, name: str, value: object, choices: tuple) -> Any:
+    """``value`` if it is one of ``choices``, else ``ValueError`` naming the module and the valid ones."""
+    if value not in choices:
+        raise ValueError(f"{_who(module)}: {name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def float_option(module: object, name: str, value: object, *, minimum: float | None = None,
+                 exclusive: bool = False, optional: bool = False) -> float | None:
+    """``value`` as a finite float (``> minimum`` if ``exclusive`` else ``>=``); None allowed if ``optional``."""
+    who = _who(module)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{who}: {name} must be a number{' or None' if optional else ''}, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{who}: {name} must be finite, got {value}")
+    if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        raise ValueError(f"{who}: {name} must be {'>' if exclusive else '>='} {minimum}, got {value}")
+    return float(value)
+
+
+@contextlib.contextmanager
+def named_errors(module: object) -> Iterator[None]:
+    """Re-raise a ``TypeError`` / ``ValueError`` of the block with the module's name in front."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        who = _who(module)
+        if str(e).startswith(f"{who}:"):
+            raise
+        raise type(e)(f"{who}: {e}") from e
+
+
+def divisible(module: object, dim: int, num_heads: int, what: str = "dim") -> int:
+    """Check ``dim`` and ``num_heads`` (>= 1) and ``dim % num_heads == 0``; returns the head width."""
+    int_option(module, what, dim, 1)
+    int_option(module, "num_heads", num_heads, 1)
+    if dim % num_heads:
+        raise ValueError(f"{_who(module)}: {what} ({dim}) must be divisible by num_heads ({num_heads})")
+    return dim // num_heads
 
 
 class _StrEnum(str, enum.Enum):
@@ -106,17 +212,22 @@ class MechanismSpec:
             second input; ``causal-*`` means output token ``i`` (raster order for grids) depends on
             input tokens ``<= i`` only. The generic tests check both.
         complexity: asymptotic cost, e.g. ``"O(N^2 d)"``.
-        flops: ``flops(config) -> float``, useful forward FLOPs for a config dict
-            (same keys as :attr:`default_config`).
-        options: ``options(config) -> dict``, the module's constructor keywords for a config:
-            ``module(**options(config))`` builds it.
+        flops: ``flops(config) -> float``, useful forward FLOPs for a config dict (module options and
+            input sizes; keys missing from ``config`` are taken from ``default_input`` and
+            ``default_config``, so ``spec.flops(spec.default_config)`` is the default case's count).
+        options: ``options(config) -> dict``, the module's constructor keywords for a full config
+            (:meth:`config`): ``module(**options(config))`` builds it.
         reference: ``reference(module, *inputs) -> output``: the module's forward computed from its
             own parameters with plain tensor code and the naive op twins of ``attnkit.reference``,
             independent of the op and backends the module calls. Required.
         functional: the public op (or ops) the module's forward calls, or None.
-        default_config: the config :meth:`example` uses when given none.
-        tiny_config: overrides of ``default_config`` giving the smallest instance that still takes
-            every path of the module (the generic tests run it in float64 against the reference).
+        default_config: module options only, the benchmark's module: ``ak.get(name, **default_config)``
+            builds it (a key the constructor does not take is moved to ``default_input`` at registration).
+        tiny_config: overrides of ``default_config`` giving the smallest module that still takes every
+            path (the generic tests run it in float64 against the reference).
+        default_input: the input sizes of the benchmark's example: ``batch``, and ``seq_len``
+            (sequence) or ``input_size`` (spatial extents), or whatever keys ``shape`` reads.
+        tiny_input: overrides of ``default_input`` for the tiny example.
         notes: choices made where the paper leaves a detail open.
         input_kind: an :class:`InputKind`: ``sequence`` ``(B, N, C)``, ``image`` ``(B, Y, X, C)``,
             ``video`` ``(B, T, Y, X, C)`` or ``cnn`` ``(B, C, Y, X)``.
@@ -139,8 +250,22 @@ class MechanismSpec:
     notes: str = ""
     input_kind: InputKind = InputKind.SEQUENCE
     shape: Callable[[dict[str, Any]], tuple[int, ...]] | None = None
+    default_input: dict[str, Any] = field(default_factory=dict)
+    tiny_input: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # module options and input sizes live apart; a key the constructor does not take is an input size
+        accepted = _constructor_keywords(self.module)
+        for opts, inp in (("default_config", "default_input"), ("tiny_config", "tiny_input")):
+            o, i = dict(getattr(self, opts)), dict(getattr(self, inp))
+            if accepted is not None:
+                for key in [k for k in o if k not in accepted]:
+                    i.setdefault(key, o.pop(key))
+            object.__setattr__(self, opts, o)
+            object.__setattr__(self, inp, i)
+        raw = getattr(self.flops, "__wrapped__", self.flops)
+        if callable(raw):
+            object.__setattr__(self, "flops", _defaults_filled(raw, self))
         if not self.name.isidentifier() or self.name.lower() != self.name:
             raise ValueError(f"MechanismSpec name must be snake_case, got {self.name!r}")
         object.__setattr__(self, "family", Family.parse(self.family))
@@ -156,9 +281,14 @@ class MechanismSpec:
         if self.functional is not None and not all(callable(f) for f in fns):
             raise TypeError(f"MechanismSpec {self.name!r}: functional must be a callable, a tuple of them, or None")
 
-    def config(self, config: dict[str, Any] | None = None, *, pattern: str | None = None) -> dict[str, Any]:
-        """``default_config`` updated by ``config``; a ``pattern`` sets ``causal`` (and ``context_len`` for cross)."""
-        cfg = {**self.default_config, **(config or {})}
+    def config(self, config: dict[str, Any] | None = None, *, pattern: str | None = None,
+               tiny: bool = False) -> dict[str, Any]:
+        """The full config: ``default_input`` and ``default_config`` (with the tiny overrides if ``tiny``),
+        updated by ``config``; a ``pattern`` sets ``causal`` (and ``context_len`` for cross)."""
+        cfg = {**self.default_input, **self.default_config}
+        if tiny:
+            cfg.update({**self.tiny_input, **self.tiny_config})
+        cfg.update(config or {})
         if pattern is None:
             return cfg
         if pattern not in self.patterns:
@@ -173,7 +303,8 @@ class MechanismSpec:
         return tuple(self.shape(config)) if self.shape is not None else default_input_shape(self.input_kind, config)
 
     def example(self, config: dict[str, Any] | None = None, *, pattern: str | None = None,
-                generator: torch.Generator | None = None) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+                generator: torch.Generator | None = None, tiny: bool = False
+                ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         """A ready-to-run ``(module, inputs)``: ``module(*inputs)`` runs forward (and backward).
 
         Args:
@@ -182,17 +313,41 @@ class MechanismSpec:
                 (``context_len`` defaults to N + 5) as the second input, ``causal-*`` builds the
                 causal module. None: the config as it is, self-attention.
             generator: draws the inputs (the module's parameters come from the global RNG).
+            tiny: start from the tiny config and input instead of the default ones.
 
         Returns:
             ``(module, inputs)`` in float32.
         """
-        cfg = self.config(config, pattern=pattern)
+        cfg = self.config(config, pattern=pattern, tiny=tiny)
         module = self.module(**self.options(cfg))
         shape = self.input_shape(cfg)
         inputs = [torch.randn(shape, generator=generator)]
         if pattern is not None and pattern.endswith("-cross"):
             inputs.append(torch.randn(shape[0], cfg["context_len"], shape[-1], generator=generator))
         return module, tuple(inputs)
+
+
+def _constructor_keywords(cls: type) -> set[str] | None:
+    """The keyword names ``cls(...)`` accepts, or None when it takes ``**kwargs`` (anything goes)."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in params if p.kind in named}
+
+
+def _defaults_filled(flops: Callable[[dict[str, Any]], float], spec: MechanismSpec
+                     ) -> Callable[[dict[str, Any]], float]:
+    """``flops`` reading missing keys from the spec's defaults (options and input sizes)."""
+
+    @functools.wraps(flops)
+    def filled(config: dict[str, Any]) -> float:
+        return flops({**spec.default_input, **spec.default_config, **config})
+
+    return filled
 
 
 _REGISTRY: dict[str, MechanismSpec] = {}
@@ -214,6 +369,8 @@ def register(
     notes: str = "",
     input_kind: InputKind | str = InputKind.SEQUENCE,
     shape: Callable[[dict[str, Any]], tuple[int, ...]] | None = None,
+    default_input: dict[str, Any] | None = None,
+    tiny_input: dict[str, Any] | None = None,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator registering a module as a mechanism. See :class:`MechanismSpec`.
 
@@ -229,7 +386,8 @@ def register(
             name=name, family=spec_family, paper=paper, module=cls, patterns=tuple(patterns),
             complexity=complexity, flops=flops, options=options, reference=reference, functional=functional,
             default_config=dict(default_config or {}), tiny_config=dict(tiny_config or {}), notes=notes,
-            input_kind=spec_kind, shape=shape,
+            input_kind=spec_kind, shape=shape, default_input=dict(default_input or {}),
+            tiny_input=dict(tiny_input or {}),
         )
         return cls
 

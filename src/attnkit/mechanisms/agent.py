@@ -24,7 +24,7 @@ from torch import nn
 
 from attnkit.ops.linear.agent import agent_attention, depthwise_conv
 from attnkit.reference.naive_modules import naive_agent
-from attnkit.registry import Family, InputKind, Paper, register
+from attnkit.registry import Family, InputKind, Paper, check_input, divisible, int_option, register
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,14 @@ class AgentAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_agents: int = 49, grid: tuple[int, ...] = (7, 7),
                  agent_bias: bool = True, dwc: bool = True, qkv_bias: bool = True):
         super().__init__()
-        grid = tuple(grid)
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        if len(grid) not in (1, 2):
-            raise ValueError(f"grid must be (N,) or (h, w), got {grid}")
-        side = math.isqrt(num_agents)
+        who = type(self).__name__
+        if not isinstance(grid, (tuple, list)) or len(grid) not in (1, 2):
+            raise ValueError(f"{who}: grid must be (N,) or (h, w), got {grid!r}")
+        grid = tuple(int_option(self, "grid entry", g, 1) for g in grid)
+        divisible(self, dim, num_heads)
+        side = math.isqrt(int_option(self, "num_agents", num_agents, 1))
         if len(grid) == 2 and side * side != num_agents:
-            raise ValueError(f"num_agents must be a perfect square for 2-D inputs, got {num_agents}")
+            raise ValueError(f"{who}: num_agents must be a perfect square for 2-D inputs, got {num_agents}")
         self.config = AgentConfig(dim, num_heads, num_agents, grid, agent_bias, dwc, qkv_bias)
         H, n = num_heads, num_agents
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -106,10 +106,7 @@ class AgentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
-        two_d = len(c.grid) == 2
-        if two_d != (x.dim() == 4):
-            raise ValueError(f"x must be {'(B, h, w, C)' if two_d else '(B, N, C)'} for grid {c.grid}, "
-                             f"got shape {tuple(x.shape)}")
+        check_input(self, x, "(B, Y, X, C)" if len(c.grid) == 2 else "(B, N, C)", channels=c.dim)
         size = tuple(x.shape[1:-1])
         B, C = x.shape[0], x.shape[-1]
         N, H, D = math.prod(size), c.num_heads, C // c.num_heads
@@ -130,10 +127,10 @@ def _flops(cfg: dict) -> float:
     return float(B * (2 * N * C * 3 * C + 2 * N * C * C + 4 * N * n * C + 9 * 2 * N * C))
 
 
-_DEFAULT = {"batch": 2, "dim": 32, "num_heads": 2, "num_agents": 9, "grid": (6, 6)}
-_DEFAULT_1D = {"batch": 2, "dim": 32, "num_heads": 2, "num_agents": 8, "grid": (40,)}
-_TINY = {"batch": 1, "dim": 8, "num_agents": 4, "grid": (4, 4)}
-_TINY_1D = {"batch": 1, "dim": 8, "num_agents": 3, "grid": (8,)}
+_DEFAULT = {"dim": 32, "num_heads": 2, "num_agents": 9, "grid": (6, 6)}
+_DEFAULT_1D = {"dim": 32, "num_heads": 2, "num_agents": 8, "grid": (40,)}
+_TINY = {"dim": 8, "num_agents": 4, "grid": (4, 4)}
+_TINY_1D = {"dim": 8, "num_agents": 3, "grid": (8,)}
 
 
 def _options(c: dict) -> dict:
@@ -141,7 +138,7 @@ def _options(c: dict) -> dict:
 
 
 def _shape(c: dict) -> tuple[int, ...]:
-    return (c["batch"], *c["grid"], c["dim"])  # (B, h, w, C) or (B, N, C)
+    return (c["batch"], *c.get("input_size", c["grid"]), c["dim"])  # (B, h, w, C) or (B, N, C); default: the grid
 
 
 _PAPER = Paper("Agent Attention: On the Integration of Softmax and Linear Attention", "2312.08874", 2023)
@@ -151,6 +148,7 @@ register(
     name="agent_attention", family=Family.LINEAR, paper=_PAPER, patterns=("noncausal-self",),
     complexity="O(N n D)", flops=_flops, options=_options, reference=naive_agent, functional=agent_attention,
     default_config=_DEFAULT, tiny_config=_TINY, input_kind=InputKind.IMAGE, shape=_shape,
+    default_input={"batch": 2}, tiny_input={"batch": 1},
     notes="2-D: agents by adaptive avg-pool to sqrt(n) x sqrt(n); agent bias = bilinear 7x7 position bias + "
           "row + column biases (resized when the grid differs); 3x3 DWC on V; no class token.",
 )(AgentAttention)
@@ -163,7 +161,8 @@ class AgentAttention1d(AgentAttention):
 register(
     name="agent_attention_1d", family=Family.LINEAR, paper=_PAPER, patterns=("noncausal-self",),
     complexity="O(N n D)", flops=_flops, options=_options, reference=naive_agent, functional=agent_attention,
-    default_config=_DEFAULT_1D, tiny_config=_TINY_1D, shape=_shape,
+    default_config=_DEFAULT_1D, tiny_config=_TINY_1D, shape=_shape, default_input={"batch": 2},
+    tiny_input={"batch": 1},
     notes="1-D variant (our choice, the paper is 2-D): adaptive avg-pool of queries to n agents, agent bias "
           "= linear resize of a length-7 position bias, size-3 depthwise Conv1d on V.",
 )(AgentAttention1d)

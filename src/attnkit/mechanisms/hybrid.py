@@ -27,7 +27,7 @@ from attnkit.ops.dense.call import attention
 from attnkit.ops.linear.call import linear_attention
 from attnkit.ops.linear.decay import tnl_decay
 from attnkit.reference.naive_modules import naive_hybrid
-from attnkit.registry import Family, Paper, register
+from attnkit.registry import Family, Paper, check_input, choice_option, divisible, int_option, named_errors, register
 
 
 @dataclass(frozen=True)
@@ -90,17 +90,20 @@ class HybridAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, softmax_heads: tuple[int, ...] = (), layer_idx: int = 0,
                  num_layers: int = 1, schedule: str = "released", fusion: str | None = "rms"):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        sm = sorted(set(softmax_heads))
+        who = type(self).__name__
+        divisible(self, dim, num_heads)
+        sm = sorted(set(int_option(self, "softmax_heads entry", h, 0) for h in softmax_heads))
         if any(not 0 <= h < num_heads for h in sm):
-            raise ValueError(f"softmax_heads must be in [0, {num_heads}), got {softmax_heads}")
-        if fusion not in ("rms", None):
-            raise ValueError(f"fusion must be 'rms' or None, got {fusion!r}")
+            raise ValueError(f"{who}: softmax_heads must be in [0, {num_heads}), got {softmax_heads}")
+        choice_option(self, "fusion", fusion, ("rms", None))
+        int_option(self, "num_layers", num_layers, 1)
+        if not 0 <= int_option(self, "layer_idx", layer_idx, 0) < num_layers:
+            raise ValueError(f"{who}: layer_idx must be in [0, num_layers={num_layers}), got {layer_idx}")
+        self.dim = dim
         self.num_heads, self.fusion = num_heads, fusion
         self.softmax_heads = tuple(sm)
         self.linear_heads = tuple(h for h in range(num_heads) if h not in sm)
-        with torch.device("cpu"):  # a python-side constant, also when built under torch.device("meta")
+        with torch.device("cpu"), named_errors(self):  # a python-side constant, also under torch.device("meta")
             lam = tnl_decay(num_heads, layer_idx, num_layers, schedule)
         self._decay = lam[list(self.linear_heads)].tolist()  # python-side fp32 constant, see lightning.py
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -113,6 +116,8 @@ class HybridAttention(nn.Module):
         return torch.tensor(self._decay, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None, return_cache: bool = False):
+        check_input(self, x, "(B, N, C)", channels=self.dim, meta=None if not self.linear_heads else
+                    "the linear_attention op has no meta path")
         B, N, C = x.shape
         H, D = self.num_heads, C // self.num_heads
         q, k, v = self.qkv(x).view(B, N, 3, H, D).unbind(2)  # (B, N, H, D)
@@ -152,8 +157,9 @@ def _flops(cfg: dict) -> float:
     return float(2 * B * N * C * 4 * C + B * nf * 2 * N * N * D + B * (H - nf) * N * (4 * D * D + 128 * D))
 
 
-_DEFAULT = {"batch": 2, "seq_len": 40, "dim": 32, "num_heads": 4, "softmax_heads": (1,)}
-_TINY = {"batch": 1, "seq_len": 20, "dim": 8, "num_heads": 2}  # N > 16: the chunked linear algorithm
+_DEFAULT = {"dim": 32, "num_heads": 4, "softmax_heads": (1,)}
+_TINY = {"dim": 8, "num_heads": 2}
+_INPUT, _TINY_INPUT = {"batch": 2, "seq_len": 40}, {"batch": 1, "seq_len": 20}  # N > 16: the chunked linear algorithm
 
 
 def _options(c: dict) -> dict:
@@ -166,6 +172,7 @@ register(
                 "2606.20097", 2026),
     patterns=("causal-self",), complexity="(Hs/H) O(N^2 D) + (Hl/H) O(N D^2)", flops=_flops, options=_options,
     reference=naive_hybrid, functional=(attention, linear_attention), default_config=_DEFAULT, tiny_config=_TINY,
+    default_input=_INPUT, tiny_input=_TINY_INPUT,
     notes="Head-level hybrid; HybridSpec gives MiniMax-M1's 7:1 layer ratio (softmax_every=8). Linear heads: "
           "SiLU q/k, lightning decay, scale D^-1/2 (no Gated DeltaNet). Fusion = per-head RMS norm x gain "
           "[unverified in the paper]; softmax heads are chosen by the caller (no retrieval-score selection).",

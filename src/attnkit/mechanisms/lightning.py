@@ -21,7 +21,7 @@ from torch import nn
 from attnkit.ops.linear.call import linear_attention
 from attnkit.ops.linear.decay import srms_norm, tnl_decay
 from attnkit.reference.naive_modules import naive_lightning
-from attnkit.registry import Family, Paper, register
+from attnkit.registry import Family, Paper, check_input, choice_option, float_option, int_option, named_errors, register
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,22 @@ class LightningAttention(nn.Module):
                  num_layers: int = 24, schedule: str = "released", style: str = "tnl", eps: float = 1e-6,
                  chunk_size: int = 64):
         super().__init__()
-        if style not in ("tnl", "minimax"):
-            raise ValueError(f"style must be 'tnl' or 'minimax', got {style!r}")
-        hd = head_dim or dim // num_heads
+        who = type(self).__name__
+        choice_option(self, "style", style, ("tnl", "minimax"))
+        int_option(self, "dim", dim, 1)
+        int_option(self, "num_heads", num_heads, 1)
+        if head_dim is None and dim % num_heads:
+            raise ValueError(f"{who}: dim ({dim}) must be divisible by num_heads ({num_heads}) or head_dim given")
+        hd = dim // num_heads if head_dim is None else int_option(self, "head_dim", head_dim, 1)
+        int_option(self, "num_layers", num_layers, 1)
+        if not 0 <= int_option(self, "layer_idx", layer_idx, 0) < num_layers:
+            raise ValueError(f"{who}: layer_idx must be in [0, num_layers={num_layers}), got {layer_idx}")
+        int_option(self, "chunk_size", chunk_size, 1)
+        float_option(self, "eps", eps, minimum=0.0)
         self.config = LightningConfig(dim, num_heads, hd, layer_idx, num_layers, schedule, style, eps, chunk_size)
         inner = num_heads * hd
         # lambda stays a python-side fp32 constant (not a buffer): module.to(bf16) must not round it
-        with torch.device("cpu"):  # also when the module is built under torch.device("meta")
+        with torch.device("cpu"), named_errors(self):  # also when the module is built under torch.device("meta")
             self._decay = tnl_decay(num_heads, layer_idx, num_layers, schedule).tolist()
         if style == "tnl":
             self.qkvu = nn.Linear(dim, 4 * inner, bias=False)
@@ -76,6 +85,7 @@ class LightningAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
         c = self.config
+        check_input(self, x, "(B, N, C)", channels=c.dim, meta="the linear_attention op has no meta path")
         B, N, _ = x.shape
         H, D = c.num_heads, c.head_dim
         if c.style == "tnl":
@@ -112,8 +122,9 @@ def _flops(cfg: dict) -> float:
     return float(proj + core)
 
 
-_DEFAULT = {"batch": 2, "seq_len": 40, "dim": 32, "num_heads": 2, "layer_idx": 1, "num_layers": 4, "chunk_size": 16}
-_TINY = {"batch": 1, "seq_len": 20, "dim": 8, "chunk_size": 8}  # N > 16: the chunked algorithm
+_DEFAULT = {"dim": 32, "num_heads": 2, "layer_idx": 1, "num_layers": 4, "chunk_size": 16}
+_TINY = {"dim": 8, "chunk_size": 8}
+_INPUT, _TINY_INPUT = {"batch": 2, "seq_len": 40}, {"batch": 1, "seq_len": 20}  # N > 16: the chunked algorithm
 
 
 def _options(c: dict) -> dict:
@@ -127,6 +138,7 @@ register(
                 "2405.17381", 2024),
     patterns=("causal-self",), complexity="O(N H D^2 + N H C D)", flops=_flops, options=_options,
     reference=naive_lightning, functional=linear_attention, default_config=_DEFAULT, tiny_config=_TINY,
+    default_input=_INPUT, tiny_input=_TINY_INPUT,
     notes="TNL GLA mixer; decay schedule 'released' (ALiBi slopes x (1 - l/(L-1) + 1e-5)) by default, "
           "'paper' and 'fla' selectable; no LRPE; decay fixed (not learnable) as in the paper.",
 )(LightningAttention)
@@ -136,6 +148,7 @@ register(
     paper=Paper("MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", "2506.13585", 2025),
     patterns=("causal-self",), complexity="O(N H D^2 + N H C D)", flops=_flops, options=_options,
     reference=naive_lightning, functional=linear_attention, default_config=_DEFAULT, tiny_config=_TINY,
+    default_input=_INPUT, tiny_input=_TINY_INPUT,
     notes="MiniMax-01/M1 lightning layer: SiLU on q,k,v; RMSNorm over all H*D (learnable weight); sigmoid "
           "output gate; decay schedule 'released' with the global layer index.",
 )(MiniMaxLightningAttention)

@@ -15,8 +15,19 @@ import torch
 from torch import nn
 
 from attnkit.ops.linear.call import linear_attention
+from attnkit.ops.linear.feature_maps import resolve_feature_map
 from attnkit.reference.naive_modules import naive_care, naive_l2vit, naive_linear_module
-from attnkit.registry import Family, InputKind, Paper, register
+from attnkit.registry import (
+    Family,
+    InputKind,
+    Paper,
+    check_input,
+    divisible,
+    float_option,
+    int_option,
+    named_errors,
+    register,
+)
 
 
 @dataclass(frozen=True)
@@ -36,15 +47,17 @@ class LinearAttention(nn.Module):
     phi = elu+1, normalisation, no q scale -> ``W_o``.
 
     Example:
-        >>> m = LinearAttention(64, 4)             # causal
+        >>> m = LinearAttention(64, 4, causal=True)   # causal=False by default, as every module
         >>> y = m(torch.randn(2, 100, 64))
     """
 
-    def __init__(self, dim: int, num_heads: int, causal: bool = True, feature_map: str = "elu+1",
+    def __init__(self, dim: int, num_heads: int, causal: bool = False, feature_map: str = "elu+1",
                  normalize: bool = True, eps: float = 1e-6):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        divisible(self, dim, num_heads)
+        float_option(self, "eps", eps, minimum=0.0)
+        with named_errors(self):
+            resolve_feature_map(feature_map)
         self.config = LinearAttentionConfig(dim, num_heads, causal, feature_map, normalize, eps)
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
@@ -52,8 +65,9 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
+        check_input(self, x, "(B, N, C)", channels=c.dim, meta="the linear_attention op has no meta path")
+        ctx = x if context is None else check_input(self, context, "(B, M, C)", channels=c.dim, name="context")
         B, N, C = x.shape
-        ctx = x if context is None else context
         q = self.q(x).view(B, N, c.num_heads, C // c.num_heads)  # (B, N, H, D)
         k, v = self.kv(ctx).view(B, ctx.shape[1], 2, c.num_heads, C // c.num_heads).unbind(2)  # (B, M, H, D)
         o = linear_attention(q, k, v, causal=c.causal, feature_map=c.feature_map, normalize=c.normalize,
@@ -72,12 +86,15 @@ class L2ViTAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, clamp_min: float = 100.0):
         super().__init__()
-        self.num_heads, self.clamp_min = num_heads, clamp_min
+        divisible(self, dim, num_heads)
+        self.dim, self.num_heads = dim, num_heads
+        self.clamp_min = float_option(self, "clamp_min", clamp_min, minimum=0.0, exclusive=True)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.temperature = nn.Parameter(torch.full((num_heads,), (dim // num_heads) ** -0.5))
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, "(B, Y, X, C)", channels=self.dim, meta="the linear_attention op has no meta path")
         B, h, w, C = x.shape
         H = self.num_heads
         q, k, v = self.qkv(x).view(B, h * w, 3, H, C // H).unbind(2)  # (B, N, H, D) each
@@ -97,12 +114,14 @@ class CAREAttention(nn.Module):
 
     def __init__(self, dim: int, head_dim: int = 16, eps: float = 1e-6):
         super().__init__()
-        if dim % head_dim:
-            raise ValueError(f"dim ({dim}) must be divisible by head_dim ({head_dim})")
-        self.head_dim, self.eps = head_dim, eps
+        int_option(self, "dim", dim, 1)
+        if dim % int_option(self, "head_dim", head_dim, 1):
+            raise ValueError(f"{type(self).__name__}: dim ({dim}) must be divisible by head_dim ({head_dim})")
+        self.dim, self.head_dim, self.eps = dim, head_dim, float_option(self, "eps", eps, minimum=0.0)
         self.qk = nn.Linear(dim, 2 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, "(B, Y, X, C)", channels=self.dim, meta="the linear_attention op has no meta path")
         B, h, w, C = x.shape
         N, H = h * w, C // self.head_dim
         q, k = self.qk(x).view(B, N, 2, H, self.head_dim).unbind(2)  # (B, N, H, d_att)
@@ -125,12 +144,14 @@ def _vis_flops(cfg: dict) -> float:
     return float(2 * B * N * C * C * 4 + B * H * N * 4 * D * (D + 1))
 
 
-_LIN = {"batch": 2, "seq_len": 33, "dim": 32, "num_heads": 4, "causal": True}
-_L2 = {"batch": 2, "height": 6, "width": 5, "dim": 32, "num_heads": 2}
-_CARE = {"batch": 2, "height": 6, "width": 5, "dim": 32, "head_dim": 16}
-_LIN_TINY = {"batch": 1, "seq_len": 6, "dim": 8, "num_heads": 2}
-_L2_TINY = {"batch": 1, "height": 3, "width": 4, "dim": 8, "num_heads": 2}
-_CARE_TINY = {"batch": 1, "height": 3, "width": 4, "dim": 8, "head_dim": 4}
+_LIN = {"dim": 32, "num_heads": 4, "causal": True}
+_L2 = {"dim": 32, "num_heads": 2}
+_CARE = {"dim": 32, "head_dim": 16}
+_LIN_TINY = {"dim": 8, "num_heads": 2}
+_L2_TINY = {"dim": 8, "num_heads": 2}
+_CARE_TINY = {"dim": 8, "head_dim": 4}
+_SEQ_IN, _SEQ_TINY_IN = {"batch": 2, "seq_len": 33}, {"batch": 1, "seq_len": 6}
+_IMG_IN, _IMG_TINY_IN = {"batch": 2, "height": 6, "width": 5}, {"batch": 1, "height": 3, "width": 4}
 
 
 def _vis_shape(c: dict) -> tuple[int, ...]:
@@ -144,6 +165,7 @@ register(
     complexity="O(N H D^2)", flops=_lin_flops,
     options=lambda c: {"dim": c["dim"], "num_heads": c["num_heads"], "causal": c["causal"]},
     reference=naive_linear_module, functional=linear_attention, default_config=_LIN, tiny_config=_LIN_TINY,
+    default_input=_SEQ_IN, tiny_input=_SEQ_TINY_IN,
     notes="phi = elu+1, normalised, eps 1e-6 added to the denominator, no q scale (it would cancel). "
           "Cross-attention (forward(x, context)) is non-causal only: causal needs M == N.",
 )(LinearAttention)
@@ -154,6 +176,7 @@ register(
     patterns=("noncausal-self",), complexity="O(N H D^2)", flops=_vis_flops,
     options=lambda c: {"dim": c["dim"], "num_heads": c["num_heads"]}, reference=naive_l2vit,
     functional=linear_attention, default_config=_L2, tiny_config=_L2_TINY, input_kind=InputKind.IMAGE,
+    default_input=_IMG_IN, tiny_input=_IMG_TINY_IN,
     shape=_vis_shape,
     notes="LGA op only (ReLU kernel, learnable per-head numerator temperature, denominator clamped at 100); "
           "LCM/LWA blocks are outside this token mixer.",
@@ -166,6 +189,7 @@ register(
     patterns=("noncausal-self",), complexity="O(N g d_att)", flops=_vis_flops,
     options=lambda c: {"dim": c["dim"], "head_dim": c["head_dim"]}, reference=naive_care,
     functional=linear_attention, default_config=_CARE, tiny_config=_CARE_TINY, input_kind=InputKind.IMAGE,
+    default_input=_IMG_IN, tiny_input=_IMG_TINY_IN,
     shape=_vis_shape,
     notes="Global branch only (elu+1, mean normaliser = sum normaliser with eps*N, V = input without "
           "projection); channel split, conv branches and dual interaction are not token mixing.",

@@ -15,7 +15,7 @@ from torch import nn
 
 from attnkit.ops.local.multi_axis import block_attention, grid_attention, relative_bias
 from attnkit.reference.naive_modules import naive_maxvit
-from attnkit.registry import Family, InputKind, Paper, register
+from attnkit.registry import Family, InputKind, Paper, check_input, divisible, int_option, register
 
 
 class _RelAttention(nn.Module):
@@ -37,24 +37,33 @@ class _RelAttention(nn.Module):
 
 
 class MultiAxisAttention(nn.Module):
-    """MaxViT multi-axis attention on channels-last ``(B, Y, X, C)``: block then grid, pre-norm residual.
+    """MaxViT multi-axis attention on channels-last ``(B, Y, X, C)``: a pure token mixer, block then grid.
 
-    ``x = x + BlockAttn(LN(x)); x = x + GridAttn(LN(x))`` (the MBConv and FFNs of a full MaxViT
-    block are left out).
+    ``y = GridAttn(BlockAttn(x))``, each with its own qkv / output projections and relative bias table.
+    Like every other mixer of the library it has no norm and no residual: MaxViT's block wraps each
+    attention as ``x + Attn(LN(x))`` (with MBConv and FFNs), which belongs to the model around it.
+    ``Y`` and ``X`` must be multiples of ``block_size`` and ``grid_size`` (MaxViT's released code and
+    timm assert the same).
     """
 
     def __init__(self, dim: int, num_heads: int, block_size: int = 7, grid_size: int = 7):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads})")
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        divisible(self, dim, num_heads)
+        self.dim = dim
+        self.block_size = int_option(self, "block_size", block_size, 1)
+        self.grid_size = int_option(self, "grid_size", grid_size, 1)
         self.block = _RelAttention(dim, num_heads, block_size, "block")
         self.grid = _RelAttention(dim, num_heads, grid_size, "grid")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, Y, X, C)`` -> ``(B, Y, X, C)``."""
-        x = x + self.block(self.norm1(x))
-        return x + self.grid(self.norm2(x))
+        check_input(self, x, "(B, Y, X, C)", channels=self.dim)
+        Y, X = x.shape[1:3]
+        for name, size in (("block_size", self.block_size), ("grid_size", self.grid_size)):
+            if Y % size or X % size:
+                raise ValueError(f"{type(self).__name__}: the map (Y, X) = {(Y, X)} must be a multiple of {name} "
+                                 f"({size}) on both sides; pad or crop the input")
+        return self.grid(self.block(x))
 
 
 def _flops(cfg: dict) -> float:
@@ -63,8 +72,8 @@ def _flops(cfg: dict) -> float:
     return float(B * 2 * (2 * n * C * 4 * C) + B * 4 * n * (cfg["block_size"] ** 2 + cfg["grid_size"] ** 2) * C)
 
 
-_DEFAULT = {"batch": 2, "dim": 32, "num_heads": 4, "block_size": 4, "grid_size": 2, "input_size": (8, 8)}
-_TINY = {"batch": 1, "dim": 8, "num_heads": 2, "block_size": 2, "input_size": (4, 4)}
+_DEFAULT = {"dim": 32, "num_heads": 4, "block_size": 4, "grid_size": 2}
+_TINY = {"dim": 8, "num_heads": 2, "block_size": 2}
 
 
 def _options(c: dict) -> dict:
@@ -75,8 +84,11 @@ register(name="maxvit_attention", family=Family.LOCAL,
          paper=Paper("MaxViT: Multi-Axis Vision Transformer", "2204.01697", 2022),
          patterns=("noncausal-self",), complexity="O(N (P^2 + G^2) D)", flops=_flops, options=_options,
          reference=naive_maxvit, functional=(block_attention, grid_attention), default_config=_DEFAULT,
-         tiny_config=_TINY,
-         notes="Block then grid attention, each pre-norm residual with its own qkv/proj and ((2M-1)^2, H) "
-               "relative bias (trunc-normal-ish init 0.02); MBConv and FFNs left out. Sizes must divide the map.",
+         tiny_config=_TINY, default_input={"batch": 2, "input_size": (8, 8)},
+         tiny_input={"batch": 1, "input_size": (4, 4)},
+         notes="A pure token mixer: grid(block(x)), each attention with its own qkv/proj and ((2M-1)^2, H) "
+               "relative bias (trunc-normal-ish init 0.02). MaxViT's pre-norm residual around each attention, "
+               "MBConv and FFNs belong to the block around it (no LayerNorm, no residual here). Block and grid "
+               "sizes must divide the map (ValueError, as the released code and timm assert).",
          input_kind=InputKind.IMAGE)(MultiAxisAttention)
 

@@ -12,7 +12,7 @@ from torch import nn
 from attnkit.masks import Mask, causal
 from attnkit.ops.dense.call import attention
 from attnkit.reference.naive_modules import naive_mha
-from attnkit.registry import Family, Paper, register
+from attnkit.registry import Family, Paper, check_input, int_option, register
 
 
 def _flops(cfg: dict) -> float:
@@ -28,8 +28,8 @@ def _options(cfg: dict) -> dict:
             "causal": cfg["causal"]}
 
 
-_DEFAULT = {"batch": 2, "seq_len": 64, "dim": 64, "num_heads": 4, "num_kv_heads": 2, "causal": True}
-_TINY = {"batch": 1, "seq_len": 6, "dim": 8, "num_heads": 2, "num_kv_heads": 1}
+_DEFAULT = {"dim": 64, "num_heads": 4, "num_kv_heads": 2, "causal": True}
+_TINY = {"dim": 8, "num_heads": 2, "num_kv_heads": 1}
 
 
 @register(
@@ -44,6 +44,8 @@ _TINY = {"batch": 1, "seq_len": 6, "dim": 8, "num_heads": 2, "num_kv_heads": 1}
     functional=attention,
     default_config=_DEFAULT,
     tiny_config=_TINY,
+    default_input={"batch": 2, "seq_len": 64},
+    tiny_input={"batch": 1, "seq_len": 6},
     notes="GQA/MQA via num_kv_heads (arXiv 2305.13245); causal cross-attention is top-left aligned "
           "(query i sees context 0..i) unless a mask is given.",
 )
@@ -69,12 +71,18 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
                  bias: bool = False, causal: bool = False, mask: Mask | None = None, backend: str | None = None):
         super().__init__()
-        num_kv_heads = num_kv_heads or num_heads
+        int_option(self, "dim", dim, 1)
+        int_option(self, "num_heads", num_heads, 1)
+        num_kv_heads = num_heads if num_kv_heads is None else int_option(self, "num_kv_heads", num_kv_heads, 1)
+        if head_dim is not None:
+            int_option(self, "head_dim", head_dim, 1)
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+            raise ValueError(f"{type(self).__name__}: num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
         if head_dim is None and dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) or head_dim given")
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+            raise ValueError(f"{type(self).__name__}: dim ({dim}) must be divisible by num_heads ({num_heads}) "
+                             "or head_dim given")
+        self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = head_dim or dim // num_heads
         self.causal, self.mask, self.backend = causal, mask, backend
         self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=bias)
@@ -82,9 +90,8 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(num_heads * self.head_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask=None) -> torch.Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"x must be (B, N, C), got shape {tuple(x.shape)}")
-        ctx = x if context is None else context
+        check_input(self, x, "(B, N, C)", channels=self.dim)
+        ctx = x if context is None else check_input(self, context, "(B, M, C)", channels=self.dim, name="context")
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)                    # (B, N, Hq, D)
         k, v = self.kv_proj(ctx).view(b, ctx.shape[1], 2, self.num_kv_heads, self.head_dim).unbind(2)  # (B, M, Hkv, D)

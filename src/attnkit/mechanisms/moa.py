@@ -15,7 +15,7 @@ from torch import nn
 
 from attnkit.ops.per_head.moa import moa_attention, moa_spans
 from attnkit.reference.naive_modules import naive_moa
-from attnkit.registry import Family, Paper, register
+from attnkit.registry import Family, Paper, check_input, divisible, int_option, register
 
 
 def _flops(cfg: dict) -> float:
@@ -25,9 +25,9 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 4 * b * pairs * (c // h)
 
 
-_DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "alphas": [4.0, 8.0, 0.0, -4.0],
+_DEFAULT = {"dim": 32, "num_heads": 4, "alphas": [4.0, 8.0, 0.0, -4.0],
             "betas": [0.0, 0.0, 0.25, 0.5], "sink": 4, "block_size": 8}
-_TINY = {"batch": 1, "seq_len": 12, "dim": 8, "num_heads": 2, "alphas": [2.0, 0.0], "betas": [0.0, 0.25],
+_TINY = {"dim": 8, "num_heads": 2, "alphas": [2.0, 0.0], "betas": [0.0, 0.25],
          "sink": 2, "block_size": 4}
 
 
@@ -42,6 +42,7 @@ def _options(c: dict) -> dict:
                 "2406.14909", 2024),
     patterns=("causal-self",), complexity="O(N (alpha_h + beta_h N) D) per head", flops=_flops,
     options=_options, reference=naive_moa, functional=moa_attention, default_config=_DEFAULT, tiny_config=_TINY,
+    default_input={"batch": 2, "seq_len": 64}, tiny_input={"batch": 1, "seq_len": 12},
     notes="N in the span rule is the length of the call (prompt length); spans round to the nearest token "
           "and clamp to [1, N]; sink = 64 tokens by default (the reference's one global block of 64). "
           "The profiling/search that chooses (alpha, beta) is not implemented: the plan is an input.",
@@ -64,17 +65,20 @@ class MoA(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, alphas, betas, sink: int = 64, block_size: int = 64,
                  bias: bool = False):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads, self.sink, self.block_size = num_heads, sink, block_size
+        divisible(self, dim, num_heads)
+        self.dim, self.num_heads = dim, num_heads
+        self.sink, self.block_size = int_option(self, "sink", sink, 0), int_option(self, "block_size", block_size, 1)
         self.register_buffer("alphas", torch.as_tensor(alphas, dtype=torch.float64).reshape(-1), persistent=True)
         self.register_buffer("betas", torch.as_tensor(betas, dtype=torch.float64).reshape(-1), persistent=True)
         if self.alphas.numel() != num_heads or self.betas.numel() != num_heads:
-            raise ValueError(f"alphas and betas need one entry per head ({num_heads})")
+            raise ValueError(f"{type(self).__name__}: alphas and betas need one entry per head ({num_heads}), "
+                             f"got {self.alphas.numel()} and {self.betas.numel()}")
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, "(B, N, C)", channels=self.dim, meta="per-head spans are computed from the alphas "
+                    "and betas buffers' values")
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).unbind(2)  # (B, N, H, D)
         o = moa_attention(q, k, v, self.alphas, self.betas, sink=self.sink, block_size=self.block_size)

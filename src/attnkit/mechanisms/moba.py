@@ -16,7 +16,7 @@ from torch import nn
 
 from attnkit.ops.routed.moba import moba_attention
 from attnkit.reference.naive_modules import naive_moba_module
-from attnkit.registry import Family, Paper, register
+from attnkit.registry import Family, Paper, check_input, choice_option, divisible, int_option, register
 
 
 def _flops(cfg: dict) -> float:
@@ -25,9 +25,8 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 2 * b * h * n * math.ceil(n / bs) * d + 4 * b * h * n * min(n, k * bs) * d
 
 
-_DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "block_size": 8, "topk": 3, "causal": True,
-            "routing": "token"}
-_TINY = {"batch": 1, "seq_len": 12, "dim": 8, "num_heads": 2, "block_size": 3, "topk": 2}
+_DEFAULT = {"dim": 32, "num_heads": 4, "block_size": 8, "topk": 3, "causal": True, "routing": "token"}
+_TINY = {"dim": 8, "num_heads": 2, "block_size": 3, "topk": 2}
 
 
 def _options(c: dict) -> dict:
@@ -40,7 +39,8 @@ def _options(c: dict) -> dict:
     paper=Paper("MoBA: Mixture of Block Attention for Long-Context LLMs", "2502.13189", 2025),
     patterns=("causal-self", "noncausal-self"), complexity="O(N^2 D / Bk + N k Bk D)", flops=_flops,
     options=_options, reference=naive_moba_module, functional=moba_attention,
-    default_config=_DEFAULT, tiny_config=_TINY,
+    default_config=_DEFAULT, tiny_config=_TINY, default_input={"batch": 2, "seq_len": 64},
+    tiny_input={"batch": 1, "seq_len": 12},
     notes="topk counts the own block; ties go to the lower block index; gate scores in fp32 without "
           "1/sqrt(D) and without gradient. routing='token' is the paper (per-query routes, run as the paper's "
           "dispatch: own block as one batched causal block-diagonal call, every other selected block attended "
@@ -52,7 +52,8 @@ class MoBA(nn.Module):
 
     Args:
         dim: ``C``; num_heads: ``H``; block_size: ``Bk``; topk: blocks per query incl. its own;
-        causal: causal LM attention; routing: ``"token"`` (paper) or ``"block"``.
+        causal: causal LM attention (default False, as every module of the library; MoBA's LLM setting
+        is ``causal=True``); routing: ``"token"`` (paper) or ``"block"``.
 
     Shapes:
         ``x (B, N, C)`` -> ``(B, N, C)``; ``topk <= ceil(N / block_size)`` is required.
@@ -61,17 +62,18 @@ class MoBA(nn.Module):
         >>> y = MoBA(256, 4, block_size=512, topk=3)(torch.randn(1, 4096, 256))
     """
 
-    def __init__(self, dim: int, num_heads: int, *, block_size: int = 512, topk: int = 3, causal: bool = True,
+    def __init__(self, dim: int, num_heads: int, *, block_size: int = 512, topk: int = 3, causal: bool = False,
                  routing: str = "token", bias: bool = False):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads, self.block_size, self.topk, self.causal, self.routing = (
-            num_heads, block_size, topk, causal, routing)
+        divisible(self, dim, num_heads)
+        self.dim, self.num_heads, self.causal = dim, num_heads, bool(causal)
+        self.block_size, self.topk = int_option(self, "block_size", block_size, 1), int_option(self, "topk", topk, 1)
+        self.routing = choice_option(self, "routing", routing, ("token", "block"))
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, "(B, N, C)", channels=self.dim, meta="block routing depends on the values")
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).unbind(2)  # (B, N, H, D)
         o = moba_attention(q, k, v, self.block_size, self.topk, causal=self.causal, routing=self.routing)

@@ -17,10 +17,11 @@ import math
 import torch
 from torch import nn
 
+from attnkit._validate import int_arg, per_dim
 from attnkit.masks.neighborhood import neighborhood_mask
 from attnkit.ops.neighborhood.call import neighborhood_attention
 from attnkit.reference.naive_modules import naive_dilated_neighborhood, naive_neighborhood
-from attnkit.registry import Family, InputKind, Paper, register
+from attnkit.registry import Family, InputKind, Paper, check_input, divisible, named_errors, register
 
 NAT = Paper("Neighborhood Attention Transformer", "2204.07143", 2022)
 DINAT = Paper("Dilated Neighborhood Attention Transformer", "2209.15001", 2022)
@@ -34,9 +35,12 @@ class _NeighborhoodAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, kernel_size, dilation=1, stride=1, is_causal=False,
                  qkv_bias: bool = True, backend: str | None = None):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads})")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, divisible(self, dim, num_heads)
+        with named_errors(self):
+            for name, value in (("kernel_size", kernel_size), ("dilation", dilation), ("stride", stride)):
+                for v in per_dim(name, value, self.rank):
+                    int_arg(name, v, 1)
+            per_dim("is_causal", is_causal, self.rank, kind=bool)
         self.kernel_size, self.dilation, self.stride, self.is_causal = kernel_size, dilation, stride, is_causal
         self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -44,9 +48,8 @@ class _NeighborhoodAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, dilation=None) -> torch.Tensor:
         """``x (B, *S, C)`` channels-last -> ``(B, *S, C)``; ``dilation`` overrides the configured one."""
-        if x.dim() != self.rank + 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"{type(self).__name__} expects channels-last (B, {self.rank} spatial dims, C={self.dim}),"
-                             f" got {tuple(x.shape)}")
+        check_input(self, x, _LAYOUTS[self.rank], channels=self.dim,
+                    meta="the neighborhood_attention op has no meta path")
         spatial = x.shape[1:-1]
         qkv = self.qkv(x).view(x.shape[0], *spatial, 3, self.num_heads, self.head_dim)  # (B, *S, 3, H, D)
         q, k, v = qkv.unbind(-3)  # each (B, *S, H, D)
@@ -58,6 +61,9 @@ class _NeighborhoodAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
                 f"dilation={self.dilation}, stride={self.stride}, is_causal={self.is_causal}")
+
+
+_LAYOUTS = {1: "(B, N, C)", 2: "(B, Y, X, C)", 3: "(B, T, Y, X, C)"}
 
 
 def _na_flops(cfg: dict) -> float:
@@ -100,19 +106,20 @@ class NeighborhoodAttention3D(_NeighborhoodAttention):
     rank = 3
 
 
-_D1 = {"batch": 2, "dim": 32, "num_heads": 4, "kernel_size": 5, "input_size": (24,)}
-_D2 = {"batch": 2, "dim": 32, "num_heads": 4, "kernel_size": 3, "input_size": (8, 7)}
-_D3 = {"batch": 1, "dim": 16, "num_heads": 2, "kernel_size": 3, "input_size": (4, 5, 5)}
-_T1 = {"batch": 1, "dim": 8, "num_heads": 2, "kernel_size": 3, "input_size": (7,)}
-_T2 = {"batch": 1, "dim": 8, "num_heads": 2, "kernel_size": 3, "input_size": (4, 5)}
-_T3 = {"batch": 1, "dim": 8, "num_heads": 2, "kernel_size": 3, "input_size": (3, 3, 4)}
-for _cls, _name, _default, _tiny, _kind in (
+_D1 = {"dim": 32, "num_heads": 4, "kernel_size": 5}, {"batch": 2, "input_size": (24,)}
+_D2 = {"dim": 32, "num_heads": 4, "kernel_size": 3}, {"batch": 2, "input_size": (8, 7)}
+_D3 = {"dim": 16, "num_heads": 2, "kernel_size": 3}, {"batch": 1, "input_size": (4, 5, 5)}
+_T1 = {"dim": 8, "num_heads": 2, "kernel_size": 3}, {"batch": 1, "input_size": (7,)}
+_T2 = {"dim": 8, "num_heads": 2, "kernel_size": 3}, {"batch": 1, "input_size": (4, 5)}
+_T3 = {"dim": 8, "num_heads": 2, "kernel_size": 3}, {"batch": 1, "input_size": (3, 3, 4)}
+for _cls, _name, (_default, _input), (_tiny, _tiny_input), _kind in (
         (NeighborhoodAttention1D, "neighborhood_1d", _D1, _T1, InputKind.SEQUENCE),
         (NeighborhoodAttention2D, "neighborhood_2d", _D2, _T2, InputKind.IMAGE),
         (NeighborhoodAttention3D, "neighborhood_3d", _D3, _T3, InputKind.VIDEO)):
     register(name=_name, family=Family.LOCAL, paper=NAT, patterns=("noncausal-self", "causal-self"),
              complexity="O(N prod(k) D)", flops=_na_flops, options=_na_options, reference=naive_neighborhood,
              functional=neighborhood_attention, default_config=_default, tiny_config=_tiny, notes=_NA_NOTES,
+             default_input=_input, tiny_input=_tiny_input,
              input_kind=_kind, shape=_grid_shape)(_cls)
 
 
@@ -131,12 +138,22 @@ class DilatedNeighborhoodAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, kernel_size, dilations=(1, "auto"), rank: int = 2,
                  is_causal=False, qkv_bias: bool = True, backend: str | None = None):
         super().__init__()
+        who = type(self).__name__
         cls = {1: NeighborhoodAttention1D, 2: NeighborhoodAttention2D, 3: NeighborhoodAttention3D}.get(rank)
         if cls is None:
-            raise ValueError(f"rank must be 1, 2 or 3, got {rank}")
+            raise ValueError(f"{who}: rank must be 1, 2 or 3, got {rank!r}")
+        divisible(self, dim, num_heads)
+        with named_errors(self):
+            for v in per_dim("kernel_size", kernel_size, rank):
+                int_arg("kernel_size", v, 1)
+        if not isinstance(dilations, (tuple, list)) or not dilations:
+            raise ValueError(f"{who}: dilations must be a non-empty tuple, got {dilations!r}")
         for d in dilations:
-            if d != "auto" and not (isinstance(d, int) or isinstance(d, tuple)):
-                raise ValueError(f"dilations entries must be ints, per-dim tuples or 'auto', got {d!r}")
+            if d != "auto":
+                with named_errors(self):
+                    for v in per_dim("dilations entry", d, rank):
+                        int_arg("dilations entry", v, 1)
+        self.dim, self.rank = dim, rank
         self.dilations, self.kernel_size = tuple(dilations), kernel_size
         self.layers = nn.ModuleList(cls(dim, num_heads, kernel_size, 1, 1, is_causal, qkv_bias, backend)
                                     for _ in dilations)
@@ -150,6 +167,8 @@ class DilatedNeighborhoodAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, *S, C)`` channels-last -> ``(B, *S, C)``."""
+        check_input(self, x, _LAYOUTS[self.rank], channels=self.dim,
+                    meta="the neighborhood_attention op has no meta path")
         for layer, norm, d in zip(self.layers, self.norms, self.resolve(tuple(x.shape[1:-1]))):
             x = x + layer(norm(x), dilation=d)
         return x
@@ -165,14 +184,15 @@ def _dinat_flops(cfg: dict) -> float:
     return sum(_na_flops({**cfg, "dilation": d}) for d in m.resolve(tuple(cfg["input_size"])))
 
 
-_DD = {"batch": 2, "dim": 32, "num_heads": 4, "kernel_size": 3, "dilations": (1, "auto"), "input_size": (9, 8)}
-_DD_TINY = {"batch": 1, "dim": 8, "num_heads": 2, "input_size": (6, 6)}  # "auto" = dilation 2
+_DD = {"dim": 32, "num_heads": 4, "kernel_size": 3, "dilations": (1, "auto")}
+_DD_TINY = {"dim": 8, "num_heads": 2}
 
 
 register(name="dilated_neighborhood", family=Family.LOCAL, paper=DINAT, patterns=("noncausal-self", "causal-self"),
          complexity="O(N prod(k) D) per layer", flops=_dinat_flops, options=_dinat_options,
          reference=naive_dilated_neighborhood, functional=neighborhood_attention, default_config=_DD,
-         tiny_config=_DD_TINY,
+         tiny_config=_DD_TINY, default_input={"batch": 2, "input_size": (9, 8)},
+         tiny_input={"batch": 1, "input_size": (6, 6)},  # "auto" = dilation 2
          notes="A stack of pre-norm residual NA layers; dilations (1, 'auto') alternate NA and DiNA with "
                "floor(extent / kernel) (DiNAT rule). MLPs and downsamplers of the DiNAT backbone are left out.",
          input_kind=InputKind.IMAGE)(DilatedNeighborhoodAttention)

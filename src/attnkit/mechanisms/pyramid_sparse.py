@@ -16,7 +16,7 @@ from torch import nn
 
 from attnkit.ops.routed.psa import DEFAULT_RATIOS, PSAConfig, psa_attention
 from attnkit.reference.naive_modules import naive_pyramid_sparse
-from attnkit.registry import Family, Paper, register
+from attnkit.registry import Family, Paper, check_input, divisible, named_errors, register
 
 
 def _flops(cfg: dict) -> float:
@@ -26,11 +26,10 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 4 * b * h * (n / 4) ** 2 * d + 4 * b * h * n * n * dens * d
 
 
-_DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "block_q": 16, "block_kv": 8, "levels": 4,
+_DEFAULT = {"dim": 32, "num_heads": 4, "block_q": 16, "block_kv": 8, "levels": 4,
             "mask_ratios": (0.25, 0.25, 0.0, 0.25), "causal": False}
 # four KV blocks: one at x1, one pooled x2, one pooled x4, one skipped
-_TINY = {"batch": 1, "seq_len": 16, "dim": 8, "num_heads": 2, "block_q": 4, "block_kv": 4, "levels": 3,
-         "mask_ratios": (0.25, 0.25, 0.25)}
+_TINY = {"dim": 8, "num_heads": 2, "block_q": 4, "block_kv": 4, "levels": 3, "mask_ratios": (0.25, 0.25, 0.25)}
 
 
 def _options(c: dict) -> dict:
@@ -43,7 +42,8 @@ def _options(c: dict) -> dict:
     paper=Paper("PSA: Pyramid Sparse Attention for Efficient Video Understanding and Generation", "2512.04025", 2025),
     patterns=("noncausal-self", "causal-self"), complexity="O(N^2 D / 16 + N D sum_l f_l N / r_l)", flops=_flops,
     options=_options, reference=naive_pyramid_sparse, functional=psa_attention,
-    default_config=_DEFAULT, tiny_config=_TINY,
+    default_config=_DEFAULT, tiny_config=_TINY, default_input={"batch": 2, "seq_len": 64},
+    tiny_input={"batch": 1, "seq_len": 16},
     notes="Level map = pool factors {0,1,2,4,8} from rank bands per query-block row (cumulative round-half-up, "
           "top block always x1, ties to the lower index); importance = the sampled estimator (bq/4 x bk/4 "
           "strided samples, or random with a generator) for both causal and non-causal (the reference's causal "
@@ -68,14 +68,15 @@ class PyramidSparseAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, block_q: int = 128, block_kv: int = 64, levels: int = 4,
                  mask_ratios: tuple[float, ...] = DEFAULT_RATIOS, causal: bool = False, bias: bool = False):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.config = PSAConfig(block_q, block_kv, levels, tuple(mask_ratios), causal)
+        divisible(self, dim, num_heads)
+        self.dim, self.num_heads = dim, num_heads
+        with named_errors(self):
+            self.config = PSAConfig(block_q, block_kv, levels, tuple(mask_ratios), bool(causal))
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, "(B, N, C)", channels=self.dim, meta="block importance and levels depend on the values")
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).unbind(2)  # (B, N, H, D)
         return self.proj(psa_attention(q, k, v, self.config).reshape(b, n, c))

@@ -13,7 +13,7 @@ from torch import nn
 
 from attnkit.ops.dense.relative import relative_position_attention
 from attnkit.reference.naive_modules import naive_rcmha
-from attnkit.registry import Family, Paper, register
+from attnkit.registry import Family, Paper, check_input, divisible, int_option, register
 
 
 def _flops(cfg: dict) -> float:
@@ -21,8 +21,8 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 6 * b * n * n * c + 18 * b * n * c
 
 
-_DEFAULT = {"batch": 2, "seq_len": 32, "dim": 64, "num_heads": 4, "max_rel": 64, "causal": True}
-_TINY = {"batch": 1, "seq_len": 6, "dim": 8, "num_heads": 2, "max_rel": 8}
+_DEFAULT = {"dim": 64, "num_heads": 4, "max_rel": 64, "causal": True}
+_TINY = {"dim": 8, "num_heads": 2, "max_rel": 8}
 
 
 def _options(c: dict) -> dict:
@@ -35,7 +35,8 @@ def _options(c: dict) -> dict:
                 "2308.03429", 2023),
     patterns=("causal-self", "noncausal-self"), complexity="O(N^2 H D)", flops=_flops,
     options=_options, reference=naive_rcmha, functional=relative_position_attention,
-    default_config=_DEFAULT, tiny_config=_TINY,
+    default_config=_DEFAULT, tiny_config=_TINY, default_input={"batch": 2, "seq_len": 32},
+    tiny_input={"batch": 1, "seq_len": 6},
     notes="Learned relative key embeddings R and scalar biases b (labml variant, not sinusoidal), direct "
           "t-s indexing instead of the shift trick; depthwise conv (kernel 3) shared by heads, causal left "
           "padding (centred padding when causal=False). u, R, b init 0; q/k without bias, v with bias. "
@@ -46,7 +47,8 @@ class RCMHA(nn.Module):
 
     Args:
         dim: ``C``; num_heads: ``H``; kernel_size: depthwise conv taps (3); max_rel: ``P``
-            (relative offsets in ``[-P, P)``); causal: causal attention and causal convolutions.
+            (relative offsets in ``[-P, P)``); causal: causal attention and causal convolutions (default False,
+            as every module of the library).
 
     Shapes:
         ``x (B, N, C)`` -> ``(B, N, C)``.
@@ -55,10 +57,12 @@ class RCMHA(nn.Module):
         >>> y = RCMHA(64, 4, max_rel=512)(torch.randn(2, 128, 64))
     """
 
-    def __init__(self, dim: int, num_heads: int, *, kernel_size: int = 3, max_rel: int = 4096, causal: bool = True):
+    def __init__(self, dim: int, num_heads: int, *, kernel_size: int = 3, max_rel: int = 4096, causal: bool = False):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        divisible(self, dim, num_heads)
+        int_option(self, "kernel_size", kernel_size, 1)
+        int_option(self, "max_rel", max_rel, 1)
+        self.dim = dim
         self.num_heads, self.head_dim, self.causal, self.kernel_size = num_heads, dim // num_heads, causal, kernel_size
         d = self.head_dim
         self.wq, self.wk = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
@@ -84,6 +88,7 @@ class RCMHA(nn.Module):
         return out  # (B, N, H, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, "(B, N, C)", channels=self.dim)
         b, n, c = x.shape
         shape = (b, n, self.num_heads, self.head_dim)
         q, k, v = (self._dwconv(cv, w(x).view(shape)) for cv, w in zip(self.convs, (self.wq, self.wk, self.wv)))

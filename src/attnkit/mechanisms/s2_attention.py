@@ -19,7 +19,7 @@ from torch import nn
 
 from attnkit.ops.per_head.s2 import s2_attention, s2_layout
 from attnkit.reference.naive_modules import naive_s2
-from attnkit.registry import Family, Paper, register
+from attnkit.registry import Family, Paper, check_input, divisible, int_option, register
 
 
 def _density(cfg: dict) -> float:
@@ -33,9 +33,8 @@ def _flops(cfg: dict) -> float:
     return 8 * b * n * c * c + 4 * b * n * n * c * _density(cfg)
 
 
-_DEFAULT = {"batch": 2, "seq_len": 64, "dim": 32, "num_heads": 4, "block_size": 4, "local_blocks": 2,
-            "vert_stride": 4, "causal": True}
-_TINY = {"batch": 1, "seq_len": 16, "dim": 8, "num_heads": 2, "block_size": 2, "local_blocks": 2, "vert_stride": 2}
+_DEFAULT = {"dim": 32, "num_heads": 4, "block_size": 4, "local_blocks": 2, "vert_stride": 4, "causal": True}
+_TINY = {"dim": 8, "num_heads": 2, "block_size": 2, "local_blocks": 2, "vert_stride": 2}
 
 
 def _options(c: dict) -> dict:
@@ -48,6 +47,7 @@ def _options(c: dict) -> dict:
     paper=Paper("S2-Attention: Hardware-Aware Context Sharding Among Attention Heads", "2407.17678", 2024),
     patterns=("causal-self", "noncausal-self"), complexity="O(N (l b + N / v) D)", flops=_flops,
     options=_options, reference=naive_s2, functional=s2_attention, default_config=_DEFAULT, tiny_config=_TINY,
+    default_input={"batch": 2, "seq_len": 64}, tiny_input={"batch": 1, "seq_len": 16},
     notes="dkernel's layout rule: absolute stripes offset by h*max(1, v // H) (causal); the bidirectional "
           "rule (relative stripes) is the same for every head. GQA: indexed by KV head. The layer-level "
           "hybrid (dense every n-th layer) is a model choice outside this module.",
@@ -57,7 +57,8 @@ class S2Attention(nn.Module):
 
     Args:
         dim: ``C``; num_heads: ``H``; block_size: ``b`` (64); local_blocks: ``l`` (16);
-        vert_stride: ``v`` (8); causal; num_dense_heads: dense heads at the end.
+        vert_stride: ``v`` (8); causal (default False, as every module of the library);
+        num_dense_heads: dense heads at the end.
 
     Shapes:
         ``x (B, N, C)`` -> ``(B, N, C)``.
@@ -67,10 +68,15 @@ class S2Attention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, *, block_size: int = 64, local_blocks: int = 16,
-                 vert_stride: int = 8, causal: bool = True, num_dense_heads: int = 0, bias: bool = False):
+                 vert_stride: int = 8, causal: bool = False, num_dense_heads: int = 0, bias: bool = False):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        divisible(self, dim, num_heads)
+        for name, value in (("block_size", block_size), ("local_blocks", local_blocks), ("vert_stride", vert_stride)):
+            int_option(self, name, value, 1)
+        if not 0 <= int_option(self, "num_dense_heads", num_dense_heads, 0) <= num_heads:
+            raise ValueError(f"{type(self).__name__}: num_dense_heads must be in [0, {num_heads}], "
+                             f"got {num_dense_heads}")
+        self.dim = dim
         self.num_heads, self.block_size = num_heads, block_size
         self.local_blocks, self.vert_stride = local_blocks, vert_stride
         self.causal, self.num_dense_heads = causal, num_dense_heads
@@ -78,6 +84,7 @@ class S2Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, "(B, N, C)", channels=self.dim, meta="the op reads its block layout as numbers")
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).unbind(2)  # (B, N, H, D)
         o = s2_attention(q, k, v, self.block_size, self.local_blocks, self.vert_stride, causal=self.causal,

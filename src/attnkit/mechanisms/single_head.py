@@ -12,7 +12,7 @@ from torch import nn
 
 from attnkit.ops.dense.call import attention
 from attnkit.reference.naive_modules import naive_single_head
-from attnkit.registry import Family, InputKind, Paper, register
+from attnkit.registry import Family, InputKind, Paper, check_input, int_option, register
 
 
 def _flops(cfg: dict) -> float:
@@ -20,8 +20,8 @@ def _flops(cfg: dict) -> float:
     return 2 * b * n * (cp * (2 * d + cp) + c * c) + 2 * b * n * n * (d + cp)
 
 
-_DEFAULT = {"batch": 2, "size": 6, "dim": 48, "partial_dim": 12, "qk_dim": 16}
-_TINY = {"batch": 1, "size": 3, "dim": 12, "partial_dim": 4, "qk_dim": 4}
+_DEFAULT = {"dim": 48, "partial_dim": 12, "qk_dim": 16}
+_TINY = {"dim": 12, "partial_dim": 4, "qk_dim": 4}
 
 
 def _options(c: dict) -> dict:
@@ -33,7 +33,8 @@ def _options(c: dict) -> dict:
     paper=Paper("SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design", "2401.16456", 2024),
     patterns=("noncausal-self",), complexity="O(N^2 (d_qk + C_p) + N C^2)", flops=_flops,
     options=_options, reference=naive_single_head, functional=attention, default_config=_DEFAULT,
-    tiny_config=_TINY, input_kind=InputKind.IMAGE, shape=lambda c: (c["batch"], c["size"], c["size"], c["dim"]),
+    tiny_config=_TINY, default_input={"batch": 2, "size": 6}, tiny_input={"batch": 1, "size": 3},
+    input_kind=InputKind.IMAGE, shape=lambda c: (c["batch"], c["size"], c["size"], c["dim"]),
     notes="Channels-last input. The 1x1 conv + BN projections are Linear layers (BN folded; no train/eval "
           "difference); the output projection's BN (zero-init in the paper) is omitted. The residual and "
           "the DWConv/FFN of the SHViT block are outside this module. C_p need not divide C.",
@@ -54,8 +55,10 @@ class SingleHeadAttention(nn.Module):
 
     def __init__(self, dim: int, partial_dim: int, *, qk_dim: int = 16):
         super().__init__()
-        if not 0 < partial_dim <= dim:
-            raise ValueError(f"partial_dim must be in [1, dim={dim}], got {partial_dim}")
+        int_option(self, "dim", dim, 1)
+        int_option(self, "qk_dim", qk_dim, 1)
+        if not 0 < int_option(self, "partial_dim", partial_dim, 1) <= dim:
+            raise ValueError(f"{type(self).__name__}: partial_dim must be in [1, dim={dim}], got {partial_dim}")
         self.dim, self.partial_dim, self.qk_dim = dim, partial_dim, qk_dim
         self.norm = nn.GroupNorm(1, partial_dim)
         self.qk = nn.Linear(partial_dim, 2 * qk_dim)
@@ -63,8 +66,7 @@ class SingleHeadAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be (B, Y, X, C={self.dim}) channels-last, got shape {tuple(x.shape)}")
+        check_input(self, x, "(B, Y, X, C)", channels=self.dim)
         b, yy, xx, c = x.shape
         x1, x2 = x.split([self.partial_dim, c - self.partial_dim], dim=-1)
         # .contiguous(): GroupNorm's CPU backward segfaults (torch 2.13) on a strided input that

@@ -19,7 +19,17 @@ from torch import nn
 from attnkit._validate import int_arg
 from attnkit.ops.routed.vmoba import SELECTIONS, VMoBAConfig, block_shape, layer_mode, vmoba_attention
 from attnkit.reference.naive_modules import naive_vmoba_module
-from attnkit.registry import Family, InputKind, Paper, register
+from attnkit.registry import (
+    Family,
+    InputKind,
+    Paper,
+    check_input,
+    choice_option,
+    divisible,
+    float_option,
+    named_errors,
+    register,
+)
 
 
 def _flops(cfg: dict) -> float:
@@ -35,9 +45,9 @@ def _flops(cfg: dict) -> float:
     return 8 * b * N * c * c + 2 * b * h * N * n * d + 4 * b * h * N * N * density * d
 
 
-_DEFAULT = {"batch": 1, "grid_shape": (4, 4, 4), "dim": 32, "num_heads": 4, "layer_idx": 2, "block_1d": 2,
-            "block_2d": (2, 2), "block_3d": (2, 2, 2), "selection": "threshold", "threshold": 0.25, "topk": None}
-_TINY = {"grid_shape": (2, 2, 4), "dim": 8, "num_heads": 2, "block_3d": (1, 2, 2)}
+_DEFAULT = {"dim": 32, "num_heads": 4, "layer_idx": 2, "block_1d": 2, "block_2d": (2, 2), "block_3d": (2, 2, 2),
+            "selection": "threshold", "threshold": 0.25, "topk": None}
+_TINY = {"dim": 8, "num_heads": 2, "block_3d": (1, 2, 2)}
 
 
 def _options(c: dict) -> dict:
@@ -52,6 +62,7 @@ def _options(c: dict) -> dict:
     patterns=("noncausal-self",), complexity="O(N D (N / s_b + k_avg s_b)) + O(N n log(N n)) sort",
     flops=_flops, options=_options, reference=naive_vmoba_module, functional=vmoba_attention,
     default_config=_DEFAULT, tiny_config=_TINY, input_kind=InputKind.VIDEO,
+    default_input={"batch": 1, "grid_shape": (4, 4, 4)}, tiny_input={"grid_shape": (2, 2, 4)},
     shape=lambda c: (c["batch"], *c["grid_shape"], c["dim"]),
     notes="layer l uses partition ('1d', '2d', '3d')[l % 3] (1-D = block_1d whole frames, contiguous in "
           "raster order; 2-D = block_2d tile x all frames; 3-D = block_3d cube); 1-D blocks may be ragged in "
@@ -84,29 +95,42 @@ class VMoBAAttention(nn.Module):
                  selection: str = "threshold", threshold: float = 0.25, topk: float | None = None,
                  grid_shape: tuple[int, int, int] | None = None, bias: bool = False):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        self.mode = layer_mode(layer_idx)
+        who = type(self).__name__
+        divisible(self, dim, num_heads)
+        choice_option(self, "selection", selection, SELECTIONS)
+        if selection == "threshold" and not 0 < float_option(self, "threshold", threshold) <= 1:
+            raise ValueError(f"{who}: threshold must be in (0, 1], got {threshold!r}")
+        if selection != "threshold" and float_option(self, "topk", topk) < 1:
+            raise ValueError(f"{who}: topk must be >= 1 for selection={selection!r}, got {topk!r}")
+        with named_errors(self):
+            self.mode = layer_mode(layer_idx)
+            int_arg("block_1d", block_1d, 1)
+            for name, value, n in (("block_2d", block_2d, 2), ("block_3d", block_3d, 3)):
+                if not isinstance(value, (tuple, list)) or len(value) != n:
+                    raise ValueError(f"{name} must be {n} positive ints, got {value!r}")
+                for v in value:
+                    int_arg(name, v, 1)
+        self.dim = dim
         self.layer_idx, self.num_heads, self.selection, self.threshold, self.topk = (
             layer_idx, num_heads, selection, threshold, topk)
         self.config = VMoBAConfig(block_1d, tuple(block_2d), tuple(block_3d))
-        if grid_shape is not None and len(tuple(grid_shape)) != 3:
-            raise ValueError(f"grid_shape must be (T, Y, X), got {grid_shape!r}")
-        self.grid_shape = None if grid_shape is None else tuple(int_arg("grid_shape", g, 1) for g in grid_shape)
+        if grid_shape is not None and (not isinstance(grid_shape, (tuple, list)) or len(grid_shape) != 3):
+            raise ValueError(f"{who}: grid_shape must be (T, Y, X), got {grid_shape!r}")
+        with named_errors(self):
+            self.grid_shape = None if grid_shape is None else tuple(int_arg("grid_shape", g, 1) for g in grid_shape)
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, grid_shape: tuple[int, int, int] | None = None) -> torch.Tensor:
-        if x.dim() == 5:
-            grid = tuple(x.shape[1:4])
-        elif x.dim() == 3:
+        who, meta = type(self).__name__, "block selection depends on the values"
+        if isinstance(x, torch.Tensor) and x.dim() == 3:
+            check_input(self, x, "(B, N, C)", channels=self.dim, meta=meta)
             grid = grid_shape or self.grid_shape
             if grid is None:
-                raise ValueError("grid_shape is required for (B, N, C) inputs")
+                raise ValueError(f"{who}: grid_shape is required for (B, N, C) inputs")
         else:
-            raise ValueError(f"x must be (B, T, Y, X, C) or (B, N, C), got {tuple(x.shape)}")
+            check_input(self, x, "(B, T, Y, X, C)", channels=self.dim, meta=meta)
+            grid = tuple(x.shape[1:4])
         b, c = x.shape[0], x.shape[-1]
         xs = x.reshape(b, -1, c)  # (B, N, C) raster order
         n = xs.shape[1]

@@ -157,16 +157,23 @@ def naive_pyramid_sparse(m, x: torch.Tensor) -> torch.Tensor:
 
 
 def naive_hyper_module(m, x: torch.Tensor) -> torch.Tensor:
-    """:class:`~attnkit.mechanisms.hyper_attention.HyperAttention`, drawing from a generator seeded as the module."""
+    """:class:`~attnkit.mechanisms.hyper_attention.HyperAttention`: every example drawn from a generator seeded
+    as the module's."""
     B, N, C = x.shape
     q, k, v = _split_qkv(m.qkv, x, m.num_heads)
-    gen = torch.Generator().manual_seed(m.seed)
-    o = naive_hyper_attention(q, k, v, causal=m.causal, generator=gen, **m.kw)
+    o = torch.cat([naive_hyper_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], causal=m.causal,
+                                         generator=torch.Generator().manual_seed(m.seed), **m.kw)
+                   for i in range(B)])  # (B, N, H, D)
     return _lin(m.proj, o.reshape(B, N, C))
 
 
 def naive_biformer_module(m, x: torch.Tensor) -> torch.Tensor:
-    """:class:`~attnkit.mechanisms.biformer.BiLevelRoutingAttention` on ``x (B, Y, X, C)``, LCE included."""
+    """:class:`~attnkit.mechanisms.biformer.BiLevelRoutingAttention` on ``x (B, Y, X, C)``, LCE included; a map
+    that ``n_win`` does not divide is zero-padded at the bottom / right and the output cropped."""
+    Y0, X0 = x.shape[1:3]
+    pad_y, pad_x = (m.n_win - Y0 % m.n_win) % m.n_win, (m.n_win - X0 % m.n_win) % m.n_win
+    x = torch.cat([x, x.new_zeros(x.shape[0], Y0, pad_x, x.shape[3])], 2)  # (B, Y0, X, C)
+    x = torch.cat([x, x.new_zeros(x.shape[0], pad_y, x.shape[2], x.shape[3])], 1)  # (B, Y, X, C)
     B, Y, X, C = x.shape
     H = m.num_heads
     q, k, v = _lin(m.qkv, x).view(B, Y, X, 3, H, C // H).unbind(3)  # (B, Y, X, H, D)
@@ -175,7 +182,7 @@ def naive_biformer_module(m, x: torch.Tensor) -> torch.Tensor:
         vc = v.reshape(B, Y, X, C).permute(0, 3, 1, 2)  # (B, C, Y, X)
         lce = F.conv2d(vc, m.lce.weight, m.lce.bias, padding=m.lce.kernel_size[0] // 2, groups=C)  # (B, C, Y, X)
         o = o + lce.permute(0, 2, 3, 1)  # (B, Y, X, C)
-    return _lin(m.proj, o)
+    return _lin(m.proj, o)[:, :Y0, :X0]
 
 
 # ---------------------------------------------------------------------------------------------- head
@@ -280,9 +287,8 @@ def _naive_multi_axis(m, x: torch.Tensor) -> torch.Tensor:
 
 
 def naive_maxvit(m, x: torch.Tensor) -> torch.Tensor:
-    """``MultiAxisAttention``: ``x + Block(LN(x))`` then ``x + Grid(LN(x))``."""
-    x = x + _naive_multi_axis(m.block, _layer_norm(m.norm1, x))
-    return x + _naive_multi_axis(m.grid, _layer_norm(m.norm2, x))
+    """``MultiAxisAttention``: ``Grid(Block(x))``, no norm, no residual."""
+    return _naive_multi_axis(m.grid, _naive_multi_axis(m.block, x))
 
 
 def naive_criss_cross(m, x: torch.Tensor) -> torch.Tensor:
