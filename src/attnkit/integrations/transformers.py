@@ -115,6 +115,8 @@ def make_call(q, k, v, mask=None, *, scale=None, is_causal=True, dropout=0.0, po
     bias = None
     if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
         mask, bias = _split_float_mask(mask)
+        # SDPA applies is_causal only without a mask: a float mask is the whole pattern
+        is_causal = is_causal and bias is None
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias
     unsupported = ", ".join(n for n, x in (("softcap", softcap), ("attention sinks (s_aux)", sinks)) if x is not None)
