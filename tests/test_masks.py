@@ -65,7 +65,7 @@ SELF_MASKS = [
     M.causal_blockwise([12, 9, 16]),
     M.block_causal(5) & M.document([10, 3, 17, 7]),
     M.strided(5),
-    M.strided(4, relative=False, offset=1),
+    M.strided(4, relative=False, phase=1),
     M.sliding_window(2) | M.strided(6),
     ~M.causal(),
     ~M.sliding_window(3),
@@ -82,7 +82,7 @@ def test_mask_agrees_with_predicate(mask):
 
 
 CROSS_MASKS = [M.causal(), M.sliding_window(3, 8), M.chunked(5), M.prefix_lm(4), M.global_tokens(2),
-               M.strided(3), M.causal(offset=20) & M.sliding_window(0, 25)]
+               M.strided(3), M.causal(offset=20) & M.sliding_window(0, 25, offset=20)]
 
 
 @pytest.mark.parametrize("mask", CROSS_MASKS, ids=repr)
@@ -178,24 +178,32 @@ def test_masks_are_hashable_values():
 
 # ---- property-based: random compositions ---------------------------------------------------
 
-_leaf = st.one_of(
-    st.builds(M.causal, st.integers(-3, 3)),
-    st.builds(M.sliding_window, st.integers(0, 6), st.integers(0, 6)),
-    st.builds(M.chunked, st.integers(1, 9)),
-    st.builds(M.block_causal, st.integers(1, 9)),
-    st.builds(M.prefix_lm, st.integers(0, 9)),
-    st.builds(M.global_tokens, st.integers(0, 4)),
-    st.builds(M.strided, st.integers(1, 5)),
-    st.builds(lambda w, d: M.dilated_sliding_window(w, d), st.integers(0, 3), st.integers(1, 3)),
-)
-_masks = st.recursive(_leaf, lambda inner: st.one_of(
-    st.builds(lambda a, b: a & b, inner, inner),
-    st.builds(lambda a, b: a | b, inner, inner),
-    st.builds(lambda a: ~a, inner),
-), max_leaves=4)
+def _leaf(offset: int):
+    return st.one_of(
+        st.just(M.causal(offset)),
+        st.builds(lambda a, b: M.sliding_window(a, b, offset=offset), st.integers(0, 6), st.integers(0, 6)),
+        st.builds(lambda b: M.chunked(b, offset=offset), st.integers(1, 9)),
+        st.builds(lambda b: M.block_causal(b, offset=offset), st.integers(1, 9)),
+        st.builds(lambda p: M.prefix_lm(p, offset=offset), st.integers(0, 9)),
+        st.builds(lambda n: M.global_tokens(n, offset=offset), st.integers(0, 4)),
+        st.builds(lambda s, r: M.strided(s, relative=r, offset=offset), st.integers(1, 5), st.booleans()),
+        st.builds(lambda w, d: M.dilated_sliding_window(w, d, offset=offset), st.integers(0, 3), st.integers(1, 3)),
+    )
+
+
+def _masks(offset: int):
+    """Random compositions whose leaves share one offset (mixed offsets refuse to combine)."""
+    return st.recursive(_leaf(offset), lambda inner: st.one_of(
+        st.builds(lambda a, b: a & b, inner, inner),
+        st.builds(lambda a, b: a | b, inner, inner),
+        st.builds(lambda a: ~a, inner),
+    ), max_leaves=4)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mask=_masks, nq=st.integers(1, 23), nk=st.integers(1, 23), bq=st.integers(1, 9), bk=st.integers(1, 9))
-def test_random_compositions(mask, nq, nk, bq, bk):
+@given(data=st.data(), offset=st.integers(-3, 12), nq=st.integers(1, 23), nk=st.integers(1, 23),
+       bq=st.integers(1, 9), bk=st.integers(1, 9))
+def test_random_compositions(data, offset, nq, nk, bq, bk):
+    mask = data.draw(_masks(offset))
+    assert mask.offset == offset
     check_mask(mask, nq, nk, tiles=((bq, bk),))

@@ -3,16 +3,22 @@
 Every mask offers ``mask_mod`` (FlexAttention's predicate), ``to_dense``, exact ``blocks`` and
 ``density`` without materialising ``Nq x Nk``, a readable repr, and composes with ``&``, ``|``, ``~``.
 
+Every factory takes ``offset=``: query row ``i`` of a call sits at position ``i + offset`` (keys at
+``0..Nk-1``), and ``&``, ``|``, ``~`` carry it; masks whose offsets disagree refuse to combine.
+``align_bottom_right(mask, nq, nk)`` sets ``offset = nk - nq`` for decoding the tail of a sequence.
+
 Example:
     >>> m = ak.masks.causal() & ak.masks.sliding_window(512)
     >>> m.density(8192, 8192)
     >>> print(ak.masks.show(m, 24))
+    >>> last = ak.masks.align_bottom_right(m, 16, 8192)   # the last 16 queries against all 8192 keys
 """
 
 from __future__ import annotations
 
-import torch
+from torch import Tensor as _Tensor
 
+from attnkit.masks.align import align_bottom_right
 from attnkit.masks.base import EMPTY, FULL, PARTIAL, IntervalMask, Mask
 from attnkit.masks.block_sparse import block_sparse
 from attnkit.masks.causal import causal
@@ -30,7 +36,7 @@ def as_mask(mask: object) -> Mask:
     """A :class:`Mask` from a Mask or a bool tensor broadcastable to ``(B, H, Nq, Nk)``."""
     if isinstance(mask, Mask):
         return mask
-    if isinstance(mask, torch.Tensor):
+    if isinstance(mask, _Tensor):
         return TensorMask(mask)
     raise TypeError(f"mask must be an attnkit Mask, a bool tensor or None, got {type(mask).__name__}")
 
@@ -64,16 +70,26 @@ def _doc_lengths(n: int) -> list[int]:
     return [x for x in lengths if x > 0] if lengths[-1] > 0 else [n]
 
 
-def zoo(name: str, n: int) -> Mask | None:
-    """A mask of the zoo sized for ``n`` tokens (``None`` for ``full``)."""
+def zoo(name: str, n: int, *, offset: int = 0) -> Mask | None:
+    """A mask of the zoo sized for ``n`` tokens (``None`` for ``full``), with query row ``i`` at
+    position ``i + offset`` (``offset = n - m``: the last ``m`` queries against all ``n`` keys)."""
     if name not in ZOO:
         raise KeyError(f"unknown mask {name!r}; known: {', '.join(ZOO)}")
-    return ZOO[name](n)
+    mask = ZOO[name](n)
+    return mask if mask is None else mask.with_offset(offset)
 
 
 __all__ = [
-    "EMPTY", "FULL", "PARTIAL", "ZOO", "IntervalMask", "Mask", "TensorMask", "as_mask", "block_causal",
-    "block_sparse", "causal", "causal_blockwise", "chunked", "dilated_sliding_window", "document",
+    "EMPTY", "FULL", "PARTIAL", "ZOO", "IntervalMask", "Mask", "TensorMask", "align_bottom_right", "as_mask",
+    "block_causal", "block_sparse", "causal", "causal_blockwise", "chunked", "dilated_sliding_window", "document",
     "global_tokens", "neighborhood", "plot", "prefix_lm", "prefix_lm_document", "share_question", "show",
     "sliding_window", "strided", "zoo",
 ]
+
+
+def __dir__() -> list[str]:
+    # the submodules (base, window, ...) stay importable, but what the package offers is __all__
+    return sorted(__all__)
+
+
+del annotations

@@ -7,6 +7,12 @@ A mask answers four questions without ever materialising ``Nq x Nk`` unless aske
 * ``blocks(nq, nk, bq, bk)`` — which ``bq x bk`` tiles are EMPTY / PARTIAL / FULL (exact);
 * ``count(nq, nk)`` / ``density(nq, nk)`` — the exact number / fraction of allowed pairs.
 
+Query position. Every mask places query row ``i`` of a call at position ``i + offset``
+(:attr:`Mask.offset`); keys sit at positions ``0..Nk-1``. ``offset = 0`` is top-left alignment
+(SDPA's ``is_causal``, FlexAttention); ``offset = Nk - Nq`` is bottom-right alignment, the last
+``Nq`` positions of a sequence decoded against its whole cache (:func:`align_bottom_right`).
+``&``, ``|`` and ``~`` carry the offset and refuse children whose offsets disagree.
+
 Most masks of the literature are, per query row, a union of a few disjoint key intervals
 (causal, sliding windows, chunks, documents, prefixes, global tokens, and their ``&``/``|``/``~``).
 :class:`IntervalMask` answers everything from ``O(Nq)`` interval tables. Other masks
@@ -16,6 +22,7 @@ and refine only the PARTIAL tiles by evaluating the predicate on those tiles.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 
 import torch
@@ -38,12 +45,31 @@ def _check_sizes(nq: int, nk: int, bq: int | None = None, bk: int | None = None)
         int_arg(name, val, 1)
 
 
+def offset_arg(offset: object, where: str, minimum: int | None = None) -> int:
+    """``offset`` checked as an int (bools refused), ``>= minimum`` when given; errors name ``where``."""
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"{where}: offset must be an int (query row i sits at position i + offset), "
+                        f"got {type(offset).__name__}")
+    if minimum is not None and offset < minimum:
+        raise ValueError(f"{where}: offset must be >= {minimum} (query positions index the pattern), got {offset}")
+    return offset
+
+
 class Mask:
     """Base class of every mask pattern. Subclasses are frozen dataclasses (hashable, readable repr).
 
     Subclasses implement :meth:`mask_mod`; they may override :meth:`_coarse_blocks` (a cheap
     conservative tile classification) and :meth:`_evaluate` (the predicate on index tensors).
+
+    Query row ``i`` of a call sits at position ``i + offset`` (keys at ``0..Nk-1``): ``mask_mod``,
+    ``to_dense``, ``blocks`` and ``density`` all take row indices and apply the offset. A subclass
+    that declares an ``offset`` dataclass field honours it in its predicate; one that does not is
+    a mask at offset 0. ``offset = None`` marks a mask written in the call's own (row, column)
+    coordinates (a bool tensor): it has no query position and combines with any offset.
     """
+
+    #: query row i sits at position i + offset; None: the mask is in row coordinates (tensor masks)
+    offset: int | None = 0
 
     #: True when the pattern differs across batch elements or heads (tensor masks, routed layouts).
     head_dependent: bool = False
@@ -72,6 +98,20 @@ class Mask:
     def validate(self, nq: int, nk: int) -> None:
         """Raise ``ValueError`` if the pattern cannot apply to ``nq`` queries and ``nk`` keys."""
         _check_sizes(nq, nk)
+
+    def with_offset(self, offset: int) -> Mask:
+        """The same pattern with query row ``i`` at position ``i + offset`` (replacing the current offset).
+
+        Combinations set it on every child; tensor masks (row coordinates) return themselves.
+        """
+        offset = offset_arg(offset, f"{self!r}.with_offset")
+        if self.offset is None or offset == self.offset:
+            return self
+        fields = {f.name for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else set()
+        if "offset" not in fields:
+            raise TypeError(f"{type(self).__name__} ({self!r}) has no offset field: it cannot place query rows "
+                            f"at offset {offset}")
+        return dataclasses.replace(self, offset=offset)
 
     def _evaluate(self, q_idx: torch.Tensor, kv_idx: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         """Predicate on broadcastable in-range index tensors, leading dims () or (B, H) for head masks."""
@@ -201,7 +241,9 @@ def _count_cached(mask: Mask, nq: int, nk: int) -> int:
     cols = torch.full((cls.shape[1],), bk, dtype=torch.long)
     cols[-1] = nk - bk * (cls.shape[1] - 1)
     full = ((cls == FULL).long() * rows[:, None] * cols[None, :]).sum().item()
-    return round(full + mask._partial_count(cls, nq, nk, bq, bk))
+    total = full + mask._partial_count(cls, nq, nk, bq, bk)
+    # head-dependent masks count the mean over (b, h), which need not be a whole number
+    return total if mask.head_dependent else round(total)
 
 
 class IntervalMask(Mask):

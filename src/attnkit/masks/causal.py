@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnkit.masks.base import IntervalMask, interval
+from attnkit.masks.base import IntervalMask, interval, offset_arg
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class Causal(IntervalMask):
 
     Alignment is top-left (as SDPA's ``is_causal`` and FlexAttention): with ``Nq != Nk`` query
     ``i`` sees keys ``0..i + offset``. For decoding against a cache (bottom-right alignment)
-    pass ``offset = Nk - Nq``.
+    pass ``offset = Nk - Nq`` (``align_bottom_right``).
     """
 
     offset: int = 0
@@ -32,7 +32,10 @@ class Causal(IntervalMask):
 
 
 def causal(offset: int = 0) -> Causal:
-    """Causal mask ``kv <= q + offset`` (top-left aligned). ``offset`` shifts the diagonal."""
-    if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
-    return Causal(offset)
+    """Causal mask ``kv <= q + offset`` (top-left aligned at ``offset = 0``).
+
+    Query row ``q`` sits at position ``q + offset``, as for every mask; ``causal(offset)`` and
+    ``causal(offset=offset)`` are the same. Decoding the last ``m`` of ``N`` tokens against the
+    whole cache is ``causal(N - m)``, or ``align_bottom_right(causal(), m, N)``.
+    """
+    return Causal(offset_arg(offset, "causal"))

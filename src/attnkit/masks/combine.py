@@ -4,6 +4,9 @@ Combinations of interval masks stay interval masks where the algebra allows (int
 always; complement and union when one side has a single interval per row), so the whole
 LongCA-bench zoo keeps ``O(N)`` tile classification. Anything else combines the children's
 exact tile classes conservatively and refines the PARTIAL tiles.
+
+A combination carries its children's query offset (``Mask.offset``); children whose offsets
+disagree place the same query row at different positions, so combining them raises.
 """
 
 from __future__ import annotations
@@ -19,9 +22,33 @@ def _arity(m: Mask) -> int | None:
     return m.arity if isinstance(m, IntervalMask) else None
 
 
+def _common_offset(a: Mask, b: Mask, op: str) -> int | None:
+    """The offset ``a op b`` carries; ``ValueError`` naming both masks when they disagree."""
+    if a.offset is None:
+        return b.offset
+    if b.offset is None or a.offset == b.offset:
+        return a.offset
+    raise ValueError(
+        f"cannot combine {a!r} {op} {b!r}: {a!r} has offset {a.offset} but {b!r} has offset {b.offset}, "
+        f"so they place query rows at different positions. Give every mask the same offset= "
+        f"(query row i sits at position i + offset), or combine them at offset 0 and align the result with "
+        f"ak.masks.align_bottom_right(mask, nq, nk) or mask.with_offset(offset)")
+
+
 class _Binary(Mask):
     a: Mask
     b: Mask
+    _op = "&"
+
+    @property
+    def offset(self) -> int | None:  # type: ignore[override]
+        return self.a.offset if self.a.offset is not None else self.b.offset
+
+    def with_offset(self, offset: int) -> Mask:
+        if offset == self.offset:
+            return self
+        make = And if self._op == "&" else Or
+        return make(self.a.with_offset(offset), self.b.with_offset(offset))
 
     @property
     def head_dependent(self) -> bool:  # type: ignore[override]
@@ -73,6 +100,13 @@ class _IntervalNot(IntervalMask):
 
     arity = 2
 
+    @property
+    def offset(self) -> int | None:  # type: ignore[override]
+        return self.a.offset
+
+    def with_offset(self, offset: int) -> Mask:
+        return self if offset == self.offset else Not(self.a.with_offset(offset))
+
     def validate(self, nq, nk):
         self.a.validate(nq, nk)
 
@@ -93,6 +127,7 @@ class _IntervalNot(IntervalMask):
 class _IntervalOr(_Binary, IntervalMask):
     a: IntervalMask  # the side with a single interval per row
     b: IntervalMask
+    _op = "|"
 
     def __repr__(self) -> str:
         return f"({self.a!r} | {self.b!r})"
@@ -137,6 +172,7 @@ class _GenericAnd(_Binary):
 class _GenericOr(_Binary):
     a: Mask
     b: Mask
+    _op = "|"
 
     def __repr__(self) -> str:
         return f"({self.a!r} | {self.b!r})"
@@ -170,6 +206,13 @@ class _GenericNot(Mask):
     def lead_shape(self) -> tuple[int, int]:  # type: ignore[override]
         return self.a.lead_shape
 
+    @property
+    def offset(self) -> int | None:  # type: ignore[override]
+        return self.a.offset
+
+    def with_offset(self, offset: int) -> Mask:
+        return self if offset == self.offset else Not(self.a.with_offset(offset))
+
     def validate(self, nq, nk):
         self.a.validate(nq, nk)
 
@@ -185,12 +228,16 @@ class _GenericNot(Mask):
 
 
 def And(a: Mask, b: Mask) -> Mask:
+    """``a & b``: pairs both allow. ``ValueError`` when their offsets disagree."""
+    _common_offset(a, b, "&")
     if _arity(a) and _arity(b):
         return _IntervalAnd(a, b)
     return _GenericAnd(a, b)
 
 
 def Or(a: Mask, b: Mask) -> Mask:
+    """``a | b``: pairs either allows. ``ValueError`` when their offsets disagree."""
+    _common_offset(a, b, "|")
     if _arity(a) == 1 and _arity(b):
         return _IntervalOr(a, b)
     if _arity(b) == 1 and _arity(a):
@@ -199,6 +246,7 @@ def Or(a: Mask, b: Mask) -> Mask:
 
 
 def Not(a: Mask) -> Mask:
+    """``~a``: the pairs ``a`` refuses, at ``a``'s offset."""
     if _arity(a) == 1:
         return _IntervalNot(a)
     return _GenericNot(a)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from attnkit._validate import int_arg, per_dim
-from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask
+from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask, offset_arg
 
 
 def check_na_params(shape: tuple[int, ...], kernel_size: object, dilation: object = 1, stride: object = 1,
@@ -100,6 +100,10 @@ class NeighborhoodMask(Mask):
     dense reference (``to_dense``), tile schedulers (``blocks``, exact) and pictures
     (``query``, ``picture``, ``ak.masks.show``). Composes with ``&``, ``|``, ``~``.
 
+    Positions are absolute on the grid: the keys are the whole grid (``Nk == prod(shape)``) and query
+    row ``q`` sits at flat position ``q + offset`` (``offset >= 0``, ``offset + Nq <= prod(shape)``),
+    so the last ``m`` queries of a grid are ``offset = prod(shape) - m``.
+
     Example:
         >>> m = neighborhood_mask((8, 8), 3)
         >>> m.to_dense(64, 64).sum(-1)  # every query sees 3 * 3 keys
@@ -110,6 +114,7 @@ class NeighborhoodMask(Mask):
     dilation: tuple[int, ...]
     stride: tuple[int, ...]
     is_causal: tuple[bool, ...]
+    offset: int = 0
 
     @property
     def n(self) -> int:
@@ -130,15 +135,16 @@ class NeighborhoodMask(Mask):
         return "_".join(parts)
 
     def __repr__(self) -> str:
+        off = f", offset={self.offset}" if self.offset else ""
         return (f"neighborhood(shape={self.shape}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
-                f"stride={self.stride}, is_causal={self.is_causal})")
+                f"stride={self.stride}, is_causal={self.is_causal}{off})")
 
     def _axes(self):
         return zip(self.shape, self.kernel_size, self.dilation, self.stride, self.is_causal)
 
     def mask_mod(self, b, h, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         """FlexAttention signature; ``q_idx``/``kv_idx`` index the row-major flattened grid."""
-        qc, kc = _unravel(q_idx, self.shape), _unravel(kv_idx, self.shape)
+        qc, kc = _unravel(q_idx + self.offset, self.shape), _unravel(kv_idx, self.shape)
         ok = None
         for (n, k, d, s, c), qa, ka in zip(self._axes(), qc, kc):
             a = axis_allowed(qa, ka, n, k, d, s, c)
@@ -146,14 +152,25 @@ class NeighborhoodMask(Mask):
         return ok
 
     def validate(self, nq: int, nk: int) -> None:
-        """The pattern lives on one grid: ``nq == nk == prod(shape)``."""
+        """The pattern lives on one grid: ``nk == prod(shape)`` and query positions ``offset .. offset + nq - 1``
+        on it (``nq == nk`` at offset 0)."""
         super().validate(nq, nk)
         self._check_len(nq, nk)
 
     def _check_len(self, nq: int | None, nk: int | None) -> None:
-        for name, v in (("nq", nq), ("nk", nk)):
-            if v is not None and v != self.n:
-                raise ValueError(f"{name}={v} does not match the grid {self.shape} ({self.n} tokens)")
+        keys_ok = nk is None or nk == self.n
+        rows_ok = nq is None or (self.offset >= 0 and self.offset + nq <= self.n)
+        if not (keys_ok and rows_ok):
+            rows = "" if nq is None else f"nq={nq} query rows at flat positions {self.offset}..{self.offset + nq - 1} "
+            raise ValueError(f"{rows}(offset={self.offset}) and nk={nk} keys do not fit the grid {self.shape} "
+                             f"({self.n} tokens): the keys are the whole grid and the query rows must lie on it")
+
+    def _nq(self, nq: int | None) -> int:
+        """Query rows of a call (default: every position from the offset on)."""
+        return self.n - self.offset if nq is None else nq
+
+    def _whole(self, nq: int | None) -> bool:
+        return self.offset == 0 and self._nq(nq) == self.n
 
     def axis_dense(self) -> list[torch.Tensor]:
         """Per axis, the ``(n_a, n_a)`` bool pattern; the full mask is their Kronecker (AND) product."""
@@ -164,15 +181,18 @@ class NeighborhoodMask(Mask):
         return out
 
     def to_dense(self, nq: int | None = None, nk: int | None = None, device=None) -> torch.Tensor:
-        """The ``(N, N)`` bool mask (row = query, column = key), N = prod(shape)."""
+        """The ``(Nq, N)`` bool mask (row = query at flat position row + offset, column = key), N = prod(shape);
+        ``Nq`` defaults to ``N - offset``."""
         self._check_len(nq, nk)
         full = torch.ones(1, 1, dtype=torch.bool)
         for m in self.axis_dense():  # Kronecker product of per-axis patterns, row-major
             full = (full[:, None, :, None] & m[None, :, None, :]).reshape(full.shape[0] * m.shape[0], -1)
+        full = full[self.offset:self.offset + self._nq(nq)]
         return full if device is None else full.to(device)
 
     def row_counts(self) -> torch.Tensor:
-        """Number of keys each query sees, shape ``shape`` (product of per-axis counts, O(N) memory)."""
+        """Number of keys each grid position sees as a query, shape ``shape`` (product of per-axis counts,
+        O(N) memory; independent of the offset)."""
         cnt = torch.ones((), dtype=torch.long)
         for n, k, d, s, c in self._axes():
             _g, _u, _L, start, end = axis_windows(n, k, d, s, c)
@@ -180,13 +200,13 @@ class NeighborhoodMask(Mask):
         return cnt
 
     def count(self, nq: int | None = None, nk: int | None = None) -> int:
-        """Exact number of allowed (query, key) pairs (for FLOP counts)."""
+        """Exact number of allowed (query, key) pairs over the call's query rows (for FLOP counts)."""
         self._check_len(nq, nk)
-        return int(self.row_counts().sum().item())
+        return int(self.row_counts().flatten()[self.offset:self.offset + self._nq(nq)].sum().item())
 
     def density(self, nq: int | None = None, nk: int | None = None) -> float:
         """Exact fraction of allowed (query, key) pairs."""
-        return self.count(nq, nk) / float(self.n) ** 2
+        return self.count(nq, nk) / (float(self._nq(nq)) * self.n)
 
     def pairs(self) -> int:
         """Exact number of allowed (query, key) pairs (for FLOP counts)."""
@@ -203,13 +223,13 @@ class NeighborhoodMask(Mask):
         return out
 
     def _coarse_blocks(self, nq: int, nk: int, bq: int, bk: int) -> torch.Tensor:
-        """Exact ``(ceil(N/bq), ceil(N/bk))`` int8 tile classes; ``O(N * prod(k))`` work, no N x N."""
+        """Exact ``(ceil(Nq/bq), ceil(N/bk))`` int8 tile classes; ``O(Nq * prod(k))`` work, no Nq x N."""
         n = self.n
-        nqb, nkb = -(-n // bq), -(-n // bk)
+        nqb, nkb = -(-nq // bq), -(-n // bk)
         counts = torch.zeros(nqb * nkb, dtype=torch.long)
         tables = self.axis_keys()
-        for q0 in range(0, n, bq):  # a query's keys are the Cartesian product of its per-axis keys
-            qi = torch.arange(q0, min(q0 + bq, n))
+        for q0 in range(0, nq, bq):  # a query's keys are the Cartesian product of its per-axis keys
+            qi = torch.arange(q0, min(q0 + bq, nq)) + self.offset          # flat grid positions of the rows
             keys = torch.zeros(len(qi), 1, dtype=torch.long)
             valid = torch.ones(len(qi), 1, dtype=torch.bool)
             for na, (kt, vt), ca in zip(self.shape, tables, _unravel(qi, self.shape)):
@@ -218,7 +238,7 @@ class NeighborhoodMask(Mask):
             counts += torch.bincount((q0 // bq) * nkb + keys[valid] // bk, minlength=nqb * nkb)
         counts = counts.view(nqb, nkb)
         rows = torch.full((nqb,), bq)
-        rows[-1] = n - (nqb - 1) * bq
+        rows[-1] = nq - (nqb - 1) * bq
         cols = torch.full((nkb,), bk)
         cols[-1] = n - (nkb - 1) * bk
         out = torch.full((nqb, nkb), EMPTY, dtype=torch.int8)
@@ -271,12 +291,13 @@ class NeighborhoodMask(Mask):
 
 
 def neighborhood_mask(shape: int | tuple[int, ...], kernel_size: object, dilation: object = 1, stride: object = 1,
-                      is_causal: object = False) -> NeighborhoodMask:
+                      is_causal: object = False, *, offset: int = 0) -> NeighborhoodMask:
     """The neighbourhood pattern on a spatial grid, flattened row-major (NATTEN semantics).
 
     Args:
         shape: spatial extent, ``N`` or ``(X0, X1[, X2])``.
         kernel_size, dilation, stride, is_causal: an int/bool or one entry per spatial dim.
+        offset: query row ``q`` sits at flat grid position ``q + offset`` (``>= 0``); keys are the whole grid.
 
     Returns:
         A :class:`NeighborhoodMask` with ``mask_mod``, ``to_dense``, ``blocks``, ``density``, ``query``.
@@ -285,9 +306,12 @@ def neighborhood_mask(shape: int | tuple[int, ...], kernel_size: object, dilatio
         >>> print(neighborhood_mask((7, 7), 3, dilation=2).picture((3, 3)))
     """
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    offset = offset_arg(offset, "neighborhood", 0)
     if not 1 <= len(shape) <= 3:
         raise ValueError(f"shape must be 1 to 3 positive ints, got {shape}")
     for n in shape:
         int_arg("shape", n, 1)
     ks, ds, ss, cs = check_na_params(shape, kernel_size, dilation, stride, is_causal)
-    return NeighborhoodMask(shape, ks, ds, ss, cs)
+    if offset >= math.prod(shape):
+        raise ValueError(f"neighborhood: offset {offset} is past the grid {shape} ({math.prod(shape)} tokens)")
+    return NeighborhoodMask(shape, ks, ds, ss, cs, offset)

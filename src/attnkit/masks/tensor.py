@@ -11,10 +11,17 @@ from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask, _ceil_div
 
 @dataclass(frozen=True, eq=False)
 class TensorMask(Mask):
-    """Wraps a bool tensor of shape ``(Nq, Nk)``, ``(H, Nq, Nk)`` or ``(B, H, Nq, Nk)``, dims may be 1."""
+    """Wraps a bool tensor of shape ``(Nq, Nk)``, ``(H, Nq, Nk)`` or ``(B, H, Nq, Nk)``, dims may be 1.
+
+    The tensor is indexed by the call's own query rows and keys, whatever the offset of masks it is
+    combined with (``offset`` is None).
+    """
 
     tensor: torch.Tensor
     _coarse_is_exact = True
+    # rows and columns of the call itself: no query position, so it combines with masks at any offset
+    # (a key-padding mask ``(B, 1, 1, Nk)`` with ``causal(Nk - Nq)``) and ``with_offset`` keeps it as is
+    offset = None
 
     def __post_init__(self):
         t = self.tensor
