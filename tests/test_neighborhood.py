@@ -315,7 +315,7 @@ def test_flex_backend_forward_matches_reference():
 def test_tiled_refuses_non_cpu_tensors():
     q = torch.randn(1, 8, 8, 2, 4, device="meta")
     text = ak.explain("neighborhood_attention", q, q, q, kernel_size=3)
-    assert "tiled      cannot run: needs CPU tensors, got meta" in text and "-> reference" in text
+    assert "tiled      cannot run: needs CPU tensors, got meta" in text and "-> window" in text
     with pytest.raises(ValueError, match=r"backend 'tiled' cannot run .*needs CPU tensors, got meta"):
         ak.neighborhood_attention(q, q, q, 3, backend="tiled")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -80,18 +81,65 @@ def per_dim(name: str, value: object, rank: int, *, kind: type = int) -> tuple:
     return items
 
 
-def check_finite(**tensors: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming the first tensor holding NaN or an infinity.
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
-    One ``aminmax`` pass, no temporary: NaN propagates through min/max and infinities show at
-    the ends (``isfinite(t).all()`` costs ~5x more on CPU).
+
+# The debug switch of the NaN policy (docs/design.md, "Non-finite inputs"): off by default, so the
+# hot path has no host sync; ATTNKIT_CHECK_FINITE=1 turns it on for the whole process.
+_CHECK_FINITE = [_env_flag("ATTNKIT_CHECK_FINITE")]
+
+
+class check_finite:  # lower case: used like a function, ``attnkit.check_finite(True)``
+    """Turn the non-finite input check of every op on or off; also a context manager.
+
+    Off by default (``ATTNKIT_CHECK_FINITE=1`` in the environment turns it on at import). When off,
+    NaN and infinity in inputs propagate to exactly the outputs that depend on them, with no host
+    sync. When on, each op first checks its tensor inputs and raises ``ValueError`` naming the op,
+    the argument and the first bad index, e.g. ``attention: k contains NaN or infinity at
+    (0, 3, 1, 2)``. The check syncs with the host, so it is skipped while ``torch.compile`` traces.
+
+    Example:
+        >>> ak.check_finite(True)            # from now on
+        >>> with ak.check_finite(True):      # only inside the block
+        ...     out = ak.attention(q, k, v)
     """
+
+    def __init__(self, enabled: bool = True):
+        if not isinstance(enabled, bool):
+            raise TypeError(f"check_finite: enabled must be a bool, got {type(enabled).__name__}")
+        self._previous = _CHECK_FINITE[0]
+        _CHECK_FINITE[0] = enabled
+
+    def __enter__(self) -> check_finite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _CHECK_FINITE[0] = self._previous
+
+
+def checking_finite() -> bool:
+    """Whether the non-finite input check is on (see :class:`check_finite`)."""
+    return _CHECK_FINITE[0]
+
+
+def assert_finite(op: str, **tensors: torch.Tensor | None) -> None:
+    """If the debug switch is on, raise ``ValueError`` naming ``op``, the argument and the first bad index.
+
+    A no-op (no host sync) when the switch is off, for ``None`` arguments, on ``meta`` tensors
+    and while ``torch.compile`` traces.
+    """
+    if not _CHECK_FINITE[0] or torch.compiler.is_compiling():
+        return
     for name, t in tensors.items():
-        if t.device.type == "meta":  # shapes only, no values to check
+        if t is None or t.device.type == "meta":
             continue
-        lo, hi = torch.aminmax(t)
+        # one aminmax pass: NaN propagates through min/max and infinities show at the ends
+        lo, hi = torch.aminmax(t.detach())
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-            raise ValueError(f"{name} contains NaN or infinity")
+            where = tuple(int(i) for i in (~torch.isfinite(t.detach())).nonzero()[0])
+            raise ValueError(f"{op}: {name} contains NaN or infinity at {where} (shape {tuple(t.shape)}); "
+                             "the check is on because of attnkit.check_finite(True) or ATTNKIT_CHECK_FINITE=1")
 
 
 def int_arg(name: str, value: object, minimum: int) -> int:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from attnkit._validate import check_qkv, resolve_scale
+from attnkit._validate import assert_finite, check_qkv, resolve_scale
 from attnkit.distributed import _comm
 from attnkit.distributed.zigzag import LAYOUTS
 from attnkit.kernels.fused import can_fuse, fused_ops
 from attnkit.kernels.merge import merge_partials as merge  # empty blocks are (0, -inf)
+from attnkit.kernels.nonfinite import causal_correction, finite_part
 
 _ALL = slice(None)
 
@@ -46,7 +47,20 @@ def _causal_fill(s: torch.Tensor) -> torch.Tensor:
 
 
 def block_forward(q, k, v, causal: bool, scale: float, acc: torch.dtype):
-    """``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)`` -> ``(o, lse)`` in ``acc``."""
+    """``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)`` -> ``(o, lse)`` in ``acc``.
+
+    A causal (diagonal) block multiplies zero probabilities with the values above the diagonal, and
+    ``0 * NaN = NaN``: it runs on the finite part of ``v`` and adds the non-finite values back to the
+    queries at or after them (a running OR, O(N Dv)), so NaN propagates as in ``ak.attention``.
+    """
+    if causal:
+        o, lse = _block_forward(q, k, finite_part(v), True, scale, acc)
+        fix = causal_correction(v, dim=-2, dtype=acc)                      # (B, Hkv, Nk, Dv)
+        return o + fix.repeat_interleave(q.shape[1] // k.shape[1], dim=1), lse
+    return _block_forward(q, k, v, False, scale, acc)
+
+
+def _block_forward(q, k, v, causal: bool, scale: float, acc: torch.dtype):
     if can_fuse(q, v):
         o, lse = fused_ops()[0](q, k, v, is_causal=causal, scale=scale)
         return o.to(acc), lse.to(acc)
@@ -191,6 +205,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         ``out (B, Nq_local, Hq, Dv)`` (the rows of this rank's queries) in the input dtype, and with
         ``return_lse`` the lse (float32; float64 for float64 inputs; -inf for rows with no key).
 
+    Non-finite inputs propagate exactly as in ``ak.attention``: to the queries that see them, no
+    further. ``attnkit.check_finite(True)`` raises ``ValueError`` naming the argument instead.
+
     Example:
         >>> # inside torchrun / run_local, P ranks, x_full (B, N, H, D)
         >>> q = zigzag.shard(x_full, rank, P, "zigzag")
@@ -205,5 +222,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     if causal and layout == "zigzag" and q.shape[1] % 2:
         raise ValueError(f"ring_attention: zigzag needs an even local length (two chunks), got {q.shape[1]}")
     _comm.check_same_shapes("ring_attention", group, q=q, k=k, v=v)
+    assert_finite("ring_attention", q=q, k=k, v=v)  # only under the debug switch
     out, lse = _RingAttention.apply(q, k, v, bool(causal), layout, resolve_scale(scale, q.shape[-1]), group)
     return (out, lse) if return_lse else out

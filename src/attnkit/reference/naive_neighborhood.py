@@ -81,7 +81,13 @@ def naive_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     s = (qf @ kf.transpose(-1, -2)) * (D ** -0.5 if scale is None else scale)  # (B, H, N, N)
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (B, H, N); every row has its own query, so finite
-    out = torch.softmax(s, dim=-1) @ vf  # (B, H, N, Dv)
+    # masked probabilities are 0, and 0 * NaN = NaN: multiply only the finite values, then give the
+    # non-finite ones (NaN, +inf, -inf) to exactly the queries whose window holds them
+    finite = torch.isfinite(vf)
+    out = torch.softmax(s, dim=-1) @ torch.where(finite, vf, 0.0)  # (B, H, N, Dv)
+    seen = [(mask.to(ct) @ bad.to(ct)) > 0 for bad in (vf.isnan(), vf == math.inf, vf == -math.inf)]
+    out = (out + torch.where(seen[1], math.inf, 0.0) + torch.where(seen[2], -math.inf, 0.0)
+           + torch.where(seen[0], math.nan, 0.0))  # inf + -inf = NaN, as the IEEE sum would give
     out = out.transpose(1, 2).reshape(B, *spatial, H, Dv).to(q.dtype)  # (B, *S, H, Dv)
     if return_lse:
         return out, lse.transpose(1, 2).reshape(B, *spatial, H)  # (B, *S, H), float32 (float64 for float64)

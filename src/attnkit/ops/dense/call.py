@@ -7,7 +7,7 @@ from functools import cached_property
 
 import torch
 
-from attnkit._validate import check_finite, check_qkv, resolve_scale
+from attnkit._validate import assert_finite, check_qkv, resolve_scale
 from attnkit.masks import Mask, as_mask
 from attnkit.masks.base import EMPTY
 from attnkit.ops.base import Dispatcher, register_op
@@ -103,7 +103,7 @@ def _check_mask(mask: object, b: int, hq: int, nq: int, nk: int) -> Mask | None:
 
 def make_call(q, k, v, mask=None, *, scale=None, return_lse=False) -> AttentionCall:
     check_qkv(q, k, v)
-    check_finite(q=q, k=k, v=v)
+    assert_finite("attention", q=q, k=k, v=v)  # only under the debug switch: no host sync by default
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     m = _check_mask(mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
@@ -111,7 +111,26 @@ def make_call(q, k, v, mask=None, *, scale=None, return_lse=False) -> AttentionC
 
 
 _BACKENDS = [sdpa.BACKEND, block_gather_backend.BACKEND, blocked.BACKEND, flex.BACKEND, reference.BACKEND]
-DISPATCHER = Dispatcher("attention", _BACKENDS)
+# inside torch.compile only backends made of traceable tensor ops are chosen automatically: the
+# blocked and gather tile walks plan with data-dependent Python loops (graph breaks)
+_TRACEABLE = ("sdpa", "reference")
+_COMPILE_NOTE = ("under torch.compile, backend=None chooses among " + ", ".join(_TRACEABLE)
+                 + " (the tile walks plan with data-dependent Python loops)")
+
+
+class _AttentionDispatcher(Dispatcher):
+    def choose(self, call, backend=None):
+        if backend is None and torch.compiler.is_compiling():
+            for b in self.backends:
+                if b.name in _TRACEABLE and b.supports(call)[0]:
+                    return b
+        return super().choose(call, backend)
+
+    def explain(self, call, backend=None) -> str:
+        return super().explain(call, backend) + "\n  " + _COMPILE_NOTE
+
+
+DISPATCHER = _AttentionDispatcher("attention", _BACKENDS)
 register_op("attention", make_call, DISPATCHER)
 
 
@@ -142,6 +161,12 @@ def attention(
     Returns:
         ``out (B, Nq, Hq, Dv)`` in the input dtype; with ``return_lse`` also ``lse (B, Nq, Hq)``
         (float32, float64 for float64 inputs; ``-inf`` where a row has no allowed key — its output is 0).
+
+    Non-finite inputs: NaN or infinity propagates to exactly the outputs that depend on it (a query
+    row with a NaN, every query allowed to see a NaN key or value) and no further; a fully masked row
+    stays 0. ``ak.check_finite(True)`` or ``ATTNKIT_CHECK_FINITE=1`` raises ``ValueError`` instead,
+    naming the argument (off by default: no host sync). Inside ``torch.compile``, ``backend=None``
+    chooses ``sdpa`` or ``reference`` (see ``ak.explain``).
 
     Example:
         >>> q = k = v = torch.randn(1, 1024, 8, 64)

@@ -52,7 +52,9 @@ def make_call(x, offsets, widths, mix_logits=None, *, axis=1, normalize=False, e
 
 
 def _vectorized(c: GaussianCall) -> torch.Tensor:
-    x, offsets, widths = c.x, c.offsets, c.widths
+    # half inputs: E[x^2] overflows fp16 from |x| ~ 256 on, so the statistics and the gate run in fp32
+    work = torch.promote_types(c.x.dtype, torch.float32)
+    x, offsets, widths = c.x.to(work), c.offsets.to(work), c.widths.to(work)
     h, g = offsets.shape
     B, N, C = x.shape
     xh = x.view(B, N, h, C // h)  # (B, N, h, C/h)
@@ -62,11 +64,11 @@ def _vectorized(c: GaussianCall) -> torch.Tensor:
     z = (xh.unsqueeze(-1) - mu.unsqueeze(-1) - offsets.view(1, 1, h, 1, g)) / torch.sqrt(
         var.clamp_min(0).unsqueeze(-1) + c.eps)  # (B, N, h, C/h, G)
     dens = torch.exp(-z * z / (2 * widths.view(1, 1, h, 1, g) ** 2))
-    w = torch.softmax(c.mix_logits, -1) if c.mix_logits is not None else torch.full_like(offsets, 1.0 / g)
+    w = torch.softmax(c.mix_logits.to(work), -1) if c.mix_logits is not None else torch.full_like(offsets, 1.0 / g)
     gate = (dens * w.view(1, 1, h, 1, g)).sum(-1)  # (B, N, h, C/h)
     if c.normalize:
         gate = gate / gate.sum(dim=red, keepdim=True)
-    return (xh * gate).view(B, N, C)
+    return (xh * gate).view(B, N, C).to(c.x.dtype)
 
 
 def _reference(c: GaussianCall) -> torch.Tensor:
@@ -99,7 +101,8 @@ def gaussian_adaptive(x: torch.Tensor, offsets: torch.Tensor, widths: torch.Tens
             see ``ak.explain("gaussian_adaptive", x, offsets, widths, ...)``.
 
     Returns:
-        ``(B, N, C)``.
+        ``(B, N, C)`` in x's dtype (half inputs are computed in float32). NaN or infinity in ``x``
+        reaches every output sharing its statistics (the mean and variance along ``axis``).
 
     Example:
         >>> y = gaussian_adaptive(torch.randn(2, 16, 8), torch.zeros(2, 1), torch.full((2, 1), 2.0))

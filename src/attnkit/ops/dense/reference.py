@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from attnkit.kernels.nonfinite import finite_part, masked_correction
 from attnkit.ops.base import Backend
 from attnkit.reference.naive_dense import naive_attention
 
@@ -11,7 +12,17 @@ _AUTO_LIMIT = 64 * 64
 
 def _run(call):
     allowed = call.mask_tensor()
-    return naive_attention(call.q, call.k, call.v, allowed, scale=call.scale, return_lse=call.return_lse)
+    if allowed is None:  # every query sees every value: NaN reaches exactly the right rows already
+        return naive_attention(call.q, call.k, call.v, None, scale=call.scale, return_lse=call.return_lse)
+    # masked probabilities are exactly 0, but 0 * NaN = NaN: multiply the finite part of V and carry
+    # its non-finite entries to the queries allowed to see them (the NaN policy, docs/design.md)
+    res = naive_attention(call.q, call.k, finite_part(call.v), allowed, scale=call.scale,
+                          return_lse=call.return_lse)
+    out = res[0] if call.return_lse else res
+    v = call.v.repeat_interleave(call.hq // call.hkv, dim=2).transpose(1, 2)  # (B, Hq, Nk, Dv)
+    fix = masked_correction(allowed, v, out.dtype).transpose(1, 2)            # (B, Nq, Hq, Dv)
+    out = out + fix
+    return (out, res[1]) if call.return_lse else out
 
 
 def _suits(call):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from attnkit._validate import check_qkv, int_arg, resolve_scale
+from attnkit._validate import assert_finite, check_qkv, int_arg, resolve_scale
 from attnkit.kernels import native as _native
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.linear.chunk import chunk_linear_attention, native_reason
@@ -50,6 +50,7 @@ class LinearCall:
     return_state: bool
     chunk_size: int
     eps: float
+    out_dtype: torch.dtype | None = None  # None: q's dtype
 
     def describe(self) -> str:
         mode = "causal" if self.causal else "non-causal"
@@ -105,9 +106,12 @@ def _check_state(st: object, normalize: bool, B: int, H: int, Dp: int | None, Dv
 
 
 def make_call(q, k, v, *, causal=True, feature_map="identity", decay=None, normalize=False, scale=None,
-              initial_state=None, return_state=False, chunk_size=None, eps=1e-6) -> LinearCall:
+              initial_state=None, return_state=False, chunk_size=None, eps=1e-6, out_dtype=None) -> LinearCall:
     """Validate a ``linear_attention`` call; errors name the argument."""
     H, _ = check_qkv(q, k, v)
+    if out_dtype is not None and out_dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"linear_attention: out_dtype must be None or a float dtype, got {out_dtype!r}")
+    assert_finite("linear_attention", q=q, k=k, v=v)  # only under the debug switch
     B, N, _, D = q.shape
     _check_bool("causal", causal)
     _check_bool("normalize", normalize)
@@ -125,7 +129,7 @@ def make_call(q, k, v, *, causal=True, feature_map="identity", decay=None, norma
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     return LinearCall(q, k, v, causal, name, phi, dec, kind, normalize, resolve_scale(scale, D),
-                      initial_state, return_state, chunk_size, float(eps))
+                      initial_state, return_state, chunk_size, float(eps), out_dtype)
 
 
 def _cdt(call: LinearCall) -> torch.dtype:
@@ -161,13 +165,14 @@ def _finish(call: LinearCall, o: torch.Tensor, S: torch.Tensor):
     if call.normalize:
         o = o[..., :-1] / (o[..., -1:] + call.eps)  # (B, N, H, Dv)
         S = (S[..., :-1], S[..., -1])
-    o = o.to(call.q.dtype)
+    o = o.to(call.out_dtype or call.q.dtype)
     return (o, S) if call.return_state else o
 
 
 def _out_dtype(call: LinearCall) -> torch.dtype:
-    # keep numerator and denominator in fp32 until the division
-    return _cdt(call) if call.normalize else call.q.dtype
+    # keep numerator and denominator in fp32 until the division; an fp32 out_dtype for half inputs
+    # keeps the unnormalised sums, which outgrow fp16 long before fp32, out of half precision
+    return _cdt(call) if call.normalize or call.out_dtype is not None else call.q.dtype
 
 
 def _run_chunk(call: LinearCall):
@@ -201,9 +206,10 @@ def _run_reference(call: LinearCall):
         call.q.to(dt), call.k.to(dt), call.v.to(dt), causal=call.causal, feature_map=call.phi,
         decay=None if call.decay is None else call.decay.to(dt), normalize=call.normalize, scale=call.scale,
         initial_state=st, return_state=call.return_state, eps=call.eps)
+    out_dtype = call.out_dtype or call.q.dtype
     if call.return_state:
-        return res[0].to(call.q.dtype), res[1]
-    return res.to(call.q.dtype)
+        return res[0].to(out_dtype), res[1]
+    return res.to(out_dtype)
 
 
 def _cpu_only(call: LinearCall) -> tuple[bool, str]:
@@ -278,7 +284,8 @@ register_op("linear_attention", make_call, DISPATCHER)
 
 
 def linear_attention(q, k, v, *, causal=True, feature_map="identity", decay=None, normalize=False, scale=None,
-                     initial_state=None, return_state=False, backend=None, chunk_size=None, eps=1e-6):
+                     initial_state=None, return_state=False, backend=None, chunk_size=None, eps=1e-6,
+                     out_dtype=None):
     """Linear attention ``o_t = scale phi(q_t) S_t``, ``S_t = decay_t S_{t-1} + phi(k_t)^T v_t``.
 
     The contract is ``docs/design.md`` §3.
@@ -300,9 +307,17 @@ def linear_attention(q, k, v, *, causal=True, feature_map="identity", decay=None
         backend: ``"chunk"``, ``"recurrent"``, ``"reference"`` or None (recurrent for causal N <= 16, else chunk).
         chunk_size: chunk length of the chunk algorithm (default 64).
         eps: added to the normaliser.
+        out_dtype: dtype of ``o``, default q's. The sums run in float32 (float64 for float64) either way;
+            without ``normalize`` they grow with N and the input scale, so half-precision callers that
+            normalise afterwards (RMSNorm, GroupNorm) pass ``torch.float32`` to keep ``o`` from overflowing
+            (fp16 inputs around 1e4 give sums near 1e12).
 
     Returns:
-        ``o (B, N, H, Dv)`` in q's dtype, or ``(o, state)`` with ``return_state``.
+        ``o (B, N, H, Dv)`` in ``out_dtype`` (q's dtype by default), or ``(o, state)`` with ``return_state``.
+
+    Non-finite inputs: a NaN or infinity in ``q_t`` reaches ``o_t`` only; one in ``k_s`` or ``v_s``
+    reaches every ``o_t`` whose sum holds it (``t >= s`` when causal, all when not; a decay does not
+    remove it). ``ak.check_finite(True)`` or ``ATTNKIT_CHECK_FINITE=1`` raises ``ValueError`` instead.
 
     Example:
         >>> q, k, v = (torch.randn(1, 1024, 4, 64) for _ in range(3))
@@ -313,5 +328,5 @@ def linear_attention(q, k, v, *, causal=True, feature_map="identity", decay=None
     """
     call = make_call(q, k, v, causal=causal, feature_map=feature_map, decay=decay, normalize=normalize,
                      scale=scale, initial_state=initial_state, return_state=return_state,
-                     chunk_size=chunk_size, eps=eps)
+                     chunk_size=chunk_size, eps=eps, out_dtype=out_dtype)
     return DISPATCHER.run(call, backend)

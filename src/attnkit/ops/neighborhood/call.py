@@ -5,8 +5,9 @@ Attention Transformer" (arXiv 2209.15001), "Faster Neighborhood Attention" (arXi
 "Generalized Neighborhood Attention" (arXiv 2504.16922). Exact index rules: NATTEN's, as stated in
 ``docs/design.md`` §3 (arXiv 2204.07143 §3, 2209.15001 §3).
 
-Backends: ``tiled`` (CPU tiles x halos, forward and backward; default), ``reference``
-(materialised mask, the oracle), ``flex`` (torch.compile(flex_attention) with an NA BlockMask,
+Backends: ``tiled`` (CPU tiles x halos, forward and backward; default), ``window`` (each query
+gathers its own window: plain tensor ops, chosen under ``torch.compile`` and for k/v holding NaN or
+infinity), ``reference`` (materialised mask, the oracle), ``flex`` (torch.compile(flex_attention) with an NA BlockMask,
 forward only, opt-in) and ``natten`` (when installed, opt-in).
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnkit._validate import check_qkv, resolve_scale
+from attnkit._validate import assert_finite, check_qkv, resolve_scale
 from attnkit.kernels.fused import fused_check
 from attnkit.masks.neighborhood import NeighborhoodMask, check_na_params
 from attnkit.ops.base import Backend, Dispatcher, register_op
@@ -25,6 +26,7 @@ from attnkit.ops.neighborhood.flex import flex_supports, run_flex
 from attnkit.ops.neighborhood.natten import natten_detail, natten_supports, run_natten
 from attnkit.ops.neighborhood.tiled import neighborhood_tiled
 from attnkit.ops.neighborhood.tiles import choose_tile, make_plan
+from attnkit.ops.neighborhood.window import neighborhood_window
 from attnkit.reference.naive_neighborhood import naive_neighborhood_attention
 
 _LAYOUTS = {1: "(B, X, H, D)", 2: "(B, X, Y, H, D)", 3: "(B, X, Y, Z, H, D)"}
@@ -84,6 +86,7 @@ def make_call(q, k, v, kernel_size, *, dilation=1, stride=1, is_causal=False, sc
         raise ValueError(f"{e} (q read as heads-last {_LAYOUTS[rank]} = {tuple(q.shape)})") from None
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    assert_finite("neighborhood_attention", q=q, k=k, v=v)  # only under the debug switch
     return NACall(q, k, v, ks, ds, ss, cs, resolve_scale(scale, q.shape[-1]), return_lse)
 
 
@@ -93,7 +96,22 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-2], t.shape[-1])  # (B, N, H, D)
 
 
+def _finite(*ts: torch.Tensor) -> bool:
+    # one aminmax pass each (NaN propagates through min/max, infinities show at the ends); the
+    # tiled backend is CPU-only, where this sync costs nothing but the pass (~1% of a 7x7 NA)
+    for t in ts:
+        lo, hi = torch.aminmax(t.detach())
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            return False
+    return True
+
+
 def _run_tiled(call: NACall):
+    if not _finite(call.k, call.v):
+        # a tile's halo holds keys outside some of its queries' windows: masked scores are -inf and
+        # masked probabilities 0, but NaN + -inf and 0 * NaN are NaN, so one NaN key or value would
+        # reach the whole tile. Per-query windows never touch a key outside the window.
+        return neighborhood_window(call)
     tile = choose_tile(call.spatial, call.kernel_size, call.dilation, call.stride, call.is_causal)
     plan = make_plan(call.spatial, call.kernel_size, call.dilation, call.stride, call.is_causal, tile)
     out, lse = neighborhood_tiled(_flat(call.q), _flat(call.k), _flat(call.v), plan, call.scale)
@@ -120,6 +138,24 @@ def _reference_suits(call: NACall) -> tuple[bool, str]:
     return True, ""
 
 
+def _run_window(call: NACall):
+    return neighborhood_window(call, chunked=not torch.compiler.is_compiling())
+
+
+def _window_suits(call: NACall) -> tuple[bool, str]:
+    if torch.compiler.is_compiling():
+        return True, "inside torch.compile: plain tensor ops, no tile plan"
+    if call.q.device.type != "cpu":
+        return True, f"{call.q.device.type} tensors: tiled is CPU-only"
+    return False, "gathers prod(kernel_size) keys per query; tiled is faster outside torch.compile"
+
+
+def _tiled_suits(call: NACall) -> tuple[bool, str]:
+    if torch.compiler.is_compiling():
+        return False, "its tile plan is built with data-dependent Python (graph breaks under torch.compile)"
+    return True, ""
+
+
 def _tiled_supports(call: NACall) -> tuple[bool, str]:
     # the tile plan (gather indices, tile masks) is built on the CPU
     if call.q.device.type != "cpu":
@@ -136,13 +172,20 @@ def _tiled_detail(call: NACall) -> str:
     return f"inference ({kernel}): no input needs a gradient"
 
 
+def _window_detail(call: NACall) -> str:
+    return f"gather {math.prod(call.kernel_size)} keys per query, softmax over the window; autograd backward"
+
+
 def _forward_only_detail(call: NACall) -> str:
     return "forward only: no input needs a gradient"
 
 
 DISPATCHER = Dispatcher("neighborhood_attention", [
-    Backend("tiled", _run_tiled, _tiled_supports, detail=_tiled_detail,
-            note="query tiles x key halos, fused CPU attention per chunk, hand-written chunked backward"),
+    Backend("tiled", _run_tiled, _tiled_supports, _tiled_suits, detail=_tiled_detail,
+            note="query tiles x key halos, fused CPU attention per chunk, hand-written chunked backward; "
+                 "k or v holding NaN/inf runs the window path"),
+    Backend("window", _run_window, suits=_window_suits, detail=_window_detail,
+            note="per-query gathered windows, plain tensor ops (chosen under torch.compile)"),
     Backend("reference", _run_reference, suits=_reference_suits, note="materialised mask; the oracle"),
     Backend("flex", run_flex, flex_supports, auto=False, detail=_forward_only_detail,
             note="torch.compile(flex_attention) + NA BlockMask; forward only, compiles per shape"),
@@ -172,12 +215,17 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, stride=1, is_cau
         stride: int or per-dim tuple, ``1 <= stride <= kernel_size``, default 1.
         is_causal: bool or per-dim tuple, default False.
         scale: logit scale, default ``D ** -0.5``.
-        backend: None (automatic), ``"tiled"``, ``"reference"``, ``"flex"`` or ``"natten"``.
+        backend: None (automatic: ``"tiled"``, or ``"window"`` inside ``torch.compile``), ``"tiled"``,
+            ``"window"``, ``"reference"``, ``"flex"`` or ``"natten"``.
         return_lse: also return the natural-log sum-exp of each query's scaled logits.
 
     Returns:
         ``out (B, *S, H, Dv)`` in q's dtype, and ``lse (B, *S, H)`` when ``return_lse`` (float32,
         float64 for float64 inputs).
+
+    Non-finite inputs: NaN or infinity propagates to exactly the queries whose window holds it (a NaN
+    in ``q`` only to its own row) and no further. ``ak.check_finite(True)`` or
+    ``ATTNKIT_CHECK_FINITE=1`` raises ``ValueError`` instead, naming the argument.
 
     Example:
         >>> q = k = v = torch.randn(1, 32, 32, 4, 16)
