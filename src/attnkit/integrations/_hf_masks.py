@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from attnkit.masks import Mask, causal, document, sliding_window
-from attnkit.masks.base import IntervalMask
+from attnkit.masks.base import IntervalMask, interval
 
 _HF = "transformers.masking_utils"
 
@@ -59,6 +59,35 @@ class KeyRuns(IntervalMask):
         lo = torch.tensor([r[0] for r in runs])[:, None].expand(-1, nq)   # (R, Nq)
         hi = torch.tensor([r[1] for r in runs])[:, None].expand(-1, nq)
         return lo.contiguous(), hi.contiguous()
+
+
+@dataclass(frozen=True)
+class Band(IntervalMask):
+    """Keys ``j`` with ``lo <= j - i <= hi`` for query row ``i`` (None: that side is open).
+
+    A causal or sliding-window band whose diagonal is shifted by a KV cache (``j - i`` is relative to
+    the cached keys), including bands that do not contain the diagonal (a sliding-window cache).
+    """
+
+    lo: int | None
+    hi: int | None
+
+    def __repr__(self) -> str:
+        return f"band({self.lo}, {self.hi})"
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        ok = torch.ones((), dtype=torch.bool)
+        if self.lo is not None:
+            ok = ok & (kv_idx - q_idx >= self.lo)
+        if self.hi is not None:
+            ok = ok & (kv_idx - q_idx <= self.hi)
+        return ok
+
+    def intervals(self, nq, nk):
+        q = torch.arange(nq)
+        lo = q + self.lo if self.lo is not None else torch.zeros_like(q)
+        hi = q + self.hi if self.hi is not None else torch.full_like(q, nk - 1)
+        return interval(lo, hi)
 
 
 def _runs(valid: list[bool]) -> tuple[tuple[int, int], ...]:
@@ -173,13 +202,13 @@ def _pattern(bounds: _Bounds, nq: int, nk: int) -> Mask | None:
     if lo is not None and lo <= -(nq - 1):       # j - i >= lo holds for every i < nq, j >= 0
         lo = None
     parts: list[Mask] = []
-    if lo is not None and hi is not None and lo <= 0 <= hi:
+    # every part sits at offset 0 (query row i at position i): the cache offset is inside lo / hi
+    if lo is None and hi == 0:
+        parts.append(causal())
+    elif lo is not None and hi is not None and lo <= 0 <= hi:
         parts.append(sliding_window(-lo, hi))    # j in [i + lo, i + hi]
-    else:
-        if hi is not None:
-            parts.append(causal(hi))             # j <= i + hi
-        if lo is not None:
-            parts.append(~causal(lo - 1))        # j >= i + lo
+    elif lo is not None or hi is not None:
+        parts.append(Band(lo, hi))
     if bounds.docs is not None and len(bounds.docs) > 1:
         parts.append(document(bounds.docs))
     if bounds.keys is not None and bounds.keys != ((0, nk - 1),):
