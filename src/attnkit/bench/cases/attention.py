@@ -11,8 +11,12 @@ Implementations compared (``Case.impl``):
   timed apart (``mask_build_s``);
 * ``auto``: ``ak.attention(...)`` with no ``backend=``: what the dispatcher chooses (its first call
   carries the plan build);
-* ``flex``: ``ak.attention(..., backend="flex")`` = ``torch.compile(flex_attention)`` with a
-  BlockMask; forward only on CPU; BlockMask build and compile timed apart.
+* ``flex``: ``torch.compile(flex_attention)`` called as its documentation does: contiguous heads-first
+  ``(B, H, N, D)`` tensors and a BlockMask built once; forward only on CPU; BlockMask build and compile
+  timed apart (no layout copy is charged to it);
+* ``flex_attnkit``: the same through ``ak.attention(..., backend="flex")`` on heads-last inputs (it copies
+  them to the layout flex wants); its record holds ``flex_attnkit_over_direct``, the time ratio to the
+  direct call measured alternately in setup.
 
 Shapes: B=1, H=8, D=64, fp32, heads-last. Each case checks its output on 64 query rows (all heads)
 against an fp64 reference. :func:`foundation` is the ``foundation`` suite: the comparisons masked
@@ -87,6 +91,19 @@ def _check(fn: Callable[[], torch.Tensor], q, k, v, mask, heads_first: bool) -> 
     return err, rel
 
 
+def _alternate_ratio(a: Callable[[], Any], b: Callable[[], Any], rounds: int = 3) -> float:
+    """Median time of ``a`` over median time of ``b``, calls alternated (both warmed up first)."""
+    ta, tb = [], []
+    with torch.no_grad():
+        a(), b()
+        for _ in range(rounds):
+            for fn, ts in ((a, ta), (b, tb)):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+    return round(sorted(ta)[rounds // 2] / sorted(tb)[rounds // 2], 4)
+
+
 def _runner(fn: Callable[[], torch.Tensor], q, k, v, do, pass_: str, check, **kw: Any) -> Runner:
     run = pass_fn(fn, pass_, (q, k, v), do)
     return Runner(run=run, check=check, **kw)
@@ -98,9 +115,10 @@ def _setup(impl: str, mask_name: str, n: int, h: int, dtype_name: str, pass_: st
 
         dtype = DTYPES[dtype_name]
         mask = named_mask(mask_name, n)
-        heads_first = impl.startswith("sdpa")
+        heads_first = impl.startswith("sdpa") or impl == "flex"
         q, k, v, do = _qkv(n, h, dtype, heads_first, pass_ == "fwd+bwd")
         oneoff: dict[str, float] = {}
+        params: dict[str, Any] = {}
         first_oneoff = False
         if impl == "sdpa":
             def fn() -> torch.Tensor:
@@ -119,28 +137,44 @@ def _setup(impl: str, mask_name: str, n: int, h: int, dtype_name: str, pass_: st
             def fn() -> torch.Tensor:
                 return ak.attention(q, k, v, mask)
         elif impl == "blocked":
-            from attnkit.ops.dense.blocked import plan_for
+            from attnkit.kernels.flash import native_reason, tile_list
+            from attnkit.ops.dense.blocked import kernel_tiles, plan_for
 
             t0 = time.perf_counter()
-            plan_for(mask, n, n, B, h, inference=pass_ == "fwd")  # cached; the timed calls reuse it
+            if native_reason(q) is None:  # the compiled kernel's tile list (cached; the timed calls reuse it)
+                tile_list(mask, n, n, *kernel_tiles(n, n, h, h))
+            else:
+                plan_for(mask, n, n, B, h, inference=pass_ == "fwd")
             oneoff["mask_build_s"] = time.perf_counter() - t0
 
             def fn() -> torch.Tensor:
                 return ak.attention(q, k, v, mask, backend="blocked")
-        elif impl == "flex":
-            from attnkit.ops.dense.flex import block_mask_for
+        elif impl in ("flex", "flex_attnkit"):
+            from attnkit.ops.dense.flex import block_mask_for, compiled_flex
 
             t0 = time.perf_counter()
-            block_mask_for(mask, B, h, n, n, q.device)
+            bm = block_mask_for(mask, B, h, n, n, q.device)  # built once, cached: the timed calls reuse it
             oneoff["mask_build_s"] = time.perf_counter() - t0
             first_oneoff = True
 
-            def fn() -> torch.Tensor:
-                return ak.attention(q, k, v, mask, backend="flex")
+            def direct(qf, kf, vf) -> torch.Tensor:
+                return compiled_flex()(qf, kf, vf, block_mask=bm, scale=D ** -0.5)
+
+            if impl == "flex":
+                def fn() -> torch.Tensor:
+                    return direct(q, k, v)
+            else:
+                def fn() -> torch.Tensor:
+                    return ak.attention(q, k, v, mask, backend="flex")
+
+                if pass_ == "fwd":
+                    qf, kf, vf = (t.detach().transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, N, D)
+                    params["flex_attnkit_over_direct"] = _alternate_ratio(fn, lambda: direct(qf, kf, vf))
+                    first_oneoff = False  # compiled by the ratio's warm-up
         else:
             raise ValueError(f"unknown impl {impl!r}")
         return _runner(fn, q, k, v, do, pass_, lambda: _check(fn, q, k, v, mask, heads_first),
-                       oneoff=oneoff, first_call_is_oneoff=first_oneoff)
+                       oneoff=oneoff, first_call_is_oneoff=first_oneoff, params=params)
 
     return setup
 
@@ -170,7 +204,7 @@ def grid(masks: list[str], ns: list[int], passes: tuple[str, ...], suites: set[s
                       ("baseline_group", f"full/N={n}{suffix}"))
             for pass_ in passes:
                 for impl in impls(mask_name):
-                    if impl == "flex" and pass_ != "fwd":
+                    if impl.startswith("flex") and pass_ != "fwd":
                         continue  # FlexAttention has no CPU backward
                     out.append(Case(op="attention", impl=impl, group=f"{mask_name}/N={n}{suffix}", pass_=pass_,
                                     suites=frozenset(suites), params=params, flops=fl,
@@ -187,7 +221,7 @@ def cases() -> list[Case]:
     """Every ak.attention case, suites attached (see module docstring)."""
     m = _masks()
     zoo = [z for z in m.ZOO]
-    with_flex = lambda name: [*_impls(name), "flex"]  # noqa: E731
+    with_flex = lambda name: [*_impls(name), "flex", "flex_attnkit"]  # noqa: E731
     return merge_cases([
         grid(["full", "causal", "sliding_window_64"], [256], BOTH, {"quick"}),
         # default (< 5 min on 2 cores with the other families): every mask family at N=1024 and 2048
@@ -207,6 +241,11 @@ def cases() -> list[Case]:
         grid(["sliding_window_causal_512"], [65536], ("fwd+bwd",), {"full"}, h=4,
              impls=lambda name: ["blocked", "sdpa_dense_mask"]),
         foundation(),
+        # the foundation suite at full size only: flex through ak.attention (its ratio to the direct call is
+        # in the record) and the same window on bfloat16 inputs (upcast tile by tile: no slower than fp32)
+        grid(["sliding_window_512"], [16384], FWD, {"foundation", "full"}, impls=lambda name: ["flex_attnkit"]),
+        grid(["sliding_window_512"], [16384], FWD, {"foundation", "full"}, dtype="bfloat16",
+             impls=lambda name: ["blocked"]),
     ])
 
 
@@ -215,7 +254,8 @@ def foundation(n_flex: int = 16384, n_masks: int = 8192, n_memory: int = 65536, 
     """The ``foundation`` suite (sizes are arguments so a test can run it small).
 
     * ``sliding_window_512`` at ``n_flex``, fwd: ``blocked`` vs ``flex`` (flex's BlockMask build and
-      compile are one-offs);
+      compile are one-offs); :func:`cases` adds flex through attnkit and ``blocked`` on bfloat16 inputs
+      at full size;
     * ``sliding_window_512``, ``full_document``, ``causal_document`` and ``causal`` at ``n_masks``, fwd
       and fwd+bwd: ``auto`` and ``blocked`` vs ``sdpa_dense_mask`` (and ``sdpa_causal`` for causal):
       the report's peer ratios give each speedup and its fraction of the ideal ``1 / density``;
