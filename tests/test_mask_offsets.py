@@ -41,7 +41,7 @@ def _extra_masks(n: int) -> dict[str, M.Mask]:
         "window_or_strided": M.sliding_window(2) | M.strided(9),
         "prefix_lm_window": M.prefix_lm(10) & M.sliding_window(12),
         "global_tokens": M.global_tokens(5),
-        "document_prefix_list": M.prefix_lm_document([30, 10, 40], [4, 0, 9]),
+        "document_prefix_list": M.prefix_lm_document([3 * n // 8, n // 8, n - n // 2], [4, 0, 9]),
         "block_sparse": M.block_sparse(_layout(0, (n // 8, n // 8)), 8),
         "block_sparse_rect": M.block_sparse(_layout(1, (n // 16, n // 4)), (16, 4)),
         "block_sparse_heads_causal": M.block_sparse(_layout(2, (1, 2, n // 8, n // 8)), 8) & M.causal(),
@@ -134,6 +134,20 @@ def test_tail_rows_equal_full_rows_attention(name):
             tail = ak.attention(q[:, -m:], k, v, mask=M.align_bottom_right(mask, m, N), backend=backend)
             err = (tail - ref[:, -m:]).abs().max().item()
             assert err <= 1e-12, f"{name} backend={backend} m={m}: last rows differ by {err:.3g}"
+
+
+@pytest.mark.parametrize("name", ["sliding_window_causal", "causal_document", "block_sparse_heads_causal",
+                                  "neighborhood_2d", "strided_relative"])
+def test_tail_rows_float32_blocked(name):
+    """float32 runs the blocked backend's compiled tile kernel where it is built (float64 runs torch ops)."""
+    mask = all_masks(N)[name]
+    q, k, v = _qkv(N, seed=2)
+    ref = ak.attention(q, k, v, mask=mask, backend="reference")
+    q, k, v = q.float(), k.float(), v.float()
+    for m in TAILS:
+        tail = ak.attention(q[:, -m:], k, v, mask=M.align_bottom_right(mask, m, N), backend="blocked")
+        err = (tail.double() - ref[:, -m:]).abs().max().item()
+        assert err <= 1e-5, f"{name} m={m}: {err:.3g}"
 
 
 def test_issue_repro_causal_and_window_decode():
