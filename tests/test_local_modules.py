@@ -48,7 +48,7 @@ def test_na_modules_match_functional(cls, shape, kw):
     ref = m.proj(ak.neighborhood_attention(q, k, v, backend="reference", **kw).reshape(2, *shape, 16))
     torch.testing.assert_close(m(x), ref)
     assert "kernel_size" in repr(m)
-    with pytest.raises(ValueError, match="channels-last"):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: x must be \(B, .*C=16\), got shape"):
         m(_rand(2, 16, *shape))
 
 

@@ -81,7 +81,7 @@ def test_moba_token_topk_oracle_and_counts():
 
 def test_moba_module_gradcheck_and_errors():
     torch.manual_seed(0)
-    m = MoBA(8, 2, block_size=4, topk=2).double()
+    m = MoBA(8, 2, block_size=4, topk=2, causal=True).double()
     torch.autograd.gradcheck(lambda x: m(x), (torch.randn(1, 12, 8, dtype=torch.float64, requires_grad=True),),
                              fast_mode=True)
     q, k, v = _ins(N=32).values()

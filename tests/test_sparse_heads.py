@@ -143,7 +143,7 @@ def test_relative_attention_matches_reference(causal, dtype):
 
 def test_rcmha_identities():
     torch.manual_seed(0)
-    m = RCMHA(16, 4, max_rel=32).double()
+    m = RCMHA(16, 4, max_rel=32, causal=True).double()
     x = _r(2, 10, 16)
     y = m(x)
     x2 = x.clone()
@@ -158,7 +158,7 @@ def test_rcmha_identities():
     torch.testing.assert_close(m(x), ref, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="relative range"):
         m(_r(1, 40, 16))
-    small = RCMHA(8, 2, max_rel=8).double()
+    small = RCMHA(8, 2, max_rel=8, causal=True).double()
     with torch.no_grad():
         small.rel_k.normal_()
         small.rel_b.normal_()

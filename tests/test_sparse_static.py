@@ -74,7 +74,7 @@ def test_s2_gqa_and_identities():
 
 def test_s2_module_and_errors():
     torch.manual_seed(0)
-    m = S2Attention(8, 2, block_size=2, local_blocks=1, vert_stride=2).double()
+    m = S2Attention(8, 2, block_size=2, local_blocks=1, vert_stride=2, causal=True).double()
     torch.autograd.gradcheck(lambda x: m(x), (torch.randn(1, 8, 8, dtype=torch.float64, requires_grad=True),),
                              fast_mode=True)
     q, k, v = _ins().values()
