@@ -271,3 +271,44 @@ def test_hyper_attention_does_not_depend_on_the_batch(causal):
             assert torch.equal(full[i:i + 1], m(x[i:i + 1]))
         assert torch.equal(m(x[[2, 0]]), full[[2, 0]])  # order does not matter either
         assert not torch.equal(full, m(x.flip(1)).flip(1))  # the estimate is still a real (sampled) one
+
+
+# ----------------------------------------------------------------------- empty inputs at op level
+
+
+def _empty_cases():
+    from attnkit.ops.local.criss_cross import criss_cross_attention
+    from attnkit.ops.local.halo import halo_attention
+    from attnkit.ops.local.multi_axis import block_attention, grid_attention
+    from attnkit.ops.per_head.moa import moa_attention
+    from attnkit.ops.per_head.s2 import s2_attention
+    from attnkit.ops.routed.biformer import bi_level_routing_attention
+    from attnkit.ops.routed.hyper import hyper_attention
+    from attnkit.ops.routed.moba import moba_attention
+    from attnkit.ops.routed.psa import PSAConfig, psa_attention
+    from attnkit.ops.routed.vmoba import vmoba_attention
+
+    img, seq = (1, 4, 4, 2, 4), (1, 8, 2, 4)
+    two = torch.tensor([1.0, 2.0])
+    return [
+        ("criss_cross", criss_cross_attention, img), ("halo", lambda q, k, v: halo_attention(q, k, v, 2, 1), img),
+        ("block", lambda q, k, v: block_attention(q, k, v, 2), img),
+        ("grid", lambda q, k, v: grid_attention(q, k, v, 2), img),
+        ("biformer", lambda q, k, v: bi_level_routing_attention(q, k, v, 2, 1), img),
+        ("moba", lambda q, k, v: moba_attention(q, k, v, 4, 1), seq), ("hyper", hyper_attention, seq),
+        ("s2", lambda q, k, v: s2_attention(q, k, v, 2, 1, 2), seq),
+        ("moa", lambda q, k, v: moa_attention(q, k, v, two, 0 * two, sink=1, block_size=4), seq),
+        ("psa", lambda q, k, v: psa_attention(q, k, v, PSAConfig(4, 4, 2, (0.5, 0.5), False)), seq),
+        ("vmoba", lambda q, k, v: vmoba_attention(q, k, v, (2, 2, 2)), seq),
+    ]
+
+
+@pytest.mark.parametrize("axis", ["batch", "tokens"])
+def test_ops_refuse_empty_inputs_with_one_error(axis):
+    """Every routed / local / per-head op: B == 0 or no tokens raises ValueError naming q's empty dimension."""
+    for name, fn, shape in _empty_cases():
+        shape = (0, *shape[1:]) if axis == "batch" else (shape[0], 0, *shape[2:])
+        q = torch.randn(shape)
+        with pytest.raises(ValueError, match=r"q has an empty dimension"):
+            fn(q, q, q)
+            pytest.fail(f"{name}: no error on {shape}")

@@ -156,3 +156,50 @@ def test_mha_cross_attention_and_bad_heads():
     assert m(torch.randn(1, 5, 32), context=torch.randn(1, 9, 32)).shape == (1, 5, 32)
     with pytest.raises(ValueError, match="multiple"):
         ak.get("mha", dim=32, num_heads=4, num_kv_heads=3)
+
+
+def test_default_config_holds_options_and_default_input_holds_sizes():
+    spec = ak.info("moba")
+    assert "seq_len" not in spec.default_config and "batch" not in spec.default_config
+    assert spec.default_input == {"batch": 2, "seq_len": 64}
+    assert ak.get("moba", **spec.default_config).topk == spec.default_config["topk"]
+    cfg = spec.config(tiny=True)
+    assert cfg["seq_len"] == spec.tiny_input["seq_len"] and cfg["dim"] == spec.tiny_config["dim"]
+    m, (x,) = spec.example(tiny=True)
+    assert x.shape == (1, 12, 8) and m.dim == 8
+    assert spec.flops(spec.default_config) == spec.flops(spec.config()) > 0  # flops fills input sizes in
+
+
+def test_register_moves_input_sizes_out_of_default_config(monkeypatch):
+    """A registration written the old way (sizes among the options) still gives options-only default_config."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    class Mixer(nn.Module):
+        def __init__(self, dim: int, scale: float = 1.0):
+            super().__init__()
+            self.lin = nn.Linear(dim, dim)
+
+    ak.register(**_kw(name="registry_test_mixer", default_config={"batch": 2, "seq_len": 5, "dim": 4},
+                      tiny_config={"seq_len": 3, "dim": 2}, flops=lambda c: c["batch"] * c["seq_len"] * c["dim"],
+                      options=lambda c: {"dim": c["dim"]}))(Mixer)
+    spec = registry._REGISTRY["registry_test_mixer"]
+    assert spec.default_config == {"dim": 4} and spec.default_input == {"batch": 2, "seq_len": 5}
+    assert spec.tiny_config == {"dim": 2} and spec.tiny_input == {"seq_len": 3}
+    assert spec.flops({}) == 40 and spec.flops({"dim": 1}) == 10
+    assert spec.example(tiny=True)[1][0].shape == (2, 3, 2)
+    assert isinstance(ak.get("registry_test_mixer", **spec.default_config), Mixer)
+
+
+def test_option_helpers_name_the_module():
+    with pytest.raises(ValueError, match=r"Mixer: topk must be >= 1, got 0"):
+        registry.int_option("Mixer", "topk", 0, 1)
+    with pytest.raises(TypeError, match=r"Mixer: topk must be an int, got bool"):
+        registry.int_option("Mixer", "topk", True, 1)
+    with pytest.raises(ValueError, match=r"Mixer: mode must be one of \('a', 'b'\), got 'c'"):
+        registry.choice_option("Mixer", "mode", "c", ("a", "b"))
+    with pytest.raises(ValueError, match=r"Mixer: p must be > 0"):
+        registry.float_option("Mixer", "p", 0.0, minimum=0.0, exclusive=True)
+    with pytest.raises(ValueError, match=r"Mixer: x must be \(B, N, C=4\), got shape \(2, 3\)"):
+        registry.check_input("Mixer", torch.zeros(2, 3), "(B, N, C)", channels=4)
+    with pytest.raises(NotImplementedError, match="Mixer cannot run on meta tensors: routing"):
+        registry.check_input("Mixer", torch.zeros(1, 2, 4, device="meta"), "(B, N, C)", channels=4, meta="routing")
