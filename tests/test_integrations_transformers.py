@@ -263,13 +263,14 @@ SENTENCES = ["A man is eating food.", "A man is riding a white horse on an enclo
              "Attention is all you need, and sparse attention is what you can afford."]
 
 
-def minilm_embeddings(impl: str) -> torch.Tensor:
+def minilm_embeddings(impl: str, **options) -> torch.Tensor:
     """all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2-normalised), as sentence-transformers computes them."""
     from transformers import AutoModel, AutoTokenizer
 
     path = skip_if_no_minilm().get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, attn_implementation=impl).eval()
+    model.config.attnkit_options = options
     enc = tok(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
         h = model(**enc).last_hidden_state                                    # (B, N, C)
@@ -277,6 +278,8 @@ def minilm_embeddings(impl: str) -> torch.Tensor:
     return torch.nn.functional.normalize((h * w).sum(1) / w.sum(1), dim=-1)  # (B, C)
 
 
-def test_minilm_embeddings_equal_sdpa():
-    cos = (minilm_embeddings("attnkit") * minilm_embeddings("sdpa")).sum(-1)
+@pytest.mark.parametrize("backend", [None, "blocked"])   # auto (SDPA inside ak.attention at N~20), the tile walk
+def test_minilm_embeddings_equal_sdpa(backend):
+    options = {} if backend is None else {"backend": backend}
+    cos = (minilm_embeddings("attnkit", **options) * minilm_embeddings("sdpa")).sum(-1)
     assert cos.min().item() >= 0.99999, cos

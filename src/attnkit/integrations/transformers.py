@@ -16,8 +16,8 @@ that uses the interface (Llama, Mistral, Qwen2, BERT, ...) runs through ``ak.att
   unless ``config.attnkit_options = {"fallback": "sdpa"}``, which runs that call on torch's SDPA
   with the dense float mask (what ``attn_implementation="sdpa"`` computes); ``explain`` reports it.
 
-``config.attnkit_options`` (a dict on the model config; ``from_pretrained(..., attnkit_options={...})``
-sets it) holds ``backend`` (force an ``ak.attention`` backend), ``fallback`` (``"error"`` or
+``config.attnkit_options`` (a dict on the model config, read by every layer at each call; set it
+after loading, ``model.config.attnkit_options = {...}``, or with :func:`use`) holds ``backend`` (force an ``ak.attention`` backend), ``fallback`` (``"error"`` or
 ``"sdpa"``) and, for a named variant, that variant's options (``attnkit.integrations.transformers.VARIANTS``).
 
 Example:
