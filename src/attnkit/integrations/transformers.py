@@ -17,8 +17,9 @@ that uses the interface (Llama, Mistral, Qwen2, BERT, ...) runs through ``ak.att
   with the dense float mask (what ``attn_implementation="sdpa"`` computes); ``explain`` reports it.
 
 ``config.attnkit_options`` (a dict on the model config, read by every layer at each call; set it
-after loading, ``model.config.attnkit_options = {...}``, or with :func:`use`) holds ``backend`` (force an ``ak.attention`` backend), ``fallback`` (``"error"`` or
-``"sdpa"``) and, for a named variant, that variant's options (``attnkit.integrations.transformers.VARIANTS``).
+after loading, ``model.config.attnkit_options = {...}``, or with :func:`use`) holds ``backend``
+(force an ``ak.attention`` backend), ``fallback`` (``"error"`` or ``"sdpa"``) and, for a named
+variant, that variant's options (:data:`VARIANTS`).
 
 Example:
     >>> from attnkit.integrations import transformers as akt
