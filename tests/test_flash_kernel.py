@@ -199,3 +199,44 @@ def test_ops_pass_torch_library_checks():
     torch.library.opcheck(ops.flash_tiles_fwd, (q, k, v, *args), test_utils=checks)
     torch.library.opcheck(ops.flash_tiles_bwd, (q, k, v, out, torch.randn_like(out), lse, torch.empty(0), *args, 2),
                           test_utils=checks)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["qk_sparse", "hash_sparse"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["MHA", "GQA"])
+def test_data_dependent_masks(kind, causal, heads):
+    """qk_sparse / hash_sparse: the kernel (per-head tile lists when heads are KV heads, the union with
+    per-head bitmasks under GQA) against the reference on the mask's own dense form."""
+    from attnkit.masks.hash_sparse import hash_sparse
+    from attnkit.masks.qk_sparse import qk_sparse
+
+    hq, hkv = heads
+    q, k, v = _inputs(2, 300, 300, hq, hkv, 16, 16)
+    m = qk_sparse(q, k, 64, 2, causal=causal) if kind == "qk_sparse" else hash_sparse(q, k, 4, causal=causal)
+    assert m.head_dependent and m.lead_shape == (2, hq)
+    _check(q, k, v, m)
+    dense = m.to_dense(300, 300)                                                  # (B, H, Nq, Nk)
+    assert m.count(300, 300) == round(dense.sum().item() / (2 * hq))
+    cls = m.head_blocks(300, 300, 64, 64)
+    ref = m._dense_head_blocks(300, 300, 64, 64)
+    assert torch.equal(cls, ref)
+    if kind == "qk_sparse":  # every query block keeps topk key blocks (fewer near the start when causal)
+        per_row = m.layout.sum(-1)
+        assert per_row.max() == 2 and (causal or bool((per_row == 2).all()))
+    if hq == hkv:
+        tl = flash.tile_list(m, 300, 300, 64, 64, hkv)
+        assert tl.row_ptr.shape[:2] == (2, hq)  # one list per (batch, head)
+
+
+def test_data_dependent_mask_checks():
+    from attnkit.masks.hash_sparse import hash_sparse
+    from attnkit.masks.qk_sparse import qk_sparse
+
+    q = torch.randn(1, 64, 2, 8)
+    with pytest.raises(ValueError, match="n_buckets must be even"):
+        hash_sparse(q, q, 3)
+    with pytest.raises(ValueError, match="qk_sparse: q and k"):
+        qk_sparse(q[0], q, 16, 1)
+    m = qk_sparse(q, q, 16, 1, offset=64)
+    with pytest.raises(ValueError, match="does not cover"):
+        m.validate(80, 64)

@@ -63,14 +63,17 @@ def pack_bits(allowed: torch.Tensor, bk: int) -> torch.Tensor:
 
 def tile_list_from(classes: torch.Tensor, allowed: torch.Tensor | None, bq: int, bk: int,
                    computed_pairs: int = 0) -> TileList:
-    """A tile list from tile classes ``(nqt, nkt)`` (0 EMPTY, 1 PARTIAL, 2 FULL) and the partial tiles' bool
-    masks in row-major tile order, ``(P, bq, bk)`` or ``(Bm, Hm, P, bq, bk)`` (False outside the tensor)."""
-    nqt = classes.shape[0]
-    ti, tj = (classes != EMPTY).nonzero(as_tuple=True)
-    counts = torch.bincount(ti, minlength=nqt)
-    row_ptr = torch.zeros(nqt + 1, dtype=torch.long)
-    row_ptr[1:] = counts.cumsum(0)
-    partial = classes[ti, tj] == PARTIAL
+    """A tile list from tile classes ``(nqt, nkt)`` or ``(Lb, Lh, nqt, nkt)`` (one list per batch / KV head;
+    0 EMPTY, 1 PARTIAL, 2 FULL) and the partial tiles' bool masks in row-major order of ``classes``,
+    ``(P, bq, bk)`` or ``(Bm, Hm, P, bq, bk)`` (False outside the tensor)."""
+    c4 = classes if classes.dim() == 4 else classes[None, None]                  # (Lb, Lh, nqt, nkt)
+    lb, lh, nqt = c4.shape[:3]
+    lead, ti, tj = (c4 != EMPTY).view(lb * lh, nqt, -1).nonzero(as_tuple=True)
+    counts = torch.bincount(lead * nqt + ti, minlength=lb * lh * nqt).view(lb * lh, nqt)
+    row_ptr = torch.zeros(lb * lh, nqt + 1, dtype=torch.long)
+    row_ptr[:, 1:] = counts.view(-1).cumsum(0).view(lb * lh, nqt)                # offsets into one entry array
+    row_ptr[:, 0] = row_ptr[:, 1] - counts[:, 0]                                 # each list starts where the last ended
+    partial = c4.view(lb * lh, nqt, -1)[lead, ti, tj] == PARTIAL
     slots = torch.full((ti.numel(),), -1, dtype=torch.long)
     if allowed is None or allowed.shape[-3] == 0:
         bits = torch.zeros(1, 1, 1, bq, -(-bk // 64), dtype=torch.long)
@@ -82,12 +85,38 @@ def tile_list_from(classes: torch.Tensor, allowed: torch.Tensor | None, bq: int,
         uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)        # identical tiles share a slot
         bits = uniq.view(-1, bm, hm, bq, packed.shape[-1]).permute(1, 2, 0, 3, 4).contiguous()
         slots[partial] = inverse
-    return TileList(bq, bk, row_ptr.view(1, 1, -1), tj.long().contiguous(), slots, bits, computed_pairs)
+    return TileList(bq, bk, row_ptr.view(lb, lh, -1), tj.long().contiguous(), slots, bits, computed_pairs)
 
 
-def tile_list(mask: Mask | None, nq: int, nk: int, bq: int, bk: int) -> TileList:
-    """The (cached) tile list of ``mask`` for ``nq`` queries and ``nk`` keys."""
+def tile_list(mask: Mask | None, nq: int, nk: int, bq: int, bk: int, hkv: int | None = None) -> TileList:
+    """The (cached) tile list of ``mask`` for ``nq`` queries and ``nk`` keys.
+
+    A head-dependent mask with exact per-head tile classes (``mask.head_blocks``, e.g. ``qk_sparse``) gets
+    one list per (batch, head) when its heads are the KV heads (``hkv`` given and equal), so each head walks
+    only its own tiles; otherwise every head walks the union and masks inside it.
+    """
+    if mask is not None and hkv is not None and hasattr(mask, "head_blocks") and mask.lead_shape[1] in (1, hkv):
+        return _head_tile_list_cached(mask, nq, nk, bq, bk)
     return _tile_list_cached(mask, nq, nk, bq, bk)
+
+
+@lru_cache(maxsize=16)
+def _head_tile_list_cached(mask: Mask, nq: int, nk: int, bq: int, bk: int) -> TileList:
+    cls = mask.head_blocks(nq, nk, bq, bk)                                      # (Lb, Lh, nqt, nkt)
+    lb, lh, nqt, nkt = cls.shape
+    rows = torch.clamp(torch.arange(nqt) * bq + bq, max=nq) - torch.arange(nqt) * bq
+    cols = torch.clamp(torch.arange(nkt) * bk + bk, max=nk) - torch.arange(nkt) * bk
+    computed = round(((cls != EMPTY).long() * rows[:, None] * cols[None, :]).sum().item() / (lb * lh))
+    lead, ti, tj = (cls == PARTIAL).view(lb * lh, nqt, nkt).nonzero(as_tuple=True)
+    allowed = None
+    if ti.numel():
+        q = ti[:, None] * bq + torch.arange(bq)[None]                            # (P, bq)
+        kv = tj[:, None] * bk + torch.arange(bk)[None]                           # (P, bk)
+        valid = (q < nq)[:, :, None] & (kv < nk)[:, None, :]
+        ok = mask._evaluate(q.clamp_max(nq - 1)[:, :, None], kv.clamp_max(nk - 1)[:, None, :], nq, nk)
+        ok = ok.expand(lb, lh, *ok.shape[2:]).reshape(lb * lh, *ok.shape[2:])     # (Lb*Lh, P, bq, bk)
+        allowed = ok[lead, torch.arange(lead.numel())] & valid                   # each tile under its own head
+    return tile_list_from(cls, allowed, bq, bk, computed)
 
 
 @lru_cache(maxsize=64)

@@ -46,9 +46,22 @@ def _masks() -> Any:
     return m
 
 
-def named_mask(name: str, n: int) -> Any:
-    """The mask called ``name`` for ``n`` tokens: ``sliding_window_512``, ``causal``, a zoo name, ..."""
+DATA_MASKS = ("qk_sparse", "hash_sparse")
+
+
+def named_mask(name: str, n: int, h: int = H) -> Any:
+    """The mask called ``name`` for ``n`` tokens: ``sliding_window_512``, ``causal``, a zoo name, or a
+    data-dependent one (``qk_sparse``: 64-token blocks, top n/512 key blocks per query block, causal;
+    ``hash_sparse``: 8 buckets of 64-token blocks) built from the case's own heads-last q and k."""
     m = _masks()
+    if name in DATA_MASKS:
+        from attnkit.masks.hash_sparse import hash_sparse
+        from attnkit.masks.qk_sparse import qk_sparse
+
+        q, k, _, _ = _qkv(n, h, torch.float32, False, False)
+        if name == "qk_sparse":
+            return qk_sparse(q, k, 64, max(1, n // 512), causal=True)
+        return hash_sparse(q, k, 8, block=64)
     fixed: dict[str, Callable[[], Any]] = {"full": lambda: None, "causal": m.causal}
     if name in fixed:
         return fixed[name]()
@@ -81,7 +94,8 @@ def _check(fn: Callable[[], torch.Tensor], q, k, v, mask, heads_first: bool) -> 
         ks, vs = k[0].double().transpose(0, 1), v[0].double().transpose(0, 1)  # (H, N, D)
         s = qs @ ks.transpose(-1, -2) * D**-0.5                                 # (H, R, N)
         if mask is not None:
-            allowed = mask.mask_mod(0, 0, rows[:, None], torch.arange(n)[None, :])  # (R, N)
+            heads = torch.arange(s.shape[0])[:, None, None]
+            allowed = mask.mask_mod(0, heads, rows[None, :, None], torch.arange(n)[None, None, :])  # (H|1, R, N)
             s = s.masked_fill(~allowed, float("-inf"))
         p = torch.softmax(s, -1).nan_to_num(0.0)  # an empty row gives zeros
         ref = (p @ vs).transpose(0, 1)                                          # (R, H, D)
@@ -114,7 +128,7 @@ def _setup(impl: str, mask_name: str, n: int, h: int, dtype_name: str, pass_: st
         import attnkit as ak
 
         dtype = DTYPES[dtype_name]
-        mask = named_mask(mask_name, n)
+        mask = named_mask(mask_name, n, h)
         heads_first = impl.startswith("sdpa") or impl == "flex"
         q, k, v, do = _qkv(n, h, dtype, heads_first, pass_ == "fwd+bwd")
         oneoff: dict[str, float] = {}
@@ -194,8 +208,9 @@ def grid(masks: list[str], ns: list[int], passes: tuple[str, ...], suites: set[s
 
     for n in ns:
         for mask_name in masks:
-            mask = named_mask(mask_name, n)
-            if mask is not None and not isinstance(mask, IntervalMask) and n > MAX_N_GENERIC_MASK:
+            mask = named_mask(mask_name, n, h)
+            if (mask is not None and not isinstance(mask, IntervalMask) and mask_name not in DATA_MASKS
+                    and n > MAX_N_GENERIC_MASK):
                 continue  # exact area of a non-interval mask costs O(N^2) at discovery; keep it small
             fl = attention_flops(mask_area(mask, n, n), h, D, batch=B)
             params = (("mask", mask_name), ("mask_repr", repr(mask) if mask is not None else "full"),
@@ -233,6 +248,7 @@ def cases() -> list[Case]:
         grid(DEFAULT_MASKS, [2048], ("fwd+bwd",), {"full"}),
         grid(["full", "sliding_window_256"], [4096], FWD, {"default", "full"}),
         grid(zoo, [1024, 2048, 4096, 8192], BOTH, {"masks", "full"}),
+        grid(list(DATA_MASKS), [1024, 2048, 4096, 8192], BOTH, {"masks", "full"}),
         grid(["full", "causal", "sliding_window_256"], [512 * 2**i for i in range(8)], BOTH, {"scaling"}),
         # the large masked-attention checks (the foundation suite's, with dense SDPA beside them)
         grid(["full", "sliding_window_512"], [16384], FWD, {"full"}, impls=with_flex),

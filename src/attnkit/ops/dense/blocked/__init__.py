@@ -231,7 +231,7 @@ def kernel_tiles(nq: int, nk: int, hq: int, hkv: int) -> tuple[int, int]:
 
 def _run_native(call):
     bq, bk = kernel_tiles(call.nq, call.nk, call.hq, call.hkv)
-    tl = _flash.tile_list(call.mask, call.nq, call.nk, bq, bk)
+    tl = _flash.tile_list(call.mask, call.nq, call.nk, bq, bk, call.hkv)
     out, lse = _flash.flash_attention(call.q, call.k, call.v, tl, call.scale)
     return (out, lse) if call.return_lse else out
 
