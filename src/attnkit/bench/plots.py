@@ -142,11 +142,12 @@ def _bar_panel(ax: Any, panel: dict[str, list[Record]], key: str, scale: float, 
     ax.grid(True, axis="y", alpha=0.25)
 
 
-def _series_figure(path: Path, title: str, key: str, ylabel: str, logy: bool, scale: float,
-                   panels: dict[str, dict[str, list[Record]]], cross: list[Crossover]) -> bool:
+def series_figure(title: str, key: str, ylabel: str, logy: bool, scale: float,
+                  panels: dict[str, dict[str, list[Record]]], cross: list[Crossover]) -> Any:
+    """One figure of :data:`FIGURES`: a panel per (op, mask) that has ``key``; None when none has."""
     names = [p for p, by in panels.items() if any(_points(rs, key) for rs in by.values())]
     if not names:
-        return False
+        return None
     rows, cols = _grid(len(names))
     fig = _figure((5.2 * cols, 3.8 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -163,16 +164,15 @@ def _series_figure(path: Path, title: str, key: str, ylabel: str, logy: bool, sc
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
-    fig.savefig(path, dpi=90)
-    return True
+    return fig
 
 
-def _dot_figure(path: Path, records: list[Record]) -> bool:
+def dot_figure(records: list[Record]) -> Any:
     """Median time of every ok record without an N (mechanism examples): a dot per pass on a log axis,
     one row per (op, impl); a dot plot, since bars on a log axis have no meaningful length."""
     rs = [r for r in records if r.get("status") == "ok" and "N" not in r.get("params", {})]
     if not rs:
-        return False
+        return None
     rows = sorted({(r["op"], r["impl"]) for r in rs})
     fig = _figure((8, 0.3 * len(rows) + 1.4))
     ax = fig.subplots()
@@ -191,8 +191,7 @@ def _dot_figure(path: Path, records: list[Record]) -> bool:
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     ax.set_title("Mechanisms: time of the registry's example", pad=22)
     fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    return True
+    return fig
 
 
 def make_plots(records: list[Record], outdir: str | Path) -> list[tuple[str, str]]:
@@ -204,8 +203,12 @@ def make_plots(records: list[Record], outdir: str | Path) -> list[tuple[str, str
     cross = crossovers(recs)
     made = []
     for fname, title, key, ylabel, logy, scale in FIGURES:
-        if _series_figure(outdir / fname, title, key, ylabel, logy, scale, panels, cross):
+        fig = series_figure(title, key, ylabel, logy, scale, panels, cross)
+        if fig is not None:
+            fig.savefig(outdir / fname, dpi=90)
             made.append((title, fname))
-    if _dot_figure(outdir / "mechanisms.png", recs):
+    fig = dot_figure(recs)
+    if fig is not None:
+        fig.savefig(outdir / "mechanisms.png", dpi=90, bbox_inches="tight")  # long row labels: keep them whole
         made.append(("Mechanisms: time of the registry's example", "mechanisms.png"))
     return made
