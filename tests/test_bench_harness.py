@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,31 @@ def bad_cases() -> list[Case]:
     ]
 
 
+def _noisy_setup(always: bool):
+    """A run whose calls alternate 40 ms / 10 ms (p80/p20 ~1.8 over three samples); unless ``always``, only
+    in the first process that sets it up (a marker file in $ATTNKIT_TEST_MARKERS), steady 10 ms after."""
+    def setup() -> Runner:
+        marker = Path(os.environ["ATTNKIT_TEST_MARKERS"]) / f"noisy_{always}"
+        noisy = always or not marker.exists()
+        marker.touch()
+        calls = [0]
+
+        def run():
+            calls[0] += 1
+            # the first call is the warm-up (20 ms: one call per sample), then 40 / 10 / 40 ms samples
+            time.sleep(0.02 if calls[0] == 1 else 0.04 if noisy and calls[0] % 2 == 0 else 0.01)
+
+        return Runner(run=run)
+
+    return setup
+
+
+def noisy_cases() -> list[Case]:
+    return [_case("noise/once", "sleep", _noisy_setup(False)), _case("noise/always", "sleep", _noisy_setup(True)),
+            # a FLOP count no machine reaches: its % roof is capped and flagged
+            replace(_case("roof/over", "mm", _mm_setup(32, "fwd"), n=32), flops=1e18)]
+
+
 def broken_provider() -> list[Case]:
     raise ImportError("no module named 'imaginary_dependency'")
 
@@ -108,8 +134,9 @@ def bench_cmd(out: Path, provider: str, *extra: str) -> list[str]:
             "--provider", f"{HERE}:{provider}", "--threads", "1", *extra]
 
 
-def run_bench(out: Path, provider: str, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_bench(out: Path, provider: str, *extra: str, timeout: float = 120, **env_extra: str
+              ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
     return subprocess.run(bench_cmd(out, provider, *extra), capture_output=True, text=True, timeout=timeout,
                           env=env)
 
@@ -200,3 +227,48 @@ def test_results_file_tolerates_a_torn_line(tmp_path):
     assert f.done_ids() == {"a", "b"}
     assert f.done_ids(retry_failed=True) == {"a"}
     assert json.loads(f.path.read_text().splitlines()[0])["id"] == "a"
+
+
+def test_noisy_cases_are_measured_again_and_over_roof_is_capped(tmp_path):
+    p = run_bench(tmp_path, "noisy_cases", "--no-memory", ATTNKIT_TEST_MARKERS=str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = latest_cases(load(tmp_path / "results.jsonl"))
+    once, always = recs["mm/noise/once/sleep/fwd"], recs["mm/noise/always/sleep/fwd"]
+    for r in (once, always):  # the first measurement was noisy, and is recorded beside the kept one
+        first = r["first_measurement"]
+        assert first["p80_s"] / first["p20_s"] > 1.5 and first["samples"] >= 2
+    assert not once["noisy"] and once["spread"] < 1.5 and once["median_s"] < 0.02  # the steady re-measurement
+    assert always["noisy"] and always["spread"] > 1.5  # noisy twice: still flagged
+    over = recs["mm/roof/over/mm/fwd"]
+    assert over["pct_roof"] == 100.0 and over["over_roof"] and over["pct_roof_raw"] > 100
+    run = next(r for r in load(tmp_path / "results.jsonl") if r.get("kind") == "run")
+    sizes = run["roof_by_size"]["float32"]
+    assert len(sizes) >= 2 and run["roof_gflops"]["float32"] == max(sizes.values())  # best of several sizes
+    md = (tmp_path / "report.md").read_text()
+    assert "100*" in md and "re-measured (first: median" in md and "noisy: p80/p20" in md
+
+
+@pytest.mark.slow
+def test_force_reruns_recorded_cases_and_an_empty_selection_fails(tmp_path):
+    results = tmp_path / "results.jsonl"
+    p = run_bench(tmp_path, "slow_cases", "--only", "slow/N=1", "--no-memory", "--no-report")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(case_lines(results)) == 1
+    p = run_bench(tmp_path, "slow_cases", "--only", "slow/N=1", "--no-memory", "--no-report", "--force")
+    assert p.returncode == 0 and "1 cases to run, 0 already in the results file" in p.stdout, p.stdout + p.stderr
+    assert len(case_lines(results)) == 2
+    before = results.read_text()
+    p = run_bench(tmp_path, "slow_cases", "--only", "no_such_case*")
+    assert p.returncode == 1 and "no case matches --suite quick --only no_such_case*" in p.stdout, p.stdout
+    assert "Traceback" not in p.stdout + p.stderr
+    assert results.read_text() == before  # nothing written for an empty selection
+
+
+def test_an_empty_selection_runs_and_writes_nothing(tmp_path):
+    from attnkit.bench.harness import BenchOptions, Harness
+
+    opts = BenchOptions(suite="quick", out=str(tmp_path), only=("no_such_case*",), builtin=False,
+                        providers=(f"{HERE}:slow_cases",), threads=1)
+    summary = Harness(opts).run()
+    assert summary.selected == 0 and not summary.recorded
+    assert not (tmp_path / "results.jsonl").exists()

@@ -101,3 +101,45 @@ def test_masks_show_neighborhood_one_query():
     assert lines == ["Q##...", "###...", "###...", "......", "......"]
     bad = CliRunner().invoke(app, ["masks", "show", "neighborhood", "9", "--grid", "5x6"])
     assert bad.exit_code == 1 and "kernel_size" in bad.output
+
+
+def test_masks_show_takes_a_negative_offset():
+    code, out = invoke("masks", "show", "causal", "-3", "--n", "4")
+    assert code == 0, out
+    assert out.splitlines()[0].startswith("causal(offset=-3)")
+    assert out.splitlines()[1:5] == ["····", "····", "····", "█···"]
+    code, out = invoke("masks", "show", "sliding_window", "-x")
+    assert code == 1 and "'-x' is not an integer" in out
+
+
+def test_python_dash_m_attnkit():
+    p = subprocess.run([sys.executable, "-m", "attnkit", "masks", "show", "causal", "--n", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[1:3] == ["█·", "██"]
+
+
+def test_bench_compare_and_report_refuse_missing_or_garbage_files(tmp_path):
+    from attnkit.bench.results import ResultsFile
+
+    good = tmp_path / "good.jsonl"
+    ResultsFile(good).append({"kind": "case", "id": "a", "status": "ok", "median_s": 1.0})
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("this is not json\n[1, 2, 3]\n42\n")
+    for old, new, what in ((tmp_path / "missing.jsonl", good, "no such file or directory"),
+                           (good, garbage, "holds no benchmark records"),
+                           (good, tmp_path, "holds no results.jsonl")):
+        res = runner.invoke(app, ["bench", "compare", str(old), str(new)])
+        assert res.exit_code == 2 and what in res.output, res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit)  # a message, not a traceback
+    code, out = invoke("bench", "report", str(tmp_path / "no_such_dir"))
+    assert code == 1 and "no such file or directory" in out
+    (tmp_path / "empty").mkdir()
+    code, out = invoke("bench", "report", str(tmp_path / "empty"))
+    assert code == 1 and "holds no results.jsonl" in out
+    assert not (tmp_path / "empty" / "report.md").exists()
+
+
+def test_bench_list_with_nothing_selected_fails():
+    code, out = invoke("bench", "list", "--suite", "quick", "--only", "no_such_case*")
+    assert code == 1 and "no case matches --suite quick --only no_such_case*" in out
