@@ -210,8 +210,6 @@ def test_linear_attention_fp16_large_inputs_out_fp32(normalize):
         linear_attention(q, k, v, out_dtype=torch.int32)
 
 
-@pytest.mark.xfail(strict=True, reason="module change needed: call linear_attention(..., out_dtype=torch.float32) "
-                                        "and normalise in float32 before casting back (see the NaN policy notes)")
 @pytest.mark.parametrize("name", ["lightning_attention", "minimax_lightning", "hybrid_attention", "l2vit_lga"])
 def test_linear_modules_fp16_large_inputs(name):
     m, (x,) = ak.info(name).example(tiny=True)

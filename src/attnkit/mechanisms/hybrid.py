@@ -137,16 +137,19 @@ class HybridAttention(nn.Module):
         if self.linear_heads:
             idx = list(self.linear_heads)
             state = None if cache is None else cache.get("state")
+            # with the rms fusion the unnormalised linear sums stay in fp32 until normalised: for half inputs
+            # around 1e4 they exceed fp16's range
+            wide = self.gain is not None and x.dtype in (torch.float16, torch.bfloat16)
             o, new_cache["state"] = linear_attention(
                 F.silu(q[:, :, idx]), F.silu(k[:, :, idx]), v[:, :, idx], decay=torch.tensor(self._decay),
-                initial_state=state, return_state=True)  # (B, N, Hl, D)
+                initial_state=state, return_state=True,
+                out_dtype=torch.float32 if wide else None)  # (B, N, Hl, D)
             for j, h in enumerate(idx):
                 heads[h] = o[:, :, j]
-        o = torch.stack(heads, dim=2)  # (B, N, H, D) in the original head order
+        wide = torch.promote_types(x.dtype, torch.float32) if self.gain is not None else x.dtype
+        o = torch.stack([h.to(wide) for h in heads], dim=2)  # (B, N, H, D) in the original head order
         if self.gain is not None:
-            of = o.to(torch.promote_types(o.dtype, torch.float32))
-            rms = torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + 1e-6).to(o.dtype)
-            o = o * rms * self.gain[:, None]
+            o = (o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.gain[:, None]
         y = self.out(o.reshape(B, N, C))
         return (y, new_cache) if return_cache else y
 

@@ -94,15 +94,20 @@ class LightningAttention(nn.Module):
         else:
             q, k, v = F.silu(self.qkv(x)).chunk(3, dim=-1)  # SiLU on v too in MiniMax
         q, k, v = (t.reshape(B, N, H, D) for t in (q, k, v))  # (B, N, H, D)
+        # the unnormalised sums can exceed fp16's range (inputs ~1e4): keep them in fp32 through the norm
         a, new_state = linear_attention(q, k, v, decay=self.decay, scale=1.0, initial_state=state,
-                                        return_state=True, chunk_size=c.chunk_size)
-        a = a.reshape(B, N, H * D)  # (B, N, H*D): the norm spans all heads jointly
+                                        return_state=True, chunk_size=c.chunk_size, out_dtype=_sum_dtype(x))
+        a = srms_norm(a.reshape(B, N, H * D), c.eps).to(x.dtype)  # (B, N, H*D): the norm spans all heads jointly
         if c.style == "tnl":
-            o = srms_norm(a, c.eps) * u
+            o = a * u
         else:
-            o = srms_norm(a, c.eps) * self.norm_weight * torch.sigmoid(self.gate(x))
+            o = a * self.norm_weight * torch.sigmoid(self.gate(x))
         y = self.out(o)
         return (y, new_state) if return_state else y
+
+
+def _sum_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 class MiniMaxLightningAttention(LightningAttention):

@@ -98,9 +98,12 @@ class L2ViTAttention(nn.Module):
         B, h, w, C = x.shape
         H = self.num_heads
         q, k, v = self.qkv(x).view(B, h * w, 3, H, C // H).unbind(2)  # (B, N, H, D) each
-        num = linear_attention(q, k, v, causal=False, feature_map="relu", scale=1.0)
-        den = linear_attention(q, k, torch.ones_like(v[..., :1]), causal=False, feature_map="relu", scale=1.0)
-        o = self.temperature[:, None] * num / den.clamp_min(self.clamp_min)  # (B, N, H, D)
+        # numerator and denominator in fp32 until the division: for half inputs they can exceed fp16's range
+        wide = torch.promote_types(x.dtype, torch.float32)
+        num = linear_attention(q, k, v, causal=False, feature_map="relu", scale=1.0, out_dtype=wide)
+        den = linear_attention(q, k, torch.ones_like(v[..., :1]), causal=False, feature_map="relu", scale=1.0,
+                               out_dtype=wide)
+        o = (self.temperature[:, None] * num / den.clamp_min(self.clamp_min)).to(x.dtype)  # (B, N, H, D)
         return self.out(o.reshape(B, h, w, C))
 
 
