@@ -240,3 +240,17 @@ def test_data_dependent_mask_checks():
     m = qk_sparse(q, q, 16, 1, offset=64)
     with pytest.raises(ValueError, match="does not cover"):
         m.validate(80, 64)
+
+
+@pytest.mark.parametrize("n,mask,expect", [
+    (1024, M.sliding_window(256), "sdpa"), (1024, M.block_causal(256), "sdpa"),
+    (1024, M.sliding_window(64), "blocked"), (2048, M.sliding_window(256), "blocked"),
+])
+def test_auto_knows_the_efficiency_length(n, mask, expect):
+    """backend=None takes dense-mask SDPA within the efficiency length unless the mask is very sparse,
+    and explain says why."""
+    q = torch.randn(1, n, 1, 8)
+    text = ak.explain("attention", q, q, q, mask=mask)
+    assert f"chosen: {expect}" in text
+    if expect == "sdpa":
+        assert "within the efficiency length" in text

@@ -15,6 +15,11 @@ from attnkit.ops.base import Backend
 _MAX_MASK_ELEMENTS = 1 << 28
 # below this fraction of non-empty tiles, the blocked backend wins on CPU
 _DENSE_ENOUGH = 0.8
+# the efficiency length: up to Nq * Nk = 1024^2 one dense-mask SDPA call (a single fused kernel) beats the
+# tile walk's per-tile work on masks that still leave a quarter of the tiles (sliding_window(256),
+# block_causal(256) at N=1024, fwd and fwd+bwd, 2 threads); sparser masks keep the tile walk
+EFFICIENCY_PAIRS = 1024 * 1024
+_EFFICIENT_TILES = 0.25
 
 
 def _is_plain_causal(call) -> bool:
@@ -47,6 +52,9 @@ def _suits(call):
     frac = call.tile_fraction()
     if frac >= _DENSE_ENOUGH:
         return True, f"{frac:.0%} of tiles are non-empty"
+    if call.nq * call.nk <= EFFICIENCY_PAIRS and frac >= _EFFICIENT_TILES:
+        return True, (f"{call.nq}x{call.nk} is within the efficiency length (<= {EFFICIENCY_PAIRS} pairs) and "
+                      f"{frac:.0%} of tiles are non-empty: one dense-mask SDPA call beats the tile walk here")
     return False, f"only {frac:.0%} of tiles are non-empty; a dense mask computes all of them"
 
 
