@@ -35,11 +35,10 @@ SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, database=N
 _MODULES: dict[tuple[str, str], torch.nn.Module] = {}
 # options a x2 input needs beyond the tiny config (rcmha refuses lengths past its relative range, by design)
 OVERRIDES = {"rcmha": {"max_rel": 16}}
-# A bug this sweep found in the tiled neighborhood backend (ops/neighborhood/tiled.py, not a module's): a work
-# buffer first allocated under inference_mode is an inference tensor, and reusing it outside inference_mode
-# raises "Inplace update to inference tensor outside InferenceMode". Excluded from the sweep until fixed;
-# test_neighborhood_after_inference_mode pins it (strict xfail: it fails loudly once the backend is fixed).
-INFERENCE_MODE_BUG = {"neighborhood_1d", "neighborhood_2d", "neighborhood_3d", "dilated_neighborhood"}
+# The sweep found that the tiled neighborhood backend reused a work buffer first allocated under inference_mode
+# (an inference tensor) outside it; its pool now keeps inference buffers apart, and
+# test_neighborhood_after_inference_mode pins it in a fresh process.
+INFERENCE_MODE_BUG: set[str] = set()
 
 
 def _module(spec, dtype: str) -> torch.nn.Module:
@@ -142,8 +141,6 @@ with torch.no_grad():
 """
 
 
-@pytest.mark.xfail(strict=True, reason="tiled neighborhood backend reuses an inference-mode work buffer outside "
-                   "inference_mode (ops/neighborhood/tiled.py)")
 def test_neighborhood_after_inference_mode():
     """A fresh process: the buffer pool must be empty for the inference-mode call to allocate the buffer."""
     r = subprocess.run([sys.executable, "-c", _INFERENCE_REPRO], capture_output=True, text=True, timeout=120)

@@ -112,7 +112,9 @@ _POOL_BYTES = 512 << 20
 
 
 def _take(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    free = _POOL.get((math.prod(shape), like.dtype, str(like.device)))
+    # buffers made under inference_mode are inference tensors, which may not be written outside it:
+    # they are pooled apart from the others
+    free = _POOL.get((math.prod(shape), like.dtype, str(like.device), torch.is_inference_mode_enabled()))
     if free:
         return free.pop().view(shape)
     return torch.empty(shape, dtype=like.dtype, device=like.device)
@@ -125,7 +127,7 @@ def _give(*bufs: torch.Tensor) -> None:
             t = t._base
         size = t.numel() * t.element_size()
         if held + size <= _POOL_BYTES:
-            _POOL.setdefault((t.numel(), t.dtype, str(t.device)), []).append(t)
+            _POOL.setdefault((t.numel(), t.dtype, str(t.device), t.is_inference()), []).append(t)
             held += size
 
 
