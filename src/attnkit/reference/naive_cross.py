@@ -1,0 +1,213 @@
+"""Naive twins of the cross-attention ops and modules: obvious code, torch only, the test oracle.
+
+Every op twin materialises its scores and works in float64 for float64 inputs, float32 otherwise.
+Module twins take ``(module, x, context=None)`` and recompute the module's forward from its
+parameters with plain tensor code and these op twins.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnkit.reference.naive_dense import naive_attention
+
+# ------------------------------------------------------------------------------------------- ops
+
+
+def naive_varlen_cross_attention(q, k, v, cu_q, cu_k, causal=False, scale=None):
+    """Packed sequences, one at a time: ``q (1, Tq, H, D)``, ``k, v (1, Tk, Hkv, D)`` -> ``(1, Tq, H, Dv)``."""
+    outs = []
+    for s in range(len(cu_q) - 1):
+        qs, ks, vs = q[:, cu_q[s]:cu_q[s + 1]], k[:, cu_k[s]:cu_k[s + 1]], v[:, cu_k[s]:cu_k[s + 1]]
+        nq, nk = qs.shape[1], ks.shape[1]
+        allowed = None
+        if causal:  # bottom-right aligned inside the sequence
+            allowed = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+        if nq == 0:
+            continue
+        if nk == 0:
+            outs.append(torch.zeros(*qs.shape[:-1], v.shape[-1], dtype=q.dtype))
+            continue
+        outs.append(naive_attention(qs, ks, vs, allowed, scale=scale))
+    return torch.cat(outs, 1)
+
+
+def naive_ip_adapter_attention(q, k, v, k_ip, v_ip, ip_scale=1.0, allowed=None, scale=None):
+    """IP-Adapter's decoupled cross-attention: two separate softmaxes, the image one scaled by ``ip_scale``."""
+    text = naive_attention(q, k, v, allowed, scale=scale)
+    if k_ip is None:
+        return text
+    return text + ip_scale * naive_attention(q, k_ip, v_ip, scale=scale)
+
+
+def naive_attention_rollout(maps, residual=0.5):
+    """``maps (L, B, N, N)`` head-averaged probabilities -> rollout ``(B, N, N)``: ``S_l' = r I + (1-r) S_l``,
+    multiplied from the first layer up (``R = S_L' ... S_1'``)."""
+    eye = torch.eye(maps.shape[-1], dtype=maps.dtype)
+    out = None
+    for s in maps:
+        s = (1 - residual) * s + residual * eye
+        out = s if out is None else s @ out
+    return out
+
+
+def naive_glca_attention(q, k, v, scores, topk, keep_cls=True, scale=None):
+    """Global-local cross-attention: the ``topk`` queries with the highest ``scores (B, N - 1)`` (over the
+    patch tokens 1..N-1; the CLS row 0 kept first when ``keep_cls``) attend to every key.
+
+    Returns ``(out (B, R, H, Dv), index (B, R))``: full attention computed for all rows, then selected."""
+    idx = scores.topk(topk, dim=-1).indices + 1                          # (B, R') patch rows
+    if keep_cls:
+        idx = torch.cat([torch.zeros_like(idx[:, :1]), idx], 1)        # (B, R)
+    full = naive_attention(q, k, v, scale=scale)                        # (B, N, H, Dv)
+    out = torch.stack([full[b, idx[b]] for b in range(q.shape[0])])
+    return out, idx
+
+
+def naive_filip_similarity(x, y, x_valid=None, y_valid=None):
+    """FILIP's token-wise late interaction between every image ``x (BI, n1, d)`` and text ``y (BT, n2, d)``.
+
+    Tokens are L2-normalised; invalid tokens are excluded from the max and from the mean.
+    Returns ``(s_i2t, s_t2i)``, each ``(BI, BT)``."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, y = F.normalize(x.to(work), dim=-1), F.normalize(y.to(work), dim=-1)
+    bi, bt = x.shape[0], y.shape[0]
+    xv = torch.ones(x.shape[:2], dtype=torch.bool) if x_valid is None else x_valid
+    yv = torch.ones(y.shape[:2], dtype=torch.bool) if y_valid is None else y_valid
+    s_i2t = torch.zeros(bi, bt, dtype=work)
+    s_t2i = torch.zeros(bi, bt, dtype=work)
+    for i in range(bi):
+        for j in range(bt):
+            xi, yj = x[i][xv[i]], y[j][yv[j]]
+            sim = xi @ yj.T                                                  # (n1', n2')
+            s_i2t[i, j] = sim.max(1).values.mean()
+            s_t2i[i, j] = sim.max(0).values.mean()
+    return s_i2t, s_t2i
+
+
+def naive_zero_param_pool(tokens, queries=("max", "mean"), scale=None, cls=True):
+    """GreenPLM's parameter-free pooling: summary queries (max / mean over tokens) attend to the tokens
+    (``K = V = tokens``). ``tokens (B, N, C)`` with the class token first when ``cls``.
+
+    Returns ``(B, cls + len(queries), C)``: ``[cls token, one pooled token per query]``."""
+    work = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    t = tokens.to(work)
+    body = t[:, 1:] if cls else t
+    scale = t.shape[-1] ** -0.5 if scale is None else scale
+    outs = [t[:, :1]] if cls else []
+    for kind in queries:
+        qv = body.amax(1, keepdim=True) if kind == "max" else body.mean(1, keepdim=True)   # (B, 1, C)
+        w = torch.softmax(qv @ body.transpose(1, 2) * scale, -1)                           # (B, 1, N)
+        outs.append(w @ body)
+    return torch.cat(outs, 1).to(tokens.dtype)
+
+
+def naive_adem_fusion(x, xv, feature_map="silu", drop_ratio=0.0, normalize="count", weight=1.0):
+    """ADEM-VL's projection-free fusion: ``x + weight * drop(phi(x) phi(xv)^T) xv / norm``.
+
+    ``x (B, Nt, C)``, ``xv (B, Nv, C)``; the ``floor(drop_ratio * Nv)`` lowest scores of each row are
+    dropped (zeroed, or excluded from the softmax)."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xw, vw = x.to(work), xv.to(work)
+    phi = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}[feature_map]
+    s = phi(xw) @ phi(vw).transpose(1, 2)                                   # (B, Nt, Nv)
+    nv = s.shape[-1]
+    drop = int(drop_ratio * nv)
+    keep = torch.ones_like(s, dtype=torch.bool)
+    if drop > 0:
+        low = s.topk(drop, dim=-1, largest=False).indices
+        keep = keep.scatter(-1, low, False)
+    if normalize == "softmax":
+        w = torch.softmax(s.masked_fill(~keep, float("-inf")) * xw.shape[-1] ** -0.5, -1)
+    else:
+        w = s.masked_fill(~keep, 0.0)
+        if normalize == "count":
+            w = w / (nv - drop)
+    return (xw + weight * (w @ vw)).to(x.dtype)
+
+
+def naive_composite_attention(q, k, v, num_visual, scale=None):
+    """EE-MLLM's composite attention over ``[visual (Nv); text]``: visual rows see only themselves,
+    text rows are causal over everything before them."""
+    n = q.shape[1]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    allowed = torch.where(i < num_visual, i == j, j <= i)
+    return naive_attention(q, k, v, allowed, scale=scale)
+
+
+def naive_cell_local_attention(q, feats, grid, scale=None):
+    """Cell-local cross-attention (Cambrian-1's SVA): query ``(i, j)`` of an ``L x L`` grid attends to
+    the ``m_e x m_e`` cell ``[m_e i, m_e (i + 1)) x [m_e j, m_e (j + 1))`` of every feature map.
+
+    Args:
+        q: ``(B, L*L, H, D)`` raster order; feats: a list of ``(k, v)`` pairs, each ``(B, Y_e, X_e, H, D)``
+            with ``Y_e = X_e = m_e * L``; grid: ``L``.
+    Returns ``(B, L*L, H, Dv)``."""
+    ks, vs, masks = [], [], []
+    L = grid
+    qi = torch.arange(L * L)
+    for k, v in feats:
+        y, x = k.shape[1], k.shape[2]
+        m = y // L
+        ky = torch.arange(y)[:, None].expand(y, x).reshape(-1)
+        kx = torch.arange(x)[None, :].expand(y, x).reshape(-1)
+        masks.append(((ky[None] // m) == (qi[:, None] // L)) & ((kx[None] // m) == (qi[:, None] % L)))
+        ks.append(k.reshape(k.shape[0], y * x, *k.shape[3:]))
+        vs.append(v.reshape(v.shape[0], y * x, *v.shape[3:]))
+    return naive_attention(q, torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(masks, 1), scale=scale)
+
+
+# ----------------------------------------------------------------------------------- module helpers
+
+
+def _lin(layer, x):
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def _ln(ln, x):
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).pow(2).mean(-1, keepdim=True)
+    y = (x - mu) / torch.sqrt(var + ln.eps)
+    return y * ln.weight + ln.bias if ln.weight is not None else y
+
+
+def _heads(t, h):
+    return t.reshape(t.shape[0], t.shape[1], h, t.shape[-1] // h)        # (B, N, H, D)
+
+
+# ----------------------------------------------------------------------------------- module twins
+
+
+def naive_ip_adapter_module(m, x, context=None):
+    """IP-Adapter layer: ``to_out(Attn(q, K_text, V_text) + s * Attn(q, K'_img, V'_img))``, the last
+    ``num_image_tokens`` context tokens being the image prompt."""
+    ctx = x if context is None else context
+    h = m.num_heads
+    nt = ctx.shape[1] - m.num_image_tokens
+    text, img = ctx[:, :nt], ctx[:, nt:]
+    q = _heads(_lin(m.to_q, x), h)
+    ki, vi = _heads(_lin(m.to_k_ip, img), h), _heads(_lin(m.to_v_ip, img), h)
+    if nt == 0:
+        o = m.ip_scale * naive_attention(q, ki, vi)
+    else:
+        k, v = _heads(_lin(m.to_k, text), h), _heads(_lin(m.to_v, text), h)
+        o = naive_ip_adapter_attention(q, k, v, ki, vi, m.ip_scale)
+    return _lin(m.to_out, o.reshape(x.shape[0], x.shape[1], -1))
+
+
+def naive_crossvit_cls_module(m, x, context=None):
+    """CrossViT fusion of branch ``x``'s CLS token with ``context``'s patch tokens (``x`` itself if None)."""
+    ctx = x if context is None else context
+    h = m.num_heads
+    cls = x[:, :1]
+    if m.fusion == "full":
+        cls = _lin(m.f_proj, F.gelu(_ln(m.f_norm, cls)))                     # (B, 1, Cctx)
+    z = torch.cat([cls, ctx[:, 1:]], 1)                                      # (B, 1 + M - 1, Cctx)
+    zn = _ln(m.norm, z) if m.fusion == "full" else z
+    q = _heads(_lin(m.wq, zn[:, :1]), h)
+    k, v = _heads(_lin(m.wk, zn), h), _heads(_lin(m.wv, zn), h)
+    o = _lin(m.proj, naive_attention(q, k, v).reshape(x.shape[0], 1, -1))
+    if m.fusion == "full":
+        o = _lin(m.g_proj, F.gelu(_ln(m.g_norm, cls + o)))                   # (B, 1, C)
+    return torch.cat([o, x[:, 1:]], 1)
