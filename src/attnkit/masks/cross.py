@@ -202,9 +202,9 @@ class VarlenCross(IntervalMask):
         super().validate(nq, nk)
         total_q, total_k = self.cu_q[-1], self.cu_k[-1]
         if nk != total_k:
-            raise ValueError(f"{self!r}: the key lengths sum to {total_k} but the keys have Nk={nk}")
+            raise ValueError(f"{self!r}: k_lengths (cu_seqlens_k) sum to {total_k} but the keys have Nk={nk}")
         if self.offset + nq > total_q:
-            raise ValueError(f"{self!r}: the query lengths sum to {total_q} but the query rows reach position "
+            raise ValueError(f"{self!r}: q_lengths (cu_seqlens_q) sum to {total_q} but the query rows reach position "
                              f"{self.offset + nq - 1} (Nq={nq}, offset={self.offset})")
 
     def mask_mod(self, b, h, q_idx, kv_idx):
@@ -358,9 +358,10 @@ class FrameCausal(IntervalMask):
 
     def validate(self, nq, nk):
         super().validate(nq, nk)
-        if nk != self.num_frames * self.tokens_per_frame:
-            raise ValueError(f"{self!r}: the keys must be the T * P = {self.num_frames * self.tokens_per_frame} "
-                             f"visual tokens (frame-major), got Nk={nk}")
+        t, p = self.num_frames, self.tokens_per_frame
+        if not (t - 1) * p < nk <= t * p:
+            raise ValueError(f"{self!r}: the keys must be the T * P = {t * p} visual tokens (frame-major; the last "
+                             f"frame may be shorter: Nk in ({(t - 1) * p}, {t * p}]), got Nk={nk}")
         if self.offset + nq > self.num_queries:
             raise ValueError(f"{self!r}: num_queries is {self.num_queries} but the query rows reach "
                              f"{self.offset + nq - 1} (Nq={nq}, offset={self.offset})")
@@ -375,7 +376,8 @@ class FrameCausal(IntervalMask):
 
 def frame_causal(num_queries: int, num_frames: int, tokens_per_frame: int, *, offset: int = 0) -> FrameCausal:
     """Video-CCAM's causal cross-attention mask (arXiv 2408.14023, §3): ``Q`` learnable queries over
-    ``T`` frames of ``P`` visual tokens (frame-major, ``Nk = T * P``).
+    ``T`` frames of ``P`` visual tokens (frame-major, ``Nk = T * P``; the last frame may be shorter,
+    ``(T - 1) P < Nk <= T P``).
 
     Query ``i`` sees frames ``0..f(i)`` with ``f(i) = ceil((i + 1) T / Q) - 1``: every query sees
     frame 0, the last one sees the whole video, ``T = 1`` is full cross-attention and, for ``Q = T``
