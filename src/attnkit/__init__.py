@@ -10,7 +10,11 @@ Example:
 """
 
 from attnkit import masks
+from attnkit._validate import check_finite, checking_finite
 from attnkit.ops.base import explain, explainable_ops
+from attnkit.ops.decode import KVCache, decode_attention
+from attnkit.ops.decode.quant import KIVICache, ZipCache
+from attnkit.ops.decode.sparse import TidalDecode, streaming_attention
 from attnkit.ops.dense import attention
 from attnkit.ops.dense.gaussian import gaussian_adaptive
 from attnkit.ops.dense.relative import relative_position_attention
@@ -35,13 +39,20 @@ __version__ = "0.1.0"
 __all__ = [
     "Family",
     "InputKind",
+    "KIVICache",
+    "KVCache",
     "MechanismSpec",
     "Paper",
+    "TidalDecode",
+    "ZipCache",
     "agent_attention",
     "attention",
     "bi_level_routing_attention",
     "block_attention",
+    "check_finite",
+    "checking_finite",
     "criss_cross_attention",
+    "decode_attention",
     "explain",
     "explainable_ops",
     "gaussian_adaptive",
@@ -63,5 +74,6 @@ __all__ = [
     "relative_position_attention",
     "s2_attention",
     "softplus_attention",
+    "streaming_attention",
     "vmoba_attention",
 ]
