@@ -292,7 +292,7 @@ def test_masks_namespace_exports_only_masks():
         "mask classes": {"Mask", "IntervalMask", "TensorMask"},
         "factories": {"causal", "sliding_window", "dilated_sliding_window", "chunked", "block_causal", "document",
                       "prefix_lm", "prefix_lm_document", "global_tokens", "share_question", "causal_blockwise",
-                      "strided", "block_sparse", "neighborhood"},
+                      "strided", "block_sparse", "neighborhood", "qk_sparse", "hash_sparse"},
         "mask utilities": {"as_mask", "align_bottom_right", "show", "plot", "zoo"},
         "zoo table": {"ZOO"},
         "tile classes of Mask.blocks": {"EMPTY", "PARTIAL", "FULL"},

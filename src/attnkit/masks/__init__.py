@@ -24,8 +24,10 @@ from attnkit.masks.block_sparse import block_sparse
 from attnkit.masks.causal import causal
 from attnkit.masks.chunk import block_causal, chunked
 from attnkit.masks.document import causal_blockwise, document, prefix_lm_document, share_question
+from attnkit.masks.hash_sparse import hash_sparse
 from attnkit.masks.neighborhood import neighborhood_mask as neighborhood
 from attnkit.masks.prefix import global_tokens, prefix_lm
+from attnkit.masks.qk_sparse import qk_sparse
 from attnkit.masks.show import plot, show
 from attnkit.masks.strided import strided
 from attnkit.masks.tensor import TensorMask
@@ -82,8 +84,8 @@ def zoo(name: str, n: int, *, offset: int = 0) -> Mask | None:
 __all__ = [
     "EMPTY", "FULL", "PARTIAL", "ZOO", "IntervalMask", "Mask", "TensorMask", "align_bottom_right", "as_mask",
     "block_causal", "block_sparse", "causal", "causal_blockwise", "chunked", "dilated_sliding_window", "document",
-    "global_tokens", "neighborhood", "plot", "prefix_lm", "prefix_lm_document", "share_question", "show",
-    "sliding_window", "strided", "zoo",
+    "global_tokens", "hash_sparse", "neighborhood", "plot", "prefix_lm", "prefix_lm_document", "qk_sparse",
+    "share_question", "show", "sliding_window", "strided", "zoo",
 ]
 
 
