@@ -1,10 +1,12 @@
 """Run a suite: discover, filter, plan comparisons, measure them in the worker, record.
 
 A *unit* is the cases of one comparison: same ``group`` and pass. Units run one at a
-time in a forked child (interleaved timing, see :mod:`attnkit.bench.timing`); then each
-case's peak memory is measured in its own fresh child; then every case of the unit is
-appended to ``results.jsonl``. A rerun skips recorded cases; Ctrl-C stops after killing
-the unit in flight (nothing recorded is lost, nothing half-done is written).
+time in a forked child (interleaved timing, see :mod:`attnkit.bench.timing`); a unit with
+a noisy case (p80/p20 above :data:`attnkit.bench.results.NOISY_SPREAD`) is timed once
+more and the second measurement kept; then each case's peak memory is measured in its
+own fresh child; then every case of the unit is appended to ``results.jsonl``. A rerun
+skips recorded cases (``--force``: reruns them); Ctrl-C stops after killing the unit in
+flight (nothing recorded is lost, nothing half-done is written).
 """
 
 from __future__ import annotations
@@ -253,14 +255,14 @@ class Harness:
         return measured
 
     def _remeasure_noisy(self, w: Worker, unit: list[Case], measured: dict[str, dict[str, Any]]) -> None:
-        """Time once more, in a fresh child, every case whose p80/p20 exceeds :data:`NOISY_SPREAD`; keep
-        the second measurement and record the first beside it (``first_measurement``)."""
-        noisy = [c for c in unit if measured.get(c.id, {}).get("status") == "ok"
-                 and measured[c.id]["p80_s"] > NOISY_SPREAD * measured[c.id]["p20_s"]]
-        if not noisy or self.stop:
+        """When a case's p80/p20 exceeds :data:`NOISY_SPREAD`, time its comparison once more in a fresh
+        child -- every ok case of it, interleaved again, so that its ratios to the others stay fair --
+        keep the second measurement and record the first beside it (``first_measurement``)."""
+        ok = [c for c in unit if measured.get(c.id, {}).get("status") == "ok"]
+        if self.stop or not any(measured[c.id]["p80_s"] > NOISY_SPREAD * measured[c.id]["p20_s"] for c in ok):
             return
-        again = self._time(w, noisy)
-        for c in noisy:
+        again = self._time(w, ok)
+        for c in ok:
             first = measured[c.id]
             kept = {k: first[k] for k in ("median_s", "p20_s", "p80_s", "samples") if k in first}
             second = again.get(c.id)

@@ -315,8 +315,9 @@ def _header_lines(ctx: dict[str, Any]) -> list[str]:
         "dense SDPA\"); dense SDPA = SDPA without a mask at the same N, H, D, dtype and pass (the `full/N=…` "
         "comparison: faster than it means faster than simply ignoring the mask's sparsity); causal softmax "
         "SDPA = SDPA with is_causal=True (the baseline of linear attention and of causal mechanisms)",
-        f"noisy: a case whose p80/p20 exceeds {NOISY_SPREAD:g} is measured once more in a fresh process; the "
-        "second measurement is kept and the first shown in its flags; `noisy` stays when the second is too",
+        f"noisy: when a case's p80/p20 exceeds {NOISY_SPREAD:g}, its comparison is timed once more in a fresh "
+        "process (all its cases, interleaved again); the second measurement is kept and the first shown in the "
+        "flags (`re-measured`); `noisy` stays on a case whose second measurement is noisy too",
         MEMORY_NOTE,
         "error: vs an fp64 reference on a slice (64 query rows, all heads) unless a section says otherwise; "
         "mechanisms: vs their registered reference (spec.reference) in fp64",
