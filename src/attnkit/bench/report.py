@@ -203,8 +203,10 @@ class Table:
     classes: tuple[str, ...] = ()
 
 
-# A section turns the report's context (``_context``: ``cases``, ``runs``, ...) into tables (none when it
-# has nothing to say). SECTIONS is the report's order; a new section is one function appended here.
+# A section turns the report's context into tables (none when it has nothing to say): ``ctx["cases"]`` the
+# latest record per case (speedups filled in), ``ctx["records"]`` every line of results.jsonl (other kinds of
+# lines included), ``ctx["runs"]`` the run lines. SECTIONS is the report's order, for the markdown and the
+# HTML alike; a new section is one function inserted here.
 Section = Callable[[dict[str, Any]], list[Table]]
 
 
@@ -274,7 +276,8 @@ def _context(path: Path) -> dict[str, Any]:
     for r in rs:
         not_installed.update(r.get("not_installed") or {})
         provider_errors.update(r.get("provider_errors") or {})
-    return {"cases": with_speedups(latest), "run": last, "runs": rs, "wall_s": sum(e.get("wall_s", 0) for e in ends),
+    return {"cases": with_speedups(latest), "records": records, "run": last, "runs": rs,
+            "wall_s": sum(e.get("wall_s", 0) for e in ends),
             "interrupted": bool(ends and ends[-1].get("interrupted")), "not_installed": not_installed,
             "provider_errors": provider_errors}
 
