@@ -99,11 +99,12 @@ class AttentionMaps:
 # ---- the reducer: rows of probabilities in, kept quantities out -----------------------------------------
 
 class _Recorder:
-    def __init__(self, maps: AttentionMaps, query_index: int, chunk: int):
+    def __init__(self, maps: AttentionMaps, query_index: int, chunk: int, modules: dict[int, str]):
         self.maps, self.query_index, self.chunk = maps, query_index, chunk
+        self.modules = modules                   # id(attention module) -> layer name, selected layers only
 
-    def wants(self, name: str) -> bool:
-        return name in self.maps.selected
+    def wants(self, module: nn.Module) -> str | None:
+        return self.modules.get(id(module))
 
     def _heads(self, name: str, h: int) -> list[int] | None:
         self.maps.num_heads[name] = h
@@ -178,7 +179,8 @@ class _Recorder:
         self.maps.num_heads[name] = len(sel) if sel is not None else q.shape[1]
 
 
-_ACTIVE: list[_Recorder] = []
+_ACTIVE: list[_Recorder] = []      # open captures, outermost first; every one records what it selected
+_RUNNING: list[nn.Module] = []      # attnkit attention modules running now (innermost last)
 
 
 # ---- transformers -------------------------------------------------------------------------------------
@@ -187,17 +189,15 @@ def _hf_capture_attention(module, query, key, value, attention_mask, scaling=Non
     """transformers attention function: record (when a capture is open), then run the previous implementation."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    name = getattr(module, "_attnkit_capture_name", None)
     previous = getattr(module, "_attnkit_capture_previous", "sdpa")
-    rec = _ACTIVE[-1] if _ACTIVE else None
-    if rec is not None and name is not None and rec.wants(name):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
 
-        def mask_rows(q0, q1):
-            if attention_mask is None:
-                return None
-            return attention_mask[..., q0:q1, :key.shape[2]]
-        rec.record_qk(name, query, key, scale, mask_rows)                         # query (B, H, Nq, D)
+    def mask_rows(q0, q1):
+        return None if attention_mask is None else attention_mask[..., q0:q1, :key.shape[2]]
+    for rec in _ACTIVE:
+        name = rec.wants(module)
+        if name is not None:
+            rec.record_qk(name, query, key, scale, mask_rows)                     # query (B, H, Nq, D)
     if previous == "eager":
         mod = sys.modules[type(module).__module__]
         fn = getattr(mod, "eager_attention_forward", None) or ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -240,18 +240,21 @@ def _ak_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for n, m in model.named_modules():
         mod = sys.modules.get(type(m).__module__)
         fn = getattr(mod, "attention", None) if mod is not None else None
-        if type(m).__module__.startswith("attnkit.") and getattr(fn, "_attnkit_wrapped", fn) is attention:
+        while hasattr(fn, "_attnkit_wrapped"):                                   # see through capture/edit wrappers
+            fn = fn._attnkit_wrapped
+        if type(m).__module__.startswith("attnkit.") and fn is attention:
             out.append((n, m))
     return out
 
 
-def _ak_wrapper(original, stack: list[str]):
+def _ak_wrapper(inner):
     from attnkit.ops.dense.call import make_call
 
     def attention(q, k, v, mask=None, *, scale=None, backend=None, return_lse=False):
-        out = original(q, k, v, mask, scale=scale, backend=backend, return_lse=return_lse)
-        rec = _ACTIVE[-1] if _ACTIVE else None
-        if rec is not None and stack and rec.wants(stack[-1]):
+        out = inner(q, k, v, mask, scale=scale, backend=backend, return_lse=return_lse)
+        recs = [(r, r.wants(_RUNNING[-1])) for r in _ACTIVE] if _RUNNING else []
+        recs = [(r, n) for r, n in recs if n is not None]
+        if recs:
             call = make_call(q, k, v, mask, scale=scale)
             m = call.mask
 
@@ -259,10 +262,25 @@ def _ak_wrapper(original, stack: list[str]):
                 if m is None:
                     return None
                 return m.tile(q0, q1, torch.arange(call.nk), call.nq, call.nk).to(q.device)
-            rec.record_qk(stack[-1], q.transpose(1, 2), k.transpose(1, 2), call.scale, mask_rows)  # (B, H, N, D)
+            for rec, name in recs:
+                rec.record_qk(name, q.transpose(1, 2), k.transpose(1, 2), call.scale, mask_rows)  # (B, H, N, D)
         return out
-    attention._attnkit_wrapped = original
+    attention._attnkit_wrapped = inner
+    attention._attnkit_capture = True
     return attention
+
+
+def _track_layers(found, stack: list[nn.Module]) -> list:
+    """Hooks keeping ``stack[-1]`` = the attention module running now; returns their removers."""
+    def push(mod, _args):
+        stack.append(mod)
+
+    def pop(_mod, _args, _out):
+        stack.pop()
+    out = []
+    for _, m in found:
+        out += [m.register_forward_pre_hook(push).remove, m.register_forward_hook(pop).remove]
+    return out
 
 
 def attention_layers(model: nn.Module) -> list[str]:
@@ -342,17 +360,18 @@ def capture(model: nn.Module, layers: int | str | Sequence[int | str] | None = N
     names = [n for n, _ in found]
     selected = _select(names, layers)
     maps = AttentionMaps(names, selected, heads, keep)
-    rec = _Recorder(maps, query_index, chunk)
+    rec = _Recorder(maps, query_index, chunk, {id(m): n for n, m in found if n in selected})
     undo: list = []
     try:
         if kind == "transformers":
             _register_hf()
             previous = model.config._attn_implementation or "eager"
-            for n, m in found:
-                m._attnkit_capture_name, m._attnkit_capture_previous = n, previous
-                undo.append(lambda m=m: (delattr(m, "_attnkit_capture_name"), delattr(m, "_attnkit_capture_previous")))
-            model.set_attn_implementation(_CAPTURE_IMPL)
-            undo.append(lambda: model.set_attn_implementation(previous))
+            if previous != _CAPTURE_IMPL:        # an outer capture already routes this model through us
+                for _, m in found:
+                    m._attnkit_capture_previous = previous
+                    undo.append(lambda m=m: delattr(m, "_attnkit_capture_previous"))
+                model.set_attn_implementation(_CAPTURE_IMPL)
+                undo.append(lambda: model.set_attn_implementation(previous))
         elif kind == "timm":
             for n, m in found:
                 if n not in selected:
@@ -362,24 +381,23 @@ def capture(model: nn.Module, layers: int | str | Sequence[int | str] | None = N
                 undo.append(lambda m=m, f=fused: setattr(m, "fused_attn", f))
 
                 def hook(_mod, args, n=n):
-                    if _ACTIVE and _ACTIVE[-1] is rec:
+                    if rec in _ACTIVE:
                         with torch.no_grad():
                             rec.record_rows(n, [(0, args[0].detach().float())])
                 undo.append(m.attn_drop.register_forward_pre_hook(hook).remove)
         else:
-            stack: list[str] = []
             for mod_name in {type(m).__module__ for _, m in found}:
                 mod = sys.modules[mod_name]
-                original = getattr(mod.attention, "_attnkit_wrapped", mod.attention)
-                mod.attention = _ak_wrapper(original, stack)
-                undo.append(lambda mod=mod, o=original: setattr(mod, "attention", o))
-            for n, m in found:
-                undo.append(m.register_forward_pre_hook(lambda _m, _a, n=n: stack.append(n)).remove)
-                undo.append(m.register_forward_hook(lambda _m, _a, _o: stack.pop()).remove)
+                if getattr(mod.attention, "_attnkit_capture", False):
+                    continue                     # an outer capture's wrapper already records for every capture
+                current = mod.attention
+                mod.attention = _ak_wrapper(current)
+                undo.append(lambda mod=mod, o=current: setattr(mod, "attention", o))
+            undo += _track_layers(found, _RUNNING)
         _ACTIVE.append(rec)
         yield maps
     finally:
-        if _ACTIVE and _ACTIVE[-1] is rec:
-            _ACTIVE.pop()
+        if rec in _ACTIVE:
+            _ACTIVE.remove(rec)
         for u in reversed(undo):
             u()

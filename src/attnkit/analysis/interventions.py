@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from attnkit.analysis import capture as _cap
+from attnkit.analysis.capture import _find_layers, _select, _track_layers
 
 
 def _keep_count(fn: str, n: int, keep_ratio: float) -> int:
@@ -279,7 +279,7 @@ def gate_heads_fn(gates: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Te
 
 
 _EDIT_IMPL = "attnkit_edit"
-_EDITS: list[tuple[Callable, dict[str, int]]] = []
+_EDITS: list[tuple[Callable, dict[str, int], dict[int, str]]] = []
 
 
 def _edited_output(fn, index, q, k, v, scale, mask_rows):
@@ -297,9 +297,9 @@ def _edited_output(fn, index, q, k, v, scale, mask_rows):
 
 
 def _hf_edit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    fn, index = _EDITS[-1]
+    fn, index, names = _EDITS[-1]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    name = getattr(module, "_attnkit_capture_name", None)
+    name = names.get(id(module))
     if name not in index:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
@@ -322,11 +322,11 @@ def edit_attention(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.Ten
         >>> with edit_attention(model, lambda l, p: zerotuning_scale(p, 1.5), layers=[0, 1]):
         ...     out = model(**batch)
     """
-    kind, found = _cap._find_layers(model)
+    kind, found = _find_layers(model)
     names = [n for n, _ in found]
-    index = {n: names.index(n) for n in _cap._select(names, layers)}
+    index = {n: names.index(n) for n in _select(names, layers)}
     undo: list = []
-    _EDITS.append((fn, index))
+    _EDITS.append((fn, index, {id(m): n for n, m in found}))
     try:
         if kind == "transformers":
             from transformers import AttentionInterface
@@ -335,21 +335,20 @@ def edit_attention(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.Ten
             AttentionInterface.register(_EDIT_IMPL, _hf_edit_attention)
             ALL_MASK_ATTENTION_FUNCTIONS.register(_EDIT_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
             previous = model.config._attn_implementation or "eager"
-            for n, m in found:
-                m._attnkit_capture_name = n
-                undo.append(lambda m=m: delattr(m, "_attnkit_capture_name"))
             model.set_attn_implementation(_EDIT_IMPL)
             undo.append(lambda: model.set_attn_implementation(previous))
         elif kind == "attnkit":
             from attnkit.ops.dense.call import make_call
 
-            stack: list[str] = []
+            stack: list[nn.Module] = []
+            ids = {id(m): n for n, m in found}
             for mod_name in {type(m).__module__ for _, m in found}:
                 mod = sys.modules[mod_name]
                 original = mod.attention
 
                 def edited(q, k, v, mask=None, *, scale=None, backend=None, return_lse=False, original=original):
-                    if not stack or stack[-1] not in index or return_lse:
+                    name = ids.get(id(stack[-1])) if stack else None
+                    if name not in index or return_lse:
                         return original(q, k, v, mask, scale=scale, backend=backend, return_lse=return_lse)
                     call = make_call(q, k, v, mask, scale=scale)
 
@@ -357,15 +356,13 @@ def edit_attention(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.Ten
                         if call.mask is None:
                             return None
                         return call.mask.tile(q0, q1, torch.arange(call.nk), call.nq, call.nk).to(q.device)
-                    out = _edited_output(fn, index[stack[-1]], q.transpose(1, 2), k.transpose(1, 2),
+                    out = _edited_output(fn, index[name], q.transpose(1, 2), k.transpose(1, 2),
                                          v.transpose(1, 2), call.scale, mask_rows)
                     return out.transpose(1, 2).to(q.dtype)                      # (B, Nq, H, Dv)
                 edited._attnkit_wrapped = original
                 mod.attention = edited
                 undo.append(lambda mod=mod, o=original: setattr(mod, "attention", o))
-            for n, m in found:
-                undo.append(m.register_forward_pre_hook(lambda _m, _a, n=n: stack.append(n)).remove)
-                undo.append(m.register_forward_hook(lambda _m, _a, _o: stack.pop()).remove)
+            undo += _track_layers(found, stack)
         else:
             raise ValueError(f"edit_attention: {type(model).__name__} is a {kind} model; edits support attnkit "
                              "modules and transformers models")
