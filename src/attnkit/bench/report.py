@@ -376,13 +376,15 @@ def write_html(ctx: dict[str, Any], path: Path, figures: list[tuple[str, str]]) 
 
 
 def write_reports(out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.md``, ``report.html`` and the PNGs from ``out_dir/results.jsonl``.
+    """Write ``report.md``, ``report.html`` and the PNGs from ``out_dir/results.jsonl`` (into ``out_dir``).
 
     Raises:
         FileNotFoundError: ``out_dir`` or its ``results.jsonl`` does not exist.
         ValueError: the file holds no benchmark record.
     """
     out_dir = Path(out_dir)
+    if out_dir.is_file():  # given the results file itself: the reports go beside it
+        out_dir = out_dir.parent
     load_results(out_dir, "bench report")  # a missing folder or file, or no records: a clear error
     ctx = _context(out_dir / "results.jsonl")
     figures = make_plots(ctx["cases"], out_dir) if ctx["cases"] else []
