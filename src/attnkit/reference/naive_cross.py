@@ -52,14 +52,10 @@ def naive_attention_rollout(maps, residual=0.5):
     return out
 
 
-def naive_glca_attention(q, k, v, scores, topk, keep_cls=True, scale=None):
-    """Global-local cross-attention: the ``topk`` queries with the highest ``scores (B, N - 1)`` (over the
-    patch tokens 1..N-1; the CLS row 0 kept first when ``keep_cls``) attend to every key.
-
-    Returns ``(out (B, R, H, Dv), index (B, R))``: full attention computed for all rows, then selected."""
-    idx = scores.topk(topk, dim=-1).indices + 1                          # (B, R') patch rows
-    if keep_cls:
-        idx = torch.cat([torch.zeros_like(idx[:, :1]), idx], 1)        # (B, R)
+def naive_glca_attention(q, k, v, scores, topk, scale=None):
+    """Global-local cross-attention: the ``topk`` query rows with the highest ``scores (B, N)`` attend to every
+    key. Returns ``(out (B, R, H, Dv), index (B, R))``: every row computed, then the selected ones taken."""
+    idx = scores.detach().topk(topk, dim=-1).indices                    # (B, R)
     full = naive_attention(q, k, v, scale=scale)                        # (B, N, H, Dv)
     out = torch.stack([full[b, idx[b]] for b in range(q.shape[0])])
     return out, idx
@@ -211,3 +207,78 @@ def naive_crossvit_cls_module(m, x, context=None):
     if m.fusion == "full":
         o = _lin(m.g_proj, F.gelu(_ln(m.g_norm, cls + o)))                   # (B, 1, C)
     return torch.cat([o, x[:, 1:]], 1)
+
+
+def _frame_causal_dense(nq, nk, tokens_per_frame):
+    """Video-CCAM's mask ``(Nq, Nk)``: query ``i`` sees frames ``0..ceil((i + 1) T / Nq) - 1``, ``T = ceil(Nk / P)``."""
+    t = -(-nk // tokens_per_frame)
+    last = -((-(torch.arange(nq) + 1) * t) // nq) - 1                      # ceil((i + 1) T / Q) - 1
+    return (torch.arange(nk)[None, :] // tokens_per_frame) <= last[:, None]
+
+
+def naive_video_ccam_module(m, x, context=None):
+    """Video-CCAM projector attention: queries ``x`` over frame-major visual tokens under the causal frame mask."""
+    ctx = x if context is None else context
+    h = m.num_heads
+    q = _heads(_lin(m.q_proj, x), h)
+    k, v = _heads(_lin(m.k_proj, ctx), h), _heads(_lin(m.v_proj, ctx), h)
+    o = naive_attention(q, k, v, _frame_causal_dense(x.shape[1], ctx.shape[1], m.tokens_per_frame))
+    return _lin(m.out_proj, o.reshape(x.shape[0], x.shape[1], -1))
+
+
+def glca_scores(q, k, keep_cls=True):
+    """The selection scores of the GLCA module: the CLS row of one layer's rollout ``0.5 S + 0.5 I``
+    (S head-averaged), CLS itself ``+inf`` when kept. In ``float32`` (``float64`` for float64 inputs)."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q.to(work), k.to(work)) * q.shape[-1] ** -0.5, -1)
+    r = 0.5 * s.mean(1)[:, 0] + 0.5 * torch.eye(q.shape[1], dtype=work)[0]    # (B, N)
+    if keep_cls:
+        r = r.clone()
+        r[:, 0] = float("inf")
+    return r
+
+
+def naive_glca_module(m, x, rollout=None):
+    """DCAL GLCA layer: top-R rows by the CLS rollout attend to all tokens; unselected rows are zero."""
+    b, n, _ = x.shape
+    h = m.num_heads
+    q, k, v = (_heads(t, h) for t in _lin(m.qkv, x).chunk(3, -1))
+    with torch.no_grad():
+        scores = glca_scores(q, k) if rollout is None else rollout.clone().to(torch.float64)
+        if rollout is not None:
+            scores[:, 0] = float("inf")
+    out, idx = naive_glca_attention(q, k, v, scores, m.num_selected(n))
+    o = _lin(m.proj, out.reshape(b, idx.shape[1], -1))                         # (B, R, C)
+    full = torch.zeros(b, n, o.shape[-1], dtype=o.dtype)
+    return full.index_put((torch.arange(b)[:, None].expand_as(idx), idx), o)
+
+
+def naive_pwca_module(m, x, context=None):
+    """DCAL PWCA layer: queries of ``x`` over the concatenated keys/values of ``x`` and a distractor."""
+    other = x.roll(1, 0) if context is None else context
+    h = m.num_heads
+    q, k, v = (_heads(t, h) for t in _lin(m.qkv, x).chunk(3, -1))
+    _, k2, v2 = (_heads(t, h) for t in _lin(m.qkv, other).chunk(3, -1))
+    o = naive_attention(q, torch.cat([k, k2], 1), torch.cat([v, v2], 1))
+    return _lin(m.proj, o.reshape(x.shape[0], x.shape[1], -1))
+
+
+def _frame_local_dense(nq, nk, frames):
+    """Frame-local cross mask: frame ``t`` holds query rows ``floor(t Nq / T)..floor((t + 1) Nq / T) - 1`` and
+    keys ``floor(t Nk / T)..``; a query sees its own frame's keys."""
+    def frame(n):
+        edges = torch.tensor([t * n // frames for t in range(1, frames)], dtype=torch.long)
+        return torch.bucketize(torch.arange(n), edges, right=True)
+
+    return frame(nq)[:, None] == frame(nk)[None, :]
+
+
+def naive_crosslmm_module(m, x, context=None):
+    """CrossLMM cross-attention block: ``x + tanh(gate) * W_o Attn(W_q LN(x), W_k V, W_v V)``."""
+    ctx = x if context is None else context
+    h = m.num_heads
+    q = _heads(_lin(m.q_proj, _ln(m.norm, x)), h)
+    k, v = _heads(_lin(m.k_proj, ctx), h), _heads(_lin(m.v_proj, ctx), h)
+    allowed = _frame_local_dense(x.shape[1], ctx.shape[1], m.num_frames) if m.local == "frame" else None
+    o = _lin(m.out_proj, naive_attention(q, k, v, allowed).reshape(x.shape[0], x.shape[1], -1))
+    return x + torch.tanh(m.gate) * o
