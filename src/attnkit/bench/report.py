@@ -254,6 +254,12 @@ SECTIONS: list[Section] = [summary_section, efficiency_section, peer_section, sc
                            case_sections]
 
 
+# Figures: each maker writes its PNGs into the output folder and returns ``[(title, file name)]``; both reports
+# show them after the summary, in this order.
+FigureMaker = Callable[[list[Record], Path], list[tuple[str, str]]]
+FIGURE_MAKERS: list[FigureMaker] = [make_plots]
+
+
 def tables(ctx: dict[str, Any]) -> list[Table]:
     """Every table of the report, in :data:`SECTIONS` order."""
     return [t for section in SECTIONS for t in section(ctx)]
@@ -387,7 +393,7 @@ def write_reports(out_dir: str | Path) -> dict[str, Path]:
         out_dir = out_dir.parent
     load_results(out_dir, "bench report")  # a missing folder or file, or no records: a clear error
     ctx = _context(out_dir / "results.jsonl")
-    figures = make_plots(ctx["cases"], out_dir) if ctx["cases"] else []
+    figures = [f for maker in FIGURE_MAKERS for f in maker(ctx["cases"], out_dir)] if ctx["cases"] else []
     write_markdown(ctx, out_dir / "report.md", figures)
     write_html(ctx, out_dir / "report.html", figures)
     return {"md": out_dir / "report.md", "html": out_dir / "report.html",
