@@ -9,7 +9,15 @@ import torch
 
 import attnkit as ak
 from attnkit.masks.base import EMPTY, FULL, PARTIAL
-from attnkit.masks.cross import causal_cross, frame_causal, key_padding, varlen_cross
+from attnkit.masks.cross import (
+    causal_cross,
+    composite,
+    first_frame,
+    frame_causal,
+    key_padding,
+    mixed_attention,
+    varlen_cross,
+)
 from attnkit.ops.cross.varlen import varlen_cross_attention
 from attnkit.reference.naive_dense import naive_attention
 from tolerances import assert_close
@@ -154,3 +162,34 @@ def test_mismatched_lengths_between_a_mask_and_its_tensors():
         ak.attention(q, k, k, mask=frame_causal(8, 4, 3))
     with pytest.raises(ValueError, match=r"cu_seqlens_k ends at 12 but k holds 13 packed keys"):
         varlen_cross_attention(q, k, k, [0, 5, 8], [0, 4, 12])
+
+
+MORE = [
+    (lambda: mixed_attention(4), 10, 10),
+    (lambda: mixed_attention(4, symmetric=True), 10, 10),
+    (lambda: composite(5), 11, 11),
+    (lambda: composite(5, offset=3), 8, 11),
+    (lambda: first_frame(3, 4), 14, 17),
+    (lambda: first_frame(0, 2, offset=2), 6, 8),
+]
+
+
+@pytest.mark.parametrize(("build", "nq", "nk"), MORE)
+def test_packed_stream_masks_are_exact(build, nq, nk):
+    mask = build()
+    test_blocks_and_count_are_exact(mask, nq, nk, 1)
+    test_blocked_backend_matches_the_reference(mask, nq, nk, 1)
+
+
+def test_packed_stream_mask_rules():
+    d = mixed_attention(3).to_dense(7, 7)
+    assert d[:3, :3].all() and not d[:3, 3:].any() and d[3:].all()
+    assert mixed_attention(3, symmetric=True).to_dense(7, 7).all()
+    c = composite(3).to_dense(6, 6)
+    assert torch.equal(c[:3], torch.eye(6, dtype=torch.bool)[:3])
+    assert torch.equal(c[3:], torch.ones(6, 6).tril().bool()[3:])
+    f = first_frame(2, 3).to_dense(9, 11)                 # prompt 2, frames of 3: keys [p p | f0 | f1 | f2]
+    assert f[0].tolist() == [True] * 5 + [False] * 6
+    assert f[4].tolist() == [False, False, True, True, True, True, True, True, False, False, False]
+    with pytest.raises(ValueError, match=r"at least 11, got Nk=10"):
+        first_frame(2, 3).to_dense(9, 10)

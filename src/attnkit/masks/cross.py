@@ -392,4 +392,119 @@ def frame_causal(num_queries: int, num_frames: int, tokens_per_frame: int, *, of
                        int_arg(f"{where}: tokens_per_frame", tokens_per_frame, 1), offset_arg(offset, where, 0))
 
 
-__all__ = ["causal_cross", "frame_causal", "key_padding", "varlen_cross"]
+# ---------------------------------------------------------------------- packed multi-stream patterns
+
+
+@dataclass(frozen=True)
+class MixedAttention(IntervalMask):
+    """MixFormer's asymmetric mixed attention over ``[template (Nz); search]``: template rows see the
+    template only, search rows see everything (``symmetric``: every row sees everything)."""
+
+    num_template: int
+    symmetric: bool = False
+    offset: int = 0
+
+    def __repr__(self) -> str:
+        sym = ", symmetric=True" if self.symmetric else ""
+        return f"mixed_attention({self.num_template}{sym}{_offset_repr(self.offset)})"
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        if self.symmetric:
+            return torch.ones_like(q_idx + kv_idx, dtype=torch.bool)
+        return (q_idx + self.offset >= self.num_template) | (kv_idx < self.num_template)
+
+    def intervals(self, nq, nk):
+        p = torch.arange(nq) + self.offset
+        hi = torch.where((p < self.num_template) & (not self.symmetric), self.num_template - 1, nk - 1)
+        return interval(torch.zeros_like(p), hi)
+
+
+def mixed_attention(num_template: int, *, symmetric: bool = False, offset: int = 0) -> MixedAttention:
+    """MixFormer's mixed attention mask ("MixFormer: End-to-End Tracking with Iterative Mixed Attention",
+    arXiv 2203.11082, §3.2) on the packed sequence ``[template tokens; search tokens]``.
+
+    Template rows (positions ``< num_template``) attend to template keys only, so template features
+    never depend on the search region (and can be cached across frames); search rows attend to all.
+    ``symmetric=True`` is full attention over the concatenation.
+    """
+    where = "mixed_attention"
+    return MixedAttention(int_arg(f"{where}: num_template", num_template, 0), bool(symmetric),
+                          offset_arg(offset, where, 0))
+
+
+@dataclass(frozen=True)
+class Composite(IntervalMask):
+    """EE-MLLM's composite attention over ``[visual (Nv); text]``: visual rows see themselves only,
+    text rows are causal over everything before them."""
+
+    num_visual: int
+    offset: int = 0
+
+    def __repr__(self) -> str:
+        return f"composite({self.num_visual}{_offset_repr(self.offset)})"
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        p = q_idx + self.offset
+        return torch.where(p < self.num_visual, kv_idx == p, kv_idx <= p)
+
+    def intervals(self, nq, nk):
+        p = torch.arange(nq) + self.offset
+        return interval(torch.where(p < self.num_visual, p, 0), p)
+
+
+def composite(num_visual: int, *, offset: int = 0) -> Composite:
+    """EE-MLLM's composite attention mask ("EE-MLLM: A Data-Efficient and Compute-Efficient Multimodal Large
+    Language Model", arXiv 2408.11795, §3.2) on ``[visual tokens; text tokens]``: no attention among
+    visual tokens (each sees only itself), causal attention for the text over visual and text tokens.
+    Query row ``i`` is at position ``i + offset``.
+    """
+    return Composite(int_arg("composite: num_visual", num_visual, 0), offset_arg(offset, "composite", 0))
+
+
+@dataclass(frozen=True)
+class FirstFrame(IntervalMask):
+    """VideoBooth's cross-frame pattern over keys ``[prompt (Ni); frame 0; frame 1; ...]`` (``P`` tokens a frame):
+    frame 0's rows see the prompt and frame 0, frame ``t``'s rows see frame 0 and frame ``t``."""
+
+    num_prompt: int
+    tokens_per_frame: int
+    offset: int = 0
+
+    arity = 2
+
+    def __repr__(self) -> str:
+        return f"first_frame(prompt={self.num_prompt}, P={self.tokens_per_frame}{_offset_repr(self.offset)})"
+
+    def validate(self, nq, nk):
+        super().validate(nq, nk)
+        if nk < self.num_prompt + self.offset + nq:
+            raise ValueError(f"{self!r}: the keys must be [prompt ({self.num_prompt}); the frames of the query rows "
+                             f"0..{self.offset + nq - 1}], at least {self.num_prompt + self.offset + nq}, got Nk={nk}")
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        f = (q_idx + self.offset) // self.tokens_per_frame
+        ni, p = self.num_prompt, self.tokens_per_frame
+        first = (kv_idx >= torch.where(f == 0, 0, ni)) & (kv_idx < ni + p)
+        own = (kv_idx >= ni + f * p) & (kv_idx < ni + (f + 1) * p) & (f > 0)
+        return first | own
+
+    def intervals(self, nq, nk):
+        f = (torch.arange(nq) + self.offset) // self.tokens_per_frame
+        ni, p = self.num_prompt, self.tokens_per_frame
+        lo1, hi1 = torch.where(f == 0, 0, ni), torch.full_like(f, ni + p - 1)
+        lo2 = torch.where(f == 0, nk, ni + f * p)                                    # empty for frame 0
+        return torch.stack([lo1, lo2]), torch.stack([hi1, ni + (f + 1) * p - 1])
+
+
+def first_frame(num_prompt: int, tokens_per_frame: int, *, offset: int = 0) -> FirstFrame:
+    """VideoBooth's cross-frame attention with image-prompt keys ("VideoBooth: Diffusion-based Video Generation
+    with Image Prompts", arXiv 2312.00777, §3.3): queries are the frames' tokens (frame-major, ``P`` a frame),
+    keys are ``[prompt tokens (Ni); the same frames]``. Frame 0 attends to the prompt and itself; every later
+    frame to frame 0 and itself, so the prompt reaches later frames only through frame 0.
+    """
+    where = "first_frame"
+    return FirstFrame(int_arg(f"{where}: num_prompt", num_prompt, 0),
+                      int_arg(f"{where}: tokens_per_frame", tokens_per_frame, 1), offset_arg(offset, where, 0))
+
+
+__all__ = ["causal_cross", "composite", "first_frame", "frame_causal", "key_padding", "mixed_attention", "varlen_cross"]
