@@ -184,3 +184,23 @@ def test_nested_captures_both_record_and_unwind():
     from attnkit.mechanisms import mha
     from attnkit.ops.dense.call import attention
     assert mha.attention is attention
+
+
+def test_row_reductions_store_and_form_only_o_n_h(monkeypatch):
+    """[CLS] row + column sums: stored bytes are exactly L·2·B·H·N floats, and no softmax sees more than
+    ``chunk`` query rows at once (the full (B, H, N, N) map is never formed)."""
+    torch.manual_seed(0)
+    n, chunk = 600, 64
+    model = Stack(layers=3, dim=16, heads=4, kv_heads=4)
+    x = torch.randn(1, n, 16)
+    seen = []
+    softmax = torch.softmax
+
+    def spy(t, dim, *a, **k):
+        seen.append(t.shape)
+        return softmax(t, dim, *a, **k)
+    monkeypatch.setattr(torch, "softmax", spy)
+    with torch.no_grad(), capture(model, keep=("cls_row", "col_sum"), chunk=chunk) as maps:
+        model(x)
+    assert maps.nbytes() == 3 * 2 * 1 * 4 * n * 4
+    assert seen and max(s[-2] for s in seen) == chunk and all(s[-1] == n for s in seen)
