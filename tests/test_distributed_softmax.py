@@ -218,6 +218,10 @@ def _cases(world: int) -> list[dict]:
             expect_error=f"H={h_bad} query heads do not split over P={world}"),
         _mk("err-ring-uneven", "ring", dtype=F64, uneven=True, expect_error="shards of equal shape"),
         _mk("err-ulysses-uneven", "ulysses", dtype=F64, uneven=True, expect_error="shards of equal shape"),
+        _mk("err-ring-grad", "ring", dtype=F64, frozen_on_last=True,
+            expect_error="requires_grad of the inputs differs"),
+        _mk("err-ulysses-grad", "ulysses", dtype=F64, frozen_on_last=True,
+            expect_error="requires_grad of the inputs differs"),
     ]
     return cases
 

@@ -140,6 +140,11 @@ def check_group_shapes(op: str, values: dict[str, int], group=None, *, equal: tu
     return per_rank
 
 
+def needs_grad(*tensors: torch.Tensor) -> int:
+    """1 when autograd will run a backward through any of ``tensors`` (grad mode on, one requires grad)."""
+    return int(torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def check_same_shapes(op: str, group=None, **tensors: torch.Tensor) -> None:
     """Raise the same ValueError on every rank when the named tensors' shapes differ across ranks
     (ring passes and all-to-alls need equal shards; without this check they hang or fail obscurely).
@@ -151,7 +156,14 @@ def check_same_shapes(op: str, group=None, **tensors: torch.Tensor) -> None:
         raise ValueError(f"{op}: tensors of more than 8 dims are not supported")
     values = {f"{n}.{i}": (t.dim() if i < 0 else (t.shape[i] if i < t.dim() else -1))
               for n, t in tensors.items() for i in range(-1, 8)}
+    # the backward is a collective: a rank runs it when grad mode is on and an input requires grad, so ranks
+    # that disagree would hang in it; the flag travels with the shapes (no extra collective)
+    values["requires_grad"] = needs_grad(*tensors.values())
     rows = check_group_shapes(op, values, group, device=_dev(group))
+    flags = [bool(r["requires_grad"]) for r in rows]
+    if len(set(flags)) > 1:
+        raise ValueError(f"{op}: requires_grad of the inputs differs across ranks (per rank: {flags}); every rank "
+                         f"must agree, since the backward is a collective that every rank runs")
     shapes = {n: [tuple(r[f"{n}.{i}"] for i in range(r[f"{n}.-1"])) for r in rows] for n in tensors}
     bad = "; ".join(f"{n}: {s}" for n, s in shapes.items() if len(set(s)) > 1)
     if bad:

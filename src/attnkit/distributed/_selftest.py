@@ -36,7 +36,9 @@ def _run_one(case: dict, rank: int, world: int, groups: dict):
     t = {n: shard_for(case, case[n], rank, world) for n in ("q", "k", "v", "gout", "glse")}
     if case.get("uneven") and rank == world - 1:  # one rank with a shorter shard: must be rejected
         t = {n: x[:, :-1] for n, x in t.items()}
-    q, k, v = (t[n].to(dt).requires_grad_(True) for n in ("q", "k", "v"))
+    # frozen_on_last: the last rank's inputs need no gradient (ranks disagree: must be rejected)
+    grad = not (case.get("frozen_on_last") and rank == world - 1)
+    q, k, v = (t[n].to(dt).requires_grad_(grad) for n in ("q", "k", "v"))
     lse_wanted = case.get("return_lse", True)
     m = case["method"]
     if m == "ring":

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 import attnkit as ak
-from attnkit.distributed._comm import all_gather_stack, check_group_shapes, rank_world
+from attnkit.distributed._comm import all_gather_stack, check_group_shapes, needs_grad, rank_world
 from attnkit.ops.linear.call import _finish, make_call
 
 
@@ -215,8 +215,8 @@ def lasp2_linear_attention(q, k, v, *, causal=True, decay=None, feature_map="ide
         check_group_shapes("lasp2_linear_attention", {
             "B": B, "H": H, "Hkv": Hkv, "D": q.shape[-1], "Dv": v.shape[-1], "causal": causal,
             "normalize": normalize, "decay kind": kinds[call.decay_kind],
-            "dtype": 1 if cdt == torch.float64 else 0}, group, device=q.device,
-            equal=("B", "H", "Hkv", "D", "Dv", "causal", "normalize", "decay kind", "dtype"))
+            "dtype": 1 if cdt == torch.float64 else 0, "requires_grad": needs_grad(q, k, v)}, group, device=q.device,
+            equal=("B", "H", "Hkv", "D", "Dv", "causal", "normalize", "decay kind", "dtype", "requires_grad"))
     rank, world = rank_world(group)
     if world == 1:  # nothing to exchange
         return ak.linear_attention(q, k, v, causal=causal, feature_map=feature_map, decay=decay,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import attnkit as ak
 from attnkit._validate import check_qkv
-from attnkit.distributed._comm import all_gather_diff, check_group_shapes, rank_world
+from attnkit.distributed._comm import all_gather_diff, check_group_shapes, needs_grad, rank_world
 from attnkit.distributed.zigzag import LAYOUTS
 
 _DTYPE_CODE = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -70,7 +70,8 @@ def lasp2h_attention(q, k, v, *, causal=False, scale=None, return_lse=False, bac
     if check_shapes:
         rows = check_group_shapes("lasp2h_attention", {
             "B": B, "H": H, "Hkv": Hkv, "D": D, "Dv": Dv, "N_local": nk, "causal": causal,
-            "dtype": _DTYPE_CODE.get(q.dtype, 99)}, group, equal=("B", "H", "Hkv", "D", "Dv", "causal", "dtype"),
+            "dtype": _DTYPE_CODE.get(q.dtype, 99), "requires_grad": needs_grad(q, k, v)}, group,
+            equal=("B", "H", "Hkv", "D", "Dv", "causal", "dtype", "requires_grad"),
             device=q.device)
         lengths = [r["N_local"] for r in rows]
     else:
