@@ -282,3 +282,12 @@ def naive_crosslmm_module(m, x, context=None):
     allowed = _frame_local_dense(x.shape[1], ctx.shape[1], m.num_frames) if m.local == "frame" else None
     o = _lin(m.out_proj, naive_attention(q, k, v, allowed).reshape(x.shape[0], x.shape[1], -1))
     return x + torch.tanh(m.gate) * o
+
+
+def naive_spatial_token_map(q_s, k, scale=None):
+    """SAT's foreground map ``sigmoid(mean_h(q_s . k_j * scale))``: ``q_s (B, 1, H, D)``, ``k (B, N, H, D)``
+    -> ``(B, N)``."""
+    work = torch.float64 if q_s.dtype == torch.float64 else torch.float32
+    scale = q_s.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q_s.to(work), k.to(work))[:, :, 0] * scale   # (B, H, N)
+    return torch.sigmoid(s.mean(1)).to(q_s.dtype)
