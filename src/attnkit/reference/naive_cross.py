@@ -291,3 +291,79 @@ def naive_spatial_token_map(q_s, k, scale=None):
     scale = q_s.shape[-1] ** -0.5 if scale is None else scale
     s = torch.einsum("bqhd,bkhd->bhqk", q_s.to(work), k.to(work))[:, :, 0] * scale   # (B, H, N)
     return torch.sigmoid(s.mean(1)).to(q_s.dtype)
+
+
+def _qkv(m, x):
+    return (_heads(t, m.num_heads) for t in _lin(m.qkv, x).chunk(3, -1))
+
+
+def naive_mixformer_module(m, x):
+    """MixFormer MAM on ``[template; search]``: template rows see the template only (unless symmetric)."""
+    q, k, v = _qkv(m, x)
+    n = x.shape[1]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    allowed = None if m.symmetric else (i >= m.num_template) | (j < m.num_template)
+    return _lin(m.proj, naive_attention(q, k, v, allowed).reshape(x.shape))
+
+
+def naive_ee_mllm_module(m, x):
+    """EE-MLLM composite attention layer on ``[visual; text]``."""
+    q, k, v = _qkv(m, x)
+    return _lin(m.proj, naive_composite_attention(q, k, v, min(m.num_visual, x.shape[1])).reshape(x.shape))
+
+
+def naive_adem_module(m, x, context=None):
+    """ADEM-VL fusion: ``x + weight * norm(drop(phi(x) phi(xv)^T)) xv``, no parameters."""
+    return naive_adem_fusion(x, x if context is None else context, m.feature_map, m.drop_ratio, m.normalize, m.weight)
+
+
+def _modality_ids(n, lengths):
+    a, b = lengths
+    return torch.where(torch.arange(n) < a, 0, torch.where(torch.arange(n) < a + b, 1, 2))
+
+
+def naive_itcfn_module(m, x, present=None):
+    """ITCFN co-attention on ``[M_a; M_b; M_c]``: every token attends to the tokens of the two other modalities
+    (of those present)."""
+    q, k, v = _qkv(m, x)
+    mod = _modality_ids(x.shape[1], m.modality_lengths)
+    allowed = (mod[:, None] != mod[None, :])[None, None]                     # (1, 1, N, N)
+    if present is not None:
+        allowed = allowed & present[:, mod][:, None, None, :]                 # (B, 1, N, N)
+    return _lin(m.proj, naive_attention(q, k, v, allowed).reshape(x.shape))
+
+
+def naive_fca_module(m, x, context=None):
+    """Fcaformer attention: queries of ``x`` over ``[x; alpha * cross tokens]``."""
+    q, k, v = _qkv(m, x)
+    if context is not None:
+        _, kc, vc = (_heads(t, m.num_heads) for t in _lin(m.qkv, context * m.alpha).chunk(3, -1))
+        k, v = torch.cat([k, kc], 1), torch.cat([v, vc], 1)
+    return _lin(m.proj, naive_attention(q, k, v).reshape(x.shape))
+
+
+def naive_videobooth_module(m, x, context=None):
+    """VideoBooth cross-frame attention with image-prompt keys/values on frame 0."""
+    h, n, p = m.num_heads, x.shape[1], m.tokens_per_frame
+    q = _heads(_lin(m.to_q, x), h)
+    k, v = _heads(_lin(m.to_k, x), h), _heads(_lin(m.to_v, x), h)
+    ni = 0
+    if context is not None:
+        ni = context.shape[1]
+        k = torch.cat([_heads(_lin(m.to_k_img, context), h), k], 1)
+        v = torch.cat([_heads(_lin(m.to_v_img, context), h), v], 1)
+    f = torch.arange(n) // p
+    kf = torch.cat([torch.full((ni,), -1), torch.arange(n) // p])          # -1: prompt keys
+    allowed = torch.where(f[:, None] == 0, (kf[None, :] <= 0), (kf[None, :] == 0) | (kf[None, :] == f[:, None]))
+    return _lin(m.to_out, naive_attention(q, k, v, allowed).reshape(x.shape))
+
+
+def naive_sat_module(m, x):
+    """SAT spatial-query attention on ``[spatial token; patches]``: patches times their foreground probability,
+    the spatial token plus the probability-weighted mean of the patch values."""
+    h = m.num_heads
+    q_s = _heads(_lin(m.q_proj, x[:, :1]), h)
+    k = _heads(_lin(m.k_proj, x[:, 1:]), h)
+    prob = naive_spatial_token_map(q_s, k)                                     # (B, N)
+    pooled = (prob[..., None] * _lin(m.v_proj, x[:, 1:])).sum(1, keepdim=True) / prob.sum(1)[:, None, None]
+    return torch.cat([x[:, :1] + _lin(m.out_proj, pooled), x[:, 1:] * prob[..., None]], 1)
