@@ -335,10 +335,10 @@ def naive_itcfn_module(m, x, present=None):
 
 def naive_fca_module(m, x, context=None):
     """Fcaformer attention: queries of ``x`` over ``[x; alpha * cross tokens]``."""
-    q, k, v = _qkv(m, x)
-    if context is not None:
-        _, kc, vc = (_heads(t, m.num_heads) for t in _lin(m.qkv, context * m.alpha).chunk(3, -1))
-        k, v = torch.cat([k, kc], 1), torch.cat([v, vc], 1)
+    h = m.num_heads
+    q = _heads(_lin(m.q_proj, x), h)
+    kv_in = x if context is None else torch.cat([x, context * m.alpha], 1)
+    k, v = (_heads(t, h) for t in _lin(m.kv_proj, kv_in).chunk(2, -1))
     return _lin(m.proj, naive_attention(q, k, v).reshape(x.shape))
 
 
