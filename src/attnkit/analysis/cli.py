@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
 ANALYSES = ("heads", "layers", "rollout", "flow", "sinks", "entropy", "distance", "prune")
@@ -46,6 +45,8 @@ def _load_text_model(model: str):
 def run_analysis(model: str, text: str | None, analyses: list[str], out: Path,
                  layer: int = -1, keep_ratio: float = 0.5) -> dict:
     """What the command does, callable from Python: returns the JSON numbers and writes the files to ``out``."""
+    import torch  # lazily: ``attnkit --help`` should not pay for torch
+
     from attnkit.analysis import capture, diagnostics, explain_maps, interventions, plots
 
     bad = [a for a in analyses if a not in ANALYSES]
