@@ -178,3 +178,35 @@ def naive_channel_gate(y, w1, b1, w2, b2):
     s = y.mean(dim=(1, 2))  # (B, C)
     s = torch.relu(s @ w1.t() + b1)
     return y * torch.sigmoid(s @ w2.t() + b2)[:, None, None, :]
+
+
+# --------------------------------------------------------------------------------------- module twins
+
+
+def naive_pool_mixer_module(m, x: torch.Tensor) -> torch.Tensor:
+    """``PoolMixer``: the window mean (pixels inside the image) minus ``x``."""
+    return naive_pool_mixer(x, m.pool_size)
+
+
+def _linear(layer, x):
+    y = torch.einsum("...i,oi->...o", x, layer.weight)
+    return y if layer.bias is None else y + layer.bias
+
+
+def _layer_norm(norm, x):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def naive_focal_modulation_module(m, x: torch.Tensor) -> torch.Tensor:
+    """``FocalModulation``: ``f`` -> (q, z0, gates) -> focal modulation -> [LayerNorm] -> ``proj``."""
+    C, L = m.dim, m.focal_level
+    f = _linear(m.f, x)
+    q, ctx, gates = f[..., :C], f[..., C:2 * C], f[..., 2 * C:]
+    y = naive_focal_modulation(q, ctx, gates, [c.weight for c in m.focal_layers], m.h.weight, m.h.bias,
+                               m.normalize_modulator)
+    assert gates.shape[-1] == L + 1
+    if m.norm is not None:
+        y = _layer_norm(m.norm, y)
+    return _linear(m.proj, y)

@@ -1,0 +1,56 @@
+"""Vision token mixers against timm (``from_timm``): same options and weights, same output and input gradient to
+fp32 tolerance, with timm called in its own layout. Skipped by ``import_timm()`` when timm is absent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit.mechanisms.vision_focalnet import FocalModulation
+from attnkit.mechanisms.vision_poolformer import PoolMixer
+from peers import import_timm
+from tolerances import assert_close
+
+
+def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return module.eval()
+
+
+def _same_output_and_grad(mine, theirs_fn, x_cl: torch.Tensor, what: str) -> None:
+    """``mine(x)`` vs ``theirs_fn(x)`` (both channels-last in and out): output and input gradient in fp32."""
+    a = x_cl.clone().requires_grad_()
+    b = x_cl.clone().requires_grad_()
+    ya, yb = mine(a), theirs_fn(b)
+    assert_close(ya, yb, torch.float32, f"{what} out")
+    g = torch.randn(ya.shape, generator=torch.Generator().manual_seed(5))
+    (ga,), (gb,) = torch.autograd.grad(ya, a, g), torch.autograd.grad(yb, b, g)
+    assert_close(ga, gb, torch.float32, f"{what} dx", grad=True)
+
+
+def _nchw(module):
+    return lambda x: module(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("pool_size", [3, 5])
+def test_pool_mixer_from_timm(pool_size):
+    timm = import_timm()
+    theirs = timm.models.metaformer.Pooling(pool_size)
+    mine = PoolMixer.from_timm(theirs, 8)
+    assert mine.pool_size == pool_size
+    _same_output_and_grad(mine, _nchw(theirs), torch.randn(2, 7, 9, 8), "pooling")
+    with pytest.raises(TypeError, match=r"PoolMixer.from_timm: expected timm\.models\.metaformer\.Pooling"):
+        PoolMixer.from_timm(torch.nn.Identity(), 8)
+
+
+@pytest.mark.parametrize(("level", "normalize", "post_norm"), [(2, False, False), (3, True, True)])
+def test_focal_modulation_from_timm(level, normalize, post_norm):
+    timm = import_timm()
+    theirs = _randomize(timm.models.focalnet.FocalModulation(16, focal_window=3, focal_level=level,
+                                                             normalize_modulator=normalize, use_post_norm=post_norm))
+    mine = FocalModulation.from_timm(theirs)
+    assert mine.kernel_sizes == theirs.kernel_sizes
+    _same_output_and_grad(mine, _nchw(theirs), torch.randn(2, 9, 11, 16), "focal modulation")
