@@ -14,9 +14,18 @@
 // Work unit: one query tile of ALL the G = Hq / Hkv query heads that share a KV head, stacked as one
 // (G * rows) x D matrix, so every K/V tile is read and converted once per group (GQA costs no copy) and
 // each GEMM is G times taller. Consecutive key tiles run as one span of up to `span` keys (one GEMM).
-// Inputs are heads-last (B, N, H, D) with any strides but a contiguous feature dim; bf16 / fp16 are
-// converted to float32 while packing a tile, all arithmetic is float32. Scores are kept in base 2
-// (scale * log2 e folded into the GEMM's alpha) so one vectorised exp2 serves both passes.
+// Inputs are heads-last (B, N, H, D) with any strides but a contiguous feature dim. float32 K / V are
+// read in place (the GEMMs take their token stride as leading dimension: no per-tile copy, which cost
+// ~15% of the forward); bf16 / fp16 K / V are converted to float32 once per call (O(N D), where a
+// per-tile conversion repeats for every query tile) and Q / dO per query tile. All arithmetic is
+// float32. Scores are kept in base 2 (scale * log2 e folded into the GEMM's alpha) so one vectorised
+// exp2 serves both passes.
+//
+// Non-finite inputs (the NaN policy of docs/design.md): masked scores are overwritten (a select, never
+// a -inf bias added to a NaN), a row whose allowed scores hold a NaN or +inf gets a NaN output and lse;
+// a key tile whose V holds a non-finite value (found by one O(N Dv) scan per call) is multiplied by
+// its finite part and the non-finite entries are added back for the allowed (query, key) pairs only,
+// so a masked-out key never multiplies a non-finite value. The backward selects dS = 0 where P = 0.
 //
 // Backward: one task per (batch, KV head, query split). A task walks its query tiles and, per tile,
 // its spans: P = exp2(S - lse), dV += P^T dO, dP = dO V^T, dS = P (dP - delta) scale, dQ += dS K,
@@ -224,13 +233,96 @@ inline void apply_masks(const Geo& g, int64_t b, int64_t hk, int64_t rows, int64
   }
 }
 
+// q in the input dtype; k, v float32 (the inputs themselves, or their one-off float32 copies); vbad[(b * Hkv +
+// hk) * nkt + kt] != 0 where key tile kt of V holds a non-finite value (null: V is finite).
 template <typename T>
 struct Ptrs {
-  const T *q, *k, *v;
-  const T* qrow(const Geo& g, int64_t b, int64_t n, int64_t h) const { return q + b * g.qs[0] + n * g.qs[1] + h * g.qs[2]; }
-  const T* krow(const Geo& g, int64_t b, int64_t n, int64_t h) const { return k + b * g.ks[0] + n * g.ks[1] + h * g.ks[2]; }
-  const T* vrow(const Geo& g, int64_t b, int64_t n, int64_t h) const { return v + b * g.vs[0] + n * g.vs[1] + h * g.vs[2]; }
+  const T* q;
+  const float *k, *v;
+  const uint8_t* vbad;
+  const float* krow(const Geo& g, int64_t b, int64_t n, int64_t h) const { return k + b * g.ks[0] + n * g.ks[1] + h * g.ks[2]; }
+  const float* vrow(const Geo& g, int64_t b, int64_t n, int64_t h) const { return v + b * g.vs[0] + n * g.vs[1] + h * g.vs[2]; }
 };
+
+// float32 K or V: the input, or a one-off float32 copy of a half input.
+inline at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+// Per (batch, KV head, key tile) flag: does this tile of V (float32) hold a NaN or an infinity? x * 0 is 0 for
+// every finite x and NaN otherwise, so one vector sum per tile answers it. Empty tensor when V is finite.
+at::Tensor nonfinite_tiles(const Geo& g, const at::Tensor& vf) {
+  const int64_t nkt = (g.Nk + g.bk - 1) / g.bk;
+  at::Tensor flags = at::zeros({g.B, g.Hkv, nkt}, vf.options().dtype(at::kByte));
+  uint8_t* fp = flags.data_ptr<uint8_t>();
+  const float* v = vf.data_ptr<float>();
+  const int64_t s0 = vf.stride(0), s1 = vf.stride(1), s2 = vf.stride(2);
+  std::vector<uint8_t> any(at::get_num_threads() + 1, 0);
+  at::parallel_for(0, g.B * g.Hkv * nkt, 1, [&](int64_t lo, int64_t hi) {
+    bool seen = false;
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t kt = t % nkt, bh = t / nkt, b = bh / g.Hkv, hk = bh % g.Hkv;
+      const int64_t n1 = std::min(g.Nk, (kt + 1) * g.bk);
+      float z = 0.f;
+      for (int64_t n = kt * g.bk; n < n1; ++n) {
+        const float* r = v + b * s0 + n * s1 + hk * s2;
+        for (int64_t d = 0; d < g.Dv; ++d) z += r[d] * 0.f;
+      }
+      fp[t] = z != z;
+      seen = seen || z != z;
+    }
+    if (seen) any[at::get_thread_num()] = 1;
+  });
+  for (uint8_t a : any)
+    if (a) return flags;
+  return at::Tensor();
+}
+
+// Is key c of partial tile `slot` allowed to row i (of query head h)?
+inline bool allowed_bit(const Geo& g, int64_t b, int64_t h, int64_t slot, int64_t i, int64_t c) {
+  if (slot < 0) return true;
+  return (g.tile_bits(b, h, slot)[i * g.words + (c >> 6)] >> (c & 63)) & 1;
+}
+
+// After P @ finite(V) over the entries [e0, e1) of a span: add P[r, j] * V[j, d] for the non-finite V[j, d]
+// of the allowed pairs only (IEEE's own products: inf for P > 0, NaN for P = 0 or a NaN value).
+template <typename T>
+void add_nonfinite_v(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_t rows, int64_t e0, int64_t e1,
+                     int64_t k0, int64_t w, const float* P, int64_t ld, float* acc, int64_t acc_ld) {
+  const int64_t nkt = (g.Nk + g.bk - 1) / g.bk;
+  for (int64_t e = e0; e < e1; ++e) {
+    const int64_t kt = g.cols[e], slot = g.slots[e];
+    if (!p.vbad[(b * g.Hkv + hk) * nkt + kt]) continue;
+    const int64_t c0 = kt * g.bk - k0, tw = std::min(g.bk, w - c0);
+    for (int64_t c = 0; c < tw; ++c) {
+      const float* vr = p.vrow(g, b, k0 + c0 + c, hk);
+      for (int64_t d = 0; d < g.Dv; ++d) {
+        if (std::isfinite(vr[d])) continue;
+        for (int64_t gi = 0; gi < g.G; ++gi)
+          for (int64_t i = 0; i < rows; ++i)
+            if (allowed_bit(g, b, hk * g.G + gi, slot, i, c)) {
+              const int64_t r = gi * rows + i;
+              acc[r * acc_ld + d] += P[r * ld + c0 + c] * vr[d];
+            }
+      }
+    }
+  }
+}
+
+// V rows [k0, k0 + w) with non-finite entries replaced by 0, packed (w, Dv), when the span touches a flagged
+// tile; else null (the GEMM reads V in place).
+template <typename T>
+const float* finite_v_span(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_t e0, int64_t e1,
+                           int64_t k0, int64_t w, float* Vp) {
+  if (!p.vbad) return nullptr;
+  const int64_t nkt = (g.Nk + g.bk - 1) / g.bk;
+  bool bad = false;
+  for (int64_t e = e0; e < e1 && !bad; ++e) bad = p.vbad[(b * g.Hkv + hk) * nkt + g.cols[e]];
+  if (!bad) return nullptr;
+  for (int64_t j = 0; j < w; ++j) {
+    const float* vr = p.vrow(g, b, k0 + j, hk);
+    for (int64_t d = 0; d < g.Dv; ++d) Vp[j * g.Dv + d] = std::isfinite(vr[d]) ? vr[d] : 0.f;
+  }
+  return Vp;
+}
 
 // Packed Q (or dO) of one query tile of the G heads of KV head hk: rows ordered (head, token).
 template <typename T>
@@ -245,11 +337,12 @@ void forward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_t
                   float* lse, const int64_t* ls, std::vector<float>& buf) {
   const int64_t D = g.D, Dv = g.Dv, q0 = qt * g.bq, rows = std::min(g.bq, g.Nq - q0), R = g.G * rows;
   const int64_t ld = g.spad();
-  float *Qp = buf.data(), *Kp = Qp + g.G * g.bq * D, *Vp = Kp + g.span * D, *S = Vp + g.span * Dv;
-  float *acc = S + g.G * g.bq * ld, *m = acc + g.G * g.bq * Dv, *l = m + g.G * g.bq;
+  float *Qp = buf.data(), *Vp = Qp + g.G * g.bq * D, *S = Vp + g.span * Dv;
+  float *acc = S + g.G * g.bq * ld, *m = acc + g.G * g.bq * Dv, *l = m + g.G * g.bq, *bad = l + g.G * g.bq;
   std::fill(acc, acc + R * Dv, 0.f);
   std::fill(m, m + R, kNegInf);
   std::fill(l, l + R, 0.f);
+  std::fill(bad, bad + R, 0.f);
   const int64_t* rp = g.rows_of(b, hk);
   const int64_t e_end = rp[qt + 1];
   if (rp[qt] < e_end) pack_group(g, p.q, g.qs, b, hk, q0, rows, D, Qp);
@@ -257,20 +350,23 @@ void forward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_t
   for (int64_t e = rp[qt]; e < e_end;) {
     int64_t k0, w;
     const int64_t f = next_span(g, e, e_end, k0, w);
-    pack(p.krow(g, b, k0, hk), g.ks[1], w, D, Kp);
-    pack(p.vrow(g, b, k0, hk), g.vs[1], w, Dv, Vp);
-    gemm(false, true, R, w, D, alpha, Qp, D, Kp, D, 0.f, S, ld);
+    gemm(false, true, R, w, D, alpha, Qp, D, p.krow(g, b, k0, hk), g.ks[1], 0.f, S, ld);
     apply_masks(g, b, hk, rows, e, f, k0, w, S, ld);
     const int64_t wp = (w + 15) / 16 * 16;
     for (int64_t r = 0; r < R; ++r) {
       float* s = S + r * ld;
       v16f vm = splat(kNegInf);
+      v16i vn = v16i{};
       for (int64_t c = 0; c < wp; c += 16) {
         const v16f x = load(s + c);
         vm = x > vm ? x : vm;
+        vn |= x != x;  // a NaN score (NaN or inf in q or k on an allowed pair)
       }
-      const float mx = std::max(m[r], hmax(vm));
-      if (mx == kNegInf) {  // nothing allowed in this row yet: P = 0
+      float mx = std::max(m[r], hmax(vm));
+      bool nan_row = bad[r] != 0.f || mx == std::numeric_limits<float>::infinity();
+      for (int i = 0; i < 16 && !nan_row; ++i) nan_row = vn[i] != 0;
+      if (nan_row || mx == kNegInf) {  // NaN row: its output is NaN; no key allowed yet: P = 0
+        if (nan_row) bad[r] = 1.f;
         std::fill(s, s + wp, 0.f);
         continue;
       }
@@ -289,16 +385,26 @@ void forward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_t
       }
       m[r] = mx;
     }
-    gemm(false, false, R, Dv, w, 1.f, S, ld, Vp, Dv, 1.f, acc, Dv);
+    const float* vfin = finite_v_span(g, p, b, hk, e, f, k0, w, Vp);
+    if (vfin) {
+      gemm(false, false, R, Dv, w, 1.f, S, ld, vfin, Dv, 1.f, acc, Dv);
+      add_nonfinite_v(g, p, b, hk, rows, e, f, k0, w, S, ld, acc, Dv);
+    } else {
+      gemm(false, false, R, Dv, w, 1.f, S, ld, p.vrow(g, b, k0, hk), g.vs[1], 1.f, acc, Dv);
+    }
     e = f;
   }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
   for (int64_t gi = 0; gi < g.G; ++gi) {
     const int64_t h = hk * g.G + gi;
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t r = gi * rows + i;
       T* o = out + b * os[0] + (q0 + i) * os[1] + h * os[2];
       float* lrow = lse + b * ls[0] + (q0 + i) * ls[1] + h * ls[2];
-      if (l[r] > 0.f) {
+      if (bad[r] != 0.f) {
+        for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(nan);
+        *lrow = nan;
+      } else if (l[r] > 0.f) {
         const float inv = 1.f / l[r];
         for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(acc[r * Dv + d] * inv);
         *lrow = (m[r] + std::log2(l[r])) * kLn2;
@@ -310,22 +416,39 @@ void forward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_t
   }
 }
 
+// K / V as float32 with their strides in g, and V's non-finite tile flags.
+struct FloatKV {
+  at::Tensor k, v, vbad;
+  FloatKV(Geo& g, const at::Tensor& k0, const at::Tensor& v0) : k(as_float(k0)), v(as_float(v0)) {
+    for (int i = 0; i < 3; ++i) {
+      g.ks[i] = k.stride(i);
+      g.vs[i] = v.stride(i);
+    }
+    vbad = nonfinite_tiles(g, v);
+  }
+  template <typename T>
+  Ptrs<T> ptrs(const T* q) const {
+    return {q, k.data_ptr<float>(), v.data_ptr<float>(), vbad.defined() ? vbad.data_ptr<uint8_t>() : nullptr};
+  }
+};
+
 // q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, Dv): float32 / bfloat16 / float16, feature-contiguous.
 // Returns out (B, Nq, Hq, Dv) in the input dtype and lse (B, Nq, Hq) float32 (-inf on rows with no key).
 std::tuple<at::Tensor, at::Tensor> flash_tiles_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& row_ptr, const at::Tensor& cols,
                                                    const at::Tensor& slots, const at::Tensor& bits, int64_t bq,
                                                    int64_t bk, double scale, int64_t span) {
-  const Geo g = make_geo(q, k, v, row_ptr, cols, slots, bits, bq, bk, scale, span);
+  Geo g = make_geo(q, k, v, row_ptr, cols, slots, bits, bq, bk, scale, span);
+  const FloatKV kv(g, k, v);
   at::Tensor out = at::empty({g.B, g.Nq, g.Hq, g.Dv}, q.options());
   at::Tensor lse = at::empty({g.B, g.Nq, g.Hq}, q.options().dtype(at::kFloat));
   const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
   const int64_t ls[3] = {lse.stride(0), lse.stride(1), lse.stride(2)};
   const int64_t tasks = g.B * g.Hkv * g.nqt;
-  const int64_t need = g.G * g.bq * (g.D + g.spad() + g.Dv + 2) + g.span * (g.D + g.Dv);
+  const int64_t need = g.G * g.bq * (g.D + g.spad() + g.Dv + 3) + g.span * g.Dv;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_tiles_fwd", [&] {
     using T = scalar_t;
-    const Ptrs<T> p{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>()};
+    const Ptrs<T> p = kv.ptrs<T>(q.data_ptr<T>());
     T* op = out.data_ptr<T>();
     float* lp = lse.data_ptr<float>();
     at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
@@ -339,6 +462,33 @@ std::tuple<at::Tensor, at::Tensor> flash_tiles_fwd(const at::Tensor& q, const at
   return {out, lse};
 }
 
+// dP[r, j] = dO[r] . V[j] recomputed in IEEE arithmetic for the keys of flagged tiles whose V row holds a non-finite
+// value (the GEMM used its finite part), on allowed pairs only.
+template <typename T>
+void exact_nonfinite_dp(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_t rows, int64_t e0, int64_t e1,
+                        int64_t k0, int64_t w, const float* dOp, float* dP, int64_t ld) {
+  const int64_t nkt = (g.Nk + g.bk - 1) / g.bk;
+  for (int64_t e = e0; e < e1; ++e) {
+    const int64_t kt = g.cols[e], slot = g.slots[e];
+    if (!p.vbad[(b * g.Hkv + hk) * nkt + kt]) continue;
+    const int64_t c0 = kt * g.bk - k0, tw = std::min(g.bk, w - c0);
+    for (int64_t c = 0; c < tw; ++c) {
+      const float* vr = p.vrow(g, b, k0 + c0 + c, hk);
+      bool finite = true;
+      for (int64_t d = 0; d < g.Dv && finite; ++d) finite = std::isfinite(vr[d]);
+      if (finite) continue;
+      for (int64_t gi = 0; gi < g.G; ++gi)
+        for (int64_t i = 0; i < rows; ++i) {
+          if (!allowed_bit(g, b, hk * g.G + gi, slot, i, c)) continue;
+          const int64_t r = gi * rows + i;
+          float acc = 0.f;
+          for (int64_t d = 0; d < g.Dv; ++d) acc += dOp[r * g.Dv + d] * vr[d];
+          dP[r * ld + c0 + c] = acc;
+        }
+    }
+  }
+}
+
 template <typename T>
 void backward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_t qt, const T* out,
                    const int64_t* os, const T* dout, const int64_t* dos, const float* lse, const int64_t* ls,
@@ -346,7 +496,7 @@ void backward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_
                    int64_t dv_ld, std::vector<float>& buf) {
   const int64_t D = g.D, Dv = g.Dv, q0 = qt * g.bq, rows = std::min(g.bq, g.Nq - q0), R = g.G * rows;
   const int64_t ld = g.spad(), cap = g.G * g.bq;
-  float *Qp = buf.data(), *dOp = Qp + cap * D, *Kp = dOp + cap * Dv, *Vp = Kp + g.span * D;
+  float *Qp = buf.data(), *dOp = Qp + cap * D, *Vp = dOp + cap * Dv;
   float *P = Vp + g.span * Dv, *dP = P + cap * ld, *dQa = dP + cap * ld, *lse2 = dQa + cap * D;
   float *delta = lse2 + cap, *orow = delta + cap;
   const int64_t* rp = g.rows_of(b, hk);
@@ -376,23 +526,34 @@ void backward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_
   for (int64_t e = rp[qt]; e < e_end;) {
     int64_t k0, w;
     const int64_t f = next_span(g, e, e_end, k0, w);
-    pack(p.krow(g, b, k0, hk), g.ks[1], w, D, Kp);
-    pack(p.vrow(g, b, k0, hk), g.vs[1], w, Dv, Vp);
-    gemm(false, true, R, w, D, alpha, Qp, D, Kp, D, 0.f, P, ld);
+    const float* kp = p.krow(g, b, k0, hk);
+    gemm(false, true, R, w, D, alpha, Qp, D, kp, g.ks[1], 0.f, P, ld);
     apply_masks(g, b, hk, rows, e, f, k0, w, P, ld);
-    gemm(false, true, R, w, Dv, 1.f, dOp, Dv, Vp, Dv, 0.f, dP, ld);
+    const float* vfin = finite_v_span(g, p, b, hk, e, f, k0, w, Vp);
+    gemm(false, true, R, w, Dv, 1.f, dOp, Dv, vfin ? vfin : p.vrow(g, b, k0, hk), vfin ? Dv : g.vs[1], 0.f, dP, ld);
+    if (vfin) exact_nonfinite_dp(g, p, b, hk, rows, e, f, k0, w, dOp, dP, ld);
     const int64_t wp = (w + 15) / 16 * 16;
+    const v16f zero = splat(0.f), vnan = splat(std::numeric_limits<float>::quiet_NaN()), ninf = splat(kNegInf);
     for (int64_t r = 0; r < R; ++r) {
       float *s = P + r * ld, *dp = dP + r * ld;
       const v16f sub = splat(lse2[r]), dl = splat(delta[r]);
+      if (lse2[r] != lse2[r]) {  // a NaN row (see the forward): NaN on its allowed pairs, 0 elsewhere
+        for (int64_t c = 0; c < wp; c += 16) {
+          const v16f pe = load(s + c) == ninf ? zero : vnan;
+          store(s + c, pe);
+          store(dp + c, pe);
+        }
+        continue;
+      }
       for (int64_t c = 0; c < wp; c += 16) {
         const v16f pe = exp2v(load(s + c) - sub);
         store(s + c, pe);
-        store(dp + c, pe * (load(dp + c) - dl) * g.scale);
+        // dS = P (dP - delta) scale, and exactly 0 where P is: a non-finite dP or delta never leaks to masked pairs
+        store(dp + c, pe == 0.f ? zero : pe * (load(dp + c) - dl) * g.scale);
       }
     }
     gemm(true, false, w, Dv, R, 1.f, P, ld, dOp, Dv, 1.f, dv + k0 * dv_ld, dv_ld);
-    gemm(false, false, R, D, w, 1.f, dP, ld, Kp, D, 1.f, dQa, D);
+    gemm(false, false, R, D, w, 1.f, dP, ld, kp, g.ks[1], 1.f, dQa, D);
     gemm(true, false, w, D, R, 1.f, dP, ld, Qp, D, 1.f, dk + k0 * dk_ld, dk_ld);
     e = f;
   }
@@ -414,7 +575,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_tiles_bwd(
     const at::Tensor& lse, const at::Tensor& dlse, const at::Tensor& row_ptr, const at::Tensor& cols,
     const at::Tensor& slots, const at::Tensor& bits, int64_t bq, int64_t bk, double scale, int64_t span,
     int64_t splits) {
-  const Geo g = make_geo(q, k, v, row_ptr, cols, slots, bits, bq, bk, scale, span);
+  Geo g = make_geo(q, k, v, row_ptr, cols, slots, bits, bq, bk, scale, span);
+  const FloatKV kv(g, k, v);
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type() &&
                   out.stride(3) == 1 && dout.stride(3) == 1,
               "flash_tiles_bwd: out / dout must match q's dtype, feature-contiguous");
@@ -436,13 +598,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_tiles_bwd(
   const int64_t ls[3] = {lse.stride(0), lse.stride(1), lse.stride(2)};
   const int64_t dqs[3] = {dq.stride(0), dq.stride(1), dq.stride(2)};
   const int64_t cap = g.G * g.bq;
-  const int64_t need = cap * (g.D + g.Dv + 2 * g.spad() + g.D + 2) + g.span * (g.D + g.Dv) + g.Dv;
+  const int64_t need = cap * (g.D + g.Dv + 2 * g.spad() + g.D + 2) + g.span * g.Dv + g.Dv;
   float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   const float* lp = lse.data_ptr<float>();
   const float* dlp = has_dlse ? dlse.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_tiles_bwd", [&] {
     using T = scalar_t;
-    const Ptrs<T> p{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>()};
+    const Ptrs<T> p = kv.ptrs<T>(q.data_ptr<T>());
     const T *outp = out.data_ptr<T>(), *dop = dout.data_ptr<T>();
     T* dqp = dq.data_ptr<T>();
     at::parallel_for(0, g.B * g.Hkv * S, 1, [&](int64_t lo, int64_t hi) {
