@@ -7,6 +7,7 @@
     attnkit bench [--suite S] [--out DIR] [--only GLOB] [--backend B] [--dtype T] [--pass P]
                   [--case-timeout S] [--repeat N] [--force]   run a benchmark suite, write reports
     attnkit bench list-suites | list | report DIR | compare OLD NEW
+    attnkit analyze --model minilm --text "..." --analysis rollout --out DIR   attention maps: PNGs + JSON
 
 ``python -m attnkit`` runs the same command line.
 
@@ -24,12 +25,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from attnkit.analysis.cli import app as analyze_app
+
 app = typer.Typer(help="attnkit: attention mechanisms behind one interface, measured side by side.",
                   no_args_is_help=True, add_completion=False)
 masks_app = typer.Typer(help="Mask patterns: list the zoo, draw one.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmark every mechanism and backend side by side.")
 app.add_typer(masks_app, name="masks")
 app.add_typer(bench_app, name="bench")
+app.add_typer(analyze_app, name="analyze")
 console = Console() if Console().is_terminal else Console(width=160)
 DEFAULT_OUT = Path("bench-results")
 
