@@ -367,3 +367,53 @@ def naive_sat_module(m, x):
     prob = naive_spatial_token_map(q_s, k)                                     # (B, N)
     pooled = (prob[..., None] * _lin(m.v_proj, x[:, 1:])).sum(1, keepdim=True) / prob.sum(1)[:, None, None]
     return torch.cat([x[:, :1] + _lin(m.out_proj, pooled), x[:, 1:] * prob[..., None]], 1)
+
+
+def naive_biased_attention(q, k, v, bias, scale=None):
+    """Softmax attention with additive logits ``bias (B, H, Nq, Nk)``: ``softmax(q k^T * scale + bias) v``."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(work), k.to(work)) * scale + bias.to(work)
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v.to(work)).to(q.dtype)
+
+
+def naive_pointer_probs(q, k, allowed=None, scale=None):
+    """Pointer distribution ``softmax_j(q . k_j * scale)`` over keys: ``(B, H, Nq, Nk)``, masked keys 0."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(work), k.to(work)) * scale
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1).to(q.dtype)
+
+
+def sincos_embed(delta, dim):
+    """``delta (..., 2)`` -> ``(..., dim)``: sines and cosines of both coordinates at ``dim / 4`` frequencies."""
+    f = 1.0 / (10000.0 ** (torch.arange(dim // 4, dtype=delta.dtype) / max(1, dim // 4)))
+    ax = delta[..., :1] * f
+    ay = delta[..., 1:2] * f
+    return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], -1)
+
+
+def _bvr_positions(n, dtype):
+    return torch.stack([torch.arange(n, dtype=dtype), torch.zeros(n, dtype=dtype)], -1)      # (N, 2)
+
+
+def naive_bvr_module(m, x, context=None, q_pos=None, k_pos=None):
+    """RelationNet++ BVR: queries attend to the top-k scored keys with appearance + geometry logits, residual."""
+    ctx = x if context is None else context
+    b, n, _ = x.shape
+    h = m.num_heads
+    qp = _bvr_positions(n, x.dtype) if q_pos is None else q_pos
+    kp = _bvr_positions(ctx.shape[1], x.dtype) if k_pos is None else k_pos
+    with torch.no_grad():
+        idx = _lin(m.key_score, ctx)[..., 0].topk(min(m.topk, ctx.shape[1]), -1).indices    # (B, K)
+    sel = torch.stack([ctx[i, idx[i]] for i in range(b)])                                    # (B, K, C)
+    kps = kp[idx] if kp.dim() == 2 else torch.stack([kp[i, idx[i]] for i in range(b)])      # (B, K, 2)
+    qps = qp.expand(b, n, 2) if qp.dim() == 2 else qp
+    delta = (kps[:, None] - qps[:, :, None]) / m.pos_scale                                   # (B, N, K, 2)
+    g = _lin(m.geo[2], F.relu(_lin(m.geo[0], sincos_embed(delta, m.sincos_dim))))           # (B, N, K, H)
+    q = _heads(_lin(m.q_proj, x), h)
+    k, v = _heads(_lin(m.k_proj, sel), h), _heads(_lin(m.v_proj, sel), h)
+    o = naive_biased_attention(q, k, v, g.permute(0, 3, 1, 2))
+    return x + _lin(m.out_proj, o.reshape(b, n, -1))
