@@ -74,10 +74,8 @@ class AgentCall:
 
 
 def _broadcasts(shape: torch.Size, to: tuple[int, ...]) -> bool:
-    try:
-        return torch.broadcast_shapes(shape, to) == to
-    except RuntimeError:
-        return False
+    # numpy's rule written out: torch.broadcast_shapes costs ~0.1 ms a call, on every forward
+    return len(shape) <= len(to) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(to)))
 
 
 def make_call(q, k, v, agents, *, bias1=None, bias2=None, scale=None) -> AgentCall:
