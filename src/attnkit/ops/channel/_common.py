@@ -48,3 +48,16 @@ def check_channels_first(module: object, x: object, channels: int | None, *, met
         raise ValueError(f"{who}: x must be channels-first (B, C={channels}, H, W), got shape {tuple(x.shape)}, "
                          f"which looks channels-last (B, H, W, C); pass x.permute(0, 3, 1, 2)")
     return check_input(module, x, "(B, C, H, W)", channels=channels, meta=meta)
+
+
+def check_channels_last(module: object, x: object, channels: int, layout: str = "(B, Y, X, C)", *,
+                        meta: str | None = None) -> torch.Tensor:
+    """A token mixer's input check: channels-last ``layout``; a channels-first ``(B, C, Y, X)`` map (``C`` second
+    and not last) is named as such, with the permute that fixes it."""
+    who = module if isinstance(module, str) else type(module).__name__
+    rank = len(layout.split(","))
+    if (isinstance(x, torch.Tensor) and x.dim() == rank and x.shape[-1] != channels and x.shape[1] == channels):
+        perm = ", ".join(["0", *map(str, range(2, rank)), "1"])
+        raise ValueError(f"{who}: x must be channels-last {layout.replace('C', f'C={channels}', 1)}, got shape "
+                         f"{tuple(x.shape)}, which looks channels-first (B, C, ...); pass x.permute({perm})")
+    return check_input(module, x, layout, channels=channels, meta=meta)
