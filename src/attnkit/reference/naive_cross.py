@@ -417,3 +417,23 @@ def naive_bvr_module(m, x, context=None, q_pos=None, k_pos=None):
     k, v = _heads(_lin(m.k_proj, sel), h), _heads(_lin(m.v_proj, sel), h)
     o = naive_biased_attention(q, k, v, g.permute(0, 3, 1, 2))
     return x + _lin(m.out_proj, o.reshape(b, n, -1))
+
+
+def naive_sva_module(m, maps, queries=None):
+    """Cambrian-1 SVA: grid queries plus the cell-local attention over every encoder's map."""
+    b = maps[0].shape[0]
+    q0 = m.queries.expand(b, -1, -1) if queries is None else queries
+    h = m.num_heads
+    q = _heads(_lin(m.q_proj, q0), h)
+    feats = []
+    for f, kp, vp in zip(maps, m.k_proj, m.v_proj):
+        k = _lin(kp, f).reshape(*f.shape[:3], h, -1)                       # (B, Y, X, H, D)
+        v = _lin(vp, f).reshape(*f.shape[:3], h, -1)
+        feats.append((k, v))
+    o = naive_cell_local_attention(q, feats, m.grid)
+    return q0 + _lin(m.out_proj, o.reshape(b, q0.shape[1], -1))
+
+
+def naive_filip_module(m, image_tokens, text_tokens, text_mask=None):
+    """FILIP similarities after the two projections."""
+    return naive_filip_similarity(_lin(m.image_proj, image_tokens), _lin(m.text_proj, text_tokens), None, text_mask)
