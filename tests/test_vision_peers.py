@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnkit.mechanisms.vision_davit import DaViTChannelAttention, DaViTWindowAttention
 from attnkit.mechanisms.vision_focalnet import FocalModulation
 from attnkit.mechanisms.vision_poolformer import PoolMixer
 from peers import import_timm
@@ -54,3 +55,35 @@ def test_focal_modulation_from_timm(level, normalize, post_norm):
     mine = FocalModulation.from_timm(theirs)
     assert mine.kernel_sizes == theirs.kernel_sizes
     _same_output_and_grad(mine, _nchw(theirs), torch.randn(2, 9, 11, 16), "focal modulation")
+
+
+def test_davit_channel_from_timm():
+    timm = import_timm()
+    theirs = _randomize(timm.models.davit.ChannelAttention(24, num_heads=3, qkv_bias=True))
+    mine = DaViTChannelAttention.from_timm(theirs)
+    assert mine.wiring == "official"
+    x = torch.randn(2, 5, 7, 24)
+    _same_output_and_grad(mine, lambda t: theirs(t.flatten(1, 2)).view(t.shape), x, "davit channel")
+
+
+def _timm_spatial_attention(timm, attn, x):
+    """What timm's ``SpatialBlock`` does around ``attn`` (pad, partition, attention, reverse, crop)."""
+    import torch.nn.functional as F
+
+    davit = timm.models.davit
+    _, H, W, C = x.shape
+    ws = attn.window_size
+    pr, pb = (ws[1] - W % ws[1]) % ws[1], (ws[0] - H % ws[0]) % ws[0]
+    xp = F.pad(x, (0, 0, 0, pr, 0, pb))
+    win = davit.window_partition(xp, ws).view(-1, ws[0] * ws[1], C)
+    out = attn(win).view(-1, ws[0], ws[1], C)
+    return davit.window_reverse(out, ws, xp.shape[1], xp.shape[2])[:, :H, :W]
+
+
+@pytest.mark.parametrize("size", [(6, 9), (7, 5)], ids=["multiple", "padded"])
+def test_davit_window_from_timm(size):
+    timm = import_timm()
+    theirs = _randomize(timm.models.davit.WindowAttention(16, (3, 3), num_heads=2))
+    mine = DaViTWindowAttention.from_timm(theirs)
+    _same_output_and_grad(mine, lambda t: _timm_spatial_attention(timm, theirs, t), torch.randn(2, *size, 16),
+                          "davit window")

@@ -210,3 +210,32 @@ def naive_focal_modulation_module(m, x: torch.Tensor) -> torch.Tensor:
     if m.norm is not None:
         y = _layer_norm(m.norm, y)
     return _linear(m.proj, y)
+
+
+def naive_davit_channel_module(m, x: torch.Tensor) -> torch.Tensor:
+    """``DaViTChannelAttention``: qkv -> per group ``softmax(Q^T K / sqrt(Cg)) V`` (paper) or the official
+    wiring ``softmax(K^T V / sqrt(Cg)) Q`` -> proj."""
+    B, Y, X, C = x.shape
+    G = m.num_heads
+    qkv = _linear(m.qkv, x).reshape(B, Y * X, 3, G, C // G)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = naive_channel_group_attention(q, k, v) if m.wiring == "paper" else naive_channel_group_attention(k, v, q)
+    return _linear(m.proj, out.reshape(B, Y, X, C))
+
+
+def naive_davit_window_module(m, x: torch.Tensor) -> torch.Tensor:
+    """``DaViTWindowAttention``: zero-pad to a multiple of the window, qkv, attention inside each window
+    (padded tokens attended, not masked), crop, proj."""
+    B, Y, X, C = x.shape
+    w, H = m.window_size, m.num_heads
+    Yp, Xp = -(-Y // w) * w, -(-X // w) * w
+    xp = torch.zeros(B, Yp, Xp, C, dtype=x.dtype)
+    xp[:, :Y, :X] = x
+    qkv = _linear(m.qkv, xp).reshape(B, Yp, Xp, 3, H, C // H)
+    out = torch.zeros(B, Yp, Xp, H, C // H, dtype=x.dtype)
+    for i in range(Yp // w):
+        for j in range(Xp // w):
+            win = qkv[:, i * w:(i + 1) * w, j * w:(j + 1) * w].reshape(B, w * w, 3, H, C // H)
+            o, _ = naive_masked_attention(win[:, :, 0], win[:, :, 1], win[:, :, 2])
+            out[:, i * w:(i + 1) * w, j * w:(j + 1) * w] = o.reshape(B, w, w, H, C // H)
+    return _linear(m.proj, out[:, :Y, :X].reshape(B, Y, X, C))

@@ -62,15 +62,17 @@ def make_focal_call(q, ctx, gates, focal_weights, h_weight, h_bias=None, *, norm
 
 
 def _conv(c: FocalCall) -> torch.Tensor:
-    z, total = c.ctx, None
+    # ctx and gates usually arrive as channel slices of one projection: made dense once, because a strided
+    # (B, Y, X, 1) gate broadcast over C and a strided depthwise-conv input are several times slower
+    z, gates, total = c.ctx.contiguous(), c.gates.contiguous(), None
     for level, w in enumerate(c.focal_weights):
         k = w.shape[-1]
         # (B, Y, X, C) seen as (B, C, Y, X) with channels-last strides: the depthwise conv keeps that format
         z = F.gelu(F.conv2d(z.permute(0, 3, 1, 2), w, padding=k // 2, groups=w.shape[0]).permute(0, 2, 3, 1))
-        term = z * c.gates[..., level:level + 1]
+        term = z * gates[..., level:level + 1]
         total = term if total is None else total + term
     glob = F.gelu(z.mean(dim=(1, 2), keepdim=True))  # (B, 1, 1, C): the global level, the same at every pixel
-    total = total + glob * c.gates[..., len(c.focal_weights):]
+    total = total + glob * gates[..., len(c.focal_weights):]
     if c.normalize:
         total = total / (len(c.focal_weights) + 1)
     return c.q * F.linear(total, c.h_weight, c.h_bias)
