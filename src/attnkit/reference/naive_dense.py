@@ -43,7 +43,20 @@ def naive_attention(
     p = torch.exp(s - m)
     denom = p.sum(-1, keepdim=True)
     nonempty = denom > 0
-    out = torch.einsum("bhqk,bkhd->bqhd", p / torch.where(nonempty, denom, 1.0), vw).to(q.dtype)
+    pn = p / torch.where(nonempty, denom, 1.0)                            # (B, H, Nq, Nk)
+    if allowed is None:  # every key is allowed: IEEE's sum is already exact
+        out = torch.einsum("bhqk,bkhd->bqhd", pn, vw)
+    else:
+        finite = torch.isfinite(vw)
+        out = torch.einsum("bhqk,bkhd->bqhd", pn, torch.where(finite, vw, 0.0))
+        if not bool(finite.all()):
+            # a masked key has p = 0, but 0 * NaN = NaN: each non-finite value is added, as IEEE's product
+            # p * v, to the queries allowed to see it only (the NaN policy of docs/design.md)
+            ok = torch.broadcast_to(allowed, pn.shape)                      # (B, H, Nq, Nk)
+            for b, kk, h, d in (~finite).nonzero().tolist():
+                term = torch.where(ok[b, h, :, kk], pn[b, h, :, kk] * vw[b, kk, h, d], 0.0)  # (Nq,)
+                out[b, :, h, d] = out[b, :, h, d] + term
+    out = out.to(q.dtype)
     if not return_lse:
         return out
     lse = torch.where(nonempty, m + torch.log(torch.where(nonempty, denom, 1.0)), float("-inf"))

@@ -7,6 +7,12 @@ FlexAttention is called the way its documentation does: contiguous heads-first `
 tensors and a BlockMask built once per shape (cached). attnkit's heads-last inputs are copied to that
 layout here: handing flex ``transpose(1, 2)`` views instead slows its compiled kernel by ~20% on CPU,
 more than the copy costs.
+
+Non-finite inputs are not propagated exactly here (a limitation of FlexAttention's compiled CPU kernel,
+measured with torch 2.13): its running maximum skips NaN scores, so a NaN in ``q`` gives a finite row and a
+NaN in ``k`` is dropped, and masked probabilities (0) multiply ``V``, so a NaN in ``v`` reaches every query
+of its tile. Fixing it would need a second pass over the mask on every call. ``ak.check_finite(True)``
+(or ``ATTNKIT_CHECK_FINITE=1``) raises on such inputs instead; every other dense backend is exact.
 """
 
 from __future__ import annotations
@@ -79,4 +85,5 @@ def _run(call):
 
 
 BACKEND = Backend(name="flex", run=_run, supports=_supports, auto=False,
-                  note="compiles per shape (seconds) and has no CPU backward; pass backend='flex'")
+                  note="compiles per shape (seconds) and has no CPU backward; pass backend='flex'; NaN/inf inputs not "
+                       "propagated exactly (use ak.check_finite to catch them)")

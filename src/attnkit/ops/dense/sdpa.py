@@ -2,14 +2,23 @@
 
 On CPU it runs a fused flash-style kernel with ``is_causal`` skipping the upper triangle; a
 general mask must be materialised as an ``Nq x Nk`` boolean, so sparse masks pay full cost.
+
+Non-finite inputs (the NaN policy of ``docs/design.md``): torch's kernel adds the mask as a ``-inf`` bias
+and multiplies masked probabilities (exactly 0) by ``V``, so one NaN in ``k`` or ``v`` reaches every
+query (0 * NaN = NaN). On CPU a call whose q, k or v holds a NaN or an infinity (one O(N D) scan, no
+device sync on a CPU) runs the exact reference instead (materialised scores, masked pairs dropped);
+finite inputs keep the fused kernel. On other devices the scan would sync the host, so it is skipped there
+and torch's behaviour stands (``ak.check_finite`` catches such inputs).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from attnkit.masks.causal import Causal
 from attnkit.ops.base import Backend
+from attnkit.ops.dense import reference as _reference
 
 # the largest dense boolean mask we are willing to build, in elements (256 MiB)
 _MAX_MASK_ELEMENTS = 1 << 28
@@ -58,7 +67,16 @@ def _suits(call):
     return False, f"only {frac:.0%} of tiles are non-empty; a dense mask computes all of them"
 
 
+def _nonfinite_on_cpu(call) -> bool:
+    """Whether a CPU call holds a NaN or an infinity in q, k or v (a scan of the inputs; never traced)."""
+    if call.q.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return not all(bool(torch.isfinite(t).all()) for t in (call.q, call.k, call.v))
+
+
 def _run(call):
+    if _nonfinite_on_cpu(call):
+        return _reference.BACKEND.run(call)  # exact propagation: masked pairs never touch a non-finite value
     q, k, v = (t.transpose(1, 2) for t in (call.q, call.k, call.v))      # (B, H, N, D)
     gqa = call.hq != call.hkv
     if call.mask is None or _is_plain_causal(call):

@@ -23,6 +23,7 @@ from attnkit.kernels import flash as _flash
 from attnkit.kernels import native as _native
 from attnkit.kernels.fused import fused_check
 from attnkit.ops.base import Backend
+from attnkit.ops.dense import reference as _reference
 from attnkit.ops.dense.blocked.groups import group_backward, group_forward, group_inference
 from attnkit.ops.dense.blocked.plan import Chunk, Plan, build_plan
 
@@ -265,6 +266,10 @@ def _detail_torch(call) -> str:
 def _run(call):
     if native_tiles(call) is None:
         return _run_native(call)
+    if call.q.device.type == "cpu" and not all(bool(torch.isfinite(t).all()) for t in (call.q, call.k, call.v)):
+        # the torch-ops path multiplies masked probabilities by V (0 * NaN = NaN); the compiled kernel
+        # handles non-finite inputs itself, this fallback hands them to the exact reference
+        return _reference.BACKEND.run(call)
     if _inference(call):
         plan = plan_for(call.mask, call.nq, call.nk, call.batch, call.hq, inference=True)
         q, k, v = (t.transpose(1, 2) for t in (call.q, call.k, call.v))  # (B, H, N, D)
