@@ -8,6 +8,7 @@ import torch
 
 from attnkit.mechanisms.vision_davit import DaViTChannelAttention, DaViTWindowAttention
 from attnkit.mechanisms.vision_focalnet import FocalModulation
+from attnkit.mechanisms.vision_gcvit import GCViTGlobalAttention
 from attnkit.mechanisms.vision_poolformer import PoolMixer
 from peers import import_timm
 from tolerances import assert_close
@@ -87,3 +88,31 @@ def test_davit_window_from_timm(size):
     mine = DaViTWindowAttention.from_timm(theirs)
     _same_output_and_grad(mine, lambda t: _timm_spatial_attention(timm, theirs, t), torch.randn(2, *size, 16),
                           "davit window")
+
+
+def _timm_global_attention(timm, attn, block, x):
+    """timm's GC ViT stage: ``FeatureBlock`` on NCHW for the global query, then the block's window attention."""
+    gcvit = timm.models.gcvit
+    qg = block(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    _B, H, W, C = x.shape
+    ws = attn.window_size
+    win = gcvit.window_partition(x, ws).view(-1, ws[0] * ws[1], C)
+    return gcvit.window_reverse(attn(win, qg), ws, (H, W))
+
+
+@pytest.mark.parametrize(("size", "levels"), [(8, 2), (4, 1), (2, 0)])
+def test_gcvit_global_from_timm(size, levels):
+    timm = import_timm()
+    gcvit = timm.models.gcvit
+    attn = _randomize(gcvit.WindowAttentionGlobal(16, 2, (2, 2), use_global=True))
+    block = _randomize(gcvit.FeatureBlock(16, levels), seed=1)
+    mine = GCViTGlobalAttention.from_timm(attn, block)
+    assert mine.feat_levels == max(1, levels) or levels == 0
+    x = torch.randn(2, size, size, 16)
+    _same_output_and_grad(mine, lambda t: _timm_global_attention(timm, attn, block, t), x, "gcvit global")
+    # with an external q_global (the stage's shared queries), without a generator
+    qg = torch.randn(2, 2, 2, 16)
+    bare = GCViTGlobalAttention.from_timm(attn)
+    win = gcvit.window_partition(x, (2, 2)).view(-1, 4, 16)
+    theirs = gcvit.window_reverse(attn(win, qg), (2, 2), (size, size))
+    assert_close(bare(x, qg), theirs, torch.float32, "external q_global")

@@ -239,3 +239,48 @@ def naive_davit_window_module(m, x: torch.Tensor) -> torch.Tensor:
             o, _ = naive_masked_attention(win[:, :, 0], win[:, :, 1], win[:, :, 2])
             out[:, i * w:(i + 1) * w, j * w:(j + 1) * w] = o.reshape(B, w, w, H, C // H)
     return _linear(m.proj, out[:, :Y, :X].reshape(B, Y, X, C))
+
+
+def _naive_relative_bias(table, M):
+    """Swin bias ``(H, M*M, M*M)``: entry ``[h, t, s] = table[(dy + M - 1)(2M - 1) + dx + M - 1, h]``, ``d = t - s``."""
+    H = table.shape[1]
+    out = torch.zeros(H, M * M, M * M, dtype=table.dtype)
+    for t in range(M * M):
+        for s in range(M * M):
+            dy, dx = t // M - s // M, t % M - s % M
+            out[:, t, s] = table[(dy + M - 1) * (2 * M - 1) + dx + M - 1]
+    return out
+
+
+def _naive_max_pool(x):
+    """MaxPool(3, stride 2, padding 1) on ``(B, Y, X, C)``, padding ignored."""
+    B, Y, X, C = x.shape
+    out = torch.zeros(B, (Y + 1) // 2, (X + 1) // 2, C, dtype=x.dtype)
+    for i in range(out.shape[1]):
+        for j in range(out.shape[2]):
+            win = x[:, max(0, 2 * i - 1):2 * i + 2, max(0, 2 * j - 1):2 * j + 2]
+            out[:, i, j] = win.amax(dim=(1, 2))
+    return out
+
+
+def naive_gcvit_global_module(m, x: torch.Tensor, q_global: torch.Tensor | None = None) -> torch.Tensor:
+    """``GCViTGlobalAttention``: generator (MBConv + max pools down to ``M x M``) -> global queries; kv;
+    global-query window attention with the relative bias; proj."""
+    B, Y, X, C = x.shape
+    M, H = m.window_size, m.num_heads
+    if q_global is None:
+        z = x
+        for block in m.generator:
+            y = F.gelu(naive_depthwise_conv(z, block.dw))
+            s = torch.sigmoid(_linear(block.se_fc2, F.gelu(_linear(block.se_fc1, y.mean(dim=(1, 2), keepdim=True)))))
+            z = z + _linear(block.pw, y * s)
+            if z.shape[1] > M:
+                z = _naive_max_pool(z)
+        while z.shape[1] > M:
+            z = _naive_max_pool(z)
+        q_global = z
+    kv = _linear(m.kv, x).reshape(B, Y, X, 2, H, C // H)
+    bias = _naive_relative_bias(m.relative_position_bias_table, M)
+    out = naive_global_query_window_attention(q_global.reshape(B, M, M, H, C // H), kv[..., 0, :, :], kv[..., 1, :, :],
+                                              M, bias)
+    return _linear(m.proj, out.reshape(B, Y, X, C))
