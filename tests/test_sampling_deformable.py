@@ -29,7 +29,7 @@ def _inputs(B=2, Nq=6, H=2, D=3, P=3, coords=2, Db=None, seed=0):
     return d
 
 
-@pytest.mark.parametrize("backend", ["sparse", "grid_sample"])
+@pytest.mark.parametrize("backend", ["fused", "sparse", "grid_sample"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_deformable_2d_backends_match_reference(backend, dtype):
     compare_fn(lambda **a: deformable_attention(a["value"], SHAPES, a["sampling_locations"], a["attention_weights"],
@@ -48,10 +48,15 @@ def test_deformable_3d_backends_match_reference(backend, dtype):
                                                          a["attention_weights"]), _inputs(coords=3, Db=5), dtype)
 
 
-def test_sparse_gradcheck():
+def test_gradcheck_of_the_fast_paths():
     a = {k: v.requires_grad_() for k, v in _inputs(B=1, Nq=3, coords=3, Db=4).items()}
     assert torch.autograd.gradcheck(lambda v, d, loc, w: deformable_attention_3d(v, d, SHAPES, loc, w),
                                     (a["value"], a["depth"], a["sampling_locations"], a["attention_weights"]))
+    a = {k: v.requires_grad_() for k, v in _inputs(B=1, Nq=3).items()}
+    for backend in ("fused", "sparse"):
+        assert torch.autograd.gradcheck(
+            lambda v, loc, w, b=backend: deformable_attention(v, SHAPES, loc, w, backend=b),
+            (a["value"], a["sampling_locations"], a["attention_weights"]))
 
 
 def test_zero_offsets_one_point_is_bilinear_sampling_at_the_reference_points():
@@ -115,20 +120,21 @@ class _Sizes(TorchDispatchMode):
         return out
 
 
-def test_sparse_builds_no_points_by_channels_tensor():
-    """The fast path's largest float tensor, forward and backward, is smaller than Nq x H x L x P x D (what the
-    grid_sample formulation builds per level and stacks)."""
+def test_fast_paths_build_no_points_by_channels_tensor_beyond_grid_sample():
+    """Largest float tensor, forward and backward: the grid_sample formulation stacks Nq x H x L x P x D; the fused
+    path keeps at most one level's grid_sample output (Nq x H x P x D); the sparse path nothing of that size."""
     B, Nq, H, D, P = 1, 64, 2, 32, 4
     a = {k: t.float().requires_grad_() for k, t in _inputs(B=B, Nq=Nq, H=H, D=D, P=P).items()}
     points_by_channels = B * Nq * H * len(SHAPES) * P * D
     sizes = {}
-    for backend in ("sparse", "grid_sample"):
+    for backend in ("fused", "sparse", "grid_sample"):
         with _Sizes() as rec:
             out = deformable_attention(a["value"], SHAPES, a["sampling_locations"], a["attention_weights"],
                                        backend=backend)
             torch.autograd.grad(out.sum(), list(a.values()))
         sizes[backend] = rec.largest
     assert sizes["grid_sample"] >= points_by_channels
+    assert sizes["fused"] <= points_by_channels // len(SHAPES), sizes
     assert sizes["sparse"] < points_by_channels / 4, sizes
 
 
@@ -158,4 +164,8 @@ def test_op_errors():
                                 torch.rand(*a["sampling_locations"].shape[:5], 3), a["attention_weights"])
     text = ak.explain("deformable_attention", a["value"], SHAPES, a["sampling_locations"],
                       attention_weights=a["attention_weights"])
-    assert "-> sparse" in text and "grid_sample" in text
+    assert "-> fused" in text and "grid_sample" in text
+    text = ak.explain("deformable_attention_3d", a["value"], torch.rand(2, 26, 2, 4), SHAPES,
+                      sampling_locations=torch.rand(*a["sampling_locations"].shape[:5], 3),
+                      attention_weights=a["attention_weights"])
+    assert "-> sparse" in text

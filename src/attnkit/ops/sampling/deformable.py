@@ -6,10 +6,11 @@ arXiv 2307.12972 (ICCV 2023), Sec. 3: the points carry a depth coordinate and re
 ``depth (x) features`` trilinearly, which factorises into bilinear reads weighted by a depth score per corner.
 
 Both ops take sampling locations normalised to ``[0, 1]`` (``(x, y)`` or ``(x, y, d)``), the pixel-centre
-convention (``align_corners=False``) and zeros outside the map. Backends: ``sparse`` (the fast path: one CSR
-product over the corner weights, no per-point channel tensor), ``grid_sample`` (the formulation of the Deformable
-DETR and DFA3D PyTorch code: one ``F.grid_sample`` per level, the 3-D one on the materialised volume) and
-``reference``.
+convention (``align_corners=False``) and zeros outside the map. Backends: ``fused`` (2-D fast path: ``grid_sample``
+per level inside one autograd Function, no stacked copies), ``sparse`` (the 3-D fast path, and the leanest 2-D one
+in memory: one CSR product over the corner weights, nothing of size points x channels), ``grid_sample`` (the
+formulation of the Deformable DETR and DFA3D PyTorch code: one ``F.grid_sample`` per level, the 3-D one on the
+materialised volume) and ``reference``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from attnkit.ops.base import Backend, Dispatcher, register_op
+from attnkit.ops.sampling._fused import fused_deformable
 from attnkit.ops.sampling._sparse import row_sparse_mm
 from attnkit.reference.naive_sampling import naive_deformable_attention, naive_deformable_attention_3d
 
@@ -167,6 +169,12 @@ def _grid_sample(c: DeformableCall) -> torch.Tensor:
     return out.view(B, H, D, Nq).permute(0, 3, 1, 2)  # (B, Nq, H, D)
 
 
+def _fused(c: DeformableCall) -> torch.Tensor:
+    wt = _work(c)
+    out = fused_deformable(c.value.to(wt), c.locations.to(wt), c.weights.to(wt), c.shapes)
+    return out.to(c.value.dtype)
+
+
 def _reference(c: DeformableCall) -> torch.Tensor:
     if c.depth is None:
         return naive_deformable_attention(c.value, c.shapes, c.locations, c.weights)
@@ -179,8 +187,13 @@ def _csr_device(c: DeformableCall) -> tuple[bool, str]:
 
 
 def _backends(op: str) -> list[Backend]:
+    fused = [Backend("fused", _fused, suits=lambda c: (True, "the fast path"),
+                     note="grid_sample per level without stacking; grid_sample's own backward with grad x weights",
+                     detail=lambda c: f"in {_work(c)}; one (B H, D, Nq, P) sample kept per level")]
     return [
-        Backend("sparse", _sparse, supports=_csr_device, suits=lambda c: (True, "the fast path"),
+        *(fused if op == "deformable_attention" else []),
+        Backend("sparse", _sparse, supports=_csr_device,
+                suits=lambda c: (True, "the fast path" if c.depth is not None else "leanest in memory"),
                 note="corner weights (x attention[x depth score]) as one CSR matrix times the values",
                 detail=lambda c: f"CSR product in {_work(c)}; backward A^T @ grad and sampled_addmm"),
         Backend("grid_sample", _grid_sample, auto=False,
@@ -195,7 +208,8 @@ def _backends(op: str) -> list[Backend]:
 DISPATCHER_2D = Dispatcher("deformable_attention", _backends("deformable_attention"))
 DISPATCHER_3D = Dispatcher("deformable_attention_3d", _backends("deformable_attention_3d"))
 register_op("deformable_attention", make_call, DISPATCHER_2D)
-register_op("deformable_attention_3d", lambda v, d, s, loc, a: make_call(v, s, loc, a, depth=d), DISPATCHER_3D)
+register_op("deformable_attention_3d", lambda value, depth, spatial_shapes, sampling_locations, attention_weights:
+            make_call(value, spatial_shapes, sampling_locations, attention_weights, depth=depth), DISPATCHER_3D)
 
 
 def deformable_attention(value: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]] | torch.Tensor,
@@ -209,7 +223,7 @@ def deformable_attention(value: torch.Tensor, spatial_shapes: Sequence[tuple[int
         sampling_locations: ``(B, Nq, H, L, P, 2)``, ``(x, y)`` normalised to ``[0, 1]`` (pixel centres at
             ``(i + 0.5) / W_l``); points outside read zeros.
         attention_weights: ``(B, Nq, H, L, P)`` (Deformable DETR: a softmax over ``L P``).
-        backend: None / ``"sparse"``, ``"grid_sample"`` or ``"reference"``; see ``ak.explain``.
+        backend: None / ``"fused"``, ``"sparse"``, ``"grid_sample"`` or ``"reference"``; see ``ak.explain``.
 
     Returns:
         ``(B, Nq, H, D)``: ``sum_{l, p} A[..., l, p] * bilinear(value_l, location[..., l, p])``.
