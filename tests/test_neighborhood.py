@@ -18,7 +18,7 @@ from attnkit.reference.naive_neighborhood import (
     naive_neighborhood_attention,
     naive_neighborhood_mask,
 )
-from tolerances import DTYPES, compare_fn
+from tolerances import DTYPES, assert_close, compare_fn
 
 
 def _rand(*shape, dtype=torch.float64, seed=0):
@@ -323,9 +323,102 @@ def test_tiled_refuses_non_cpu_tensors():
 def test_explain_shows_the_tiled_path():
     q = torch.randn(1, 8, 8, 2, 4)
     text = ak.explain("neighborhood_attention", q, q, q, kernel_size=3)
-    assert "-> tiled" in text and "path: inference (fused CPU flash op per chunk): no input needs a gradient" in text
+    assert "-> tiled" in text and "path: compiled tile kernel: query boxes" in text and "no input needs" in text
     text = ak.explain("neighborhood_attention", q.requires_grad_(), q, q, kernel_size=3)
+    assert "compiled tile kernel" in text and "the kernel's backward from the saved lse" in text
+    # float64 keeps the torch-ops path, and says why
+    qd = torch.randn(1, 8, 8, 2, 4, dtype=torch.float64)
+    text = ak.explain("neighborhood_attention", qd, qd, qd, kernel_size=3)
+    assert "path: inference (fused CPU flash op per chunk; tile kernel not used: torch.float64" in text
+    text = ak.explain("neighborhood_attention", qd.requires_grad_(), qd, qd, kernel_size=3)
     assert "path: training (fused CPU flash op per chunk" in text and "an input needs a gradient" in text
-    v = torch.randn(1, 8, 8, 2, 6)  # Dv != D: the fused op cannot take it
-    text = ak.explain("neighborhood_attention", q, q, v, kernel_size=3)
+    v = torch.randn(1, 8, 8, 2, 6, dtype=torch.float64)  # Dv != D: the fused op cannot take it
+    text = ak.explain("neighborhood_attention", qd, qd, v, kernel_size=3)
     assert "matmul softmax per chunk (fused CPU op needs Dv == D" in text
+
+
+# ----- the compiled tile kernel path (query / key boxes in tile order) -----
+
+_KERNEL_CASES = [
+    # (spatial, kernel, dilation, stride, causal, H, Hkv)
+    ((75,), 9, 2, 1, True, 4, 2),
+    ((13, 17), (5, 3), (1, 2), 1, (False, True), 2, 1),
+    ((6, 7, 9), (3, 3, 5), (2, 1, 1), (1, 2, 1), (False, False, True), 2, 2),
+    ((16, 16), 7, 1, (2, 3), False, 8, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", _KERNEL_CASES)
+def test_kernel_path_matches_reference(case, dtype):
+    """``tiled`` on the tile kernel: output, lse and every gradient (including the lse's) vs the fp64 oracle."""
+    from attnkit.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernel unavailable: {native.status()}")
+    shape, ks, ds, ss, cs, H, Hkv = case
+    B, D, Dv = 2, 16, 8
+    q, k, v = (_rand(B, *shape, h, dd, seed=i) for i, (h, dd) in enumerate([(H, D), (Hkv, D), (Hkv, Dv)]))
+    text = ak.explain("neighborhood_attention", q.to(dtype), k.to(dtype), v.to(dtype), kernel_size=ks, dilation=ds,
+                      stride=ss, is_causal=cs)
+    assert "path: compiled tile kernel" in text
+    ins = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    refs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = ak.neighborhood_attention(*ins, ks, dilation=ds, stride=ss, is_causal=cs, return_lse=True)
+    ro, rl = naive_neighborhood_attention(*refs, ks, ds if isinstance(ds, tuple) else (ds,) * len(shape),
+                                          ss if isinstance(ss, tuple) else (ss,) * len(shape),
+                                          cs if isinstance(cs, tuple) else (cs,) * len(shape), D ** -0.5, True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    go, gl = _rand(*ro.shape, seed=7), _rand(*rl.shape, seed=8)
+    grads = torch.autograd.grad((out.double() * go).sum() + (lse.double() * gl).sum(), ins)
+    rgrads = torch.autograd.grad((ro * go).sum() + (rl * gl).sum(), refs)
+    assert_close(out, ro, dtype, "out")
+    assert_close(lse, rl, torch.float32 if dtype == torch.float32 else dtype, "lse")
+    for name, g, r in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert_close(g, r, dtype, name, grad=True)
+
+
+def test_kernel_path_equals_torch_ops_fallback(monkeypatch):
+    """ATTNKIT_NATIVE=0 runs the tiles x halos path: same numbers (fp32), and explain says why."""
+    shape, B, H, D = (12, 20), 1, 4, 16
+    q, k, v = (_rand(B, *shape, H, D, dtype=torch.float32, seed=i).requires_grad_() for i in range(3))
+    out = ak.neighborhood_attention(q, k, v, (5, 7), dilation=(2, 1), is_causal=(False, True))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    monkeypatch.setenv("ATTNKIT_NATIVE", "0")
+    text = ak.explain("neighborhood_attention", q, k, v, kernel_size=(5, 7), dilation=(2, 1), is_causal=(False, True))
+    assert "tile kernel not used: native kernel disabled by ATTNKIT_NATIVE=0" in text
+    out0 = ak.neighborhood_attention(q, k, v, (5, 7), dilation=(2, 1), is_causal=(False, True))
+    grads0 = torch.autograd.grad(out0.sum(), (q, k, v))
+    assert_close(out, out0, torch.float32, "out")
+    for name, g, r in zip(("dq", "dk", "dv"), grads, grads0):
+        assert_close(g, r, torch.float32, name, grad=True)
+
+
+def test_kernel_plan_boxes_cover_the_mask_exactly():
+    """The tile list's pairs reproduce the NA mask in tile order (full tiles all allowed, the rest by bitmask)."""
+    from attnkit.ops.neighborhood.kernel import kernel_plan
+
+    shape, ks, ds, ss, cs = (9, 14), (3, 5), (2, 1), (1, 2), (True, False)
+    plan = kernel_plan(shape, ks, ds, ss, cs)
+    tl = plan.tl
+    dense = neighborhood_mask(shape, ks, ds, ss, cs).to_dense()  # (N, N)
+    qsrc = torch.arange(dense.shape[0]) if plan.q_src is None else plan.q_src
+    ksrc = torch.arange(dense.shape[0]) if plan.k_src is None else plan.k_src
+    got = torch.zeros(qsrc.numel(), ksrc.numel(), dtype=torch.bool)
+    rp = tl.row_ptr[0, 0]
+    for i in range(rp.numel() - 1):
+        for e in range(int(rp[i]), int(rp[i + 1])):
+            j, slot = int(tl.cols[e]), int(tl.slots[e])
+            if slot < 0:
+                blk = torch.ones(tl.bq, tl.bk, dtype=torch.bool)
+            else:
+                words = tl.bits[0, 0, slot]  # (bq, words)
+                blk = ((words[:, :, None] >> torch.arange(64)) & 1).bool().flatten(1)[:, :tl.bk]
+            got[i * tl.bq:(i + 1) * tl.bq, j * tl.bk:(j + 1) * tl.bk] = blk
+    q_real = torch.zeros(qsrc.numel(), dtype=torch.bool)
+    q_real[plan.q_inv if plan.q_inv is not None else torch.arange(dense.shape[0])] = True
+    want = dense[qsrc][:, ksrc]
+    # every real query row sees exactly its window; padded rows and duplicated padding keys see nothing extra
+    assert torch.equal(got[q_real][:, :ksrc.numel()] & want[q_real], got[q_real])
+    assert int(got[q_real].sum()) == int(dense.sum())
+    assert not got[~q_real].any()

@@ -5,10 +5,11 @@ Attention Transformer" (arXiv 2209.15001), "Faster Neighborhood Attention" (arXi
 "Generalized Neighborhood Attention" (arXiv 2504.16922). Exact index rules: NATTEN's, as stated in
 ``docs/design.md`` §3 (arXiv 2204.07143 §3, 2209.15001 §3).
 
-Backends: ``tiled`` (CPU tiles x halos, forward and backward; default), ``window`` (each query
-gathers its own window: plain tensor ops, chosen under ``torch.compile`` and for k/v holding NaN or
-infinity), ``reference`` (materialised mask, the oracle), ``flex`` (torch.compile(flex_attention) with an NA BlockMask,
-forward only, opt-in) and ``natten`` (when installed, opt-in).
+Backends: ``tiled`` (CPU, forward and backward; default: the compiled tile kernel over query/key boxes in
+tile order, or, for float64, ``ATTNKIT_NATIVE=0`` and failed builds, tiles x halos on torch's fused op),
+``window`` (each query gathers its own window: plain tensor ops, chosen under ``torch.compile`` and for k/v
+holding NaN or infinity), ``reference`` (materialised mask, the oracle), ``flex`` (torch.compile(flex_attention)
+with an NA BlockMask, forward only, opt-in) and ``natten`` (when installed, opt-in).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from attnkit._validate import assert_finite, check_qkv, resolve_scale
+from attnkit.kernels.flash import native_reason, tile_sizes
 from attnkit.kernels.fused import fused_check
 from attnkit.masks.neighborhood import NeighborhoodMask, check_na_params
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.neighborhood.flex import flex_supports, run_flex
+from attnkit.ops.neighborhood.kernel import KernelPlan, kernel_plan, neighborhood_kernel
 from attnkit.ops.neighborhood.natten import natten_detail, natten_supports, run_natten
 from attnkit.ops.neighborhood.tiled import neighborhood_tiled
 from attnkit.ops.neighborhood.tiles import choose_tile, make_plan
@@ -112,14 +115,23 @@ def _run_tiled(call: NACall):
         # masked probabilities 0, but NaN + -inf and 0 * NaN are NaN, so one NaN key or value would
         # reach the whole tile. Per-query windows never touch a key outside the window.
         return neighborhood_window(call)
-    tile = choose_tile(call.spatial, call.kernel_size, call.dilation, call.stride, call.is_causal)
-    plan = make_plan(call.spatial, call.kernel_size, call.dilation, call.stride, call.is_causal, tile)
-    out, lse = neighborhood_tiled(_flat(call.q), _flat(call.k), _flat(call.v), plan, call.scale)
+    if native_reason(call.q) is None:
+        out, lse = neighborhood_kernel(_flat(call.q), _flat(call.k), _flat(call.v), _kernel_plan(call), call.scale)
+    else:
+        tile = choose_tile(call.spatial, call.kernel_size, call.dilation, call.stride, call.is_causal)
+        plan = make_plan(call.spatial, call.kernel_size, call.dilation, call.stride, call.is_causal, tile)
+        out, lse = neighborhood_tiled(_flat(call.q), _flat(call.k), _flat(call.v), plan, call.scale)
     B, H = call.q.shape[0], call.q.shape[-2]
     out = out.view(B, *call.spatial, H, call.v.shape[-1])  # (B, *S, H, Dv)
     if call.return_lse:
         return out, lse.view(B, *call.spatial, H)  # (B, *S, H), float32 (float64 for float64 inputs)
     return out
+
+
+def _kernel_plan(call: NACall) -> KernelPlan:
+    groups = call.q.shape[-2] // call.k.shape[-2]
+    return kernel_plan(call.spatial, call.kernel_size, call.dilation, call.stride, call.is_causal,
+                       tile_sizes(64, 64, groups)[0])
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -164,8 +176,15 @@ def _tiled_supports(call: NACall) -> tuple[bool, str]:
 
 
 def _tiled_detail(call: NACall) -> str:
+    why_not = native_reason(call.q, build=False)
+    if why_not is None:
+        plan = _kernel_plan(call)
+        grad = "the kernel's backward from the saved lse" if call.requires_grad else "no input needs a gradient"
+        return (f"compiled tile kernel: query boxes {plan.tq} x key boxes {plan.tk} in tile order, "
+                f"{plan.tl.cols.numel()} tile pairs ({grad})")
     ok, why = fused_check(call.q, call.v)
     kernel = "fused CPU flash op per chunk" if ok else f"matmul softmax per chunk ({why})"
+    kernel = f"{kernel}; tile kernel not used: {why_not}"
     if call.requires_grad:
         return (f"training ({kernel}; halos kept for the chunked backward, which falls back to matmul "
                 "when the lse gets a gradient): an input needs a gradient")
@@ -182,8 +201,8 @@ def _forward_only_detail(call: NACall) -> str:
 
 DISPATCHER = Dispatcher("neighborhood_attention", [
     Backend("tiled", _run_tiled, _tiled_supports, _tiled_suits, detail=_tiled_detail,
-            note="query tiles x key halos, fused CPU attention per chunk, hand-written chunked backward; "
-                 "k or v holding NaN/inf runs the window path"),
+            note="compiled tile kernel over spatial query/key boxes (fallback: query tiles x key halos, fused CPU "
+                 "attention per chunk, hand-written chunked backward); k or v holding NaN/inf runs the window path"),
     Backend("window", _run_window, suits=_window_suits, detail=_window_detail,
             note="per-query gathered windows, plain tensor ops (chosen under torch.compile)"),
     Backend("reference", _run_reference, suits=_reference_suits, note="materialised mask; the oracle"),
