@@ -243,8 +243,9 @@ def test_data_dependent_mask_checks():
 
 
 @pytest.mark.parametrize("n,mask,expect", [
-    (1024, M.sliding_window(256), "sdpa"), (1024, M.block_causal(256), "sdpa"),
-    (1024, M.sliding_window(64), "blocked"), (2048, M.sliding_window(256), "blocked"),
+    (512, M.sliding_window(64), "sdpa"), (512, M.block_causal(128), "sdpa"),
+    (1024, M.sliding_window(256), "blocked"),
+    (1024, M.block_causal(256), "blocked"),
 ])
 def test_auto_knows_the_efficiency_length(n, mask, expect):
     """backend=None takes dense-mask SDPA within the efficiency length unless the mask is very sparse,

@@ -24,10 +24,12 @@ from attnkit.ops.dense import reference as _reference
 _MAX_MASK_ELEMENTS = 1 << 28
 # below this fraction of non-empty tiles, the blocked backend wins on CPU
 _DENSE_ENOUGH = 0.8
-# the efficiency length: up to Nq * Nk = 1024^2 one dense-mask SDPA call (a single fused kernel) beats the
-# tile walk's per-tile work on masks that still leave a quarter of the tiles (sliding_window(256),
-# block_causal(256) at N=1024, fwd and fwd+bwd, 2 threads); sparser masks keep the tile walk
-EFFICIENCY_PAIRS = 1024 * 1024
+# the efficiency length, measured (B=1, H=8, D=64, fp32, 2 threads, alternating calls, dense-mask SDPA time /
+# tile kernel time): sliding_window(256) fwd 1.11 / 1.51 / 2.72 and fwd+bwd 1.13 / 1.29 / 2.45 at N = 512 / 1024 /
+# 2048; block_causal(256) fwd 0.97 / 1.40 / 1.64 and fwd+bwd 1.10 / 1.51 / 1.57. The kernel wins from N=1024 on;
+# at N=512 the two tie (within the noise of a shared machine), and one fused dense-mask SDPA call is kept there
+# for masks that still leave a quarter of the tiles; sparser masks keep the tile walk
+EFFICIENCY_PAIRS = 512 * 512
 _EFFICIENT_TILES = 0.25
 
 
