@@ -129,3 +129,69 @@ def naive_deformable_3d_module(module, x):
     loc = ref + off / torch.tensor([X, Y, Db], dtype=wt)
     out = naive_deformable_attention_3d(value, depth, [(Y, X)], loc, attn).reshape(B, Y * X, C)
     return _lin(module.output_proj, out).reshape(B, Y, X, C).to(x.dtype)
+
+
+def naive_spatial_pyramid_pool(x, levels, mode="max"):
+    """SPP (arXiv 1406.4729, Sec. 2.3): for each level ``n`` and bin ``(i, j)``, the max (or mean) of rows
+    ``[floor(i H / n), ceil((i + 1) H / n))`` and the same columns; concatenated level, channel, row, column."""
+    B, C, H, W = x.shape
+    parts = []
+    for n in levels:
+        cells = torch.zeros(B, C, n, n, dtype=x.dtype)
+        for i in range(n):
+            r0, r1 = (i * H) // n, -(-((i + 1) * H) // n)
+            for j in range(n):
+                c0, c1 = (j * W) // n, -(-((j + 1) * W) // n)
+                patch = x[:, :, r0:r1, c0:c1].reshape(B, C, -1)
+                cells[:, :, i, j] = patch.amax(-1) if mode == "max" else patch.mean(-1)
+        parts.append(cells.reshape(B, C * n * n))
+    return torch.cat(parts, 1)
+
+
+def naive_slot_attention_step(q, k, v, scale, eps):
+    """Slot attention's read (arXiv 2006.15055, Alg. 1), input by input: ``A[n] = softmax over slots of
+    scale <k_n, q_s>`` plus eps, then slot ``s`` = ``sum_n A[n, s] v_n / sum_n A[n, s]``."""
+    wt = _work(q)
+    q, k, v = q.to(wt), k.to(wt), v.to(wt)
+    B, K, _ = q.shape
+    N = k.shape[1]
+    out = torch.zeros(B, K, v.shape[-1], dtype=wt)
+    for b in range(B):
+        A = torch.zeros(N, K, dtype=wt)
+        for n in range(N):
+            A[n] = torch.softmax(scale * (q[b] @ k[b, n]), 0) + eps
+        for s in range(K):
+            out[b, s] = (A[:, s, None] * v[b]).sum(0) / A[:, s].sum()
+    return out
+
+
+def naive_slot_module(module, x, slots):
+    """``SlotAttention``'s forward from explicit slots ``(B, K, C)``, with the naive read and a GRU cell written
+    out (PyTorch's gate order r, z, n)."""
+    wt = _work(x)
+    x, s = x.to(wt), slots.to(wt)
+    C = module.dim
+
+    def ln(t, m):
+        mu = t.mean(-1, keepdim=True)
+        var = ((t - mu) ** 2).mean(-1, keepdim=True)
+        return (t - mu) / torch.sqrt(var + m.eps) * m.weight.to(wt) + m.bias.to(wt)
+
+    def lin(t, m):
+        out = t @ m.weight.to(wt).t()
+        return out if m.bias is None else out + m.bias.to(wt)
+
+    xn = ln(x, module.norm_input)
+    k, v = lin(xn, module.to_k), lin(xn, module.to_v)
+    g = module.gru
+    for _ in range(module.iterations):
+        q = lin(ln(s, module.norm_slots), module.to_q)
+        u = naive_slot_attention_step(q, k, v, C ** -0.5, module.eps)
+        gi = u @ g.weight_ih.to(wt).t() + g.bias_ih.to(wt)
+        gh = s @ g.weight_hh.to(wt).t() + g.bias_hh.to(wt)
+        r = torch.sigmoid(gi[..., :C] + gh[..., :C])
+        z = torch.sigmoid(gi[..., C:2 * C] + gh[..., C:2 * C])
+        n = torch.tanh(gi[..., 2 * C:] + r * gh[..., 2 * C:])
+        s = (1 - z) * n + z * s
+        s = s + lin(torch.relu(lin(ln(s, module.norm_mlp), module.mlp[0])), module.mlp[2])
+    return s.to(slots.dtype)

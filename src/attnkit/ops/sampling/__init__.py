@@ -2,5 +2,6 @@
 spatial pyramid pooling. Importing this package registers each op for ``ak.explain``."""
 
 from attnkit.ops.sampling.deformable import deformable_attention, deformable_attention_3d
+from attnkit.ops.sampling.pooling import slot_attention_step, spatial_pyramid_pool
 
-__all__ = ["deformable_attention", "deformable_attention_3d"]
+__all__ = ["deformable_attention", "deformable_attention_3d", "slot_attention_step", "spatial_pyramid_pool"]
