@@ -127,3 +127,46 @@ def naive_titans_module(m, x):
         y = _rms(_dense_attend(m.attn_qkv, xt, H, swa(N + P)), m.gain_y, eps)
         o = y * torch.sigmoid(_rms(memory(xt)[0], m.gain_m, eps))
     return _lin(m.proj, o[:, P:])
+
+
+# ------------------------------------------------------------------------------ minimal attention
+
+
+def minimal_qkv(x, qk_weight, vo_weight, num_heads, qk, vo):
+    """q, k, v ``(B, N, H, .)`` of the reduced forms of arXiv 2410.13732 (see ``minimal_attention``)."""
+    B, N, C = x.shape
+    H = num_heads
+    if qk == "separate":
+        q, k = (x @ qk_weight[0]).view(B, N, H, C // H), (x @ qk_weight[1]).view(B, N, H, C // H)
+    elif qk in ("shared", "cholesky"):
+        w = qk_weight.tril() if qk == "cholesky" else qk_weight
+        q = k = (x @ w).view(B, N, H, C // H)
+    else:  # collapsed: q_h = x W_QK^h, k = x
+        q = torch.einsum("bnc,hcd->bnhd", x, qk_weight)
+        k = x.unsqueeze(2).expand(B, N, H, C)
+    if vo == "separate":
+        v = (x @ vo_weight[0]).view(B, N, H, C // H)
+    elif vo == "collapsed":
+        v = torch.einsum("bnc,hcd->bnhd", x, vo_weight)
+    else:
+        v = x.unsqueeze(2).expand(B, N, H, C)
+    return q, k, v
+
+
+def naive_minimal_attention(x, qk_weight, vo_weight=None, *, num_heads=1, qk="shared", vo="identity", causal=False):
+    """Explicit scores, softmax and value mixing for every head; ``(B, N, C)``."""
+    from attnkit.reference.naive_dense import naive_attention
+
+    B, N, C = x.shape
+    q, k, v = minimal_qkv(x, qk_weight, vo_weight, num_heads, qk, vo)
+    allowed = torch.ones(N, N, dtype=torch.bool).tril() if causal else None
+    o = naive_attention(q, k, v, allowed)  # (B, N, H, Dv)
+    if vo == "separate":
+        return o.reshape(B, N, C) @ vo_weight[1]
+    return o.sum(2) if vo == "collapsed" else o.mean(2)
+
+
+def naive_minimal_module(m, x):
+    """:class:`~attnkit.mechanisms.seq_minimal.MinimalAttention`."""
+    return naive_minimal_attention(x, m.qk_weight, m.vo_weight, num_heads=m.num_heads, qk=m.qk, vo=m.vo,
+                                   causal=m.causal)
