@@ -286,9 +286,30 @@ def test_report_quality_tables_and_plots(tmp_path):
     assert rows[0][0] == "mha" and rows[0][2] == "3" and rows[0][3] == "91.0" and rows[0][4] == "1.0"
     assert rows[1][5] == "20.0–22.0"
     assert rq.failed_table(cases)[1] == [["moa", "g/mqar/32/0", "error", "setup: boom"]]
-    md = rq.quality_markdown(cases, tmp_path)
-    assert "which mechanism to pick" in md and "agent_attention" in md  # skipped, with its reason
+    titles = [t.title for t in rq.quality_sections({"cases": cases})]
+    assert any("which mechanism to pick" in t for t in titles) and any("ordering" in t for t in titles)
+    notes = next(t for t in rq.quality_sections({"cases": cases}) if "ordering" in t.title).notes
+    assert any("meets the 90% mark" in n for n in notes)  # worst mha seed 90.0%
+    skipped = next(t for t in rq.quality_sections({"cases": cases}) if "skip" in t.title)
+    assert any(r[0] == "agent_attention" for r in skipped.rows)  # skipped, with its reason
+    assert rq.quality_plots(cases, tmp_path)
     assert (tmp_path / "quality_accuracy_vs_width.png").stat().st_size > 1000
     assert (tmp_path / "quality_accuracy_vs_time.png").stat().st_size > 1000
-    assert "<table>" in rq.quality_html(cases, tmp_path)
-    assert rq.quality_markdown([{"kind": "case", "op": "x", "impl": "blocked", "params": {}}], tmp_path) == ""
+    assert rq.quality_sections({"cases": [{"kind": "case", "op": "x", "impl": "blocked", "params": {}}]}) == []
+
+
+def test_report_shows_quality_sections_and_figures(tmp_path):
+    """The quality tables and plots reach report.md and report.html through SECTIONS / FIGURE_MAKERS."""
+    from attnkit.bench import report
+
+    cases = [_rec(m, "mqar", 64, s, a, "ordering", 256) for m, a in (("mha", 0.95), ("linear_attention", 0.2))
+             for s in range(3)]
+    lines = [{"kind": "run", "suite": "quality", "run_id": "r1", "time": 0}]
+    lines += [{**c, "suite": "quality", "suites": ["quality"], "run_id": "r1", "pass": "fwd", "impl": "tinylm"}
+              for c in cases]
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    paths = report.write_reports(tmp_path)
+    md = paths["md"].read_text()
+    assert "MQAR ordering study" in md and "meets the 90% mark" in md and "quality_accuracy_vs_time.png" in md
+    assert "75.0 points below mha" in md
+    assert "MQAR ordering study" in paths["html"].read_text()

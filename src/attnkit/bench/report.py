@@ -24,6 +24,7 @@ from attnkit.bench.analysis import (
     with_speedups,
 )
 from attnkit.bench.plots import make_plots
+from attnkit.bench.report_quality import quality_plots, quality_sections
 from attnkit.bench.results import NOISY_SPREAD, latest_cases, load, load_results, runs
 
 MEMORY_NOTE = ("peak memory: resident growth of a fresh process forked from an idle worker while it builds "
@@ -250,14 +251,14 @@ def case_sections(ctx: dict[str, Any]) -> list[Table]:
     return out
 
 
-SECTIONS: list[Section] = [summary_section, efficiency_section, peer_section, scaling_section, time_section,
-                           case_sections]
+SECTIONS: list[Section] = [summary_section, quality_sections, efficiency_section, peer_section, scaling_section,
+                           time_section, case_sections]
 
 
 # Figures: each maker writes its PNGs into the output folder and returns ``[(title, file name)]``; both reports
 # show them after the summary, in this order.
 FigureMaker = Callable[[list[Record], Path], list[tuple[str, str]]]
-FIGURE_MAKERS: list[FigureMaker] = [make_plots]
+FIGURE_MAKERS: list[FigureMaker] = [make_plots, quality_plots]
 
 
 def tables(ctx: dict[str, Any]) -> list[Table]:

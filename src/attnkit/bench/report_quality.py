@@ -4,12 +4,12 @@ Reads the ``case`` records of the ``quality`` / ``quality-quick`` suites (see ``
 their training figures live in ``params``) and gives: the pick table (per mechanism and width: accuracy on each
 task, mean accuracy, forward time and peak memory at that width), the MQAR ordering study (mean, spread and
 seeds per mechanism), the mechanisms skipped and why, and two figures (accuracy vs width, accuracy vs train
-time). ``quality_markdown`` / ``quality_html`` return the whole section for ``report.md`` / ``report.html``.
+time). :func:`quality_sections` and :func:`quality_plots` are registered in ``attnkit.bench.report``'s
+``SECTIONS`` and ``FIGURE_MAKERS``, so ``report.md`` and ``report.html`` both show them.
 """
 
 from __future__ import annotations
 
-import html
 import statistics
 from pathlib import Path
 from typing import Any
@@ -46,13 +46,14 @@ def _task_label(r: Record) -> str:
     return p["task"]
 
 
-def pick_table(cases: list[Record]) -> tuple[list[str], list[list[str]]]:
-    """Per (width, mechanism) of the grid: accuracy per task, mean accuracy, forward ms and peak MiB.
+def pick_table(cases: list[Record], study: str = "grid") -> tuple[list[str], list[list[str]]]:
+    """Per (width, mechanism) of ``study`` (``"grid"`` or ``"quick"``): accuracy per task, mean accuracy,
+    forward ms and peak MiB.
 
     The one table that answers "which mechanism should I pick": quality next to speed at the same width.
     Forward time and memory are the MQAR grid case's (the same model size for every mechanism).
     """
-    rows = [r for r in _ok(quality_rows(cases)) if r["params"].get("study") == "grid"]
+    rows = [r for r in _ok(quality_rows(cases)) if r["params"].get("study") == study]
     tasks = list(dict.fromkeys(_task_label(r) for r in rows))
     header = ["width", "mechanism", *tasks, "mean acc %", "fwd ms", "peak MiB", "train steps/s"]
     by: dict[tuple[int, str], list[Record]] = {}
@@ -127,7 +128,9 @@ def _panels(rows: list[Record]) -> dict[str, list[Record]]:
 
 def quality_plots(cases: list[Record], out_dir: str | Path) -> list[tuple[str, str]]:
     """Write ``quality_accuracy_vs_width.png`` and ``quality_accuracy_vs_time.png``; ``[(title, file)]``."""
-    rows = [r for r in _ok(quality_rows(cases)) if r["params"].get("study") != "quick"]
+    done = _ok(quality_rows(cases))
+    # the full suite's studies; a quick-only results file plots its quick rows
+    rows = [r for r in done if r["params"].get("study") != "quick"] or done
     if not rows:
         return []
     out_dir = Path(out_dir)
@@ -178,54 +181,54 @@ def quality_plots(cases: list[Record], out_dir: str | Path) -> list[tuple[str, s
     return figures
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows])
+def _verdict(cases: list[Record]) -> tuple[str, ...]:
+    """Notes under the ordering table: the acceptance checks, read from the numbers."""
+    rows = [r for r in _ok(quality_rows(cases)) if r["params"].get("study") == "ordering"]
+    acc: dict[str, list[float]] = {}
+    for r in rows:
+        acc.setdefault(r["op"], []).append(r["params"]["accuracy"])
+    notes = ["same step budget, learning rate and data for every mechanism (no per-mechanism tuning); std: "
+             "sample standard deviation over seeds, in accuracy points; steps taken < budget means the early "
+             "stop at 99% on a held-out probe batch fired"]
+    if "mha" in acc:
+        m = acc["mha"]
+        notes.append(f"softmax attention (mha): mean {_pct(statistics.fmean(m))}%, min {_pct(min(m))}% over "
+                     f"{len(m)} seeds -> {'meets' if min(m) >= 0.9 else 'misses'} the 90% mark on every seed")
+        for other in sorted(acc):
+            if other != "mha":
+                o = acc[other]
+                gap = statistics.fmean(m) - statistics.fmean(o)
+                notes.append(f"{other}: mean {_pct(statistics.fmean(o))}%, {100 * gap:.1f} points below mha "
+                             f"(its best seed {_pct(max(o))}% vs mha's worst {_pct(min(m))}%)")
+    return tuple(notes)
 
 
-def _tables(cases: list[Record]) -> list[tuple[str, str, tuple[list[str], list[list[str]]]]]:
-    return [
-        ("Quality beside speed: which mechanism to pick (per width)", PICK_NOTE, pick_table(cases)),
-        ("MQAR ordering study (Zoology): softmax vs linear attention, several seeds",
-         "same step budget and learning rate for every mechanism; std over seeds in accuracy points",
-         ordering_table(cases)),
-        ("Quality cases that did not finish", "", failed_table(cases)),
-        ("Mechanisms the quality suites skip", "only causal sequence mechanisms can be trained as a causal LM",
-         skipped_table()),
-    ]
+def quality_sections(ctx: dict[str, Any]) -> list[Any]:
+    """The report's quality tables (a :data:`attnkit.bench.report.SECTIONS` entry); none without quality rows.
 
+    The pick table per study (``grid`` of ``quality``, ``quick`` of ``quality-quick``), the MQAR ordering study
+    with the acceptance checks in its notes, the quality cases that failed, and the mechanisms skipped and why.
+    """
+    from attnkit.bench.report import Table
 
-def quality_markdown(cases: list[Record], out_dir: str | Path) -> str:
-    """The report's quality section in Markdown (writes the two PNGs into ``out_dir``); "" without quality rows."""
+    cases = ctx["cases"]
     if not quality_rows(cases):
-        return ""
-    parts = []
-    for title, note, (header, rows) in _tables(cases):
-        if rows:
-            parts += [f"## {title}", "", *([note, ""] if note else []), _md_table(header, rows), ""]
-    for title, fname in quality_plots(cases, out_dir):
-        parts += [f"![{title}]({fname})", ""]
-    return "\n".join(parts)
-
-
-def quality_html(cases: list[Record], out_dir: str | Path) -> str:
-    """The same section as HTML (figures embedded as base64 PNG); "" without quality rows."""
-    import base64
-
-    if not quality_rows(cases):
-        return ""
+        return []
     out = []
-    for title, note, (header, rows) in _tables(cases):
-        if not rows:
-            continue
-        out.append(f"<h2>{html.escape(title)}</h2>")
-        if note:
-            out.append(f"<p>{html.escape(note)}</p>")
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-        out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-    for title, fname in quality_plots(cases, out_dir):
-        data = base64.b64encode((Path(out_dir) / fname).read_bytes()).decode()
-        out.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
-                   f"<figcaption>{html.escape(title)}</figcaption></figure>")
-    return "\n".join(out)
+    for study, title in (("grid", "Quality beside speed: which mechanism to pick (suite quality, per width)"),
+                         ("quick", "Quality beside speed, quick check (suite quality-quick: short budgets)")):
+        header, rows = pick_table(cases, study)
+        if rows:
+            out.append(Table(title, tuple(header), rows, notes=(PICK_NOTE,)))
+    header, rows = ordering_table(cases)
+    if rows:
+        out.append(Table("MQAR ordering study (Zoology): softmax vs linear attention, several seeds", tuple(header),
+                         rows, notes=_verdict(cases)))
+    header, rows = failed_table(cases)
+    if rows:
+        out.append(Table("Quality cases that did not finish", tuple(header), rows, classes=("bad",) * len(rows)))
+    header, rows = skipped_table()
+    out.append(Table("Mechanisms the quality suites skip", tuple(header), rows,
+                     notes=("only mechanisms with the causal-self pattern on token sequences can be trained as a "
+                            "causal LM",)))
+    return out

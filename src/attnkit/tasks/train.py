@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,7 +122,8 @@ def build_model(mechanism: str, task: str, task_params: dict[str, Any] | None = 
 
 
 def train_task(mechanism: str, task: str, task_params: dict[str, Any] | None = None,
-               config: TrainConfig | None = None, model: TinyLM | None = None) -> QualityResult:
+               config: TrainConfig | None = None, model: TinyLM | None = None,
+               progress: Callable[[int, float, float], None] | None = None) -> QualityResult:
     """Train ``mechanism`` on ``task`` for ``config.steps`` steps and measure its test accuracy.
 
     Args:
@@ -130,6 +132,7 @@ def train_task(mechanism: str, task: str, task_params: dict[str, Any] | None = N
         task_params: overrides of the task's default parameters.
         config: the training configuration (:class:`TrainConfig`).
         model: an already built model to train (e.g. to time its forward afterwards); None builds one.
+        progress: called as ``progress(step, probe_accuracy, loss)`` at every early-stop check.
 
     Returns:
         :class:`QualityResult`; ``accuracy`` in [0, 1] over every scored position of the test set.
@@ -172,6 +175,8 @@ def train_task(mechanism: str, task: str, task_params: dict[str, Any] | None = N
         if cfg.early_stop is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             acc = accuracy(model, probe)
             history.append((step, acc))
+            if progress is not None:
+                progress(step, acc, loss_v)
             if acc >= cfg.early_stop:
                 break
     train_s = time.perf_counter() - t0

@@ -120,12 +120,22 @@ def _setup(mechanism: str, s: Setting, width: int, seed: int) -> Callable[[], Ru
         release_free_memory()
         can_peak = reset_peak()
         base = rss_mb()
-        model = build_model(mechanism, s.task, p, width, LAYERS, seed)
-        ev = task.generate(EVAL_BATCH, 7 + seed, **p)
-        with torch.no_grad():
-            model(ev.inputs)
-        peak = hwm_mb() - base if can_peak and base is not None else None  # params + inputs + one forward
-        result = train_task(mechanism, s.task, p, cfg, model=model)
+        run_threads = torch.get_num_threads()
+        # Training runs on one thread whatever the run's --threads: these models are tiny (each op a few
+        # hundred microseconds), so a second OpenMP thread buys little and, on a loaded machine, costs a lot:
+        # a parallel region waits at its barrier for a descheduled thread (hybrid_attention's compiled
+        # chunk kernel took 2.4-5 s per step at 2 threads vs 0.2-0.3 s at 1, measured on a busy 2-core box).
+        # One thread also makes the trained weights, hence the accuracy, independent of --threads.
+        torch.set_num_threads(1)
+        try:
+            model = build_model(mechanism, s.task, p, width, LAYERS, seed)
+            ev = task.generate(EVAL_BATCH, 7 + seed, **p)
+            with torch.no_grad():
+                model(ev.inputs)
+            peak = hwm_mb() - base if can_peak and base is not None else None  # params + inputs + one forward
+            result = train_task(mechanism, s.task, p, cfg, model=model)
+        finally:
+            torch.set_num_threads(run_threads)  # the timed forward runs at the run's thread count
         model.eval()
 
         def run() -> Any:
