@@ -37,7 +37,12 @@ def _options(c: dict) -> dict:
     default_input={"batch": 2, "seq_len": 32}, tiny_input={"batch": 1, "seq_len": 6},
     notes="Statistics along the token axis by default (non-causal); population variance with eps inside "
           "the sqrt; width parametrised as c (G = exp(-z^2/2c^2), xi = c^2), init c=2, offsets 0. "
-          "num_gaussians>1 gives the later code's mixture with softmax weights, normalised along the axis.",
+          "num_gaussians>1 mixes the Gaussians with softmax weights and divides G by its sum along the axis "
+          "(attnkit's form). Attribution: the paper's formula (section 3) is one Gaussian, population variance, "
+          "no normalisation; the authors' released code normalises G along the axis, uses the unbiased variance, "
+          "splits heads over the statistics axis and multiplies the Gaussians, and has no softmax-weighted "
+          "mixture. The op offers unbiased= and combine='product'; the head split over the statistics axis is "
+          "not offered yet.",
 )
 class GaussianAdaptiveAttention(nn.Module):
     """GAAM block: ``x (B, N, C)`` -> ``x * G(x)`` with per-head learnable Gaussians.

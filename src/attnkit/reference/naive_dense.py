@@ -122,20 +122,24 @@ def naive_lssa(q, k, v, causal=True, p=None, offset=1.0, short_rows=3, eps=1e-6)
 
 
 
-def naive_gaam(x, offsets, widths, mix_logits=None, axis=1, normalize=False, eps=1e-8):
-    """GAAM head by head with the population variance along ``axis`` of ``x (B, N, C)``."""
+def naive_gaam(x, offsets, widths, mix_logits=None, axis=1, normalize=False, eps=1e-8, unbiased=False,
+               combine="mixture"):
+    """GAAM head by head along ``axis`` of ``x (B, N, C)``: population (or unbiased) variance; Gaussians mixed
+    by softmax weights or multiplied (``combine="product"``)."""
     h, g = offsets.shape
     chunks = x.chunk(h, dim=-1)
     outs = []
     for i, xi in enumerate(chunks):
         dim = 1 if axis == 1 else 2
         mu = xi.mean(dim, keepdim=True)
-        var = ((xi - mu) ** 2).mean(dim, keepdim=True)
+        n = xi.shape[dim]
+        var = ((xi - mu) ** 2).sum(dim, keepdim=True) / (max(n - 1, 1) if unbiased else n)
         w = torch.softmax(mix_logits[i], -1) if mix_logits is not None else torch.full((g,), 1.0 / g, dtype=x.dtype)
-        gate = 0
+        gate = 1 if combine == "product" else 0
         for j in range(g):
             z = (xi - (mu + offsets[i, j])) / torch.sqrt(var + eps)
-            gate = gate + w[j] * torch.exp(-z ** 2 / (2 * widths[i, j] ** 2))
+            dens = torch.exp(-z ** 2 / (2 * widths[i, j] ** 2))
+            gate = gate * dens if combine == "product" else gate + w[j] * dens
         if normalize:
             gate = gate / gate.sum(dim, keepdim=True)
         outs.append(xi * gate)
