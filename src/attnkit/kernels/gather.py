@@ -7,6 +7,12 @@ key blocks (padded to the largest count ``kmax`` of any row, padding masked), ga
 those K/V blocks with one ``index_select`` and runs a batched matmul over all query
 blocks at once, then a masked softmax. Autograd provides the backward pass.
 
+On the CPU in float32/bfloat16/float16 with a key block that is a multiple of 16 (and an element mask,
+if any, that is a head-independent ``ak.masks`` Mask) the layout instead runs on the compiled tile
+kernel (``kernels/tiles.py``): exactly the selected blocks, no K/V gather, the kernel's backward;
+:func:`gather_path` says which engine runs. The gather path below is the fallback (float64,
+``ATTNKIT_NATIVE=0``, other blocks and masks).
+
 Cost: ``O(B * Hq * Nq * kmax * bk * D)`` flops. Memory: the forward is chunked over query
 blocks (about 64 MiB of gathered K/V and scores per chunk; with ``reuse_buffers`` the gather
 buffers are reused across chunks, since fresh multi-MiB allocations page-fault); with gradients
@@ -24,6 +30,8 @@ import torch.nn.functional as F
 
 from attnkit._validate import check_qkv, resolve_scale
 from attnkit.kernels import alloc
+from attnkit.kernels.flash import flash_attention, native_reason
+from attnkit.kernels.tiles import gather_kernel_reason, layout_tile_list
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -124,6 +132,35 @@ def _blocks(x: torch.Tensor, n_blocks: int, b: int) -> torch.Tensor:
     return x.view(B, n_blocks, b, H, D).permute(0, 3, 1, 2, 4)  # (B, H, n, b, D)
 
 
+def _on_kernel(q, k, v, lay, bq, bk, extra_mask, scale):
+    """The layout on the compiled tile kernel: one entry list per (batch, head) of the layout; when the
+    layout is per query head and query heads share a KV head, one kernel call per position in the group
+    (its heads then map one-to-one to KV heads). Returns ``out (B, Nq, Hq, Dv)``, ``lse (B, Nq, Hq)`` float32."""
+    hq, hkv = q.shape[2], k.shape[2]
+    g = hq // hkv
+    nq, nk = q.shape[1], k.shape[1]
+    if lay.shape[1] == 1 or g == 1:
+        return flash_attention(q, k, v, layout_tile_list(lay, bq, bk, nq, nk, extra_mask), scale)
+    outs, lses = [], []
+    for j in range(g):  # query heads j, j + g, ...: head h uses KV head h // g
+        o, l_ = flash_attention(q[:, :, j::g], k, v, layout_tile_list(lay[:, j::g], bq, bk, nq, nk, extra_mask), scale)
+        outs.append(o)
+        lses.append(l_)
+    out = torch.stack(outs, 3).reshape(*q.shape[:2], hq, v.shape[-1])  # (B, Nq, Hkv, G, Dv) -> (B, Nq, Hq, Dv)
+    return out, torch.stack(lses, 3).reshape(*q.shape[:2], hq)  # (B, Nq, Hq)
+
+
+def gather_path(q: torch.Tensor, k: torch.Tensor, layout: torch.Tensor, block_size, extra_mask=None) -> str:
+    """Which engine :func:`block_gather_attention` runs for these inputs, in words (for ``explain``)."""
+    bq, bk = block_sizes(block_size)
+    hq, hkv = q.shape[-2], k.shape[-2]
+    heads = layout.shape[-3] if layout.dim() >= 3 else 1
+    why = gather_kernel_reason(q, (bq, bk), extra_mask, hq, hkv, heads)
+    if why is None:
+        return "compiled tile kernel over the selected blocks (one entry list per batch and head; kernel backward)"
+    return f"gathered K/V blocks, batched softmax (tile kernel not used: {why})"
+
+
 def block_gather_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int | tuple[int, int],
     *, extra_mask: object = None, scale: float | None = None, return_lse: bool = False,
@@ -163,6 +200,12 @@ def block_gather_attention(
     if extra_mask is not None and not callable(getattr(extra_mask, "mask_mod", None)):
         raise TypeError(f"extra_mask must have a mask_mod(b, h, q_idx, kv_idx) method, got {type(extra_mask).__name__}")
     scale = resolve_scale(scale, D)
+    grad = needs_grad(q, k, v)
+    if reuse_buffers and grad:
+        raise ValueError("reuse_buffers=True cannot record autograd (index_select(out=)): inputs require grad")
+    if gather_kernel_reason(q, (bq, bk), extra_mask, hq, hkv, lay.shape[1]) is None and native_reason(q) is None:
+        out, lse = _on_kernel(q, k, v, lay, bq, bk, extra_mask, scale)
+        return (out, lse) if return_lse else out
     # without lse the fused SDPA kernel runs each chunk (it accumulates half types in fp32 and
     # returns zeros for empty rows); with lse the explicit softmax below runs in fp32/fp64
     fused = not return_lse
@@ -189,10 +232,7 @@ def block_gather_attention(
     chunk = max(1, min(nqb, alloc.CHUNK_BYTES // max(per_block, 1)))
     # without autograd, gather into buffers reused across chunks: fresh multi-MiB allocations
     # page-fault on every chunk and cost more than the copy itself
-    grad = needs_grad(q, k, v)
     reuse = not grad if reuse_buffers is None else bool(reuse_buffers)
-    if reuse and grad:
-        raise ValueError("reuse_buffers=True cannot record autograd (index_select(out=)): inputs require grad")
     if reuse:
         kbuf = kflat.new_empty(B * hq * chunk * kmax, bk, D)
         vbuf = vflat.new_empty(B * hq * chunk * kmax, bk, Dv)

@@ -22,15 +22,15 @@ import torch
 import attnkit.masks as M
 from attnkit._validate import check_qkv, int_arg, resolve_scale
 from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask
+from attnkit.masks.causal import causal as causal_mask
 from attnkit.ops.base import Dispatcher, register_op
 from attnkit.ops.per_head.call import BACKENDS, GatherPlan, HeadGroup, PerHeadCall, resolve_backend
 from attnkit.reference.naive_dense import causal_dense
 from attnkit.reference.naive_per_head import naive_s2_mask
 
 
-class _Causal:
-    def mask_mod(self, b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
+def _Causal():
+    return causal_mask()
 
 
 

@@ -48,8 +48,18 @@ def upcast_words(dtype: torch.dtype) -> str:
         torch.float16, torch.bfloat16) else ""
 
 
-def gather_detail(call) -> str:
-    """``Backend.detail`` of a path on the block-gather engine (which buffers it uses, the compute dtype)."""
+def gather_detail(call, block: int | None = None, causal: bool = False) -> str:
+    """``Backend.detail`` of a path on the block-gather engine: the tile kernel when it takes ``block``-token
+    blocks (and the causal element mask), else which buffers the gather uses, and the compute dtype."""
+    if block is not None:
+        from attnkit.kernels.tiles import gather_kernel_reason
+        from attnkit.masks.causal import causal as causal_mask
+
+        why = gather_kernel_reason(call.q, (block, block), causal_mask() if causal else None, 1, 1, 1)
+        if why is None:
+            return ("block-gather engine on the compiled tile kernel (selected blocks only; its backward)"
+                    + upcast_words(call.q.dtype))
+        return f"tile kernel not used ({why}); " + gather_detail(call)
     if call.needs_grad:
         how = "block-gather engine, fresh gather buffers per chunk (autograd records each chunk)"
     else:

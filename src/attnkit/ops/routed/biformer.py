@@ -117,7 +117,8 @@ def _run_reference(call: BRACall):
 
 DISPATCHER = Dispatcher("bi_level_routing_attention", [
     Backend("gather", _run_gather, suits=lambda call: (True, "regions made contiguous, routed blocks gathered"),
-            detail=gather_detail, note="block-gather engine"),
+            detail=lambda c: gather_detail(c, (c.q.shape[1] // c.n_win) * (c.q.shape[2] // c.n_win)),
+            note="block-gather engine"),
     Backend("reference", _run_reference, _reference_supports, auto=False, note="naive raster twin (the oracle)"),
 ])
 

@@ -29,6 +29,7 @@ from attnkit.kernels.dispatch import _diag, routed_block_attention
 from attnkit.kernels.fused import fused_ops
 from attnkit.kernels.gather import block_gather_attention, compute_dtype, needs_grad
 from attnkit.kernels.merge import merge_partials
+from attnkit.masks.causal import causal as causal_mask
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.routed._common import (
     cpu_only,
@@ -89,9 +90,8 @@ class _TokenRoutes:
 
 
 
-class _Causal:
-    def mask_mod(self, b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
+def _Causal():
+    return causal_mask()
 
 
 
@@ -249,7 +249,7 @@ DISPATCHER = Dispatcher("moba_attention", [
             detail=lambda call: "own block + gathered past blocks on the fused CPU op, merged by log-sum-exp"
             + upcast_words(call.q.dtype)),
     Backend("gather", _run_gather, _gather_supports, lambda call: (True, "any block routing, differentiable"),
-            detail=gather_detail, note="block routing on the block-gather engine"),
+            detail=lambda c: gather_detail(c, c.block_size, c.causal), note="block routing on the block-gather engine"),
     Backend("reference", _run_reference, cpu_only, auto=False, note="naive per-query mask (the oracle)"),
 ])
 
