@@ -22,6 +22,7 @@ from attnkit.ops.dense.softplus import softplus_attention
 from attnkit.ops.linear import linear_attention
 from attnkit.ops.linear.agent import agent_attention
 from attnkit.ops.local import block_attention, criss_cross_attention, grid_attention, halo_attention
+from attnkit.ops.memory.titans import titans_memory, titans_retrieve
 from attnkit.ops.neighborhood import neighborhood_attention
 from attnkit.ops.per_head import moa_attention, per_head_attention, s2_attention
 from attnkit.ops.routed import (
@@ -32,6 +33,7 @@ from attnkit.ops.routed import (
     pyramid_sparse_attention,
     vmoba_attention,
 )
+from attnkit.ops.sequence.minimal import minimal_attention
 from attnkit.registry import Family, InputKind, MechanismSpec, Paper, get, info, list_mechanisms, register
 
 __version__ = "0.1.0"
@@ -64,6 +66,7 @@ __all__ = [
     "linear_attention",
     "list_mechanisms",
     "masks",
+    "minimal_attention",
     "moa_attention",
     "moba_attention",
     "neighborhood_attention",
@@ -75,5 +78,7 @@ __all__ = [
     "s2_attention",
     "softplus_attention",
     "streaming_attention",
+    "titans_memory",
+    "titans_retrieve",
     "vmoba_attention",
 ]
