@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnkit.ops.dense.call import attention
+from attnkit.ops.local.multi_axis import block_attention
 from attnkit.ops.vision.channel import channel_group_attention
 from attnkit.ops.vision.common import channels_last_hint
 from attnkit.reference.naive_vision import naive_davit_channel_module, naive_davit_window_module
@@ -106,13 +106,14 @@ def _window_flops(cfg: dict) -> float:
     name="davit_window", family=Family.VISION, paper=PAPER,
     patterns=("noncausal-self",), complexity="O(N w^2 C + N C^2)", flops=_window_flops,
     options=lambda c: {"dim": c["dim"], "num_heads": c["num_heads"], "window_size": c["window_size"]},
-    reference=naive_davit_window_module, functional=attention,
+    reference=naive_davit_window_module, functional=block_attention,
     default_config={"dim": 96, "num_heads": 3, "window_size": 7},
     tiny_config={"dim": 8, "num_heads": 2, "window_size": 3},
     default_input={"batch": 1, "input_size": (56, 56)}, tiny_input={"batch": 1, "input_size": (4, 4)},
     input_kind=InputKind.IMAGE,
-    notes="Linear(C, 3C) with bias -> attention inside each w x w window (the windows as the batch of "
-          "ak.attention, scale D^-0.5, no relative bias, no shift) -> Linear(C, C). Maps not a multiple of w are "
+    notes="Linear(C, 3C) with bias -> attention inside each w x w window (block_attention on the windows as a "
+          "batch of w x w images, scale D^-0.5, no relative bias, no shift) -> Linear(C, C). Maps not a "
+          "multiple of w are "
           "zero-padded at the right and bottom and cropped back, as DaViT's code and timm's SpatialBlock do: the "
           "padded tokens are not masked (their keys and values are the projection biases). A token mixer: no "
           "norm, no CPE, no residual.",
@@ -144,9 +145,9 @@ class DaViTWindowAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, px, 0, py))                                  # (B, Y+py, X+px, C)
         ny, nx = (Y + py) // w, (X + px) // w
         # partition the input once (C channels), not q, k and v (3C): the windows become the batch
-        win = x.view(B, ny, w, nx, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B * ny * nx, w * w, C)
-        q, k, v = self.qkv(win).view(-1, w * w, 3, H, C // H).unbind(2)        # each (B*nW, w*w, H, D)
-        out = self.proj(attention(q, k, v).reshape(-1, w * w, C))             # (B*nW, w*w, C)
+        win = x.view(B, ny, w, nx, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B * ny * nx, w, w, C)
+        q, k, v = self.qkv(win).view(-1, w, w, 3, H, C // H).unbind(3)        # each (B*nW, w, w, H, D)
+        out = self.proj(block_attention(q, k, v, w).reshape(-1, w * w, C))    # (B*nW, w*w, C): one window each
         out = out.view(B, ny, nx, w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, ny * w, nx * w, C)
         return out[:, :Y, :X]
 
