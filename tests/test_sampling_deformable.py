@@ -164,7 +164,12 @@ def test_op_errors():
                                 torch.rand(*a["sampling_locations"].shape[:5], 3), a["attention_weights"])
     text = ak.explain("deformable_attention", a["value"], SHAPES, a["sampling_locations"],
                       attention_weights=a["attention_weights"])
-    assert "-> fused" in text and "grid_sample" in text
+    assert "-> sparse" in text and "grid_sample" in text
+    big = torch.rand(1, 4096, 8, 1, 4, 2)  # 131072 points: still sparse; one more query and fused takes over
+    v = torch.randn(1, 64 * 64, 8, 4)
+    assert "-> sparse" in ak.explain("deformable_attention", v, [(64, 64)], big, attention_weights=big[..., 0])
+    big = torch.rand(1, 4097, 8, 1, 4, 2)
+    assert "-> fused" in ak.explain("deformable_attention", v, [(64, 64)], big, attention_weights=big[..., 0])
     text = ak.explain("deformable_attention_3d", a["value"], torch.rand(2, 26, 2, 4), SHAPES,
                       sampling_locations=torch.rand(*a["sampling_locations"].shape[:5], 3),
                       attention_weights=a["attention_weights"])

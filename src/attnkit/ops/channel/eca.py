@@ -54,7 +54,8 @@ def _conv(c: EcaCall) -> torch.Tensor:
     B, C = x.shape[:2]
     wt = work_dtype(x)
     k = c.weight.shape[0]
-    y = x.mean((2, 3), dtype=wt).view(B, 1, C)  # (B, 1, C): channels are the conv's length axis
+    y = x.mean((2, 3)) if wt == x.dtype else x.mean((2, 3), dtype=wt)  # the plain kernel when no upcast is needed
+    y = y.view(B, 1, C)  # (B, 1, C): channels are the conv's length axis
     bias = None if c.bias is None else c.bias.to(wt)
     z = F.conv1d(y, c.weight.to(wt).view(1, 1, k), bias, padding=(k - 1) // 2)  # (B, 1, C)
     gate = torch.sigmoid(z).to(x.dtype).view(B, C, 1, 1)  # (B, C, 1, 1)

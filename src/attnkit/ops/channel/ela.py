@@ -100,8 +100,9 @@ def _conv(c: ElaCall) -> torch.Tensor:
     x = c.x
     B, _, H, W = x.shape
     wt = work_dtype(x)
-    z_h = x.mean(3, dtype=wt)  # (B, C, H): pooled along W
-    z_w = x.mean(2, dtype=wt)  # (B, C, W): pooled along H
+    kw = {} if wt == x.dtype else {"dtype": wt}  # the plain reduction kernel when no upcast is needed
+    z_h = x.mean(3, **kw)  # (B, C, H): pooled along W
+    z_w = x.mean(2, **kw)  # (B, C, W): pooled along H
     if c.shared and H == W:  # one conv + one norm over both directions (GN statistics stay per sample)
         a = _gate(c, torch.cat([z_h, z_w]), c.weight, c.bias, c.norm_weight, c.norm_bias)  # (2B, C, L)
         a_h, a_w = a[:B], a[B:]

@@ -6,11 +6,11 @@ arXiv 2307.12972 (ICCV 2023), Sec. 3: the points carry a depth coordinate and re
 ``depth (x) features`` trilinearly, which factorises into bilinear reads weighted by a depth score per corner.
 
 Both ops take sampling locations normalised to ``[0, 1]`` (``(x, y)`` or ``(x, y, d)``), the pixel-centre
-convention (``align_corners=False``) and zeros outside the map. Backends: ``fused`` (2-D fast path: ``grid_sample``
-per level inside one autograd Function, no stacked copies), ``sparse`` (the 3-D fast path, and the leanest 2-D one
-in memory: one CSR product over the corner weights, nothing of size points x channels), ``grid_sample`` (the
-formulation of the Deformable DETR and DFA3D PyTorch code: one ``F.grid_sample`` per level, the 3-D one on the
-materialised volume) and ``reference``.
+convention (``align_corners=False``) and zeros outside the map. Backends: ``sparse`` (one CSR product over the
+corner weights, nothing of size points x channels: the 3-D fast path, and the 2-D one up to ``SPARSE_MAX_POINTS``),
+``fused`` (2-D beyond that: ``grid_sample`` per level inside one autograd Function, no stacked copies),
+``grid_sample`` (the formulation of the Deformable DETR and DFA3D PyTorch code: one ``F.grid_sample`` per level,
+the 3-D one on the materialised volume) and ``reference``.
 """
 
 from __future__ import annotations
@@ -186,16 +186,33 @@ def _csr_device(c: DeformableCall) -> tuple[bool, str]:
             f"sparse CSR products are not available on {c.value.device.type}")
 
 
+# Measured on CPU (fp32, 8 heads, 4 points): the CSR product beats grid_sample fwd+bwd up to ~50K sampling points
+# (B=8 at 14x14) and falls behind near 800K (B=8 at 56x56), where its transpose for the values' gradient dominates.
+SPARSE_MAX_POINTS = 1 << 17
+
+
+def _points(c: DeformableCall) -> int:
+    return c.locations[..., 0].numel()  # B Nq H L P
+
+
+def _sparse_suits(c: DeformableCall) -> tuple[bool, str]:
+    if c.depth is not None:
+        return True, "the fast path (the alternative materialises the volume)"
+    n = _points(c)
+    if n <= SPARSE_MAX_POINTS:
+        return True, f"{n} sampling points <= {SPARSE_MAX_POINTS}: the CSR product is fastest"
+    return False, f"{n} sampling points > {SPARSE_MAX_POINTS}: the CSR transpose in backward outweighs it"
+
+
 def _backends(op: str) -> list[Backend]:
-    fused = [Backend("fused", _fused, suits=lambda c: (True, "the fast path"),
+    fused = [Backend("fused", _fused, suits=lambda c: (True, "the fast path for many points"),
                      note="grid_sample per level without stacking; grid_sample's own backward with grad x weights",
                      detail=lambda c: f"in {_work(c)}; one (B H, D, Nq, P) sample kept per level")]
     return [
-        *(fused if op == "deformable_attention" else []),
-        Backend("sparse", _sparse, supports=_csr_device,
-                suits=lambda c: (True, "the fast path" if c.depth is not None else "leanest in memory"),
+        Backend("sparse", _sparse, supports=_csr_device, suits=_sparse_suits,
                 note="corner weights (x attention[x depth score]) as one CSR matrix times the values",
                 detail=lambda c: f"CSR product in {_work(c)}; backward A^T @ grad and sampled_addmm"),
+        *(fused if op == "deformable_attention" else []),
         Backend("grid_sample", _grid_sample, auto=False,
                 note="one F.grid_sample per level (3-D: on the materialised volume), weighted sum: the papers' "
                      "PyTorch formulation"),
