@@ -12,7 +12,11 @@ An optional *diagonal* part gives each query ``t`` its own block ``t // bs`` (ca
 full) as one batched call over all blocks; MoBA's causal own block and VMoBA's forced own block
 (in partition order) are this part.
 
-Two paths, chosen by the caller through ``fused``: each part on torch's fused CPU flash-attention
+With ``fused=None`` on the CPU in float32/bfloat16/float16 (block a multiple of 16, no ragged last
+key block) both parts run on the compiled tile kernel (``kernels/flash.py``), forward and backward:
+the gathered query tiles against K/V laid out block-major, and the own block as a block-diagonal tile
+list (:func:`dispatch_kernel_reason` says when not). Otherwise two paths, chosen by the caller through
+``fused``: each part on torch's fused CPU flash-attention
 op (it returns the log-sum-exp; no backward) with the merge an in-place rescaling into one
 accumulator per query, or the explicit softmax of ``attend_gathered`` with the partials merged
 by differentiable scatter-adds. Cost: ``O(P * bs * D)`` for ``P`` selected pairs plus ``O(N * bs * D)`` for the
@@ -27,10 +31,14 @@ import torch
 
 from attnkit._validate import check_qkv, int_arg, resolve_scale
 from attnkit.kernels import alloc
+from attnkit.kernels.flash import TileList, flash_attention, native_reason
 from attnkit.kernels.fused import fused_check, fused_ops
 from attnkit.kernels.gather import attend_gathered, compute_dtype, needs_grad
+from attnkit.kernels.tiles import layout_tile_list
+from attnkit.masks.causal import causal as causal_mask
 
 _TILE = 128  # query rows per tile: pads < 128 rows per (batch, head, block) group
+_KERNEL_TILE = 64  # the same on the tile kernel (its query tile)
 
 
 
@@ -103,6 +111,8 @@ def routed_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
     if diag is not None and N != Nk:
         raise ValueError(f"diag needs self-attention (N == Nk), got N={N}, Nk={Nk}")
     scale = resolve_scale(scale, D)
+    if fused is None and dispatch_kernel_reason(q, bs, Nk) is None and native_reason(q) is None:
+        return _on_kernel(q, k, v, sel, bs, diag, scale)
     cdt = compute_dtype(q.dtype)
     grad = needs_grad(q, k, v)
     ok, why = fused_check(q, v)
@@ -143,6 +153,54 @@ def routed_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
         kv_id, tj = kv_of(tgrp)
         tiles = _tile_attention(qf, kb, vb, rows, kv_id, None if kbias is None else kbias[tj], scale)
     out = _merge(own, tiles, rows, B * hq * N)  # (B*Hq*N, Dv)
+    return out.view(B, hq, N, Dv).transpose(1, 2).to(q.dtype)  # (B, N, Hq, Dv)
+
+
+def dispatch_kernel_reason(q: torch.Tensor, bs: int, nk: int) -> str | None:
+    """None when :func:`routed_block_attention` (with ``fused=None``) runs on the compiled tile kernel, else why not."""
+    why = native_reason(q, build=False)
+    if why is not None:
+        return why
+    if bs % 16:
+        return f"block {bs} is not a multiple of 16"
+    if nk % bs:
+        return f"ragged last key block ({nk} keys, block {bs})"
+    return None
+
+
+def _on_kernel(q, k, v, sel, bs, diag, scale):
+    """Key-major dispatch on the tile kernel: the gathered query tiles (one key block each) are one kernel
+    call over K/V laid out block-major ``(B*Hkv*n blocks)``, the own block another (a block-diagonal tile
+    list, causal or full); partials merged by log-sum-exp. Differentiable end to end (kernel backward)."""
+    B, N, hq, D = q.shape
+    Nk, hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    n, g = Nk // bs, hq // hkv
+    rows, tgrp, _ = _tiles(sel, _KERNEL_TILE)
+    own = None
+    if diag is not None:
+        lay = torch.eye(n, dtype=torch.bool)
+        tl = layout_tile_list(lay[None, None], bs, bs, N, Nk, causal_mask() if diag == "causal" else None)
+        od, ld = flash_attention(q, k, v, tl, scale)  # (B, N, Hq, Dv), (B, N, Hq)
+        own = (od.transpose(1, 2).reshape(B * hq * N, Dv).float(), ld.transpose(1, 2).reshape(-1))
+    if rows.shape[0] == 0:
+        if own is None:
+            return q.new_zeros(B, N, hq, Dv)
+        return own[0].view(B, hq, N, Dv).transpose(1, 2).to(q.dtype)
+    qf = torch.cat([q.transpose(1, 2).reshape(B * hq * N, D), q.new_zeros(1, D)])  # (B*Hq*N + 1, D)
+    qg = qf.index_select(0, rows.reshape(-1)).view(1, -1, 1, D)  # (1, nt*T, 1, D): tile-major queries
+    kb = k.transpose(1, 2).reshape(1, B * hkv * Nk, 1, D)  # (1, B*Hkv*Nk, 1, D): key blocks consecutive
+    vb = v.transpose(1, 2).reshape(1, B * hkv * Nk, 1, Dv)
+    bk = 64 if bs % 64 == 0 else (32 if bs % 32 == 0 else 16)
+    per = bs // bk
+    kv_id = (tgrp // (hq * n) * hkv + tgrp // n % hq // g) * n + tgrp % n  # (nt,) key block of each tile
+    nt = rows.shape[0]
+    cols = (kv_id[:, None] * per + torch.arange(per)).reshape(-1)  # (nt*per,) its kernel key tiles
+    tl = TileList(_KERNEL_TILE, bk, (torch.arange(nt + 1) * per).view(1, 1, -1), cols.contiguous(),
+                  torch.full((cols.numel(),), -1, dtype=torch.long), torch.zeros(1, 1, 1, _KERNEL_TILE, -(-bk // 64),
+                                                                                    dtype=torch.long),
+                  _KERNEL_TILE * bs)
+    ot, lt = flash_attention(qg, kb, vb, tl, scale)  # (1, nt*T, 1, Dv), (1, nt*T, 1)
+    out = _merge(own, (ot.view(-1, Dv).float(), lt.view(-1)), rows, B * hq * N)  # (B*Hq*N, Dv)
     return out.view(B, hq, N, Dv).transpose(1, 2).to(q.dtype)  # (B, N, Hq, Dv)
 
 

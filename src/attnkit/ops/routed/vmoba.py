@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from attnkit._validate import check_qkv, int_arg, resolve_scale
-from attnkit.kernels.dispatch import routed_block_attention
+from attnkit.kernels.dispatch import dispatch_kernel_reason, routed_block_attention
 from attnkit.kernels.gather import block_gather_attention, compute_dtype, needs_grad
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.routed._common import (
@@ -289,16 +289,28 @@ def _run_dispatch(call: VMoBACall):
     own[torch.arange(N, device=own.device), torch.arange(N, device=own.device) // bs] = True
     qp, kp, vp = call.q[:, perm], call.k[:, perm], call.v[:, perm]  # (B, N, H, D), blocks contiguous
     out = routed_block_attention(qp, kp, vp, sel_p & ~own, bs, diag="full", scale=call.scale,
-                                 fused=_dispatch_fused(call)[0])  # (B, N, Hq, Dv) permuted
+                                 fused=_dispatch_engine(call))  # (B, N, Hq, Dv) permuted
     return _finish(call, out[:, inv], sel)  # raster order
 
 
+def _dispatch_engine(call) -> bool | None:
+    """None (the engine's own choice: the tile kernel) when it takes the call, else fused or matmul."""
+    if dispatch_kernel_reason(call.q, call.block, call.k.shape[1]) is None:
+        return None
+    return _dispatch_fused(call)[0]
+
+
 def _dispatch_detail(call: VMoBACall) -> str:
+    why_not = dispatch_kernel_reason(call.q, call.block, call.k.shape[1])
+    if why_not is None:
+        return ("key-major dispatch on the compiled tile kernel (gathered query tiles x their key block, own block "
+                "as a block-diagonal tile list; kernel backward)" + upcast_words(call.q.dtype))
     ok, why = _dispatch_fused(call)
     if ok:
-        return "key-major dispatch, every part on the fused CPU op (no input needs a gradient)" + upcast_words(
-            call.q.dtype)
-    return f"key-major dispatch, differentiable matmul softmax: {why}" + upcast_words(call.q.dtype)
+        return (f"tile kernel not used ({why_not}); key-major dispatch, every part on the fused CPU op "
+                "(no input needs a gradient)" + upcast_words(call.q.dtype))
+    return f"tile kernel not used ({why_not}); key-major dispatch, differentiable matmul softmax: {why}" + upcast_words(
+        call.q.dtype)
 
 
 def _run_gather(call: VMoBACall):
