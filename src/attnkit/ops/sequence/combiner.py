@@ -1,0 +1,152 @@
+"""Combiner: Full Attention Transformer with Sparse Computation Cost (arXiv 2107.05768) — Combiner-Fixed.
+
+Section 4.1 of the paper: the sequence is cut into segments of ``s`` tokens. A query attends its own
+segment directly and every other segment (every earlier one when causal) through one *summary* token
+whose key is the max-pool of the segment's keys and whose value is the segment's own attention
+``sum_j softmax_j(q_R . k_j) v_j`` with ``q_R`` the max-pool of its queries: ``p(j | i) ~ p(R | i) q(j | R)``.
+Every key keeps a non-zero weight (full attention) at ``O(N (s + N / s) D)`` cost, ``O(N sqrt N D)`` for
+``s ~ sqrt N``; one softmax runs over direct keys and summaries.
+
+Backends:
+* ``segmented`` (automatic): one ``ak.attention`` call with the segments as batch: each segment's queries
+  against its ``s`` keys followed by the other segments' summaries (gathered, so the non-causal, evenly
+  divided case needs no mask and runs on the fused kernel; causal or a ragged tail adds a bool mask).
+* ``reference``: :func:`~attnkit.reference.naive_sequence2.naive_combiner`, one query at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attnkit._validate import check_qkv, resolve_scale
+from attnkit.ops.base import Backend, Dispatcher, register_op
+from attnkit.ops.dense.call import attention
+from attnkit.reference.naive_sequence2 import naive_combiner
+
+
+@dataclass(frozen=True, eq=False)
+class CombinerCall:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    segment: int
+    causal: bool
+    scale: float
+
+    def describe(self) -> str:
+        B, N, H, D = self.q.shape
+        return (f"q {(B, N, H, D)} {self.q.dtype}, segment {self.segment} ({math.ceil(N / self.segment)} "
+                f"segment(s)), {'causal' if self.causal else 'non-causal'}")
+
+
+def make_call(q, k, v, *, segment, causal=False, scale=None) -> CombinerCall:
+    try:
+        check_qkv(q, k, v, same_extent=True)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"combiner_attention: {e}") from None
+    if k.shape[1] != q.shape[1] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"combiner_attention: self-attention needs k with q's (N, H) = {tuple(q.shape[1:3])}, "
+                         f"got {tuple(k.shape[1:3])}")
+    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
+        raise ValueError(f"combiner_attention: segment must be a positive int, got {segment!r}")
+    return CombinerCall(q, k, v, segment, bool(causal), resolve_scale(scale, q.shape[-1]))
+
+
+def _segmented(c: CombinerCall) -> torch.Tensor:
+    B, N, H, D = c.q.shape
+    Dv = c.v.shape[-1]
+    s = min(c.segment, N)
+    n = -(-N // s)
+    pad = n * s - N
+    # max-pool commutes with the positive scale: pool unscaled q, scale the small summary query and let the
+    # attention call scale the direct scores (one multiply over q saved)
+    q, k, v, sc = c.q, c.k, c.v, c.scale
+    if sc <= 0:  # a non-positive scale does not commute with max: scale first, as the paper
+        q, sc = q * sc, 1.0
+    if pad:
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))  # (B, n s, H, .)
+    Q, K, V = (t.view(B, n, s, H, t.shape[-1]) for t in (q, k, v))  # (B, n, s, H, .)
+    dev = q.device
+    valid = (torch.arange(n * s, device=dev) < N).view(n, s)  # (n, s)
+    if pad:  # pads never win a max-pool and get no weight inside a summary
+        neg = torch.finfo(q.dtype).min
+        qR = Q.masked_fill(~valid[None, :, :, None, None], neg).amax(2)  # (B, n, H, D)
+        kR = K.masked_fill(~valid[None, :, :, None, None], neg).amax(2)  # (B, n, H, D)
+    else:
+        qR, kR = Q.amax(2), K.amax(2)  # (B, n, H, D)
+    logit = torch.einsum("bnhd,bnjhd->bnhj", qR * sc, K)  # (B, n, H, s)
+    if pad:
+        logit = logit.masked_fill(~valid[None, :, None, :], float("-inf"))
+    vR = torch.einsum("bnhj,bnjhd->bnhd", torch.softmax(logit, -1), V)  # (B, n, H, Dv)
+    if not c.causal and not pad:
+        # the other segments' summaries, gathered per segment: no mask, the fused path
+        other = torch.arange(n - 1, device=dev).unsqueeze(0).expand(n, n - 1)  # (n, n-1)
+        other = other + (other >= torch.arange(n, device=dev)[:, None]).long()  # skip the own segment
+        keys = torch.cat([K, kR[:, other]], 2)  # (B, n, s + n - 1, H, D)
+        vals = torch.cat([V, vR[:, other]], 2)  # (B, n, s + n - 1, H, Dv)
+        mask = None
+    else:
+        keys = torch.cat([K, kR.unsqueeze(1).expand(B, n, n, H, D)], 2)  # (B, n, s + n, H, D)
+        vals = torch.cat([V, vR.unsqueeze(1).expand(B, n, n, H, Dv)], 2)  # (B, n, s + n, H, Dv)
+        seg = torch.arange(n, device=dev)
+        local = valid[:, None, :].expand(n, s, s)  # (n, s, s): key j of the own segment
+        if c.causal:
+            local = local & torch.ones(s, s, dtype=torch.bool, device=dev).tril()
+            far = seg[None, :] < seg[:, None]  # (n, n): summaries of earlier segments
+        else:
+            far = seg[None, :] != seg[:, None]
+        mask = torch.cat([local, far[:, None, :].expand(n, s, n)], -1)  # (n, s, s + n)
+        mask = mask.unsqueeze(1).repeat(B, 1, 1, 1)  # (B n, 1, s, s + n)
+    if q.device.type == "meta":  # shapes only: the bool mask's emptiness check needs values
+        mask = None
+    M = keys.shape[2]
+    o = attention(Q.reshape(B * n, s, H, D), keys.reshape(B * n, M, H, D), vals.reshape(B * n, M, H, Dv),
+                  mask, scale=sc)  # (B n, s, H, Dv)
+    return o.reshape(B, n * s, H, Dv)[:, :N]  # (B, N, H, Dv)
+
+
+def _reference(c: CombinerCall) -> torch.Tensor:
+    return naive_combiner(c.q, c.k, c.v, segment=c.segment, causal=c.causal, scale=c.scale)
+
+
+DISPATCHER = Dispatcher("combiner_attention", [
+    Backend("segmented", _segmented, note="segments as batch: own keys + other segments' summaries, ak.attention"),
+    Backend("reference", _reference, auto=False, note="naive_combiner: one query at a time"),
+])
+register_op("combiner_attention", make_call, DISPATCHER)
+
+
+def combiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment: int, causal: bool = False,
+                       scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Combiner-Fixed self-attention: direct attention inside segments, summaries across them.
+
+    Args:
+        q, k: ``(B, N, H, D)``; v: ``(B, N, H, Dv)``.
+        segment: ``s``, the segment length (``sqrt(N)`` balances the two parts; ``s = N`` or ``s = 1`` is
+            exact full attention). A last segment shorter than ``s`` is allowed.
+        causal: own segment up to the query, summaries of earlier segments only.
+        scale: score scale (default ``1 / sqrt(D)``), applied to ``q`` before the max-pool.
+        backend: None / ``"segmented"`` or ``"reference"``.
+
+    Returns:
+        ``(B, N, H, Dv)``.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 1024, 4, 32)
+        >>> o = combiner_attention(q, k, v, segment=32)
+    """
+    return DISPATCHER.run(make_call(q, k, v, segment=segment, causal=causal, scale=scale), backend)
+
+
+def combiner_density(n: int, segment: int, causal: bool = False) -> float:
+    """Score pairs computed (direct + summary logits + summary pooling) over the dense area (``N^2``, or
+    ``N (N + 1) / 2`` causal): ``1 / density`` is the ideal speedup over dense attention."""
+    s = min(segment, n)
+    m = -(-n // s)
+    if causal:
+        pairs = m * s * (s + 1) / 2 + s * m * (m - 1) / 2 + n
+        return pairs / (n * (n + 1) / 2)
+    return (n * (s + m - 1) + n) / (n * n)
