@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from attnkit.masks import causal, global_tokens
-from attnkit.ops.base import Dispatcher
-from attnkit.ops.decode import SPLIT_KV_BACKEND, decode_attention, decode_window, explain, merge_splits
+from attnkit.ops.decode import decode_attention, decode_window, explain, merge_splits
 from attnkit.ops.decode.split_kv import split_kv_attention
 from attnkit.reference.naive_decode import decode_allowed, naive_decode_attention
 from attnkit.reference.naive_dense import naive_attention
@@ -82,18 +81,22 @@ def test_strided_cache_layout_and_window_skips_splits():
     assert_close(out, naive_decode_attention(q.double(), k.double(), v.double(), window=100, sinks=4),
                  torch.float32, "heads-first storage")
     text = explain(q, kh, vh, window=100, sinks=4, split=512)
-    assert "-> split_kv" in text and "2 of 8 split(s)" in text
+    assert "-> split_kv" in text and "104 of 4096 keys attended" in text
 
 
-def test_dense_dispatcher_with_split_kv_inserted():
-    """What ak.attention does once split_kv heads its backend list: decode shapes go to split-KV."""
+def test_ak_attention_chooses_split_kv_for_decode_shapes():
+    """ak.attention's dispatcher takes split-KV for decode shapes (when its compiled kernel runs) and says why."""
+    from attnkit.kernels import native
     from attnkit.ops.dense import call as dense
 
-    disp = Dispatcher("attention", [SPLIT_KV_BACKEND, *dense.DISPATCHER.backends])
+    disp = dense.DISPATCHER
+    assert disp.backends[0].name == "split_kv"
     q, k, v = _qkv(2, 2048, torch.float32)
     c = dense.make_call(q, k, v, causal(2046), return_lse=True)
-    assert disp.choose(c).name == "split_kv"
-    assert "-> split_kv" in disp.explain(c) and "split(s)" in disp.explain(c)
+    if native.decode_available():
+        assert disp.choose(c).name == "split_kv"
+        text = disp.explain(c)
+        assert "-> split_kv" in text and "compiled split-KV kernel" in text and "compiled kernel" in text
     out, lse = disp.run(c)
     ro, rl = naive_attention(q.double(), k.double(), v.double(), causal(2046).to_dense(2, 2048), return_lse=True)
     assert_close(out, ro, torch.float32, "out")
@@ -102,6 +105,10 @@ def test_dense_dispatcher_with_split_kv_inserted():
     assert disp.choose(prefill).name != "split_kv"
     short = dense.make_call(*_qkv(1, 100, torch.float32))
     assert disp.choose(short).name != "split_kv"
+    qg = q.clone().requires_grad_()
+    grad = dense.make_call(qg, k, v, causal(2046))
+    assert disp.choose(grad).name != "split_kv" and "forward-only" in disp.explain(grad)
+    assert disp.choose(dense.make_call(q.double(), k.double(), v.double())).name != "split_kv"
 
 
 def test_errors():

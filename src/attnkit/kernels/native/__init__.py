@@ -5,6 +5,10 @@ without a C++ compiler (or with ``ATTNKIT_NATIVE=0``) gets the same results, onl
 ``status()`` says which and why, and ``ak.explain`` repeats it. The build (~1 min, once per
 machine and torch version) goes to torch's extension cache (``TORCH_EXTENSIONS_DIR`` moves it)
 and registers the ops under ``torch.ops.attnkit_native``.
+
+The decode kernel (``decode_cpu.cpp``: split-KV decoding over dense and KIVI-quantized caches) is a
+separate extension, ``torch.ops.attnkit_decode`` (``decode_ops()``, ``decode_status()``): it builds in a
+few seconds on its own, and a failed build of one extension leaves the other usable.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).parent / "linear_chunk_cpu.cpp", Path(__file__).parent / "flash_tiles_cpu.cpp"]
+_DECODE_SOURCES = [Path(__file__).parent / "decode_cpu.cpp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {"ops": None, "error": None}
+_decode_state: dict[str, object] = {"ops": None, "error": None}
 NOT_BUILT = "not built yet (builds on first use)"
 
 
@@ -72,6 +78,21 @@ def _register_fakes() -> None:
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _register_decode_fakes() -> None:
+    """Shape-only twins of the decode ops (torch.compile / FakeTensor tracing)."""
+
+    @torch.library.register_fake("attnkit_decode::decode_fwd")
+    def _decode(q, k, v, lo, hi, scale, parts):
+        B, Nq, Hq, _ = q.shape
+        return q.new_empty(B, Nq, Hq, v.shape[-1]), q.new_empty(B, Nq, Hq, dtype=torch.float32)
+
+    @torch.library.register_fake("attnkit_decode::kivi_decode_fwd")
+    def _kivi(q, kc, kstep, kzero, vc, vstep, vzero, lo, hi, scale, bits, group, vgroup, parts):
+        B, Nq, Hq, _ = q.shape
+        dv = vc.shape[-1] * (8 // bits)
+        return (q.new_empty(B, Nq, Hq, dv, dtype=torch.float32), q.new_empty(B, Nq, Hq, dtype=torch.float32))
+
+
 def _writable_build_root() -> None:
     """torch builds under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; where that cannot be
     written (a read-only home in CI, say) build under the temp dir instead of failing."""
@@ -89,41 +110,66 @@ def _writable_build_root() -> None:
     os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(tempfile.gettempdir(), f"attnkit_torch_extensions_{os.getuid()}")
 
 
-def ops():
-    """``torch.ops.attnkit_native`` once built and loaded, else None (the reason is in ``status()``)."""
+def _build(state: dict[str, object], name: str, sources: list[Path], namespace: str, fakes) -> object:
+    """Build and load one extension once; its ops namespace, or None with the reason in ``state``."""
     if _disabled():
         return None
-    if _state["ops"] is not None or _state["error"] is not None:
-        return _state["ops"]
+    if state["ops"] is not None or state["error"] is not None:
+        return state["ops"]
     with _lock:
-        if _state["ops"] is None and _state["error"] is None:
+        if state["ops"] is None and state["error"] is None:
             try:
                 from torch.utils.cpp_extension import load
 
                 _ninja_on_path()
                 _writable_build_root()
                 # -fopenmp: at::parallel_for is inline OpenMP; without it the heads would run serially.
-                # -march=native: the flash kernel's 16-float vectors become AVX-512 / AVX2 registers
+                # -march=native: the kernels' 16-float vectors become AVX-512 / AVX2 registers
                 # (the build is per machine, in its own cache)
-                load(name="attnkit_native", sources=[str(s) for s in _SOURCES], extra_cflags=_cflags(),
+                load(name=name, sources=[str(s) for s in sources], extra_cflags=_cflags(),
                      extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-                _register_fakes()
-                _state["ops"] = torch.ops.attnkit_native
+                fakes()
+                state["ops"] = getattr(torch.ops, namespace)
             except Exception as e:  # no compiler, no headers, a failed build: fall back, say why
                 lines = str(e).strip().splitlines() or [""]
                 first = next((ln for ln in lines if "error" in ln.lower()), lines[-1])
-                _state["error"] = f"build failed: {type(e).__name__}: {first.strip()[:200]}"
-    return _state["ops"]
+                state["error"] = f"build failed: {type(e).__name__}: {first.strip()[:200]}"
+    return state["ops"]
+
+
+def _status(state: dict[str, object]) -> str:
+    off = _disabled()
+    if off:
+        return off
+    if state["ops"] is not None:
+        return "loaded"
+    return str(state["error"]) if state["error"] is not None else NOT_BUILT
+
+
+def ops():
+    """``torch.ops.attnkit_native`` once built and loaded, else None (the reason is in ``status()``)."""
+    return _build(_state, "attnkit_native", _SOURCES, "attnkit_native", _register_fakes)
 
 
 def status() -> str:
     """One line: ``"loaded"``, ``"not built yet (builds on first use)"``, or why it is unavailable."""
-    off = _disabled()
-    if off:
-        return off
-    if _state["ops"] is not None:
-        return "loaded"
-    return str(_state["error"]) if _state["error"] is not None else NOT_BUILT
+    return _status(_state)
+
+
+def decode_ops():
+    """``torch.ops.attnkit_decode`` (``decode_fwd``, ``kivi_decode_fwd``) once built and loaded, else None
+    (the reason is in ``decode_status()``)."""
+    return _build(_decode_state, "attnkit_native_decode", _DECODE_SOURCES, "attnkit_decode", _register_decode_fakes)
+
+
+def decode_status() -> str:
+    """``status()`` of the decode kernel."""
+    return _status(_decode_state)
+
+
+def decode_available() -> bool:
+    """Build/load the decode kernel if needed; True when it can run."""
+    return decode_ops() is not None
 
 
 def available() -> bool:

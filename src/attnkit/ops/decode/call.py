@@ -77,11 +77,8 @@ def _split_supports(call: DecodeCall):
 
 
 def _split_detail(call: DecodeCall) -> str:
-    size = split_kv.split_size(call.nk, call.split)
-    cls = call.mask.blocks(call.nq, call.nk, call.nq, size)[0]
-    live = int((cls != 0).sum())
-    return (f"{live} of {cls.numel()} split(s) of {size} keys attended, merged by LSE; "
-            f"{call.hq // call.hkv} query head(s) per K/V pass")
+    live = split_kv.live_keys(call.mask, call.nq, call.nk)
+    return f"{split_kv.path(call.q, call.k, call.v, call.mask, call.split)}; {live} of {call.nk} keys attended"
 
 
 def _sdpa_supports(call: DecodeCall):

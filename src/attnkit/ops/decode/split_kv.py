@@ -7,23 +7,29 @@ merged exactly by log-sum-exp (``o = sum_s exp(lse_s - LSE) o_s``, ``LSE = logsu
 pass over their K/V head, so the cache is read once, not ``Hq / Hkv`` times as SDPA's per-head
 kernel does.
 
-On CPU every split is one batched matmul per K/V head; it reads each head's keys without a copy
-when they are contiguous per head (the layout :class:`attnkit.ops.decode.KVCache` stores), and
-copies a split at a time otherwise. Splits the mask leaves empty are skipped, splits it fills are
-computed without a mask, only the splits it cuts evaluate it (``mask.blocks``).
+Two paths. The compiled kernel (``kernels/native/decode_cpu.cpp``; inference, float32 / bfloat16 /
+float16, masks given as per-row key intervals such as ``decode_window`` or ``causal``) cuts the key
+work of all (batch, KV head) pairs into one contiguous part per thread (Lean Attention's stream-K,
+§4), reads every key and value row once for the whole query group and never reads keys no query
+sees. The torch-ops twin (gradients, float64, any other mask, or no compiler) does one batched
+matmul per K/V head and split, reading each head's keys without a copy when they are contiguous per
+head (the layout :class:`attnkit.ops.decode.KVCache` stores); splits the mask leaves empty are
+skipped, splits it fills are computed without a mask, only the splits it cuts evaluate it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attnkit.masks.base import EMPTY, FULL
+from attnkit.kernels import native
+from attnkit.masks.base import EMPTY, FULL, IntervalMask
 from attnkit.ops.base import Backend
 
 #: most queries per call treated as a decode shape (flash-decoding's regime)
 MAX_DECODE_QUERIES = 16
-#: shortest cache for which the automatic choice prefers split-KV over SDPA
-MIN_AUTO_KEYS = 1024
+#: shortest cache for which the automatic choice prefers split-KV over SDPA (the compiled kernel measured
+#: faster than SDPA from 128 keys on, 1 query, H=32, Hkv=8, D=128; below this one call's overheads dominate)
+MIN_AUTO_KEYS = 256
 #: keys per split: large enough that each matmul amortises its call overhead, small enough that the
 #: split's scores (Hq x split fp32) stay in cache
 DEFAULT_SPLIT = 8192
@@ -34,20 +40,78 @@ def split_size(nk: int, split: int | None = None) -> int:
     return max(1, min(nk, split if split is not None else DEFAULT_SPLIT))
 
 
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def native_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> str | None:
+    """None when the compiled decode kernel can run this call, else why not (pure, no build)."""
+    if native.decode_status() not in ("loaded", native.NOT_BUILT):
+        return f"the compiled decode kernel is unavailable ({native.decode_status()})"
+    if q.device.type != "cpu":
+        return f"the compiled decode kernel runs on CPU tensors, not {q.device.type}"
+    if q.dtype not in _NATIVE_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"the compiled decode kernel takes float32 / bfloat16 / float16, not {q.dtype}"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "gradients need the torch-ops path (the kernel is forward-only)"
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return "the kernel needs a contiguous feature dim"
+    if mask is not None and (not isinstance(mask, IntervalMask) or mask.lead_shape != (1, 1)):
+        return f"the kernel takes masks given as key intervals per query row, not {type(mask).__name__}"
+    return None
+
+
+def row_intervals(mask, nq: int, nk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` int64 ``(R, Nq)``: the inclusive key intervals each query row sees (all keys for no mask)."""
+    if mask is None:
+        return torch.zeros(1, nq, dtype=torch.long), torch.full((1, nq), nk - 1, dtype=torch.long)
+    lo, hi = mask.clipped_intervals(nq, nk)
+    return lo.contiguous(), hi.contiguous()
+
+
+def live_keys(mask, nq: int, nk: int) -> int:
+    """How many keys at least one query row sees (the keys the kernel reads per (batch, KV head))."""
+    lo, hi = row_intervals(mask, nq, nk)
+    spans = sorted((a, e + 1) for a, e in zip(lo.flatten().tolist(), hi.flatten().tolist()) if a <= e)
+    total, end = 0, -1
+    for a, e in spans:
+        if e > end:
+            total += e - max(a, end)
+            end = e
+    return total
+
+
+def native_split_kv(q, k, v, mask=None, *, scale: float, parts: int = 0):
+    """The compiled kernel: ``(out (B, Nq, Hq, Dv) in q's dtype, lse (B, Nq, Hq) float32)``, or None when it
+    cannot run (see :func:`native_reason`; the build happens on first use). ``parts`` = 0: one per thread."""
+    if native_reason(q, k, v, mask) is not None:
+        return None
+    ops = native.decode_ops()
+    if ops is None:
+        return None
+    lo, hi = row_intervals(mask, q.shape[1], k.shape[1])
+    return ops.decode_fwd(q, k, v, lo, hi, float(scale), int(parts))
+
+
 def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, scale: float,
-                       split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       split: int | None = None, native_ok: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of a few queries over a long cache, split along the keys and merged by LSE.
 
     Args:
         q: ``(B, Nq, Hq, D)``; k: ``(B, Nk, Hkv, D)``; v: ``(B, Nk, Hkv, Dv)``; ``Hq % Hkv == 0``. Any strides.
         mask: an ``attnkit.masks`` Mask (e.g. ``decode_window``, ``causal(offset)``) or None.
         scale: the score scale.
-        split: keys per split (default :data:`DEFAULT_SPLIT`).
+        split: keys per split of the torch-ops path (default :data:`DEFAULT_SPLIT`); the kernel cuts the
+            work into one part per thread instead.
+        native_ok: False forces the torch-ops path.
 
     Returns:
         ``out (B, Nq, Hq, Dv)`` in q's dtype and ``lse (B, Nq, Hq)`` (float32; float64 for float64);
         a query with no allowed key gets zeros and ``-inf``.
     """
+    if native_ok:
+        got = native_split_kv(q, k, v, mask, scale=scale)
+        if got is not None:
+            return got
     b, nq, hq, d = q.shape
     nk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
@@ -121,15 +185,27 @@ def _supports(call) -> tuple[bool, str]:
 def _suits(call) -> tuple[bool, str]:
     if call.nk < MIN_AUTO_KEYS:
         return False, f"short cache (Nk = {call.nk} < {MIN_AUTO_KEYS}): one fused kernel call is cheaper"
-    return True, f"decode shape: {call.nq} queries against {call.nk} keys"
+    why = native_reason(call.q, call.k, call.v, call.mask)
+    if why is not None:
+        return False, f"only the compiled kernel beats SDPA, and {why}"
+    return True, (f"decode shape: {call.nq} queries against {call.nk} keys; the compiled split-KV kernel reads "
+                  f"each K/V row once per query group (measured faster than SDPA)")
+
+
+def path(q, k, v, mask, split: int | None = None) -> str:
+    """Which path ``split_kv_attention`` takes for these inputs, and why (for ``explain``)."""
+    why = native_reason(q, k, v, mask)
+    g = q.shape[2] // k.shape[2]
+    if why is None:
+        return (f"compiled kernel: the key work cut into one contiguous part per thread ({torch.get_num_threads()}), "
+                f"partials merged by LSE, each K/V row read once for {g} query head(s)")
+    size = split_size(k.shape[1], split)
+    n = -(-k.shape[1] // size)
+    return f"torch ops ({why}): {n} split(s) of {size} keys merged by LSE, {g} query head(s) per K/V pass"
 
 
 def _detail(call) -> str:
-    size = split_size(call.nk)
-    n = -(-call.nk // size)
-    grad = "autograd through the split matmuls" if call.needs_grad else "inference"
-    return (f"{n} split(s) of {size} keys merged by LSE, {call.hq // call.hkv} query head(s) per K/V pass; "
-            f"{grad}")
+    return path(call.q, call.k, call.v, call.mask)
 
 
 def _run(call):
