@@ -11,6 +11,14 @@ from __future__ import annotations
 import torch
 
 
+def any_nonfinite(*tensors: torch.Tensor) -> bool:
+    """Whether any tensor may hold a NaN or an infinity: one vectorised sum per tensor (NaN and inf survive a
+    sum), a fraction of the cost of ``isfinite(t).all()``. A sum that overflows on huge finite values answers
+    True: callers then take their exact non-finite path, so the answer is the same, only the path differs.
+    A host sync: callers use it on CPU only, outside ``torch.compile``."""
+    return not all(bool(torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32)))) for t in tensors)
+
+
 def finite_part(v: torch.Tensor) -> torch.Tensor:
     """``v`` with every non-finite entry replaced by 0 (same dtype)."""
     return torch.where(torch.isfinite(v), v, torch.zeros((), dtype=v.dtype, device=v.device))

@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnkit.kernels.nonfinite import any_nonfinite
 from attnkit.masks.causal import Causal
 from attnkit.ops.base import Backend
+from attnkit.ops.dense import blocked as _blocked
 from attnkit.ops.dense import reference as _reference
 
 # the largest dense boolean mask we are willing to build, in elements (256 MiB)
@@ -70,15 +72,19 @@ def _suits(call):
 
 
 def _nonfinite_on_cpu(call) -> bool:
-    """Whether a CPU call holds a NaN or an infinity in q, k or v (a scan of the inputs; never traced)."""
-    if call.q.device.type != "cpu" or torch.compiler.is_compiling():
+    """Whether a masked CPU call holds a NaN or an infinity in q, k or v (never traced). Without a mask every
+    query depends on every key, so SDPA's own propagation is already exact and nothing is checked."""
+    if call.mask is None or call.q.device.type != "cpu" or torch.compiler.is_compiling():
         return False
-    return not all(bool(torch.isfinite(t).all()) for t in (call.q, call.k, call.v))
+    return any_nonfinite(call.q, call.k, call.v)
 
 
 def _run(call):
     if _nonfinite_on_cpu(call):
-        return _reference.BACKEND.run(call)  # exact propagation: masked pairs never touch a non-finite value
+        # exact propagation: masked pairs never touch a non-finite value (the tile kernel handles them; the
+        # reference materialises the scores, so it is the fallback only)
+        ok, _ = _blocked.BACKEND.supports(call)
+        return (_blocked.BACKEND if ok else _reference.BACKEND).run(call)
     q, k, v = (t.transpose(1, 2) for t in (call.q, call.k, call.v))      # (B, H, N, D)
     gqa = call.hq != call.hkv
     if call.mask is None or _is_plain_causal(call):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from attnkit.kernels import flash as _flash
 from attnkit.kernels import native as _native
 from attnkit.kernels.fused import fused_check
+from attnkit.kernels.nonfinite import any_nonfinite
 from attnkit.ops.base import Backend
 from attnkit.ops.dense import reference as _reference
 from attnkit.ops.dense.blocked.groups import group_backward, group_forward, group_inference
@@ -266,7 +267,7 @@ def _detail_torch(call) -> str:
 def _run(call):
     if native_tiles(call) is None:
         return _run_native(call)
-    if call.q.device.type == "cpu" and not all(bool(torch.isfinite(t).all()) for t in (call.q, call.k, call.v)):
+    if call.q.device.type == "cpu" and any_nonfinite(call.q, call.k, call.v):
         # the torch-ops path multiplies masked probabilities by V (0 * NaN = NaN); the compiled kernel
         # handles non-finite inputs itself, this fallback hands them to the exact reference
         return _reference.BACKEND.run(call)
