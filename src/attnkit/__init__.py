@@ -12,6 +12,8 @@ Example:
 from attnkit import masks
 from attnkit._validate import check_finite, checking_finite
 from attnkit.ops.base import explain, explainable_ops
+from attnkit.ops.channel import eca_attention, ela_attention, large_kernel_attention
+from attnkit.ops.cross import ip_adapter_attention, varlen_cross_attention
 from attnkit.ops.decode import KVCache, decode_attention
 from attnkit.ops.decode.quant import KIVICache, ZipCache
 from attnkit.ops.decode.sparse import TidalDecode, streaming_attention
@@ -33,7 +35,9 @@ from attnkit.ops.routed import (
     pyramid_sparse_attention,
     vmoba_attention,
 )
+from attnkit.ops.sampling import deformable_attention, deformable_attention_3d
 from attnkit.ops.sequence.minimal import minimal_attention
+from attnkit.ops.vision import channel_group_attention, focal_modulation, global_query_window_attention, pool_mixer
 from attnkit.registry import Family, InputKind, MechanismSpec, Paper, get, info, list_mechanisms, register
 
 __version__ = "0.1.0"
@@ -51,18 +55,27 @@ __all__ = [
     "attention",
     "bi_level_routing_attention",
     "block_attention",
+    "channel_group_attention",
     "check_finite",
     "checking_finite",
     "criss_cross_attention",
     "decode_attention",
+    "deformable_attention",
+    "deformable_attention_3d",
+    "eca_attention",
+    "ela_attention",
     "explain",
     "explainable_ops",
+    "focal_modulation",
     "gaussian_adaptive",
     "get",
+    "global_query_window_attention",
     "grid_attention",
     "halo_attention",
     "hyper_attention",
     "info",
+    "ip_adapter_attention",
+    "large_kernel_attention",
     "linear_attention",
     "list_mechanisms",
     "masks",
@@ -71,6 +84,7 @@ __all__ = [
     "moba_attention",
     "neighborhood_attention",
     "per_head_attention",
+    "pool_mixer",
     "psa_attention",
     "pyramid_sparse_attention",
     "register",
@@ -80,5 +94,6 @@ __all__ = [
     "streaming_attention",
     "titans_memory",
     "titans_retrieve",
+    "varlen_cross_attention",
     "vmoba_attention",
 ]

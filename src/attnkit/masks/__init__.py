@@ -23,6 +23,15 @@ from attnkit.masks.base import EMPTY, FULL, PARTIAL, IntervalMask, Mask
 from attnkit.masks.block_sparse import block_sparse
 from attnkit.masks.causal import causal
 from attnkit.masks.chunk import block_causal, chunked
+from attnkit.masks.cross import (
+    causal_cross,
+    composite,
+    first_frame,
+    frame_causal,
+    key_padding,
+    mixed_attention,
+    varlen_cross,
+)
 from attnkit.masks.document import causal_blockwise, document, prefix_lm_document, share_question
 from attnkit.masks.hash_sparse import hash_sparse
 from attnkit.masks.neighborhood import neighborhood_mask as neighborhood
@@ -82,10 +91,41 @@ def zoo(name: str, n: int, *, offset: int = 0) -> Mask | None:
 
 
 __all__ = [
-    "EMPTY", "FULL", "PARTIAL", "ZOO", "IntervalMask", "Mask", "TensorMask", "align_bottom_right", "as_mask",
-    "block_causal", "block_sparse", "causal", "causal_blockwise", "chunked", "dilated_sliding_window", "document",
-    "global_tokens", "hash_sparse", "neighborhood", "plot", "prefix_lm", "prefix_lm_document", "qk_sparse",
-    "share_question", "show", "sliding_window", "strided", "zoo",
+    "EMPTY",
+    "FULL",
+    "PARTIAL",
+    "ZOO",
+    "IntervalMask",
+    "Mask",
+    "TensorMask",
+    "align_bottom_right",
+    "as_mask",
+    "block_causal",
+    "block_sparse",
+    "causal",
+    "causal_blockwise",
+    "causal_cross",
+    "chunked",
+    "composite",
+    "dilated_sliding_window",
+    "document",
+    "first_frame",
+    "frame_causal",
+    "global_tokens",
+    "hash_sparse",
+    "key_padding",
+    "mixed_attention",
+    "neighborhood",
+    "plot",
+    "prefix_lm",
+    "prefix_lm_document",
+    "qk_sparse",
+    "share_question",
+    "show",
+    "sliding_window",
+    "strided",
+    "varlen_cross",
+    "zoo",
 ]
 
 
