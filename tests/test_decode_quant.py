@@ -91,3 +91,25 @@ def test_zipcache_quantizer_saliency_and_mixed_precision():
     assert (kd[0, hi] - k[0, hi]).abs().mean() < (kd[0, lo] - k[0, lo]).abs().mean() / 10
     with pytest.raises(ValueError, match="low_bits must be one of"):
         ZipCache(k, v, probs, low_bits=1)
+
+
+def test_kivi_packed_kernel_equals_torch_path_and_grows():
+    """The compiled kernel on the packed codes == the torch-ops chunk loop; decoding one token at a time grows
+    the buffers without changing what was stored."""
+    from attnkit.kernels import native
+
+    k, v, q = _kv(n=700, h=2, d=32)
+    cache = KIVICache(bits=4, group=32, residual=64)
+    cache.append(k[:, :300], v[:, :300])
+    kd0, _ = cache.dequantize()
+    for t in range(300, 700):
+        cache.append(k[:, t:t + 1], v[:, t:t + 1])
+    assert cache.n_quant == 640 and cache.capacity >= 640
+    kd, vd = cache.dequantize()
+    assert torch.equal(kd[:, :256], kd0[:, :256])                   # blocks quantized earlier are kept as they were
+    torch_path = cache.attend(q, native_ok=False)
+    assert torch.allclose(torch_path, naive_decode_attention(q, kd, vd), atol=1e-5)
+    if native.decode_available():
+        assert torch.allclose(cache.attend(q), torch_path, atol=1e-5)
+        q4 = torch.randn(1, 4, 8, 32)                                # 4 queries, some keys in the residual
+        assert torch.allclose(cache.attend(q4), naive_decode_attention(q4, kd, vd), atol=1e-5)

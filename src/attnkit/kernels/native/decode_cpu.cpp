@@ -178,7 +178,11 @@ struct Kivi {
       dequant_row(kc + (bh * cap + t) * (D / per), D, bits, st.data(), ze.data(), kbuf + j * D);
       const P* s = vst + (bh * cap + t) * nvg;
       const P* z = vze + (bh * cap + t) * nvg;
-      for (int64_t c = 0; c < Dv; ++c) vs[c] = static_cast<float>(s[c / vgroup]), vz[c] = static_cast<float>(z[c / vgroup]);
+      for (int64_t gi = 0; gi < nvg; ++gi) {
+        const float sv = static_cast<float>(s[gi]), zv = static_cast<float>(z[gi]);
+        std::fill(vs.begin() + gi * vgroup, vs.begin() + (gi + 1) * vgroup, sv);
+        std::fill(vz.begin() + gi * vgroup, vz.begin() + (gi + 1) * vgroup, zv);
+      }
       dequant_row(vc + (bh * cap + t) * (Dv / per), Dv, bits, vs.data(), vz.data(), vbuf + j * Dv);
     }
     *K = kbuf, *kstr = D, *V = vbuf, *vstr = Dv;

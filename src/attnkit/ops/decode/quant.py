@@ -42,20 +42,21 @@ def _check_bits(name: str, bits: object) -> int:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes ``(..., C)`` (values < 2**bits) -> packed uint8 ``(..., C * bits / 8)``, low bits first."""
+    """uint8 codes ``(..., C)`` (values < 2**bits) -> packed uint8 ``(..., W)``, ``W = C * bits / 8``, planar:
+    byte ``t`` holds codes ``t, t + W, t + 2W, ...`` in bits ``0..bits-1, bits..2 bits-1, ...`` (so unpacking a
+    row is ``per`` contiguous shift-and-mask sweeps, which the compiled kernel vectorises)."""
     per = 8 // bits
-    c = codes.reshape(*codes.shape[:-1], -1, per)                                # (..., C/per, per)
-    out = c[..., 0].clone()
+    planes = codes.reshape(*codes.shape[:-1], per, codes.shape[-1] // per)      # (..., per, W)
+    out = planes[..., 0, :].clone()
     for i in range(1, per):
-        out |= c[..., i] << (i * bits)
+        out |= planes[..., i, :] << (i * bits)
     return out
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``(..., C * bits / 8)`` -> uint8 ``(..., C)``."""
+    """Inverse of :func:`pack`: ``(..., W)`` -> uint8 ``(..., W * 8 / bits)``."""
     per, mask = 8 // bits, (1 << bits) - 1
-    parts = [(packed >> (i * bits)) & mask for i in range(per)]
-    return torch.stack(parts, -1).flatten(-2)                                    # (..., C)
+    return torch.cat([(packed >> (i * bits)) & mask for i in range(per)], -1)     # (..., C)
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int, param_dtype: torch.dtype):
@@ -84,6 +85,12 @@ class KIVICache:
         residual: the full-precision window; a multiple of ``group``. Tokens are quantized a whole
             ``residual`` block at a time, so fewer than ``residual`` recent tokens stay exact.
         param_dtype: dtype of the step/zero parameters (float16 as in KIVI).
+
+    Storage (heads-first, grown by doubling like :class:`KVCache`): packed codes ``(B, H, capacity, D|Dv * bits
+    / 8)``, key parameters ``(B, H, capacity / group, D)``, value parameters ``(B, H, capacity, Dv / group)``,
+    and the full-precision residual ``(B, H, n, D|Dv)``. ``attend`` runs the compiled decode kernel on the packed
+    codes (each block of codes dequantized into a block-sized buffer), or unpacks ``CHUNK`` tokens at a time
+    with torch ops where the kernel is unavailable.
     """
 
     def __init__(self, bits: int = 4, group: int = 32, residual: int = 128, param_dtype=torch.float16):
@@ -93,14 +100,35 @@ class KIVICache:
         if self.residual % self.group:
             raise ValueError(f"KIVICache: residual={residual} must be a multiple of group={group}")
         self.param_dtype = param_dtype
-        self.kq: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # per block: packed, step, zero
-        self.vq: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.kc = self.kstep = self.kzero = self.vc = self.vstep = self.vzero = None
         self.k_res = self.v_res = None                                         # (B, H, n, D) full precision
         self.n_quant = 0
 
     @property
     def length(self) -> int:
         return self.n_quant + (0 if self.k_res is None else self.k_res.shape[2])
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.kc is None else self.kc.shape[2]
+
+    def _reserve(self, b: int, h: int, d: int, dv: int, cg: int, need: int) -> None:
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity)
+        cap = -(-cap // self.residual) * self.residual
+        per, pd, n = 8 // self.bits, self.param_dtype, self.n_quant
+        new = (torch.empty(b, h, cap, d // per, dtype=torch.uint8), torch.empty(b, h, cap // self.group, d, dtype=pd),
+               torch.empty(b, h, cap // self.group, d, dtype=pd), torch.empty(b, h, cap, dv // per, dtype=torch.uint8),
+               torch.empty(b, h, cap, dv // cg, dtype=pd), torch.empty(b, h, cap, dv // cg, dtype=pd))
+        if self.kc is not None:
+            ng = n // self.group
+            for dst, src, used in zip(new, self._buffers(), (n, ng, ng, n, n, n)):
+                dst[:, :, :used] = src[:, :, :used]
+        self.kc, self.kstep, self.kzero, self.vc, self.vstep, self.vzero = new
+
+    def _buffers(self):
+        return self.kc, self.kstep, self.kzero, self.vc, self.vstep, self.vzero
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``k (B, N, H, D)``, ``v (B, N, H, Dv)``; whole residual blocks are quantized."""
@@ -112,84 +140,109 @@ class KIVICache:
                                  f"(B, H, D) = {(ref.shape[0], ref.shape[1], ref.shape[3])} {ref.dtype} "
                                  f"(mismatched head count or dtype)")
             kh, vh = torch.cat([self.k_res, kh], 2), torch.cat([self.v_res, vh], 2)
-        d, dv = kh.shape[-1], vh.shape[-1]
+        b, h, _, d = kh.shape
+        dv = vh.shape[-1]
         cg = min(self.group, dv)
         if dv % cg or d % (8 // self.bits) or dv % (8 // self.bits):
             raise ValueError(f"KIVICache.append: head dims D={d}, Dv={dv} must be divisible by the value group "
                              f"{cg} and by {8 // self.bits} codes per byte")
         full = (kh.shape[2] // self.residual) * self.residual
-        for t0 in range(0, full, self.residual):
-            kb, vb = kh[:, :, t0:t0 + self.residual], vh[:, :, t0:t0 + self.residual]
-            b, h, n, _ = kb.shape
-            kc, ks, kz = quantize(kb.reshape(b, h, n // self.group, self.group, d), self.bits, 3, self.param_dtype)
-            self.kq.append((pack(kc.reshape(b, h, n, d), self.bits), ks, kz))   # ks: (B, H, n/g, 1, D)
-            vc, vs, vz = quantize(vb.reshape(b, h, n, dv // cg, cg), self.bits, 4, self.param_dtype)
-            self.vq.append((pack(vc.reshape(b, h, n, dv), self.bits), vs, vz))   # vs: (B, H, n, Dv/cg, 1)
+        if full:
+            # groups never straddle residual blocks, so quantizing all whole blocks at once is block by block
+            self._reserve(b, h, d, dv, cg, self.n_quant + full)
+            t0, g0, g = self.n_quant, self.n_quant // self.group, self.group
+            kc, ks, kz = quantize(kh[:, :, :full].reshape(b, h, full // g, g, d), self.bits, 3, self.param_dtype)
+            self.kc[:, :, t0:t0 + full] = pack(kc.reshape(b, h, full, d), self.bits)
+            self.kstep[:, :, g0:g0 + full // g] = ks.squeeze(3)                # (B, H, full/g, D)
+            self.kzero[:, :, g0:g0 + full // g] = kz.squeeze(3)
+            vc, vs, vz = quantize(vh[:, :, :full].reshape(b, h, full, dv // cg, cg), self.bits, 4, self.param_dtype)
+            self.vc[:, :, t0:t0 + full] = pack(vc.reshape(b, h, full, dv), self.bits)
+            self.vstep[:, :, t0:t0 + full] = vs.squeeze(-1)                    # (B, H, full, Dv/cg)
+            self.vzero[:, :, t0:t0 + full] = vz.squeeze(-1)
         self.n_quant += full
         self.k_res, self.v_res = kh[:, :, full:].contiguous(), vh[:, :, full:].contiguous()
 
-    def _block(self, i: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block ``i`` dequantized into a block-sized buffer: heads-first ``(B, H, residual, D|Dv)``."""
-        (kp, ks, kz), (vp, vs, vz) = self.kq[i], self.vq[i]
-        b, h, n, _ = kp.shape
-        d = ks.shape[-1]
-        k = unpack(kp, self.bits).to(dtype).view(b, h, n // self.group, self.group, d)
-        k = (k * ks.to(dtype) + kz.to(dtype)).view(b, h, n, d)
-        dv = vp.shape[-1] * 8 // self.bits
-        v = unpack(vp, self.bits).to(dtype).view(b, h, n, vs.shape[3], -1)
-        v = (v * vs.to(dtype) + vz.to(dtype)).view(b, h, n, dv)
-        return k, v
+    def _dequant(self, t0: int, t1: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantized tokens ``t0 .. t1 - 1`` (``t0`` a multiple of ``group``) dequantized into a buffer of that
+        size: heads-first ``(B, H, t1 - t0, D|Dv)``."""
+        b, h, _, _ = self.kc.shape
+        n, g = t1 - t0, self.group
+        d = self.kstep.shape[-1]
+        k = unpack(self.kc[:, :, t0:t1], self.bits).to(dtype).view(b, h, -1, g, d)          # (B, H, n/g, g, D)
+        k = (k * self.kstep[:, :, t0 // g: -(-t1 // g), None].to(dtype)
+             + self.kzero[:, :, t0 // g: -(-t1 // g), None].to(dtype)).view(b, h, n, d)
+        v = unpack(self.vc[:, :, t0:t1], self.bits).to(dtype)
+        dv = v.shape[-1]
+        v = v.view(b, h, n, self.vstep.shape[-1], -1)                                      # (B, H, n, Dv/cg, cg)
+        v = (v * self.vstep[:, :, t0:t1, :, None].to(dtype) + self.vzero[:, :, t0:t1, :, None].to(dtype))
+        return k, v.view(b, h, n, dv)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache as attention sees it, heads-last ``(B, N, H, D)`` (for tests and error reports)."""
         dt = self.k_res.dtype
-        blocks = [self._block(i, dt) for i in range(len(self.kq))]
-        k = torch.cat([b[0] for b in blocks] + [self.k_res], 2)
-        v = torch.cat([b[1] for b in blocks] + [self.v_res], 2)
+        parts = [self._dequant(0, self.n_quant, dt)] if self.n_quant else []
+        k = torch.cat([p[0] for p in parts] + [self.k_res], 2)
+        v = torch.cat([p[1] for p in parts] + [self.v_res], 2)
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def attend(self, q: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
-        """Attention of ``q (B, Nq, Hq, D)`` (the last ``Nq`` cached tokens, causal) over the cache,
-        block by block; returns ``(B, Nq, Hq, Dv)``."""
+    def attend(self, q: torch.Tensor, *, scale: float | None = None, native_ok: bool = True) -> torch.Tensor:
+        """Attention of ``q (B, Nq, Hq, D)`` (the last ``Nq`` cached tokens, causal) over the cache without
+        dequantizing it whole; returns ``(B, Nq, Hq, Dv)``. ``native_ok=False`` forces the torch-ops path."""
         if self.k_res is None:
             raise ValueError("KIVICache.attend: the cache is empty; append keys and values first")
         n, nq = self.length, q.shape[1]
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
         outs, lses = [], []
-        per = max(1, CHUNK // self.residual)
-        for i0 in range(0, len(self.kq), per):
-            blocks = [self._block(i, work) for i in range(i0, min(len(self.kq), i0 + per))]
-            k = torch.cat([b[0] for b in blocks], 2) if len(blocks) > 1 else blocks[0][0]
-            v = torch.cat([b[1] for b in blocks], 2) if len(blocks) > 1 else blocks[0][1]
-            a = i0 * self.residual
-            o, lse = split_kv_attention(q, k.transpose(1, 2), v.transpose(1, 2), causal(n - nq - a), scale=scale,
-                                        split=k.shape[2])
-            outs.append(o.to(work)), lses.append(lse)
+        if self.n_quant:
+            got = self._attend_native(q, scale) if native_ok else None
+            if got is not None:
+                outs.append(got[0]), lses.append(got[1])
+            else:
+                for t0 in range(0, self.n_quant, CHUNK):
+                    k, v = self._dequant(t0, min(self.n_quant, t0 + CHUNK), work)     # one chunk's buffer
+                    o, lse = split_kv_attention(q, k.transpose(1, 2), v.transpose(1, 2), causal(n - nq - t0),
+                                                scale=scale)
+                    outs.append(o.to(work)), lses.append(lse.to(work))
         if self.k_res.shape[2]:
             o, lse = split_kv_attention(q, self.k_res.transpose(1, 2), self.v_res.transpose(1, 2),
                                         causal(n - nq - self.n_quant), scale=scale)
-            outs.append(o.to(work)), lses.append(lse)
+            outs.append(o.to(work)), lses.append(lse.to(work))
+        if len(outs) == 1:
+            return outs[0].to(q.dtype)
         return merge_splits(torch.stack(outs), torch.stack(lses))[0].to(q.dtype)
 
+    def _attend_native(self, q: torch.Tensor, scale: float):
+        """The compiled kernel on the packed codes: ``(out float32, lse)``, or None where it cannot run."""
+        from attnkit.kernels import native
+        from attnkit.ops.decode.split_kv import native_reason, row_intervals
+
+        if native_reason(q, q, q) is not None or native.decode_ops() is None:   # q's dtype, device, grad
+            return None
+        if self.kc.device.type != "cpu":
+            return None
+        lo, hi = row_intervals(causal(self.length - q.shape[1]), q.shape[1], self.n_quant)
+        return native.decode_ops().kivi_decode_fwd(q, *self._buffers()[:3], *self._buffers()[3:], lo, hi, float(scale),
+                                                   self.bits, self.group, min(self.group, self.v_res.shape[-1]), 0)
+
     def memory_bytes(self) -> int:
-        """Bytes held: packed codes, parameters and the full-precision residual."""
-        parts = [t for blk in self.kq + self.vq for t in blk]
+        """Bytes held: packed codes and parameters (their buffers' capacity) and the full-precision residual."""
+        parts = [t for t in self._buffers() if t is not None]
         parts += [t for t in (self.k_res, self.v_res) if t is not None]
         return sum(t.numel() * t.element_size() for t in parts)
 
     def output_error_bound(self, q: torch.Tensor, *, scale: float | None = None) -> float:
         """A guaranteed bound on ``max |attend(q) - full-precision attention|`` (module docstring)."""
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        if not self.kq:
+        if not self.n_quant:
             return 0.0
         b, hq = q.shape[0], q.shape[2]
         h = self.k_res.shape[1]
-        ks = torch.cat([blk[1].float().flatten(2, 3) for blk in self.kq], 2)   # (B, H, blocks*n/g, D)
+        ks = self.kstep[:, :, : self.n_quant // self.group].float()             # (B, H, groups, D)
         qa = q.abs().float().view(b, q.shape[1], h, hq // h, -1)               # (B, Nq, H, G, D)
         rounding = 2.0 ** -10                                                  # one float16 parameter rounding
         eps = scale * torch.einsum("bnhgd,bhtd->bnhgt", qa, ks / 2).amax().item() * (1 + rounding)
-        vstep = max(blk[1].float().amax().item() for blk in self.vq)
+        vstep = self.vstep[:, :, : self.n_quant].float().amax().item()
         _k_full, v_full = self.dequantize()
         vmax = v_full.abs().amax().item()
         return vstep / 2 * (1 + rounding) + math.expm1(2 * eps) * (vmax + vstep)
