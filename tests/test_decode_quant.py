@@ -113,3 +113,34 @@ def test_kivi_packed_kernel_equals_torch_path_and_grows():
         assert torch.allclose(cache.attend(q), torch_path, atol=1e-5)
         q4 = torch.randn(1, 4, 8, 32)                                # 4 queries, some keys in the residual
         assert torch.allclose(cache.attend(q4), naive_decode_attention(q4, kd, vd), atol=1e-5)
+
+
+def test_zipcache_attends_block_by_block_and_quantizes_while_decoding(monkeypatch):
+    from attnkit.ops.decode import quant
+
+    monkeypatch.setattr(quant, "CHUNK", 37)                          # many blocks, ragged last one
+    g = torch.Generator().manual_seed(3)
+    b, n, h, d = 2, 120, 2, 16
+    k, v = torch.randn(b, n, h, d, generator=g), torch.randn(b, n, h, d, generator=g)
+    probs = torch.softmax(torch.randn(b, 4, n, n, generator=g).masked_fill(~torch.ones(n, n).tril().bool(), -1e9), -1)
+    zc = ZipCache(k, v, probs, high_bits=4, low_bits=2, low_fraction=0.4, gap=10)
+    kd, vd = zc.dequantize()
+    q = torch.randn(b, 1, 4, d, generator=g)
+    # straight from the codes, block by block == attention over the dequantized cache
+    assert torch.allclose(zc.attend(q), naive_decode_attention(q, kd, vd), atol=1e-5)
+    big = 30.0 * q[:, 0, :2].mean(1)                                 # a key every later query attends to
+    for t in range(25):                                             # decoding: one token per step
+        kn = torch.randn(b, 1, h, d, generator=g)
+        if t == 3:
+            kn[:, 0] = big
+        zc.append(kn, torch.randn(b, 1, h, d, generator=g))
+        qt = q + 0.01 * torch.randn(b, 1, 4, d, generator=g)
+        kd, vd = zc.dequantize()
+        assert torch.allclose(zc.attend(qt), naive_decode_attention(qt, kd, vd), atol=1e-5)
+    assert zc.n_quant == n + 20 and zc.length == n + 25              # two gaps quantized, 5 still exact
+    assert zc.salient.shape == (b, n + 20) and (zc.salient[:, n:n + 10].sum(1) == 6).all()
+    assert zc.salient[:, n + 3].all()                                # the attended token kept at high precision
+    full = zc.k_rec.numel() * 4 * 2
+    assert zc.memory_bytes() < (n + 25) * b * h * d * 4 * 2 / 4 + full
+    with pytest.raises(ValueError, match=r"ZipCache\.append"):
+        zc.append(torch.randn(b, 1, 3, d), torch.randn(b, 1, 3, d))

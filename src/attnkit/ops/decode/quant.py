@@ -269,56 +269,163 @@ def normalized_saliency(probs: torch.Tensor) -> torch.Tensor:
     return probs.float().sum(dim=(1, 2)) / visible
 
 
+class _ZipPart:
+    """Tokens of one bit width of one tensor: rows ``(M, 2)`` int32 (batch, position), planar-packed codes
+    ``(M, C * bits / 8)``, per-token ``step, zero (M, 1)`` and the tensor's channel scale ``c (C,)``."""
+
+    def __init__(self, bits: int, c: torch.Tensor):
+        self.bits, self.c = bits, c
+        w = c.numel() * bits // 8
+        self.rows = torch.zeros(0, 2, dtype=torch.int32)
+        self.packed = torch.zeros(0, w, dtype=torch.uint8)
+        self.step = self.zero = torch.zeros(0, 1)
+
+    def add(self, x: torch.Tensor, rows: torch.Tensor) -> None:
+        """Quantize ``x (M, C)`` (channel-separable, token-wise) with this part's fixed ``c`` and append it."""
+        if not rows.shape[0]:
+            return
+        codes, step, zero = quantize(x.float() / self.c, self.bits, -1, torch.float32)
+        self.rows = torch.cat([self.rows, rows.to(torch.int32)])
+        self.packed = torch.cat([self.packed, pack(codes, self.bits)])
+        self.step, self.zero = torch.cat([self.step, step]), torch.cat([self.zero, zero])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.packed, self.step, self.zero, self.c))
+
+
 class ZipCache:
-    """A ZipCache-quantized cache of one layer, built at prefill from ``k, v (B, N, H, D)`` and the probe
-    attention probabilities that rank the tokens.
+    """A ZipCache-quantized cache of one layer (arXiv 2405.14256 §4), built at prefill from ``k, v (B, N, H, D)``
+    and the probe attention probabilities that rank the tokens, then extended while decoding.
 
     Args:
         high_bits / low_bits: bit widths of salient / other tokens (paper: 4 / 2).
         low_fraction: fraction of tokens stored at ``low_bits`` (paper: 0.4 for its reported setting).
+        gap: decoding keeps new tokens in full precision and quantizes them ``gap`` at a time (the
+            reference's ``streaming_gap``, 100), ranked by the normalised attention they received from the
+            decode queries meanwhile (accumulated by :meth:`attend`).
+
+    :meth:`attend` works ``CHUNK`` quantized tokens at a time straight from the codes: with
+    ``k = (code * step + zero) * c``, the scores are ``step * ((q * c) . code) + zero * sum(q * c)`` and the
+    output ``c * (sum_j p_j step_j code_j + sum_j p_j zero_j)``, so no dequantized cache is ever built.
     """
 
-    def __init__(self, k, v, probs, *, high_bits: int = 4, low_bits: int = 2, low_fraction: float = 0.4):
+    def __init__(self, k, v, probs, *, high_bits: int = 4, low_bits: int = 2, low_fraction: float = 0.4,
+                 gap: int = 100):
         self.high_bits, self.low_bits = _check_bits("high_bits", high_bits), _check_bits("low_bits", low_bits)
         if not 0.0 <= low_fraction <= 1.0:
             raise ValueError(f"ZipCache: low_fraction must be in [0, 1], got {low_fraction}")
+        self.low_fraction, self.gap = low_fraction, int_arg("gap", gap, 1)
         b, n, h, d = k.shape
-        sal = normalized_saliency(probs)                                        # (B, N)
-        n_high = n - math.floor(low_fraction * n)
-        order = torch.sort(sal, dim=-1, descending=True, stable=True).indices
-        self.salient = torch.zeros(b, n, dtype=torch.bool)
-        self.salient.scatter_(1, order[:, :n_high], True)
-        self.shape, self.dtype = (b, n, h, d, v.shape[-1]), k.dtype
+        dv = v.shape[-1]
+        self.shape, self.dtype = (b, h, d, dv), k.dtype
         self.parts = {}
         for name, x in (("k", k), ("v", v)):
-            self.parts[name] = [self._quant(x, self.salient, self.high_bits), self._quant(x, ~self.salient,
-                                                                                          self.low_bits)]
+            c = x.reshape(b, n, -1).float().abs().amax(dim=(0, 1)).sqrt()     # (C,) over the prefill, then fixed
+            c = torch.where(c > 0, c, torch.ones_like(c))
+            self.parts[name] = [_ZipPart(self.high_bits, c), _ZipPart(self.low_bits, c)]
+        self.salient = torch.zeros(b, 0, dtype=torch.bool)
+        self.n_quant = 0
+        self.k_rec, self.v_rec = k[:, :0], v[:, :0]                             # (B, R, H, D) full precision
+        self.rec_score, self.rec_seen = torch.zeros(b, 0), torch.zeros(0)
+        self._quantize(k, v, normalized_saliency(probs))
 
-    @staticmethod
-    def _quant(x, sel, bits):
-        _b, _n, _h, _d = x.shape
-        rows = sel.nonzero()                                                    # (M, 2) (batch, token)
-        xs = x[rows[:, 0], rows[:, 1]].unsqueeze(0)                             # (1, M, H, D)
-        if xs.shape[1] == 0:
-            return rows, None, bits
-        codes, step, zero, c = zipcache_quantize(xs, bits)
-        return rows, (pack(codes, bits), step, zero, c), bits
+    @property
+    def length(self) -> int:
+        return self.n_quant + self.k_rec.shape[1]
+
+    def _quantize(self, k, v, sal) -> None:
+        """Quantize ``k, v (B, n, H, D)`` at positions ``n_quant ..``: the top ``1 - low_fraction`` by ``sal (B, n)``
+        at the high bit width."""
+        b, n = k.shape[:2]
+        n_high = n - math.floor(self.low_fraction * n)
+        order = torch.sort(sal, dim=-1, descending=True, stable=True).indices
+        salient = torch.zeros(b, n, dtype=torch.bool)
+        salient.scatter_(1, order[:, :n_high], True)
+        for sel, idx in ((salient, 0), (~salient, 1)):
+            rows = sel.nonzero()                                                # (M, 2) (batch, token)
+            for name, x in (("k", k), ("v", v)):
+                self.parts[name][idx].add(x[rows[:, 0], rows[:, 1]].reshape(rows.shape[0], -1),
+                                          rows + torch.tensor([0, self.n_quant]))
+        self.salient = torch.cat([self.salient, salient], 1)
+        self.n_quant += n
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Decoding: append ``k (B, n, H, D)``, ``v (B, n, H, Dv)`` in full precision; once ``gap`` older recent
+        tokens have been attended by later queries, quantize them by the saliency they gathered."""
+        b, h, d, dv = self.shape
+        if k.dim() != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (b, h, d) or v.shape[:3] != k.shape[:3] \
+                or v.shape[3] != dv or k.dtype != self.dtype or v.dtype != self.dtype:
+            raise ValueError(f"ZipCache.append: k {tuple(k.shape)} / v {tuple(v.shape)} {k.dtype} do not match the "
+                             f"cache's (B, H, D, Dv) = {self.shape} {self.dtype}")
+        while self.k_rec.shape[1] >= self.gap:
+            g = self.gap
+            sal = self.rec_score[:, :g] / self.rec_seen[:g].clamp_min(1)       # normalised by the queries that saw it
+            self._quantize(self.k_rec[:, :g], self.v_rec[:, :g], sal)
+            self.k_rec, self.v_rec = self.k_rec[:, g:], self.v_rec[:, g:]
+            self.rec_score, self.rec_seen = self.rec_score[:, g:], self.rec_seen[g:]
+        self.k_rec, self.v_rec = torch.cat([self.k_rec, k], 1), torch.cat([self.v_rec, v], 1)
+        self.rec_score = torch.cat([self.rec_score, torch.zeros(b, k.shape[1])], 1)
+        self.rec_seen = torch.cat([self.rec_seen, torch.zeros(k.shape[1])])
+
+    def attend(self, q: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+        """Attention of ``q (B, Nq, Hq, D)`` (the last ``Nq`` tokens, causal) over the cache, block by block from
+        the codes; returns ``(B, Nq, Hq, Dv)`` and adds the recent tokens' attention to their saliency."""
+        b, h, d, dv = self.shape
+        nq, hq = q.shape[1], q.shape[2]
+        g = hq // h
+        scale = d ** -0.5 if scale is None else scale
+        pos = torch.arange(nq) + self.length - nq                               # (Nq,)
+        qf = q.float().view(b, nq, h, g, d) * scale                             # (B, Nq, H, G, D)
+        outs, lses = [], []
+        for pk, pv in zip(self.parts["k"], self.parts["v"]):
+            qc = qf * pk.c.view(h, d)[:, None]                                  # q * c, (B, Nq, H, G, D)
+            qsum = qc.sum(-1, keepdim=True)
+            for r0 in range(0, pk.rows.shape[0], CHUNK):
+                r1 = min(pk.rows.shape[0], r0 + CHUNK)
+                rows = pk.rows[r0:r1].long()
+                codes = unpack(pk.packed[r0:r1], pk.bits).float().view(-1, h, d)        # (m, H, D) one block
+                sc = torch.einsum("bnhgd,mhd->bnhgm", qc, codes) * pk.step[r0:r1, 0] + qsum * pk.zero[r0:r1, 0]
+                ok = (rows[:, 0] == torch.arange(b)[:, None])[:, None] & (rows[:, 1] <= pos[:, None])  # (B, Nq, m)
+                sc = sc.masked_fill(~ok[:, :, None, None], float("-inf"))
+                lse = torch.logsumexp(sc, -1)                                   # (B, Nq, H, G)
+                p = torch.exp(sc - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+                vcodes = unpack(pv.packed[r0:r1], pv.bits).float().view(-1, h, dv)       # (m, H, Dv)
+                o = torch.einsum("bnhgm,mhd->bnhgd", p * pv.step[r0:r1, 0], vcodes) + (p * pv.zero[r0:r1, 0]).sum(
+                    -1, keepdim=True)
+                outs.append((o * pv.c.view(h, dv)[:, None]).reshape(b, nq, hq, dv))
+                lses.append(lse.reshape(b, nq, hq))
+        sr = None
+        if self.k_rec.shape[1]:
+            rpos = torch.arange(self.k_rec.shape[1]) + self.n_quant
+            sr = torch.einsum("bnhgd,bmhd->bnhgm", qf, self.k_rec.float())       # (B, Nq, H, G, R)
+            sr = sr.masked_fill(~(rpos[None, :] <= pos[:, None])[None, :, None, None], float("-inf"))
+            lse = torch.logsumexp(sr, -1)
+            p = torch.exp(sr - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+            outs.append(torch.einsum("bnhgm,bmhd->bnhgd", p, self.v_rec.float()).reshape(b, nq, hq, dv))
+            lses.append(lse.reshape(b, nq, hq))
+        if not outs:
+            raise ValueError("ZipCache.attend: the cache is empty")
+        out, lse = merge_splits(torch.stack(outs), torch.stack(lses))
+        if sr is not None:   # the recent tokens' share of this step's attention, for their saliency
+            p = torch.exp(sr - lse.view(b, nq, h, g)[..., None])
+            self.rec_score += p.sum(dim=(1, 2, 3))
+            self.rec_seen += (torch.arange(self.k_rec.shape[1]) + self.n_quant <= pos[:, None]).sum(0)
+        return out.to(q.dtype)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both tensors as attention sees them, ``(B, N, H, D)``."""
-        b, n, h, d, dv = self.shape
+        """Both tensors as attention sees them, ``(B, N, H, D)`` (for tests and error reports)."""
+        b, h, d, dv = self.shape
         out = []
-        for name, width in (("k", d), ("v", dv)):
-            x = torch.zeros(b, n, h, width, dtype=self.dtype)
-            for rows, q, bits in self.parts[name]:
-                if q is None:
-                    continue
-                packed, step, zero, c = q
-                vals = (unpack(packed, bits).float() * step + zero) * c           # (1, M, C)
-                x[rows[:, 0], rows[:, 1]] = vals[0].view(-1, h, width).to(self.dtype)
-            out.append(x)
+        for name, width, rec in (("k", d, self.k_rec), ("v", dv, self.v_rec)):
+            x = torch.zeros(b, self.n_quant, h, width, dtype=self.dtype)
+            for part in self.parts[name]:
+                rows = part.rows.long()
+                vals = (unpack(part.packed, part.bits).float() * part.step + part.zero) * part.c     # (M, C)
+                x[rows[:, 0], rows[:, 1]] = vals.view(-1, h, width).to(self.dtype)
+            out.append(torch.cat([x, rec], 1))
         return out[0], out[1]
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for name in self.parts for _, q, _ in self.parts[name]
-                   if q is not None for t in q)
+        """Bytes held: codes, per-token parameters, positions, channel scales, and the full-precision recent tokens."""
+        return (sum(p.nbytes() for name in self.parts for p in self.parts[name])
+                + sum(t.numel() * t.element_size() for t in (self.k_rec, self.v_rec)))
