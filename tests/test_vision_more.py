@@ -100,3 +100,57 @@ def test_hat_ocab_errors_name_the_argument():
         m(_rand(1, 6, 8, 8).float())
     with pytest.raises(ValueError, match="channels-last"):
         m(_rand(1, 8, 4, 4).float())
+
+
+# ---------------------------------------------------------------------------------------------- MAXIM
+
+
+def _maxim_branches(m, x):
+    C = m.dim
+    return F.gelu(m.in_proj(m.norm(x))).split(C, dim=-1)
+
+
+def test_maxim_gmlp_at_init_gates_are_one():
+    from attnkit.mechanisms.vision_maxim import MaximGatedMLP
+    m = MaximGatedMLP(8, block_size=2, grid_size=3).double()   # token weights 0, bias 1: every gate is 1
+    x = _rand(2, 6, 6, 8)
+    ul, ug = _maxim_branches(m, x)
+    expected = m.out_proj(torch.cat([ul[..., :4], ug[..., :4]], dim=-1))
+    torch.testing.assert_close(m(x), expected)
+
+
+def test_maxim_gmlp_whole_image_block_and_grid_are_a_global_token_mlp():
+    from attnkit.mechanisms.vision_maxim import MaximGatedMLP
+    m = _nudge(MaximGatedMLP(8, block_size=4, grid_size=4)).double()
+    x = _rand(2, 4, 4, 8)
+    ul, ug = _maxim_branches(m, x)
+
+    def global_gmlp(z, gate):  # one dense layer over all 16 raster-ordered pixels
+        z1, z2 = z.chunk(2, dim=-1)
+        t = gate.norm(z2).reshape(2, 16, 4)
+        return z1 * (torch.einsum("ts,bsc->btc", gate.weight, t) + gate.bias[:, None]).reshape(2, 4, 4, 4)
+    expected = m.out_proj(torch.cat([global_gmlp(ul, m.local_gate), global_gmlp(ug, m.global_gate)], dim=-1))
+    torch.testing.assert_close(m(x), expected)
+
+
+def test_maxim_gmlp_local_branch_is_local_and_global_branch_is_dilated():
+    from attnkit.mechanisms.vision_maxim import MaximGatedMLP
+    m = _nudge(MaximGatedMLP(8, block_size=2, grid_size=2)).double()
+    x = _rand(1, 4, 4, 8).requires_grad_()
+    u = F.gelu(m.in_proj(m.norm(x)))
+    local = m._gmlp(u[..., :8], m.local_gate, 2, "block")
+    (g,) = torch.autograd.grad(local[0, 0, 0].sum(), x, retain_graph=True)
+    reach = g.abs().sum(-1)[0] > 0           # pixel (0, 0) depends on its 2 x 2 block only
+    assert reach[:2, :2].all() and not reach[2:].any() and not reach[:, 2:].any()
+    glob = m._gmlp(u[..., 8:], m.global_gate, 2, "grid")
+    (g,) = torch.autograd.grad(glob[0, 0, 0].sum(), x)
+    reach = g.abs().sum(-1)[0] > 0           # ... on the pixels spaced (Y/g, X/g) = (2, 2) apart in the grid one
+    assert reach[::2, ::2].all() and reach.sum() == 4
+
+
+def test_maxim_gmlp_errors_name_the_argument():
+    from attnkit.mechanisms.vision_maxim import MaximGatedMLP
+    with pytest.raises(ValueError, match=r"MaximGatedMLP.*even"):
+        MaximGatedMLP(7)
+    with pytest.raises(ValueError, match=r"MaximGatedMLP.*grid_size"):
+        MaximGatedMLP(8, block_size=2, grid_size=3)(_rand(1, 4, 4, 8).float())

@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnkit.reference.naive_vision import _shifted, naive_channel_gate, naive_overlapping_window_attention
+from attnkit.reference.naive_vision import (
+    _shifted,
+    naive_axis_token_mixing,
+    naive_channel_gate,
+    naive_overlapping_window_attention,
+)
 
 
 def _linear(layer, x):
@@ -70,3 +75,21 @@ def naive_hat_ocab_module(m, x):
     out = naive_overlapping_window_attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
                                              m.window_size, m.overlap_size, bias, m.mask_padded_keys)
     return _linear(m.proj, out.reshape(B, Y, X, C))
+
+
+# ------------------------------------------------------------------------------------------- MAXIM
+
+
+def _naive_gmlp(z, gate, size, axis):
+    h = z.shape[-1] // 2
+    z1, z2 = z[..., :h], z[..., h:]
+    return z1 * naive_axis_token_mixing(_layer_norm(gate.norm, z2), gate.weight, gate.bias, size, axis)
+
+
+def naive_maxim_gmlp_module(m, x):
+    """``MaximGatedMLP``: LN -> dense -> GELU -> (block gMLP | grid gMLP) -> dense."""
+    C = m.dim
+    u = F.gelu(_linear(m.in_proj, _layer_norm(m.norm, x)))
+    local = _naive_gmlp(u[..., :C], m.local_gate, m.block_size, "block")
+    glob = _naive_gmlp(u[..., C:], m.global_gate, m.grid_size, "grid")
+    return _linear(m.out_proj, torch.cat([local, glob], dim=-1))
