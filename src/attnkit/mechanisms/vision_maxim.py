@@ -61,7 +61,8 @@ def _gmlp_flops(cfg: dict) -> float:
           "MAXIM pads and crops around the layer; this layer raises instead. The block's residual is not "
           "applied (a token mixer). Default b = g = 8 as MAXIM's early stages. Simplified against the released "
           "code, which wraps each branch in its own LN, Dense(C, 2C), GELU, Dense and residual and gates with "
-          "u * (v + 1) [from memory, not checked against the source]; here the paper-level form above, one shared LN + Dense(C, 2C) and the bias-1 init.",
+          "u * (v + 1) [from memory, not checked against the source]; here the paper-level form above, one "
+          "shared LN + Dense(C, 2C) and the bias-1 init.",
 )
 class MaximGatedMLP(nn.Module):
     """MAXIM multi-axis gated MLP on ``x (B, Y, X, C)`` -> ``(B, Y, X, C)``.
