@@ -434,7 +434,8 @@ inline void pv_rows(const float* P, int64_t R, int64_t ld, int64_t w, const floa
   }
 }
 
-// acc (R x Dv) += P (R x w, row stride ld) V (w x Dv, row stride vld); Dv a multiple of 16.
+// acc (R x Dv) += P (R x w, row stride ld) V (w x Dv, row stride vld); Dv a multiple of 16. (Chunking the keys
+// so a V chunk stays in L1 measured no faster.)
 inline void pv_span(const float* P, int64_t R, int64_t ld, int64_t w, const float* V, int64_t vld, float* acc,
                     int64_t Dv) {
   for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
@@ -452,9 +453,13 @@ inline void qk_tile(const float*, int64_t, int64_t, const float*, float*, int64_
 inline void pv_span(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {}
 #endif
 
-// K of the key tiles of one call, scaled by alpha and transposed per 64-key tile: tile kt of (b, hk) at
-// kt_base + ((b * Hkv + hk) * nkt + kt) * D * 64, zero columns past the last key.
-void pack_kt(const Geo& g, const float* k, float alpha, float* dst) {
+// K (or V: width D, strides ks) of the key tiles of one call, scaled by alpha and transposed per 64-key tile:
+// tile kt of (b, hk) at dst + ((b * Hkv + hk) * nkt + kt) * D * 64, zero columns past the last key.
+void pack_kt(Geo g, const float* k, float alpha, float* dst, int64_t width = 0, const int64_t* strides = nullptr) {
+  if (width > 0) {  // V^T for the backward's dP = dO V^T
+    g.D = width;
+    for (int i = 0; i < 3; ++i) g.ks[i] = strides[i];
+  }
   const int64_t nkt = (g.Nk + 63) / 64;
   at::parallel_for(0, g.B * g.Hkv * nkt, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
@@ -661,7 +666,7 @@ template <typename T>
 void backward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_t qt, const T* out,
                    const int64_t* os, const T* dout, const int64_t* dos, const float* lse, const int64_t* ls,
                    const float* dlse, T* dq, const int64_t* dqs, float* dk, float* dv, int64_t dk_ld,
-                   int64_t dv_ld, std::vector<float>& buf) {
+                   int64_t dv_ld, std::vector<float>& buf, const float* ktp = nullptr, const float* vtp = nullptr) {
   const int64_t D = g.D, Dv = g.Dv, q0 = qt * g.bq, rows = std::min(g.bq, g.Nq - q0), R = g.G * rows;
   const int64_t ld = g.spad(), cap = g.G * g.bq;
   float *Qp = buf.data(), *dOp = Qp + cap * D, *Vp = dOp + cap * Dv;
@@ -695,10 +700,22 @@ void backward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_
     int64_t k0, w;
     const int64_t f = next_span(g, e, e_end, k0, w);
     const float* kp = p.krow(g, b, k0, hk);
-    gemm(false, true, R, w, D, alpha, Qp, D, kp, g.ks[1], 0.f, P, ld);
+    const int64_t nkt = (g.Nk + 63) / 64;
+    if (ktp) {
+      for (int64_t x = e; x < f; ++x)
+        qk_tile(Qp, R, D, ktp + ((b * g.Hkv + hk) * nkt + g.cols[x]) * D * 64, P + g.cols[x] * 64 - k0, ld);
+    } else {
+      gemm(false, true, R, w, D, alpha, Qp, D, kp, g.ks[1], 0.f, P, ld);
+    }
     apply_masks(g, b, hk, rows, e, f, k0, w, P, ld);
     const float* vfin = finite_v_span(g, p, b, hk, e, f, k0, w, Vp);
-    gemm(false, true, R, w, Dv, 1.f, dOp, Dv, vfin ? vfin : p.vrow(g, b, k0, hk), vfin ? Dv : g.vs[1], 0.f, dP, ld);
+    if (vtp && !vfin) {
+      for (int64_t x = e; x < f; ++x)
+        qk_tile(dOp, R, Dv, vtp + ((b * g.Hkv + hk) * nkt + g.cols[x]) * Dv * 64, dP + g.cols[x] * 64 - k0, ld);
+    } else {
+      gemm(false, true, R, w, Dv, 1.f, dOp, Dv, vfin ? vfin : p.vrow(g, b, k0, hk), vfin ? Dv : g.vs[1], 0.f, dP,
+           ld);
+    }
     if (vfin) exact_nonfinite_dp(g, p, b, hk, rows, e, f, k0, w, dOp, dP, ld);
     const int64_t wp = (w + 15) / 16 * 16;
     const v16f zero = splat(0.f), vnan = splat(std::numeric_limits<float>::quiet_NaN()), ninf = splat(kNegInf);
@@ -721,7 +738,10 @@ void backward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_
       }
     }
     gemm(true, false, w, Dv, R, 1.f, P, ld, dOp, Dv, 1.f, dv + k0 * dv_ld, dv_ld);
-    gemm(false, false, R, D, w, 1.f, dP, ld, kp, g.ks[1], 1.f, dQa, D);
+    if (ktp && D % 16 == 0)
+      pv_span(dP, R, ld, w, kp, g.ks[1], dQa, D);
+    else
+      gemm(false, false, R, D, w, 1.f, dP, ld, kp, g.ks[1], 1.f, dQa, D);
     gemm(true, false, w, D, R, 1.f, dP, ld, Qp, D, 1.f, dk + k0 * dk_ld, dk_ld);
     e = f;
   }
@@ -768,6 +788,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_tiles_bwd(
   const int64_t cap = g.G * g.bq;
   const int64_t need = cap * (g.D + g.Dv + 2 * g.spad() + g.D + 2) + g.span * g.Dv + g.Dv;
   float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  // the forward's micro-kernels for P = Q K^T, dP = dO V^T and dQ += dS K (K^T and V^T packed once per call)
+  at::Tensor ktp, vtp;
+  if (kMicro && g.bk == 64 && g.Dv % 16 == 0) {
+    const int64_t nkt = (g.Nk + 63) / 64;
+    ktp = at::empty({g.B * g.Hkv * nkt * g.D * 64}, q.options().dtype(at::kFloat));
+    vtp = at::empty({g.B * g.Hkv * nkt * g.Dv * 64}, q.options().dtype(at::kFloat));
+    pack_kt(g, kv.k.data_ptr<float>(), g.scale * kLog2e, ktp.data_ptr<float>());
+    pack_kt(g, kv.v.data_ptr<float>(), 1.f, vtp.data_ptr<float>(), g.Dv, g.vs);
+  }
+  const float* ktpp = ktp.defined() ? ktp.data_ptr<float>() : nullptr;
+  const float* vtpp = vtp.defined() ? vtp.data_ptr<float>() : nullptr;
   const float* lp = lse.data_ptr<float>();
   const float* dlp = has_dlse ? dlse.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_tiles_bwd", [&] {
@@ -794,7 +825,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_tiles_bwd(
         }
         const int64_t qa = g.nqt * s / S, qb = g.nqt * (s + 1) / S;
         for (int64_t qt = qa; qt < qb; ++qt)
-          backward_tile<T>(g, p, b, hk, qt, outp, os, dop, dos, lp, ls, dlp, dqp, dqs, dkt, dvt, dk_ld, dv_ld, buf);
+          backward_tile<T>(g, p, b, hk, qt, outp, os, dop, dos, lp, ls, dlp, dqp, dqs, dkt, dvt, dk_ld, dv_ld, buf,
+                           ktpp, vtpp);
       }
     });
   });
