@@ -52,3 +52,75 @@ def naive_combiner_module(m, x):
     q, k, v = F.linear(x, m.qkv.weight, m.qkv.bias).view(B, N, 3, m.num_heads, C // m.num_heads).unbind(2)
     o = naive_combiner(q, k, v, segment=m.segment, causal=m.causal)  # (B, N, H, D)
     return F.linear(o.reshape(B, N, C), m.proj.weight, m.proj.bias)
+
+
+# --------------------------------------------------------------------------------------------- DSF
+
+
+def naive_dsf_scan(decay, b, c, u, norm=None):
+    """The dynamical system of DSF (arXiv 2405.15731, section 2), one step at a time.
+
+    ``h_i = diag(decay_i) h_{i-1} + b_i u_i^T`` (state ``(n, d)`` per head), ``y_i = h_i^T c_i / norm_i``.
+    ``decay (B, N, H)`` or ``(B, N, H, n)``, ``b, c (B, N, H, n)``, ``u (B, N, H, d)``, ``norm (B, N, H)``
+    or None -> ``(B, N, H, d)``.
+    """
+    B, N, H, n = b.shape
+    lam = decay if decay.dim() == 4 else decay.unsqueeze(-1)  # (B, N, H, n or 1)
+    h = u.new_zeros(B, H, n, u.shape[-1])
+    ys = []
+    for i in range(N):
+        h = lam[:, i].unsqueeze(-1) * h + b[:, i].unsqueeze(-1) * u[:, i].unsqueeze(-2)  # (B, H, n, d)
+        y = (h * c[:, i].unsqueeze(-1)).sum(-2)  # (B, H, d)
+        ys.append(y if norm is None else y / norm[:, i].unsqueeze(-1))
+    return torch.stack(ys, 1)
+
+
+def naive_causal_linear_attention(q, k, v, *, normalize=False, eps=1e-6):
+    """``o_i = sum_{j <= i} (q_i . k_j) v_j`` (divided by ``q_i . sum_{j <= i} k_j + eps`` if normalize), with
+    the feature map already applied: ``q, k (B, N, H, D)``, ``v (B, N, H, Dv)``."""
+    s = torch.einsum("bihd,bjhd->bhij", q, k).tril()  # (B, H, N, N)
+    o = torch.einsum("bhij,bjhd->bihd", s, v)
+    if normalize:
+        o = o / (s.sum(-1).transpose(1, 2).unsqueeze(-1) + eps)
+    return o
+
+
+def naive_selective_scan(x, delta, A, Bm, Cm):
+    """S6 (Mamba, arXiv 2312.00752) with the Euler input ``B_bar = delta B``: per channel ``c`` and state ``s``,
+    ``h = exp(delta A) h + delta B x``, ``y = C . h``. ``x, delta (B, N, Ch)``, ``A (Ch, n)``, ``Bm, Cm (B, N, n)``."""
+    Bt, N, Ch = x.shape
+    h = x.new_zeros(Bt, Ch, A.shape[-1])
+    ys = []
+    for i in range(N):
+        d = delta[:, i].unsqueeze(-1)  # (B, Ch, 1)
+        h = torch.exp(d * A) * h + d * Bm[:, i].unsqueeze(1) * x[:, i].unsqueeze(-1)  # (B, Ch, n)
+        ys.append((h * Cm[:, i].unsqueeze(1)).sum(-1))
+    return torch.stack(ys, 1)  # (B, N, Ch)
+
+
+def naive_gated_rnn(x, f):
+    """A diagonal gated linear RNN: ``h_i = f_i * h_{i-1} + (1 - f_i) * x_i``, ``y_i = h_i``; ``x, f (B, N, Ch)``."""
+    h = torch.zeros_like(x[:, 0])
+    ys = []
+    for i in range(x.shape[1]):
+        h = f[:, i] * h + (1 - f[:, i]) * x[:, i]
+        ys.append(h)
+    return torch.stack(ys, 1)
+
+
+def naive_dsf_module(m, x):
+    """:class:`~attnkit.mechanisms.seq_dsf.DSFLayer`, each form in its own native loop (not through the DSF)."""
+    B, N, C = x.shape
+    if m.form == "linear_attention":
+        H = m.num_heads
+        q, k, v = F.linear(x, m.inp.weight, m.inp.bias).view(B, N, 3, H, C // H).unbind(2)  # (B, N, H, D)
+        o = naive_causal_linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, normalize=True).reshape(B, N, C)
+    elif m.form == "s6":
+        z = F.linear(x, m.inp.weight, m.inp.bias)
+        xs, dt = z[..., :C], F.softplus(z[..., C:2 * C])
+        Bm, Cm = z[..., 2 * C:].chunk(2, -1)
+        o = naive_selective_scan(xs, dt, -torch.exp(m.a_log), Bm, Cm)
+    else:
+        xs, g = F.linear(x, m.inp.weight, m.inp.bias).chunk(2, -1)
+        o = naive_gated_rnn(xs, torch.sigmoid(g))
+    return F.linear(o, m.proj.weight, m.proj.bias)

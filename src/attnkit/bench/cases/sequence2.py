@@ -4,6 +4,9 @@
   non-causal and causal, each vs dense SDPA on the same q, k, v (groups ``combiner_s128/N=16384`` and
   ``combiner_s128_causal/N=16384``). ``density`` counts direct, summary and pooling score pairs over the dense
   area: the report's "of ideal" column is the acceptance figure (>= 0.5).
+* DSF (arXiv 2405.15731), fwd, fp32, N=2048: an S6 system (B=1, 64 channels as heads, state 16, d=1) on the
+  recurrent backend vs the step-by-step reference (group ``dsf_s6/N=2048``), and a linear-attention system
+  (B=1, H=4, n=d=64) on ak.linear_attention vs chunked (group ``dsf_linear/N=2048``).
 """
 
 from __future__ import annotations
@@ -51,5 +54,35 @@ def combiner_cases() -> list[Case]:
     return out
 
 
+def _dsf_setup(kind: str, n: int, impl: str) -> Callable[[], Runner]:
+    def setup() -> Runner:
+        from attnkit.ops.sequence.dsf import dsf_from_linear_attention, dsf_from_s6, run_dsf
+
+        g = torch.Generator().manual_seed(0)
+        if kind == "s6":
+            x, dt = torch.randn(1, n, 64, generator=g), 0.1 * torch.rand(1, n, 64, generator=g)
+            A = -torch.rand(64, 16, generator=g)
+            sys = dsf_from_s6(x, dt, A, torch.randn(1, n, 16, generator=g), torch.randn(1, n, 16, generator=g))
+        else:
+            q, k, v = (torch.randn(1, n, 4, 64, generator=g) * 0.1 for _ in range(3))
+            sys = dsf_from_linear_attention(q, k, v, decay=torch.full((4,), 0.99))
+        return Runner(run=pass_fn(lambda: run_dsf(sys, backend=impl), "fwd"))
+
+    return setup
+
+
+def dsf_cases() -> list[Case]:
+    n = 2048
+    out = []
+    for kind, impls, base, flops in (("s6", ("recurrent", "reference"), "reference", 6.0 * n * 64 * 16),
+                                     ("linear", ("linear_attention", "chunked"), "chunked", 4.0 * n * 4 * 64 * 64)):
+        params = (("N", n), ("B", 1), ("form", kind), ("dtype", "float32"))
+        for impl in impls:
+            out.append(Case(op="dsf_scan", impl=impl, group=f"dsf_{kind}/N={n}", pass_="fwd",
+                            suites=frozenset({"sequence"}), params=params, flops=flops,
+                            setup=_dsf_setup(kind, n, impl), baseline=impl == base))
+    return out
+
+
 def cases() -> list[Case]:
-    return combiner_cases()
+    return combiner_cases() + dsf_cases()
