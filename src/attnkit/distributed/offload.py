@@ -12,6 +12,7 @@ the same calls, tensors on the group's device):
 * the model process (:class:`OffloadedAttention`) sends each worker a header ``int64 (9,)`` (op,
   layer, B, Nq, Hq, Hkv, D, Dv, whether this worker receives the step's new keys and values), then
   ``q (B, Nq, Hq, D)``, and to ONE worker the step's new ``k, v (B, Nq, Hkv, D|Dv)``;
+* :meth:`OffloadedAttention.fill` ships a prompt's keys and values once, spread over the workers;
 * each worker (:func:`serve`) appends the new keys and values to its own :class:`KVCache`, attends
   (:func:`attnkit.ops.decode.decode_attention`, causal among the new queries on the worker that holds
   them, every older token visible) and sends back ``out (B, Nq, Hq, Dv)`` and ``lse (B, Nq, Hq)``
@@ -31,7 +32,7 @@ from attnkit.ops.decode.cache import KVCache
 from attnkit.ops.decode.call import decode_attention
 from attnkit.ops.decode.split_kv import merge_splits, split_kv_attention
 
-_STEP, _STOP = 1, 2
+_STEP, _STOP, _FILL = 1, 2, 3
 _HEADER = 9
 
 
@@ -104,6 +105,20 @@ class OffloadedAttention:
         out, _ = merge_splits(torch.stack([o.to(work) for o in outs]), torch.stack([x.to(work) for x in lses]))
         return out.to(q.dtype)
 
+    def fill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Prefill ``layer``'s remote cache with ``k (B, N, Hkv, D)``, ``v (B, N, Hkv, Dv)`` without attending
+        (the prompt's own attention ran elsewhere); the tokens are spread evenly over the workers."""
+        if self.closed:
+            raise ValueError("OffloadedAttention.fill: closed")
+        b, n, hkv, d = k.shape
+        dv = v.shape[-1]
+        bounds = [n * i // len(self.workers) for i in range(len(self.workers) + 1)]
+        for w, a, e in zip(self.workers, bounds, bounds[1:]):
+            head = torch.tensor([_FILL, layer, b, e - a, 0, hkv, d, dv, 1], dtype=torch.long, device=self.device)
+            self._send(head, w)
+            self._send(k[:, a:e].to(self.device).contiguous(), w)
+            self._send(v[:, a:e].to(self.device).contiguous(), w)
+
     def close(self) -> None:
         """Tell every worker to stop (its :func:`serve` returns)."""
         if self.closed:
@@ -140,6 +155,13 @@ def serve(model_rank: int = 0, *, group=None, device: str | torch.device = "cpu"
         op, layer, b, nq, hq, hkv, d, dv, owns = head.tolist()
         if op == _STOP:
             break
+        if op == _FILL:
+            k = torch.empty(b, nq, hkv, d, dtype=dtype, device=device)
+            v = torch.empty(b, nq, hkv, dv, dtype=dtype, device=device)
+            dist.recv(k, model_rank, group=group)
+            dist.recv(v, model_rank, group=group)
+            cache.append(layer, k, v)
+            continue
         q = torch.empty(b, nq, hq, d, dtype=dtype, device=device)
         dist.recv(q, model_rank, group=group)
         if owns:
