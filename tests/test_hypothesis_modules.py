@@ -3,7 +3,8 @@
 Per spec, examples draw the batch, a scale of the tiny input's extents (x1 or x2, so windows and blocks
 still divide), the dtype (float32 / bfloat16 / float64), the memory layout (contiguous, a strided
 non-contiguous view, channels-last storage) and the grad mode (enabled, ``no_grad``, ``inference_mode``).
-Checked: the output keeps the input's shape and dtype and is finite on finite input. A second sweep draws
+Checked: the output keeps the input's shape (a pooling spec's: ``spec.out_shape`` of the drawn sizes) and
+dtype and is finite on finite input. A second sweep draws
 bad inputs (wrong rank, wrong channel count, integer dtype, empty batch, no tokens) and checks for a
 ``ValueError`` / ``TypeError`` that names the module.
 
@@ -64,6 +65,20 @@ def _shape(spec, batch: int, scale: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _out_shape(spec, batch: int, scale: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The expected output shape: the input's, or a pooling spec's ``out_shape`` of the drawn sizes."""
+    if not spec.pooling:
+        return shape
+    cfg = spec.config(OVERRIDES.get(spec.name), pattern=spec.patterns[0], tiny=True)
+    cfg["batch"] = batch
+    if "seq_len" in cfg:
+        cfg["seq_len"] *= scale
+    if "input_size" in cfg:
+        cfg["input_size"] = tuple(s * scale for s in cfg["input_size"])
+    assert spec.input_shape(cfg) == shape, "a pooling spec's sizes must be batch / seq_len / input_size"
+    return spec.out_shape(cfg)
+
+
 def _layout(x: torch.Tensor, layout: str, spec) -> torch.Tensor:
     if layout == "strided":  # every other element of a tensor twice as wide: a non-contiguous view
         wide = torch.repeat_interleave(x, 2, dim=-1)
@@ -102,7 +117,7 @@ def test_module_sweep(spec, batch, scale, dtype, layout, mode, seed):
         x.requires_grad_()
     with _mode(mode):
         y = module(x)
-    assert y.shape == x.shape, (tuple(y.shape), tuple(x.shape))
+    assert y.shape == _out_shape(spec, batch, scale, shape), (tuple(y.shape), tuple(x.shape))
     assert y.dtype == x.dtype
     assert torch.isfinite(y).all(), f"non-finite output on finite input ({dtype}, {layout}, {mode})"
     if mode == "grad":

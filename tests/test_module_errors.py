@@ -2,7 +2,8 @@
 
 Generic, per spec: a wrong input rank or channel count raises ``ValueError`` naming the module, the
 expected layout and the shape received; a negative int option or an unknown string option is refused
-when the module is built; ``B == 0`` and zero tokens raise one clear ``ValueError``; a module deep-copies
+when the module is built; the output has ``spec.out_shape`` (the input's shape unless the spec is a pooling
+one with ``output_shape``); ``B == 0`` and zero tokens raise one clear ``ValueError``; a module deep-copies
 and pickles after a training forward; on ``meta`` it runs (shape inference) or raises
 ``NotImplementedError`` naming itself; ``ak.get(name, **spec.default_config)`` builds the benchmark's module.
 """
@@ -143,7 +144,7 @@ def test_meta_runs_for_shapes_or_refuses_clearly(spec):
     except NotImplementedError as e:
         assert str(e).startswith(f"{spec.module.__name__} cannot run on meta tensors: "), str(e)
         return
-    assert y.is_meta and y.shape == x.shape and y.dtype == x.dtype
+    assert y.is_meta and y.shape == spec.out_shape(cfg) and y.dtype == x.dtype
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
@@ -155,7 +156,7 @@ def test_get_with_default_config_builds_the_benchmark_module(spec):
     assert {k: v.shape for k, v in module.state_dict().items()} == {k: v.shape for k, v in bench.state_dict().items()}
     assert not set(spec.default_config) & set(spec.default_input), "an input size among the module options"
     with torch.no_grad():
-        assert module(x).shape == x.shape
+        assert module(x).shape == spec.out_shape(spec.config())  # the input's shape unless a pooling spec
     assert spec.flops(spec.default_config) == spec.flops(spec.config()) > 0
 
 

@@ -65,13 +65,15 @@ def test_families_of_the_registered_mechanisms():
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_default_example_runs(spec):
-    """The default config (the one the benchmark runs) builds and keeps the input's shape."""
+    """The default config (the one the benchmark runs) builds and keeps the input's shape (a pooling spec:
+    its ``output_shape``)."""
     torch.manual_seed(0)
     module, inputs = spec.example()
     assert len(inputs) == 1 and inputs[0].dtype == torch.float32
     with torch.no_grad():
         y = module(*inputs)
-    assert y.shape == inputs[0].shape and torch.isfinite(y).all()
+    assert y.shape == spec.out_shape(spec.config()) and torch.isfinite(y).all()
+    assert spec.pooling or y.shape == inputs[0].shape
 
 
 def test_enums_are_strings():
@@ -116,6 +118,32 @@ def test_register_stores_enums_and_rejects_bad_specs(monkeypatch):
     with pytest.raises(ValueError, match="already registered"):
         ak.register(**_kw(name="mha"))(nn.Identity)
     assert "bad_one" not in registry._REGISTRY
+
+
+def test_output_shape_marks_a_pooling_spec(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    class Pool(nn.Module):
+        def __init__(self, dim: int):
+            super().__init__()
+            self.dim = dim
+
+        def forward(self, x):
+            return x.mean(1)
+
+    ak.register(**_kw(name="registry_test_pool", options=lambda c: {"dim": c["dim"]}, default_config={"dim": 4},
+                      default_input={"batch": 3, "seq_len": 5}, output_shape=lambda c: (c["batch"], c["dim"])))(Pool)
+    spec = registry._REGISTRY["registry_test_pool"]
+    assert spec.pooling and spec.out_shape(spec.config()) == (3, 4) and spec.input_shape(spec.config()) == (3, 5, 4)
+    assert not ak.info("mha").pooling and ak.info("mha").out_shape({"seq_len": 7, "dim": 8}) == (1, 7, 8)
+    m, (x,) = spec.example()
+    assert m(x).shape == spec.out_shape(spec.config())
+    with pytest.raises(ValueError, match=r"pooling module .* cannot claim \['causal-self'\]"):
+        ak.register(**_kw(name="bad_pool", patterns=("noncausal-self", "causal-self"),
+                          output_shape=lambda c: (1,)))(Pool)
+    with pytest.raises(TypeError, match="output_shape must be callable"):
+        ak.register(**_kw(name="bad_pool", output_shape=(1, 2)))(Pool)
+    assert "bad_pool" not in registry._REGISTRY
 
 
 def test_list_filters():

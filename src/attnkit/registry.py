@@ -21,6 +21,13 @@ The module contract shared by every mechanism, with the helpers that implement i
 * on the ``meta`` device a module either runs (shape inference) or raises ``NotImplementedError``
   naming the module and why (value-dependent routing, or an op without a meta path);
 * a module deep-copies and pickles after a forward (no autograd graph is kept on the module).
+
+Pooling modules (an output without per-token positions: SPP's fixed-length vector, K slots, a few pooled
+tokens, a similarity matrix) register ``output_shape(config)``; the generic tests then check the output
+against that shape instead of the input's. Such a module may claim only ``noncausal-*`` patterns
+(``causal-*`` needs an output position per input token and is refused at registration); for it the
+pattern test checks that changing the second half of the tokens (and of the context) changes the output,
+i.e. the pooled output reads the whole input, instead of the per-position check.
 """
 
 from __future__ import annotations
@@ -233,6 +240,10 @@ class MechanismSpec:
             ``video`` ``(B, T, Y, X, C)`` or ``cnn`` ``(B, C, Y, X)``.
         shape: ``shape(config) -> tuple``, the first input's shape, for configs without the
             standard keys of :func:`default_input_shape`.
+        output_shape: ``output_shape(config) -> tuple``, the output's shape for a full config (with the
+            pattern's ``context_len``), for a pooling module whose output has no per-token positions;
+            None (default): the output has the first input's shape. A spec with one claims ``noncausal-*``
+            patterns only (see :attr:`pooling`).
     """
 
     name: str
@@ -252,6 +263,7 @@ class MechanismSpec:
     shape: Callable[[dict[str, Any]], tuple[int, ...]] | None = None
     default_input: dict[str, Any] = field(default_factory=dict)
     tiny_input: dict[str, Any] = field(default_factory=dict)
+    output_shape: Callable[[dict[str, Any]], tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         # module options and input sizes live apart; a key the constructor does not take is an input size
@@ -273,6 +285,14 @@ class MechanismSpec:
         bad = [p for p in self.patterns if p not in PATTERNS]
         if bad or not self.patterns:
             raise ValueError(f"MechanismSpec {self.name!r}: unknown patterns {bad}; expected a subset of {PATTERNS}")
+        if self.output_shape is not None:
+            if not callable(self.output_shape):
+                raise TypeError(f"MechanismSpec {self.name!r}: output_shape must be callable or None, "
+                                f"got {type(self.output_shape).__name__}")
+            causal = [p for p in self.patterns if p.startswith("causal")]
+            if causal:
+                raise ValueError(f"MechanismSpec {self.name!r}: a pooling module (output_shape given) has no output "
+                                 f"position per input token, so it cannot claim {causal}; use noncausal-* patterns")
         for what in ("flops", "options", "reference"):
             if not callable(getattr(self, what)):
                 raise TypeError(f"MechanismSpec {self.name!r}: {what} must be callable, "
@@ -301,6 +321,17 @@ class MechanismSpec:
     def input_shape(self, config: dict[str, Any]) -> tuple[int, ...]:
         """The first input's shape for a full config (see :func:`default_input_shape`)."""
         return tuple(self.shape(config)) if self.shape is not None else default_input_shape(self.input_kind, config)
+
+    @property
+    def pooling(self) -> bool:
+        """True when the output has no per-token positions (``output_shape`` given): a pooling module."""
+        return self.output_shape is not None
+
+    def out_shape(self, config: dict[str, Any]) -> tuple[int, ...]:
+        """The output's shape for a full config: ``output_shape(config)``, else the first input's shape."""
+        if self.output_shape is not None:
+            return tuple(self.output_shape(config))
+        return self.input_shape(config)
 
     def example(self, config: dict[str, Any] | None = None, *, pattern: str | None = None,
                 generator: torch.Generator | None = None, tiny: bool = False
@@ -371,6 +402,7 @@ def register(
     shape: Callable[[dict[str, Any]], tuple[int, ...]] | None = None,
     default_input: dict[str, Any] | None = None,
     tiny_input: dict[str, Any] | None = None,
+    output_shape: Callable[[dict[str, Any]], tuple[int, ...]] | None = None,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator registering a module as a mechanism. See :class:`MechanismSpec`.
 
@@ -387,7 +419,7 @@ def register(
             complexity=complexity, flops=flops, options=options, reference=reference, functional=functional,
             default_config=dict(default_config or {}), tiny_config=dict(tiny_config or {}), notes=notes,
             input_kind=spec_kind, shape=shape, default_input=dict(default_input or {}),
-            tiny_input=dict(tiny_input or {}),
+            tiny_input=dict(tiny_input or {}), output_shape=output_shape,
         )
         return cls
 

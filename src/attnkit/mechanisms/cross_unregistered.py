@@ -1,13 +1,17 @@
-"""Cross-family papers whose layer does not fit the registry's module contract, or adds no new operator.
+"""Cross-family pooling modules (registered as pooling specs) and the cross papers kept out of the registry.
 
-The registry's modules map ``x (B, N, C)`` (and a context) to an output of ``x``'s shape, which the generic
-tests check. Three papers' layers produce something else and are kept here as modules with their ops and
-naive twins, tested in ``tests/test_cross_*.py`` but not registered:
+The registry's modules map ``x (B, N, C)`` (and a context) to an output of ``x``'s shape, unless the spec
+registers ``output_shape`` (a pooling spec: no output position per token, ``noncausal-*`` patterns only).
+Two papers' layers are registered that way:
 
-* :class:`FILIPLateInteraction` — FILIP ("FILIP: Fine-grained Interactive Language-Image Pre-Training",
-  arXiv 2111.07783): image-text similarity matrices ``(BI, BT)``, op ``filip_similarity``;
-* :class:`ZeroParamPooling` — GreenPLM ("More Text, Less Point: Towards 3D Data-Efficient Point-Language
-  Understanding", arXiv 2408.15966): ``(B, N, C)`` pooled into ``(B, 3, C)``, op ``zero_param_pool``;
+* :class:`FILIPLateInteraction` (``filip``) — FILIP ("FILIP: Fine-grained Interactive Language-Image
+  Pre-Training", arXiv 2111.07783): image-text similarities stacked ``(2, BI, BT)``, op ``filip_similarity``;
+* :class:`ZeroParamPooling` (``greenplm_pool``) — GreenPLM ("More Text, Less Point: Towards 3D
+  Data-Efficient Point-Language Understanding", arXiv 2408.15966): ``(B, N, C)`` pooled into ``(B, 3, C)``,
+  op ``zero_param_pool``.
+
+One is kept here as a module with its op and naive twin, tested but not registered:
+
 * :class:`SpatialVisionAggregator` — Cambrian-1 ("Cambrian-1: A Fully Open, Vision-Centric Exploration of
   Multimodal LLMs", arXiv 2406.16860): ``L x L`` grid queries over several encoders' square maps, whose
   sizes are tied to ``L`` (the generic cross tests draw contexts of any length), op ``cell_local_attention``.
@@ -26,13 +30,10 @@ from torch import nn
 from attnkit.ops.cross.cell_local import cell_local_attention
 from attnkit.ops.cross.filip import filip_similarity
 from attnkit.ops.cross.pooling import QUERIES, zero_param_pool
-from attnkit.registry import check_input, divisible, int_option
+from attnkit.reference.naive_pooling_modules import naive_filip_module, naive_greenplm_module
+from attnkit.registry import Family, Paper, check_input, divisible, int_option, register
 
 NOT_REGISTERED = {
-    "filip": "FILIP (arXiv 2111.07783): the layer returns similarity matrices (BI, BT), not tokens; module "
-             "FILIPLateInteraction, op filip_similarity.",
-    "greenplm_pool": "GreenPLM (arXiv 2408.15966): pools (B, N, C) into (B, 3, C); module ZeroParamPooling, op "
-                     "zero_param_pool.",
     "cambrian_sva": "Cambrian-1 SVA (arXiv 2406.16860): grid queries over square maps of sizes tied to the grid; "
                     "module SpatialVisionAggregator, op cell_local_attention.",
     "vision_remember": "Vision Remember (arXiv 2506.03928): re-uses Cambrian's cell-local cross-attention between "
@@ -48,6 +49,35 @@ NOT_REGISTERED = {
 }
 
 
+def _filip_flops(c: dict) -> float:
+    b, n, p = c["batch"], c["seq_len"], c["proj_dim"]
+    m = c.get("context_len", n)
+    # the two projections, then every image-text token pair
+    return float(2 * b * (n * c["image_dim"] + m * c["text_dim"]) * p + 2 * b * b * n * m * p)
+
+
+def _filip_out(c: dict) -> tuple[int, ...]:
+    return (2, c.get("batch", 1), c.get("batch", 1))  # the context has x's batch in the registry's examples
+
+
+@register(
+    name="filip", family=Family.CROSS,
+    paper=Paper("FILIP: Fine-grained Interactive Language-Image Pre-Training", "2111.07783", 2021),
+    patterns=("noncausal-cross",), complexity="O(BI BT n1 n2 d)", flops=_filip_flops,
+    options=lambda c: {"image_dim": c["image_dim"], "text_dim": c["text_dim"], "proj_dim": c["proj_dim"]},
+    reference=naive_filip_module, functional=filip_similarity,
+    shape=lambda c: (c.get("batch", 1), c["seq_len"], c["image_dim"]),
+    default_config={"image_dim": 512, "text_dim": 512, "proj_dim": 256}, default_input={"batch": 16, "seq_len": 196},
+    tiny_config={"image_dim": 6, "text_dim": 6, "proj_dim": 5}, tiny_input={"batch": 3, "seq_len": 4},
+    output_shape=_filip_out,
+    notes="A pooling spec: image tokens x (BI, n1, C) and text tokens context (BT, n2, C) -> (2, BI, BT), "
+          "s_i2t = mean over patches of the best word, s_t2i = mean over words of the best patch (max then mean, "
+          "L2-normalised projections without bias, Eq. 4-5); stacked so one tensor comes out "
+          "(s_i2t, s_t2i = module(x, context) unpacks it). context=None scores x against itself (the registry's "
+          "single-input call). Text padding via context_mask (BT, n2) bool; image-side masks are not used. "
+          "The symmetric InfoNCE with learned temperature is module.loss. The registry's examples draw the "
+          "context with x's width, so their configs keep image_dim = text_dim; the module takes two.",
+)
 class FILIPLateInteraction(nn.Module):
     """FILIP's token-wise late interaction head: projections, L2 normalisation, max-then-mean similarities.
 
@@ -56,12 +86,14 @@ class FILIPLateInteraction(nn.Module):
         temperature: initial softmax temperature (learned in log space).
 
     Shapes:
-        ``image_tokens (BI, n1, Ci)``, ``text_tokens (BT, n2, Ct)``, optional ``text_mask (BT, n2)`` bool ->
-        ``(s_i2t, s_t2i)``, each ``(BI, BT)``.
+        image tokens ``x (BI, n1, Ci)``, text tokens ``context (BT, n2, Ct)`` (None: ``x`` itself, which needs
+        ``Ci == Ct``), optional ``context_mask (BT, n2)`` bool (True = real token) -> ``(2, BI, BT)``:
+        ``s_i2t`` then ``s_t2i``.
 
     Example:
         >>> head = FILIPLateInteraction(768, 512)
-        >>> loss = head.loss(*head(img, txt, txt_mask))
+        >>> s_i2t, s_t2i = head(img, txt, txt_mask)
+        >>> loss = head.loss(s_i2t, s_t2i)
     """
 
     def __init__(self, image_dim: int, text_dim: int, *, proj_dim: int = 256, temperature: float = 0.07):
@@ -72,10 +104,15 @@ class FILIPLateInteraction(nn.Module):
         self.text_proj = nn.Linear(text_dim, proj_dim, bias=False)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None = None):
-        check_input(self, image_tokens, "(B, N, C)", channels=self.image_proj.in_features, name="image_tokens")
-        check_input(self, text_tokens, "(B, M, C)", channels=self.text_proj.in_features, name="text_tokens")
-        return filip_similarity(self.image_proj(image_tokens), self.text_proj(text_tokens), y_mask=text_mask)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Image tokens ``x (BI, n1, Ci)``, text tokens ``context (BT, n2, Ct)`` -> ``(2, BI, BT)``."""
+        check_input(self, x, "(B, N, C)", channels=self.image_proj.in_features)
+        if context is None:
+            context = x
+        check_input(self, context, "(B, M, C)", channels=self.text_proj.in_features, name="context")
+        s_i2t, s_t2i = filip_similarity(self.image_proj(x), self.text_proj(context), y_mask=context_mask)
+        return torch.stack([s_i2t, s_t2i])  # (2, BI, BT)
 
     def loss(self, s_i2t: torch.Tensor, s_t2i: torch.Tensor) -> torch.Tensor:
         """The symmetric InfoNCE of the paper: image ``i`` matches text ``i`` (``BI == BT``)."""
@@ -84,24 +121,49 @@ class FILIPLateInteraction(nn.Module):
         return 0.5 * (F.cross_entropy(s_i2t / t, target) + F.cross_entropy(s_t2i.T / t, target))
 
 
+def _greenplm_flops(c: dict) -> float:
+    return float(4 * c["batch"] * c["seq_len"] * c["dim"] * len(c["queries"]))  # scores + weighted sum per query
+
+
+@register(
+    name="greenplm_pool", family=Family.CROSS,
+    paper=Paper("More Text, Less Point: Towards 3D Data-Efficient Point-Language Understanding", "2408.15966", 2024),
+    patterns=("noncausal-self",), complexity="O(B N C)", flops=_greenplm_flops,
+    options=lambda c: {"dim": c["dim"], "queries": tuple(c["queries"]), "cls": c["cls"]},
+    reference=naive_greenplm_module, functional=zero_param_pool,
+    default_config={"dim": 1024, "queries": QUERIES, "cls": True}, default_input={"batch": 8, "seq_len": 513},
+    tiny_config={"dim": 5}, tiny_input={"batch": 2, "seq_len": 6},
+    output_shape=lambda c: (c.get("batch", 1), int(c["cls"]) + len(c["queries"]), c["dim"]),
+    notes="A pooling spec: (B, N, C) -> (B, cls + len(queries), C) = [class token, max-query pooled, mean-query "
+          "pooled]. Parameter-free cross-attention: the channel-wise max and mean of the tokens (class token "
+          "excluded) are single-head queries over K = V = the tokens, scale C^-1/2, no projection (the paper's "
+          "description; its code was not checked, so the query set, the class token and the scale are options "
+          "of zero_param_pool). The paper's encoder gives 512 point tokens + 1 class token (default input).",
+)
 class ZeroParamPooling(nn.Module):
     """GreenPLM's 0M-Pooling: summary queries (max, mean) attend to the tokens, no parameter.
 
     Args:
-        queries: ``("max", "mean")`` or a subset; cls: token 0 is a class token kept first.
+        dim: ``C``, checked on the input when given (None: any width). queries: ``("max", "mean")`` or a
+        subset; cls: token 0 is a class token kept first (then ``N >= 2``).
 
     Shapes:
         ``x (B, N, C)`` -> ``(B, cls + len(queries), C)``.
     """
 
-    def __init__(self, *, queries: tuple[str, ...] = QUERIES, cls: bool = True):
+    def __init__(self, dim: int | None = None, *, queries: tuple[str, ...] = QUERIES, cls: bool = True):
         super().__init__()
+        self.dim = None if dim is None else int_option(self, "dim", dim, 1)
         self.queries, self.cls = tuple(queries), bool(cls)
         if not self.queries or any(q not in QUERIES for q in self.queries):
             raise ValueError(f"{type(self).__name__}: queries must be a non-empty tuple of {QUERIES}, got {queries}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(self, x, "(B, N, C)")
+        """``x (B, N, C)`` -> ``(B, cls + len(queries), C)``."""
+        check_input(self, x, "(B, N, C)", channels=self.dim)
+        if self.cls and x.shape[1] < 2:
+            raise ValueError(f"{type(self).__name__}: with cls=True token 0 is the class token and x needs at least "
+                             f"one more, got shape {tuple(x.shape)}")
         return zero_param_pool(x, self.queries, cls=self.cls)
 
 
