@@ -42,6 +42,9 @@ class TrainConfig:
         early_stop: stop once the accuracy on a held-out probe batch reaches this (None: never);
             checked every ``eval_every`` steps. The recorded ``steps`` are those actually taken.
         eval_every: steps between early-stop checks.
+        time_limit_s: stop once training has taken this many seconds (None: never), a budget in time shared
+            by every mechanism for quick checks; the recorded ``steps`` say how far each got.
+        probe_examples: sequences in the early-stop probe batch (at most ``test_examples``).
     """
 
     steps: int = 400
@@ -56,6 +59,8 @@ class TrainConfig:
     seed: int = 0
     early_stop: float | None = None
     eval_every: int = 50
+    time_limit_s: float | None = None
+    probe_examples: int = 128
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class QualityResult:
                 "train_accuracy": self.train_accuracy, "final_loss": self.final_loss, "steps": self.steps,
                 "step_budget": self.config.steps, "train_s": self.train_s, "steps_per_s": self.steps_per_s,
                 "lr": self.config.lr, "batch_size": self.config.batch_size, "model_params": self.params,
+                "time_limit_s": self.config.time_limit_s,
                 "task_params": dict(self.task_params)}
 
 
@@ -143,7 +149,7 @@ def train_task(mechanism: str, task: str, task_params: dict[str, Any] | None = N
     if model is None:
         model = build_model(mechanism, task, p, cfg.width, cfg.layers, cfg.seed)
     test = t.generate(cfg.test_examples, _TEST_SEED + cfg.seed, **p)
-    probe = t.generate(min(cfg.test_examples, 128), _TEST_SEED // 2 + cfg.seed, **p)
+    probe = t.generate(min(cfg.test_examples, cfg.probe_examples), _TEST_SEED // 2 + cfg.seed, **p)
     pool = t.generate(cfg.train_examples, cfg.seed, **p) if cfg.train_examples else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup_frac))
@@ -172,6 +178,8 @@ def train_task(mechanism: str, task: str, task_params: dict[str, Any] | None = N
         sched.step()
         step += 1
         loss_v = float(loss.detach())
+        if cfg.time_limit_s is not None and time.perf_counter() - t0 >= cfg.time_limit_s:
+            break
         if cfg.early_stop is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             acc = accuracy(model, probe)
             history.append((step, acc))
