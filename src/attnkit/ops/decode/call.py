@@ -148,7 +148,7 @@ def decode_attention(
         window: if set, only the ``window`` most recent keys (the query's own included) ...
         sinks: ... plus the first ``sinks`` keys (StreamingLLM attention sinks).
         scale: default ``D ** -0.5``.
-        split: keys per split for ``split_kv`` (default 8192).
+        split: keys per split of the torch-ops path of ``split_kv`` (default 8192; the kernel: a part per thread).
         return_lse: also return ``lse (B, Nq, Hq)`` (float32, float64 for float64 inputs).
         backend: None (automatic), ``"split_kv"``, ``"sdpa"`` or ``"reference"``.
 
