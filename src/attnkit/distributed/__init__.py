@@ -28,11 +28,13 @@ from attnkit.distributed import zigzag
 from attnkit.distributed.lasp2 import lasp2_comm_elements, lasp2_linear_attention
 from attnkit.distributed.lasp2h import lasp2h_attention, lasp2h_comm_elements
 from attnkit.distributed.launch import run_local
+from attnkit.distributed.offload import OffloadedAttention, serve
 from attnkit.distributed.ring import ring_attention
 from attnkit.distributed.ulysses import ulysses_attention
 from attnkit.distributed.usp import make_usp_groups, usp_attention, usp_shard, usp_unshard
 
 __all__ = [
+    "OffloadedAttention",
     "lasp2_comm_elements",
     "lasp2_linear_attention",
     "lasp2h_attention",
@@ -40,6 +42,7 @@ __all__ = [
     "make_usp_groups",
     "ring_attention",
     "run_local",
+    "serve",
     "ulysses_attention",
     "usp_attention",
     "usp_shard",
