@@ -124,3 +124,71 @@ def naive_dsf_module(m, x):
         xs, g = F.linear(x, m.inp.weight, m.inp.bias).chunk(2, -1)
         o = naive_gated_rnn(xs, torch.sigmoid(g))
     return F.linear(o, m.proj.weight, m.proj.bias)
+
+
+# ---------------------------------------------------------------------------- hierarchical attention
+
+
+def uniform_parents(n, branching):
+    """The balanced tree over ``n`` leaves in order: groups of ``branching`` consecutive nodes per level, until at
+    most ``branching`` nodes remain under the root. Returns ``parents`` as a list of int64 tensors."""
+    parents, count = [], n
+    while True:
+        parents.append(torch.arange(count) // branching)
+        count = -(-count // branching)
+        if count <= branching:
+            return parents
+
+
+def naive_hierarchical_attention(q, k, v, parents, *, scale=None):
+    """Hierarchical attention by brute force: for every query, walk the tree and pool each sibling subtree from
+    its leaves directly (no dynamic programming).
+
+    ``q, k (B, N, H, D)``, ``v (B, N, H, Dv)``; ``parents[l][node]`` is the parent (at level ``l + 1``) of a node
+    of level ``l`` (level 0 = the ``N`` leaves; the last level's nodes hang from one implicit root). Query ``i``
+    attends the leaves of its own level-1 group exactly and, at every level, each sibling ``S`` of its ancestor
+    as one key ``mean_{j in S} k_j`` with score bonus ``log |S|`` and value ``mean_{j in S} v_j``.
+    """
+    N, D = q.shape[1], q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    par = [[int(x) for x in p] for p in parents]
+    L = len(par)
+
+    def ancestor(j, level):  # the level-`level` node above leaf j (level 0: j itself)
+        for t in range(level):
+            j = par[t][j]
+        return j
+
+    outs = []
+    for i in range(N):
+        keys, vals, bonus = [], [], []
+        for j in range(N):
+            if ancestor(j, 1) == ancestor(i, 1):
+                keys.append(k[:, j])
+                vals.append(v[:, j])
+                bonus.append(0.0)
+        for level in range(1, L + 1):
+            mine = ancestor(i, level)
+            up = ancestor(i, level + 1) if level < L else 0
+            for node in range(max(par[level - 1]) + 1):  # every node of this level
+                node_parent = par[level][node] if level < L else 0
+                if node == mine or node_parent != up:
+                    continue
+                members = [j for j in range(N) if ancestor(j, level) == node]
+                if not members:
+                    continue
+                keys.append(torch.stack([k[:, j] for j in members]).mean(0))
+                vals.append(torch.stack([v[:, j] for j in members]).mean(0))
+                bonus.append(math.log(len(members)))
+        kk, vv = torch.stack(keys, 1), torch.stack(vals, 1)  # (B, M, H, .)
+        s = torch.einsum("bhd,bmhd->bhm", q[:, i] * scale, kk) + torch.tensor(bonus, dtype=q.dtype)
+        outs.append(torch.einsum("bhm,bmhd->bhd", torch.softmax(s, -1), vv))
+    return torch.stack(outs, 1)  # (B, N, H, Dv)
+
+
+def naive_hierarchical_module(m, x):
+    """:class:`~attnkit.mechanisms.seq_hierarchical.HierarchicalAttention` with the brute-force op."""
+    B, N, C = x.shape
+    q, k, v = F.linear(x, m.qkv.weight, m.qkv.bias).view(B, N, 3, m.num_heads, C // m.num_heads).unbind(2)
+    o = naive_hierarchical_attention(q, k, v, uniform_parents(N, m.branching))  # (B, N, H, D)
+    return F.linear(o.reshape(B, N, C), m.proj.weight, m.proj.bias)

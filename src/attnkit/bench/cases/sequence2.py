@@ -7,6 +7,8 @@
 * DSF (arXiv 2405.15731), fwd, fp32, N=2048: an S6 system (B=1, 64 channels as heads, state 16, d=1) on the
   recurrent backend vs the step-by-step reference (group ``dsf_s6/N=2048``), and a linear-attention system
   (B=1, H=4, n=d=64) on ak.linear_attention vs chunked (group ``dsf_linear/N=2048``).
+* Hierarchical attention (arXiv 2509.15448), fwd, B=1, H=8, D=64, fp32, N=16384, branching 16 (balanced tree),
+  gather (DP) vs dense SDPA (group ``hierarchical_b16/N=16384``; ``density`` = candidate keys per query / N).
 """
 
 from __future__ import annotations
@@ -84,5 +86,33 @@ def dsf_cases() -> list[Case]:
     return out
 
 
+def _hier_setup(n: int, b: int, impl: str) -> Callable[[], Runner]:
+    def setup() -> Runner:
+        from attnkit.ops.sequence.hierarchical import hierarchical_attention, uniform_hierarchy
+
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(CB, n, CH, CD, generator=g) for _ in range(3))
+        if impl == "sdpa":
+            qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, N, D)
+            return Runner(run=pass_fn(lambda: F.scaled_dot_product_attention(qh, kh, vh), "fwd"))
+        tree = uniform_hierarchy(n, b)
+        return Runner(run=pass_fn(lambda: hierarchical_attention(q, k, v, tree), "fwd"))
+
+    return setup
+
+
+def hierarchical_cases() -> list[Case]:
+    from attnkit.ops.sequence.hierarchical import hierarchical_density, uniform_hierarchy
+
+    n, b = 16384, 16
+    d = hierarchical_density(uniform_hierarchy(n, b))
+    params = (("N", n), ("B", CB), ("H", CH), ("D", CD), ("branching", b), ("dtype", "float32"),
+              ("density", round(d, 6)), ("ideal_speedup", round(1 / d, 3)))
+    return [Case(op="hierarchical_attention", impl=impl, group=f"hierarchical_b{b}/N={n}", pass_="fwd",
+                 suites=frozenset({"sequence"}), params=params,
+                 flops=4.0 * CB * CH * CD * n * n * (d if impl == "gather" else 1.0),
+                 setup=_hier_setup(n, b, impl), baseline=impl == "sdpa") for impl in ("gather", "sdpa")]
+
+
 def cases() -> list[Case]:
-    return combiner_cases() + dsf_cases()
+    return combiner_cases() + dsf_cases() + hierarchical_cases()
