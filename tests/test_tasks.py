@@ -313,3 +313,17 @@ def test_report_shows_quality_sections_and_figures(tmp_path):
     assert "MQAR ordering study" in md and "meets the 90% mark" in md and "quality_accuracy_vs_time.png" in md
     assert "75.0 points below mha" in md
     assert "MQAR ordering study" in paths["html"].read_text()
+
+
+def test_time_limit_stops_training_and_every_quality_case_is_its_own_unit():
+    from attnkit.bench.cases import quality as q
+    from attnkit.bench.harness import units
+
+    r = train_task("linear_attention", "mqar", {"seq_len": 32, "num_kv_pairs": 4},
+                   TrainConfig(steps=100_000, width=16, batch_size=4, time_limit_s=0.3, test_examples=8))
+    assert 1 <= r.steps < 100_000 and r.train_s < 5.0 and r.row()["time_limit_s"] == 0.3
+    cs = q.cases()
+    assert all(len(u) == 1 for u in units(cs))  # one child and one results line per trained model
+    assert q._trained_path("mha", q.QUICK_MQAR, 32, 0) is None  # no training cache outside the bench worker
+    quick = [c for c in cs if "quality-quick" in c.suites]
+    assert all(c.param["study"] == "quick" for c in quick)

@@ -61,7 +61,7 @@ def pick_table(cases: list[Record], study: str = "grid") -> tuple[list[str], lis
     rows = [r for r in _ok(quality_rows(cases)) if r["params"].get("study") == study]
     tasks = list(dict.fromkeys(_task_label(r) for r in rows))
     header = ["width", "mechanism", *tasks, "mean acc %", "fwd ms", "peak MiB", "train steps/s",
-              "steps taken / budget (first task)"]
+              "steps taken / budget (first task)", "flags"]
     by: dict[tuple[int, str], list[Record]] = {}
     for r in rows:
         by.setdefault((r["params"]["width"], r["op"]), []).append(r)
@@ -75,7 +75,9 @@ def pick_table(cases: list[Record], study: str = "grid") -> tuple[list[str], lis
                     f"{speed['median_s'] * 1e3:.3g}" if speed.get("median_s") else "—",
                     "—" if mem is None else f"{mem:.0f}",
                     _num(_mean([r["params"]["steps_per_s"] for r in rs if r["params"].get("steps_per_s")])),
-                    f"{speed['params'].get('steps')} / {speed['params'].get('step_budget')}"])
+                    f"{speed['params'].get('steps')} / {speed['params'].get('step_budget')}",
+                    "; ".join(f"{_task_label(r)}: diverged ({', '.join(r['params']['nonfinite'])} not finite)"
+                              for r in rs if r["params"].get("nonfinite"))])
     return header, out
 
 
@@ -164,6 +166,7 @@ def quality_plots(cases: list[Record], out_dir: str | Path) -> list[tuple[str, s
                           for w in ws]
                     ax.plot(ws, ys, color=color[m], marker=marker[m], label=m, linewidth=1.2, markersize=4)
                     ax.set_xscale("log", base=2)
+                    ax.set_xticks(ws, [str(w) for w in ws])  # the widths themselves, not powers of two
                 else:
                     ax.scatter([r["params"]["train_s"] for r in mine], [100 * r["params"]["accuracy"] for r in mine],
                                color=color[m], marker=marker[m], label=m, s=16)
