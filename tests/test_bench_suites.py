@@ -82,7 +82,8 @@ def test_family_suites_are_listed_and_hold_their_comparisons(found):
     assert {"neighborhood_attention/na2d_64x64_k13/flex/fwd",
             "neighborhood_attention/na2d_64x64_k13/sdpa_dense_mask/fwd+bwd",
             "neighborhood_attention/na1d_16384_k1025/flex/fwd",
-            "neighborhood_attention/na3d_16x32x32_k7/tiled/fwd+bwd"} == ids["neighborhood"] - {
+            "neighborhood_attention/na3d_16x32x32_k7/tiled/fwd+bwd",
+            "neighborhood_attention/na3d_16x32x32_k7/sdpa_dense_mask/fwd+bwd"} == ids["neighborhood"] - {
         "neighborhood_attention/na2d_64x64_k13/tiled/fwd", "neighborhood_attention/na2d_64x64_k13/tiled/fwd+bwd",
         "neighborhood_attention/na1d_16384_k1025/tiled/fwd"}
     assert {"linear_attention/causal_decay/N=65536/chunk/fwd", "linear_attention/causal/N=16384/fla_naive/fwd",
