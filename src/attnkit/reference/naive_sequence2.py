@@ -192,3 +192,25 @@ def naive_hierarchical_module(m, x):
     q, k, v = F.linear(x, m.qkv.weight, m.qkv.bias).view(B, N, 3, m.num_heads, C // m.num_heads).unbind(2)
     o = naive_hierarchical_attention(q, k, v, uniform_parents(N, m.branching))  # (B, N, H, D)
     return F.linear(o.reshape(B, N, C), m.proj.weight, m.proj.bias)
+
+
+# ------------------------------------------------------------------------------------------- iLLaMA
+
+
+def naive_soft_causal_attention(q, k, v, alpha, *, scale=None):
+    """iLLaMA's soft mask (arXiv 2404.06773): ``softmax(S + log(alpha + (1 - alpha) [j <= i])) V``, i.e. future
+    keys' weights multiplied by ``alpha`` before renormalising. ``q, k (B, N, H, D)``, ``v (B, N, H, Dv)``."""
+    N, D = q.shape[1], q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    past = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+    w = torch.where(past, torch.ones((), dtype=s.dtype), torch.full((), float(alpha), dtype=s.dtype))
+    return torch.einsum("bhij,bjhd->bihd", torch.softmax(s + w.log(), -1), v)
+
+
+def naive_llama_vit_module(m, x):
+    """:class:`~attnkit.mechanisms.seq_llama_vit.LlamaViTAttention` with :func:`naive_soft_causal_attention`."""
+    B, N, C = x.shape
+    q, k, v = F.linear(x, m.qkv.weight, m.qkv.bias).view(B, N, 3, m.num_heads, C // m.num_heads).unbind(2)
+    o = naive_soft_causal_attention(q, k, v, m.alpha)  # (B, N, H, D)
+    return F.linear(o.reshape(B, N, C), m.proj.weight, m.proj.bias)

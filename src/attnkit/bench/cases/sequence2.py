@@ -9,6 +9,8 @@
   (B=1, H=4, n=d=64) on ak.linear_attention vs chunked (group ``dsf_linear/N=2048``).
 * Hierarchical attention (arXiv 2509.15448), fwd, B=1, H=8, D=64, fp32, N=16384, branching 16 (balanced tree),
   gather (DP) vs dense SDPA (group ``hierarchical_b16/N=16384``; ``density`` = candidate keys per query / N).
+* iLLaMA attention (arXiv 2404.06773), fwd, B=8, N=197, H=3, D=64, fp32: alpha 0 (causal through ak.attention)
+  and alpha 0.5 (soft mask, materialised) vs causal SDPA (group ``llama_vit/N=197``).
 """
 
 from __future__ import annotations
@@ -114,5 +116,27 @@ def hierarchical_cases() -> list[Case]:
                  setup=_hier_setup(n, b, impl), baseline=impl == "sdpa") for impl in ("gather", "sdpa")]
 
 
+def _llama_setup(impl: str) -> Callable[[], Runner]:
+    def setup() -> Runner:
+        from attnkit.ops.sequence.llama_vit import soft_causal_attention
+
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(8, 197, 3, 64, generator=g) for _ in range(3))
+        if impl == "sdpa":
+            qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, N, D)
+            return Runner(run=pass_fn(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True), "fwd"))
+        alpha = 0.0 if impl == "causal" else 0.5
+        return Runner(run=pass_fn(lambda: soft_causal_attention(q, k, v, alpha=alpha), "fwd"))
+
+    return setup
+
+
+def llama_vit_cases() -> list[Case]:
+    params = (("N", 197), ("B", 8), ("H", 3), ("D", 64), ("dtype", "float32"))
+    return [Case(op="llama_vit_causal", impl=impl, group="llama_vit/N=197", pass_="fwd",
+                 suites=frozenset({"sequence"}), params=params, flops=4.0 * 8 * 3 * 64 * 197 * 197,
+                 setup=_llama_setup(impl), baseline=impl == "sdpa") for impl in ("causal", "soft_0.5", "sdpa")]
+
+
 def cases() -> list[Case]:
-    return combiner_cases() + dsf_cases() + hierarchical_cases()
+    return combiner_cases() + dsf_cases() + hierarchical_cases() + llama_vit_cases()
