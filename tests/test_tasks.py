@@ -249,6 +249,7 @@ def test_quality_case_setup_records_training_and_times_the_forward(monkeypatch):
     assert p["mechanism"] == "mha" and p["task"] == "mqar" and p["steps"] == 20 and p["width"] == 32
     assert 0.0 <= p["accuracy"] <= 1.0 and p["train_s"] > 0 and p["steps_per_s"] > 0
     assert json.loads(p["task_params"])["seq_len"] == 32
+    assert p["history"] == [] and p["nonfinite"] == []  # quick cases: no early-stop probes
     out = runner.run()
     assert out.shape == (q.EVAL_BATCH, 32, TASKS["mqar"].vocab_size())
     all_cases = q.cases()
@@ -319,7 +320,7 @@ def test_time_limit_stops_training_and_every_quality_case_is_its_own_unit():
     from attnkit.bench.cases import quality as q
     from attnkit.bench.harness import units
 
-    r = train_task("linear_attention", "mqar", {"seq_len": 32, "num_kv_pairs": 4},
+    r = train_task("mha", "mqar", {"seq_len": 32, "num_kv_pairs": 4},  # no compiled kernel to build first
                    TrainConfig(steps=100_000, width=16, batch_size=4, time_limit_s=0.3, test_examples=8))
     assert 1 <= r.steps < 100_000 and r.train_s < 5.0 and r.row()["time_limit_s"] == 0.3
     cs = q.cases()

@@ -187,8 +187,9 @@ def _setup(mechanism: str, s: Setting, width: int, seed: int) -> Callable[[], Ru
                 model.load_state_dict(saved["state"])
                 row = saved["row"]
             else:
-                row = train_task(mechanism, s.task, p, cfg, model=model).row()
-                row["history"] = [[st, round(a, 4)] for st, a in row.pop("history", [])]
+                result = train_task(mechanism, s.task, p, cfg, model=model)
+                row = result.row()
+                row["history"] = [[st, round(a, 4)] for st, a in result.history]  # probe accuracy by step
                 if cache is not None:
                     torch.save({"state": model.state_dict(), "row": row}, cache)
         finally:
