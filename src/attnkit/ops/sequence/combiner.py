@@ -77,10 +77,13 @@ def _segmented(c: CombinerCall) -> torch.Tensor:
         kR = K.masked_fill(~valid[None, :, :, None, None], neg).amax(2)  # (B, n, H, D)
     else:
         qR, kR = Q.amax(2), K.amax(2)  # (B, n, H, D)
-    logit = torch.einsum("bnhd,bnjhd->bnhj", qR * sc, K)  # (B, n, H, s)
     if pad:
+        logit = torch.einsum("bnhd,bnjhd->bnhj", qR * sc, K)  # (B, n, H, s)
         logit = logit.masked_fill(~valid[None, :, None, :], float("-inf"))
-    vR = torch.einsum("bnhj,bnjhd->bnhd", torch.softmax(logit, -1), V)  # (B, n, H, Dv)
+        vR = torch.einsum("bnhj,bnjhd->bnhd", torch.softmax(logit, -1), V)  # (B, n, H, Dv)
+    else:  # the summary value is one query's attention over its segment: the fused kernel, no permuted copies
+        vR = attention(qR.reshape(B * n, 1, H, D), K.reshape(B * n, s, H, D), V.reshape(B * n, s, H, Dv),
+                       scale=sc).view(B, n, H, Dv)  # (B, n, H, Dv)
     if not c.causal and not pad:
         # the other segments' summaries, gathered per segment: no mask, the fused path
         other = torch.arange(n - 1, device=dev).unsqueeze(0).expand(n, n - 1)  # (n, n-1)
