@@ -216,6 +216,15 @@ def test_every_causal_sequence_mechanism_is_sized_and_runs():
         assert m(torch.randint(0, 20, (2, 24))).shape == (2, 24, 20), name
 
 
+def test_mechanism_config_lowers_heads_that_do_not_divide_the_width():
+    import attnkit as ak
+
+    cfg = mechanism_config(ak.info("mha"), 18, 24)  # registered with 4 heads, 2 key/value heads
+    assert cfg["num_heads"] == 3 and cfg["num_kv_heads"] == 1
+    assert TinyLM("mha", vocab_size=8, seq_len=24, width=18)(torch.zeros(1, 24, dtype=torch.long)).shape == (1, 24, 8)
+    assert mechanism_config(ak.info("mha"), 64, 24)["num_heads"] == 4  # a count that divides is kept
+
+
 def test_cosine_schedule():
     assert cosine_lr(0, 100, 0.1) == pytest.approx(0.1)
     assert cosine_lr(9, 100, 0.1) == pytest.approx(1.0)

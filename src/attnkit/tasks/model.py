@@ -19,13 +19,16 @@ from attnkit.registry import info
 READOUTS = ("lm", "compress")
 # config keys that bound the sequence length a module accepts (e.g. RCMHA's relative range): raised to N
 _LENGTH_BOUNDS = ("max_rel",)
+_HEAD_KEYS = ("heads", "num_heads", "n_heads")
+_KV_HEAD_KEYS = ("kv_heads", "num_kv_heads")
 
 
 def mechanism_config(spec: Any, width: int, seq_len: int) -> dict[str, Any]:
     """The ``causal-self`` config of ``spec`` with model width ``width`` and ``seq_len`` tokens.
 
     Starts from the spec's registered defaults (heads and the mechanism's own options as registered), sets ``dim``
-    and the sequence length (``seq_len`` or a 1-D ``input_size``), and raises any length bound to ``seq_len``.
+    and the sequence length (``seq_len`` or a 1-D ``input_size``), raises any length bound to ``seq_len``, and
+    lowers a head count that does not divide ``width`` (key/value heads: the heads) to the nearest that does.
 
     Raises:
         ValueError: the spec is not a causal sequence mechanism, or its config has no way to set the width or
@@ -43,6 +46,13 @@ def mechanism_config(spec: Any, width: int, seq_len: int) -> dict[str, Any]:
     for key in _LENGTH_BOUNDS:
         if isinstance(cfg.get(key), int):
             cfg[key] = max(cfg[key], seq_len)
+    # a head count registered for another width (3 heads, say) is lowered to the nearest that divides it, and
+    # the key/value heads to one that divides the heads: sizing the model, the same rule for every mechanism
+    for key, of in (*((k, width) for k in _HEAD_KEYS), *((k, None) for k in _KV_HEAD_KEYS)):
+        v = cfg.get(key)
+        total = of if of is not None else next((cfg[h] for h in _HEAD_KEYS if isinstance(cfg.get(h), int)), None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0 and total and total % v:
+            cfg[key] = max(d for d in range(1, v + 1) if total % d == 0)
     cfg = spec.config(cfg, pattern="causal-self")
     shape = tuple(spec.input_shape(cfg))
     if shape[1:] != (seq_len, width):
