@@ -25,6 +25,7 @@ Example (inside each of P processes):
 """
 
 from attnkit.distributed import zigzag
+from attnkit.distributed.cad import cad_attention, contiguous_plan, plan_cad, simulate
 from attnkit.distributed.lasp2 import lasp2_comm_elements, lasp2_linear_attention
 from attnkit.distributed.lasp2h import lasp2h_attention, lasp2h_comm_elements
 from attnkit.distributed.launch import run_local
@@ -35,14 +36,18 @@ from attnkit.distributed.usp import make_usp_groups, usp_attention, usp_shard, u
 
 __all__ = [
     "OffloadedAttention",
+    "cad_attention",
+    "contiguous_plan",
     "lasp2_comm_elements",
     "lasp2_linear_attention",
     "lasp2h_attention",
     "lasp2h_comm_elements",
     "make_usp_groups",
+    "plan_cad",
     "ring_attention",
     "run_local",
     "serve",
+    "simulate",
     "ulysses_attention",
     "usp_attention",
     "usp_shard",
