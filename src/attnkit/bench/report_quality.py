@@ -89,7 +89,8 @@ def ordering_table(cases: list[Record]) -> tuple[list[str], list[list[str]]]:
     by: dict[tuple[str, str], list[Record]] = {}
     for r in rows:
         p = r["params"]
-        setting = f"mqar N={p.get('N')}, width {p['width']}, {p['layers']} layers, lr {p['lr']:g}"
+        setting = (f"mqar N={p.get('N')}, width {p['width']}, {p['layers']} layers, lr {p['lr']:g}, "
+                   f"budget {p.get('step_budget')} steps")
         by.setdefault((r["op"], setting), []).append(r)
     out = []
     for (mech, setting), rs in sorted(by.items(), key=lambda kv: -statistics.fmean(
