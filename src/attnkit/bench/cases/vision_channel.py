@@ -20,14 +20,11 @@ fwd+bwd (<= 1).
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.machinery
-import sys
-import types
 
 import torch
 
 from attnkit.bench.case import Case, Runner, pass_fn
+from attnkit.bench.peers import import_timm
 from attnkit.bench.suites import Suite, register_suite
 
 try:
@@ -41,46 +38,6 @@ except ValueError:  # registered first by the token-mixer cases, with the same s
 SIZES = ((56, 56, 96), (14, 14, 384))
 BATCH = 8
 HEADS, POINTS, DEPTH_BINS = 8, 4, 16
-
-
-def import_timm():
-    """timm, importable beside a CPU torch build whose torchvision wheel does not load: timm's layers are pure
-    PyTorch, so an inert torchvision module (any attribute a caller uses raises) is put in its place."""
-    if "timm" in sys.modules:
-        return sys.modules["timm"]
-    try:
-        importlib.import_module("torchvision")
-    except Exception:  # a broken wheel raises RuntimeError or OSError, not only ImportError
-        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-
-        class _Inert(types.ModuleType):
-            def __getattr__(self, attr):
-                if attr.startswith("__"):
-                    raise AttributeError(attr)
-                return _Inert(f"{self.__name__}.{attr}")
-
-            def __call__(self, *args, **kwargs):
-                raise RuntimeError(f"{self.__name__}: torchvision is an inert stand-in here")
-
-            def __mro_entries__(self, bases):
-                return (object,)
-
-        class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] == "torchvision":
-                    return importlib.machinery.ModuleSpec(name, self, is_package=True)
-                return None
-
-            def create_module(self, spec):
-                return _Inert(spec.name)
-
-            def exec_module(self, module):
-                module.__path__ = []
-                module.__version__ = "0.0.0+inert"
-
-        sys.meta_path.insert(0, _Finder())
-    return importlib.import_module("timm")
 
 
 def _module_setup(name: str, impl: str, size, pass_: str):

@@ -21,17 +21,13 @@ registered fp64 reference once (untimed).
 
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.machinery
 import math
-import sys
-import types
 from collections.abc import Callable
 
 import torch
 
 from attnkit.bench.case import Case, Runner
+from attnkit.bench.peers import import_timm
 from attnkit.bench.suites import Suite, register_suite
 
 try:
@@ -45,49 +41,6 @@ except ValueError:  # registered by the CNN-block cases with other settings: kee
 BATCH = 2
 RESOLUTIONS = ((56, 96, 3), (14, 384, 12))  # (side, channels, heads): head width 32 as DaViT / GC ViT
 WINDOW = 7
-
-
-class _Inert(types.ModuleType):
-    """Stand-in for torchvision when its wheel cannot load beside this torch build: timm imports it at package
-    import, the token mixers never call it."""
-
-    def __getattr__(self, attr: str):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return _Inert(f"{self.__name__}.{attr}")
-
-    def __call__(self, *args, **kwargs):
-        raise RuntimeError(f"{self.__name__}: torchvision is a stand-in in this benchmark")
-
-    def __mro_entries__(self, bases):
-        return (object,)
-
-
-class _InertFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        return _Inert(spec.name)
-
-    def exec_module(self, module):
-        module.__path__ = []
-        module.__version__ = "0.0.0+inert"
-
-
-def import_timm():
-    """timm, with an inert torchvision when the real one does not import."""
-    if "timm" in sys.modules:
-        return sys.modules["timm"]
-    try:
-        importlib.import_module("torchvision")
-    except Exception:  # a broken wheel raises RuntimeError or OSError, a missing one ImportError
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        sys.meta_path.insert(0, _InertFinder())
-    return importlib.import_module("timm")
 
 
 # ------------------------------------------------------------------------------------- the two sides
