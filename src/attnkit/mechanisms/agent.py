@@ -1,18 +1,8 @@
 """Agent Attention: softmax attention through a few pooled agent tokens (generalised linear attention).
 
-"Agent Attention: On the Integration of Softmax and Linear Attention", arXiv 2312.08874
-(ECCV 2024).
-
-    A   = AvgPool(Q)  to n agents                       (B, n, H, D)
-    V_A = softmax(A K^T tau + B1) V                     agents gather from all keys
-    O   = softmax(Q A^T tau + B2) V_A + DWC(V)          queries read from the agents
-
-Cost O(N n D) per head. 2-D inputs are channels-last ``(B, h, w, C)`` (agents pooled to
-sqrt(n) x sqrt(n), 3x3 depthwise conv on V); 1-D inputs ``(B, N, C)`` pool to n agents and use a
-size-3 depthwise Conv1d (our choice: the paper is 2-D only). Non-causal only (pooling mixes future
-queries).
+The module: parameters and projections around the op in ``attnkit.ops.linear.agent``, whose docstring
+describes the algorithm.
 """
-
 from __future__ import annotations
 
 import math

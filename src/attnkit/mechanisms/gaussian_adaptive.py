@@ -1,11 +1,9 @@
 """Gaussian Adaptive Attention is All You Need: Robust Contextual Representations Across Multiple
 Modalities (arXiv 2401.11143) — GAAM, learnable Gaussian feature re-weighting.
 
-Not a query-key mechanism: along an axis the data's own mean and variance are taken, the mean
-is shifted by a learned offset, the spread scaled by a learned width, and every element is
-multiplied by its Gaussian density. Features are split into heads with their own parameters.
+The module: parameters and projections around the op in ``attnkit.ops.dense.gaussian``, whose docstring
+describes the algorithm.
 """
-
 from __future__ import annotations
 
 import torch

@@ -1,13 +1,8 @@
 """HaloNet: blocked local self-attention with haloes.
 
-"Scaling Local Self-Attention for Parameter Efficient Visual Backbones", arXiv 2103.12731
-(CVPR 2021).
-
-The map is cut into ``b x b`` query blocks; each block attends to its ``(b + 2h)^2`` haloed
-window (zero-padded at the image border), with content-dependent relative embeddings
-``q . rH[dy] + q . rW[dx]`` (shared across heads). Interior blocks equal GNA(k = b + 2h, s = b).
+The module: parameters and projections around the op in ``attnkit.ops.local.halo``, whose docstring
+describes the algorithm.
 """
-
 from __future__ import annotations
 
 import torch

@@ -1,18 +1,8 @@
 """HyperAttention: Long-context Attention in Near-Linear Time (arXiv 2310.05869).
 
-Attention is ``D^-1 A V`` with ``A = exp(s Q K^T)``. sortLSH hashes queries and keys with
-angular LSH (Gray-ranked buckets), sorts both, and computes ``A`` exactly inside the
-block-diagonal of the sorted order; everything outside is estimated from ``m`` uniformly
-sampled key columns, weighted by ``n_k / m`` (samples inside the query's own block are
-dropped: already counted). The two partial attentions are merged with their log-sum-exps.
-Causal attention recurses (Algorithm 4): exact below ``min_seq_len``, else two causal halves
-plus a non-causal HyperAttention of the bottom queries over the top keys.
-
-Randomness (``generator``): every non-causal call draws, in order, the LSH directions
-``W = randn(D, lsh_bits)`` and the samples ``randint(0, n_k, (B, Hq, m))`` on the CPU; the
-causal recursion visits top half, bottom half, then the off-diagonal part.
+The module: parameters and projections around the op in ``attnkit.ops.routed.hyper``, whose docstring
+describes the algorithm.
 """
-
 from __future__ import annotations
 
 import math

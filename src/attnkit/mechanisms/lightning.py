@@ -1,15 +1,8 @@
 """Lightning Attention token mixers: TNL's gated linear attention and MiniMax's lightning layer.
 
-"Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention",
-arXiv 2405.17381 (TNL, 2307.14995); "Lightning Attention-2", arXiv 2401.04658;
-"MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", arXiv 2506.13585
-(same lightning layer as MiniMax-01, arXiv 2501.08313).
-
-Both modules are projections + norm + gate around ``ak.linear_attention`` with a fixed per-head
-decay (no 1/sqrt(D), no denominator). ``forward(x, state=None, return_state=False)`` supports chunked
-prefill followed by token-by-token decoding (the op picks the recurrent algorithm for one token).
+The module: parameters and projections around the op in ``attnkit.ops.linear.decay``, whose docstring
+describes the algorithm.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,13 +1,8 @@
 """MaxViT multi-axis attention: block (window) attention followed by grid (dilated global) attention.
 
-"MaxViT: Multi-Axis Vision Transformer", arXiv 2204.01697 (ECCV 2022).
-
-Block attention attends inside non-overlapping ``P x P`` windows; grid attention inside groups
-formed by a ``G x G`` lattice spread over the image (spacing ``Y/G``). Each uses a learned
-per-head relative bias table ``((2M-1)^2, H)``. Identities: block(P) == NA(k=P, s=P) and
-grid(G) == NA(k=G, dilation=Y/G) when the bias is zero.
+The module: parameters and projections around the op in ``attnkit.ops.local.multi_axis``, whose docstring
+describes the algorithm.
 """
-
 from __future__ import annotations
 
 import torch

@@ -1,10 +1,8 @@
 """MoH: Multi-Head Attention as Mixture-of-Head Attention (arXiv 2410.11842).
 
-Shared heads are always on; routed heads are chosen per token by a top-K router; a
-two-stage gate weighs the shared against the routed group, and the per-head outputs are
-summed with those weights (a broadcast multiply before the output projection).
+The module: parameters and projections around the op in ``attnkit.ops.per_head.moh``, whose docstring
+describes the algorithm.
 """
-
 from __future__ import annotations
 
 import torch

@@ -1,14 +1,8 @@
 """PSA: Pyramid Sparse Attention for Efficient Video Understanding and Generation (arXiv 2512.04025).
 
-Instead of a keep/drop choice per (query block, KV block), every KV block exists as a small
-pyramid of mean-pooled copies (pool factors 1, 2, 4, 8). Per query block, the most important
-KV blocks are attended at full resolution, less important ones through a pooled copy, the
-rest are skipped. A pooled key stands for the ``r`` tokens it replaces through a ``+ln r``
-logit bias, exact when those tokens are equal. One softmax runs over all visible tokens of
-all levels: per level the selected pooled blocks are gathered as in the block-gather engine,
-concatenated along the key axis and attended with ``attend_gathered`` (bias = ``ln r``).
+The module: parameters and projections around the op in ``attnkit.ops.routed.psa``, whose docstring
+describes the algorithm.
 """
-
 from __future__ import annotations
 
 import torch

@@ -1,10 +1,8 @@
 """RCMHA: Relative Convolutional Multi-Head Attention for Natural Language Modelling (arXiv 2308.03429).
 
-Projected q, k, v each pass a causal depthwise 1-D convolution along the sequence (Primer's
-MDHA), and the scores get learned relative-position terms (Transformer-XL style, labml's
-learned variant): ``[(q_t + u)·k_s + q_t·R[t-s] + b[t-s]] / sqrt(D)``.
+The module: parameters and projections around the op in ``attnkit.ops.dense.relative``, whose docstring
+describes the algorithm.
 """
-
 from __future__ import annotations
 
 import torch

@@ -1,15 +1,8 @@
 """S2-Attention: Hardware-Aware Context Sharding Among Attention Heads (arXiv 2407.17678).
 
-Each head sees a local band of blocks plus a strided shard of distant blocks, at absolute
-block positions offset per head, so that the heads together cover the context (HHST).
-
-Fast path (``impl="masked"``): one ``ak.attention`` call per KV head (its query group shares the
-pattern) with the head's pattern as an exact :class:`S2Mask`, so the blocked backend walks only
-the head's band and stripe tiles, with the causal mask on the diagonal tiles only. Dense heads
-(and the bidirectional rule, equal for all heads) share one call. ``impl="gather"`` runs the
-per-head layout on the block-gather engine.
+The module: parameters and projections around the op in ``attnkit.ops.per_head.s2``, whose docstring
+describes the algorithm.
 """
-
 from __future__ import annotations
 
 import math

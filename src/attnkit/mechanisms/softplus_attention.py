@@ -1,11 +1,9 @@
 """Softplus Attention with Re-weighting Boosts Length Extrapolation in Large Language Models
 (arXiv 2501.13428) — LSSA (length-scaled softplus attention) and LSSAR (with re-weighting).
 
-Softmax is read as "positive map + l1 normalisation": LSSA uses QK-norm, softplus and the
-invariance-entropy length scale ``ln(d) ln(N_t)``; LSSAR sharpens the weights with
-``ReLU(N_t A - O_t)^p`` and normalises again.
+The module: parameters and projections around the op in ``attnkit.ops.dense.softplus``, whose docstring
+describes the algorithm.
 """
-
 from __future__ import annotations
 
 import torch
