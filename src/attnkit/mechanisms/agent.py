@@ -1,8 +1,12 @@
 """Agent Attention: softmax attention through a few pooled agent tokens (generalised linear attention).
 
+"Agent Attention: On the Integration of Softmax and Linear Attention", arXiv 2312.08874
+(ECCV 2024).
+
 The module: parameters and projections around the op in ``attnkit.ops.linear.agent``, whose docstring
 describes the algorithm.
 """
+
 from __future__ import annotations
 
 import math

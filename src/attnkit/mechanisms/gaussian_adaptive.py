@@ -4,6 +4,7 @@ Modalities (arXiv 2401.11143) — GAAM, learnable Gaussian feature re-weighting.
 The module: parameters and projections around the op in ``attnkit.ops.dense.gaussian``, whose docstring
 describes the algorithm.
 """
+
 from __future__ import annotations
 
 import torch

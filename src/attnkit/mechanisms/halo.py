@@ -1,8 +1,12 @@
 """HaloNet: blocked local self-attention with haloes.
 
+"Scaling Local Self-Attention for Parameter Efficient Visual Backbones", arXiv 2103.12731
+(CVPR 2021).
+
 The module: parameters and projections around the op in ``attnkit.ops.local.halo``, whose docstring
 describes the algorithm.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,8 +1,14 @@
 """Lightning Attention token mixers: TNL's gated linear attention and MiniMax's lightning layer.
 
+"Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention",
+arXiv 2405.17381 (TNL, 2307.14995); "Lightning Attention-2", arXiv 2401.04658;
+"MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", arXiv 2506.13585
+(same lightning layer as MiniMax-01, arXiv 2501.08313).
+
 The module: parameters and projections around the op in ``attnkit.ops.linear.decay``, whose docstring
 describes the algorithm.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

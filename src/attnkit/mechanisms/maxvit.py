@@ -1,8 +1,11 @@
 """MaxViT multi-axis attention: block (window) attention followed by grid (dilated global) attention.
 
+"MaxViT: Multi-Axis Vision Transformer", arXiv 2204.01697 (ECCV 2022).
+
 The module: parameters and projections around the op in ``attnkit.ops.local.multi_axis``, whose docstring
 describes the algorithm.
 """
+
 from __future__ import annotations
 
 import torch

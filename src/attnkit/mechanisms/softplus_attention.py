@@ -4,6 +4,7 @@
 The module: parameters and projections around the op in ``attnkit.ops.dense.softplus``, whose docstring
 describes the algorithm.
 """
+
 from __future__ import annotations
 
 import torch
