@@ -1,4 +1,4 @@
-"""The cross-family modules kept out of the registry (their outputs are not tokens of x's shape)."""
+"""The cross-family pooling modules (filip, greenplm_pool, cambrian_sva) and NOT_REGISTERED."""
 
 from __future__ import annotations
 
@@ -76,3 +76,19 @@ def test_sva_matches_twin_gradients_and_stays_in_its_cell():
     assert gm[:, :2].abs().max() == 0 and gm[:, :, :2].abs().max() == 0 and gm[:, 2:, 2:].abs().max() > 0
     hidden = torch.randn(2, 4, 8, dtype=F64)
     assert_close(m(maps, hidden), naive_sva_module(m, maps, hidden), F64, "LLM hidden states as queries")
+
+
+def test_cambrian_sva_registered_one_key_cells_give_the_projected_value():
+    """C14: one encoder with m = 1 (the map is L x L): each query's cell is one pixel, so the softmax is 1 and
+    output - queries = out_proj(v_proj(pixel)); the registry builds the module and pools (B, mL, mL, C) maps."""
+    spec = ak.info("cambrian_sva")
+    assert spec.pooling and spec.patterns == ("noncausal-self",)
+    m = _nudged(ak.get("cambrian_sva", dim=8, num_heads=2, grid=3, encoder_dims=(5,)))
+    f = torch.randn(2, 3, 3, 5, dtype=F64)
+    y = m(f)
+    q0 = m.queries.expand(2, -1, -1)
+    want = m.out_proj(m.v_proj[0](f.reshape(2, 9, 5)))                               # (B, L*L, C)
+    assert_close(y - q0, want, F64, "m = 1: the projected value")
+    assert_close(m(f), m([f]), F64, "a tensor is the one-encoder list")
+    with pytest.raises(ValueError, match=r"SpatialVisionAggregator: x must be square .* grid = 3"):
+        m(torch.randn(2, 4, 4, 5, dtype=F64))

@@ -2,19 +2,16 @@
 
 The registry's modules map ``x (B, N, C)`` (and a context) to an output of ``x``'s shape, unless the spec
 registers ``output_shape`` (a pooling spec: no output position per token, ``noncausal-*`` patterns only).
-Two papers' layers are registered that way:
+Three papers' layers are registered that way:
 
 * :class:`FILIPLateInteraction` (``filip``) — FILIP ("FILIP: Fine-grained Interactive Language-Image
   Pre-Training", arXiv 2111.07783): image-text similarities stacked ``(2, BI, BT)``, op ``filip_similarity``;
 * :class:`ZeroParamPooling` (``greenplm_pool``) — GreenPLM ("More Text, Less Point: Towards 3D
   Data-Efficient Point-Language Understanding", arXiv 2408.15966): ``(B, N, C)`` pooled into ``(B, 3, C)``,
-  op ``zero_param_pool``.
-
-One is kept here as a module with its op and naive twin, tested but not registered:
-
-* :class:`SpatialVisionAggregator` — Cambrian-1 ("Cambrian-1: A Fully Open, Vision-Centric Exploration of
-  Multimodal LLMs", arXiv 2406.16860): ``L x L`` grid queries over several encoders' square maps, whose
-  sizes are tied to ``L`` (the generic cross tests draw contexts of any length), op ``cell_local_attention``.
+  op ``zero_param_pool``;
+* :class:`SpatialVisionAggregator` (``cambrian_sva``) — Cambrian-1 ("Cambrian-1: A Fully Open,
+  Vision-Centric Exploration of Multimodal LLMs", arXiv 2406.16860): an encoder's square ``(B, mL, mL, C)``
+  map pooled into ``(B, L*L, C)`` grid tokens, op ``cell_local_attention``.
 
 :data:`NOT_REGISTERED` records, for every cross-family paper without a registry entry, why.
 """
@@ -30,12 +27,11 @@ from torch import nn
 from attnkit.ops.cross.cell_local import cell_local_attention
 from attnkit.ops.cross.filip import filip_similarity
 from attnkit.ops.cross.pooling import QUERIES, zero_param_pool
+from attnkit.reference.naive_cross2 import naive_cambrian_sva_module
 from attnkit.reference.naive_pooling_modules import naive_filip_module, naive_greenplm_module
 from attnkit.registry import Family, Paper, check_input, divisible, int_option, register
 
 NOT_REGISTERED = {
-    "cambrian_sva": "Cambrian-1 SVA (arXiv 2406.16860): grid queries over square maps of sizes tied to the grid; "
-                    "module SpatialVisionAggregator, op cell_local_attention.",
     "vision_remember": "Vision Remember (arXiv 2506.03928): re-uses Cambrian's cell-local cross-attention between "
                        "LLM layers (vision tokens as the grid queries, multi-level features as the maps): "
                        "SpatialVisionAggregator with queries= and cell_local_attention; no new operator.",
@@ -167,6 +163,40 @@ class ZeroParamPooling(nn.Module):
         return zero_param_pool(x, self.queries, cls=self.cls)
 
 
+def _sva_flops(c: dict) -> float:
+    b, n, d = c["batch"], c["grid"] ** 2, c["dim"]
+    y, x = c["input_size"]
+    ce = c["encoder_dims"][0]
+    # q / out projections, the map's k / v projections, then each query's scores and sum over its cell
+    return float(4 * b * n * d * d + 4 * b * y * x * ce * d + 4 * b * y * x * d)
+
+
+def _sva_shape(c: dict) -> tuple[int, ...]:
+    return (c.get("batch", 1), *c["input_size"], c["encoder_dims"][0])   # one encoder's (B, mL, mL, C_e) map
+
+
+@register(
+    name="cambrian_sva", family=Family.CROSS,
+    paper=Paper("Cambrian-1: A Fully Open, Vision-Centric Exploration of Multimodal LLMs", "2406.16860", 2024),
+    patterns=("noncausal-self",), complexity="O(B (L^2 C^2 + Y X C_e C))", flops=_sva_flops,
+    options=lambda c: {"dim": c["dim"], "num_heads": c["num_heads"], "grid": c["grid"],
+                       "encoder_dims": tuple(c["encoder_dims"])},
+    reference=naive_cambrian_sva_module, functional=cell_local_attention,
+    input_kind="image", shape=_sva_shape,
+    default_config={"dim": 1024, "num_heads": 16, "grid": 24, "encoder_dims": (1024,)},
+    default_input={"batch": 2, "input_size": (48, 48)},
+    tiny_config={"dim": 4, "num_heads": 2, "grid": 2, "encoder_dims": (3,)},
+    tiny_input={"batch": 2, "input_size": (4, 4)},
+    output_shape=lambda c: (c.get("batch", 1), c["grid"] ** 2, c["dim"]),
+    notes="A pooling spec: one encoder's map x (B, mL, mL, C_e) -> (B, L*L, C), the L x L grid of learned "
+          "queries (raster order) each attending only to its m x m cell of every map, all maps' cells in one "
+          "softmax, output projection and a residual on the queries (§3.1). The registry's example feeds one "
+          "encoder (a single input); the module takes a list of maps with their own m_e (encoder_dims), and "
+          "queries= (B, L*L, C) for the repeated aggregation inside the LLM with the visual tokens' hidden "
+          "states as queries. Maps must be square with a side divisible by grid (resize them first, as the "
+          "paper does); the paper's query groups (G > 1) and the choice of LLM layers are left to the caller. "
+          "Default: L = 24 (576 tokens), a 48 x 48 map (m = 2).",
+)
 class SpatialVisionAggregator(nn.Module):
     """Cambrian-1's SVA: ``L x L`` learnable queries, each attending to its cell of every encoder's map.
 
@@ -174,8 +204,9 @@ class SpatialVisionAggregator(nn.Module):
         dim: ``C`` of the queries; num_heads: ``H``; grid: ``L``; encoder_dims: the channels of each map.
 
     Shapes:
-        ``maps``: a list of ``(B, m_e L, m_e L, C_e)``; optional ``queries (B, L*L, C)`` (the LLM's visual
-        hidden states when the aggregator is repeated inside the LLM) -> ``(B, L*L, C)``.
+        ``maps``: one ``(B, mL, mL, C_e)`` tensor or a list of them, one per encoder (``m`` per map);
+        optional ``queries (B, L*L, C)`` (the LLM's visual hidden states when the aggregator is repeated
+        inside the LLM) -> ``(B, L*L, C)``.
 
     Example:
         >>> sva = SpatialVisionAggregator(1024, 16, grid=24, encoder_dims=(1152, 1024))
@@ -184,6 +215,8 @@ class SpatialVisionAggregator(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, *, grid: int = 24, encoder_dims: tuple[int, ...] = (1024,)):
         super().__init__()
+        int_option(self, "dim", dim, 1)
+        int_option(self, "num_heads", num_heads, 1)
         divisible(self, dim, num_heads)
         self.dim, self.num_heads = dim, num_heads
         self.grid = int_option(self, "grid", grid, 1)
@@ -195,15 +228,31 @@ class SpatialVisionAggregator(nn.Module):
         self.k_proj = nn.ModuleList(nn.Linear(d, dim) for d in dims)
         self.v_proj = nn.ModuleList(nn.Linear(d, dim) for d in dims)
 
-    def forward(self, maps: list[torch.Tensor], queries: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, maps: torch.Tensor | list[torch.Tensor], queries: torch.Tensor | None = None) -> torch.Tensor:
+        """``maps`` ``(B, mL, mL, C_e)`` (or a list, one per encoder), ``queries (B, L*L, C)`` -> ``(B, L*L, C)``."""
+        single = isinstance(maps, torch.Tensor)
+        if single:
+            maps = [maps]
+        elif not isinstance(maps, (list, tuple)) or not all(isinstance(f, torch.Tensor) for f in maps):
+            raise TypeError(f"{type(self).__name__}: maps must be a torch.Tensor (B, mL, mL, C) or a list of them, "
+                            f"got {type(maps).__name__}")
+        maps = list(maps)
         if len(maps) != len(self.k_proj):
             raise ValueError(f"{type(self).__name__}: expected {len(self.k_proj)} maps, got {len(maps)}")
         for i, (f, kp) in enumerate(zip(maps, self.k_proj)):
-            check_input(self, f, "(B, Y, X, C)", channels=kp.in_features, name=f"maps[{i}]")
+            name = "x" if single else f"maps[{i}]"   # the registry's single-map call names its input x
+            check_input(self, f, "(B, Y, X, C)", channels=kp.in_features, name=name)
+            if f.shape[1] != f.shape[2] or f.shape[1] % self.grid or f.shape[0] != maps[0].shape[0]:
+                raise ValueError(f"{type(self).__name__}: {name} must be square (B, mL, mL, C) with a side divisible "
+                                 f"by grid = {self.grid} and the batch of maps[0], got shape {tuple(f.shape)}")
         b, h = maps[0].shape[0], self.num_heads
         q0 = self.queries.expand(b, -1, -1) if queries is None else check_input(
             self, queries, "(B, N, C)", channels=self.dim, name="queries")
+        if q0.shape[:2] != (b, self.grid ** 2):
+            raise ValueError(f"{type(self).__name__}: queries must be (B={b}, L*L={self.grid ** 2}, C={self.dim}), "
+                             f"got shape {tuple(q0.shape)}")
         q = self.q_proj(q0).reshape(b, q0.shape[1], h, -1)                           # (B, L*L, H, D)
         feats = [(kp(f).reshape(*f.shape[:3], h, -1), vp(f).reshape(*f.shape[:3], h, -1))   # (B, Y, X, H, D)
                  for f, kp, vp in zip(maps, self.k_proj, self.v_proj)]
-        return q0 + self.out_proj(cell_local_attention(q, feats, self.grid).reshape(b, q0.shape[1], self.dim))
+        out = cell_local_attention(q, feats, self.grid).reshape(b, q0.shape[1], self.dim)   # (B, L*L, C)
+        return q0 + self.out_proj(out)
