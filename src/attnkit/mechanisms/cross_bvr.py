@@ -47,7 +47,11 @@ def _positions(n: int, like: torch.Tensor) -> torch.Tensor:
           "G = Linear(ReLU(Linear(sincos(dp / pos_scale)))) per head, computed per pair (the paper's shared "
           "location embedding, a table over integer offsets, is an equivalent speed-up not implemented here). "
           "Positions default to (index, 0) for queries and keys; pass q_pos (N, 2) / k_pos (M, 2) for a grid. "
-          "Residual on the query features, as the paper.",
+          "Residual on the query features, as the paper. "
+          "OAT: Object-Level Attention Transformer for Gaze Scanpath Prediction (arXiv 2407.13335) adds no "
+          "attention op: its encoder/decoder are plain attention (mha) and its output head is a pointer "
+          "distribution over the encoded objects, softmax(q . k / sqrt(d)) without values, which is "
+          "pointer_probs in the same op module as this mechanism's biased_attention (ops/cross/biased.py).",
 )
 class BridgingAttention(nn.Module):
     """RelationNet++'s BVR attention: appearance + geometry logits over the top-k sampled keys.

@@ -47,7 +47,15 @@ _TINY = {"dim": 8, "num_heads": 2, "num_kv_heads": 1}
     default_input={"batch": 2, "seq_len": 64},
     tiny_input={"batch": 1, "seq_len": 6},
     notes="GQA/MQA via num_kv_heads (arXiv 2305.13245); causal cross-attention is top-left aligned "
-          "(query i sees context 0..i) unless a mask is given.",
+          "(query i sees context 0..i) unless a mask is given. "
+          "Conditional Cross Attention Network for Multi-Space Embedding without Entanglement in Only a SINGLE "
+          "Network (arXiv 2307.13254) adds no op: its condition embedding is the query of plain cross-attention "
+          "over the ViT patch tokens (learned-query attention pooling), i.e. mha(condition_tokens, context="
+          "patch_tokens) or ak.attention. "
+          "TransVG: End-to-End Visual Grounding with Transformers (arXiv 2104.08541) adds no op: its "
+          "visual-linguistic transformer is plain self-attention over the concatenation [REG; visual; text] "
+          "with the text padding as a key-padding mask, i.e. mha on the concatenated tokens with "
+          "ak.masks key padding.",
 )
 class MultiHeadAttention(nn.Module):
     """Multi-head (and grouped-/multi-query) attention over sequences.
