@@ -183,7 +183,7 @@ def _sva_shape(c: dict) -> tuple[int, ...]:
     output_shape=lambda c: (c.get("batch", 1), c["grid"] ** 2, c["dim"]),
     notes="A pooling spec: one encoder's map x (B, mL, mL, C_e) -> (B, L*L, C), the L x L grid of learned "
           "queries (raster order) each attending only to its m x m cell of every map, all maps' cells in one "
-          "softmax, output projection and a residual on the queries (section 3.1 of the paper). The registry's example feeds one "
+          "softmax, output projection and a residual on the queries (paper sec. 3.1). The registry's example feeds one "
           "encoder (a single input); the module takes a list of maps with their own m_e (encoder_dims), and "
           "queries= (B, L*L, C) for the repeated aggregation inside the LLM with the visual tokens' hidden "
           "states as queries. Maps must be square with a side divisible by grid (resize them first, as the "
