@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from attnkit.kernels.dispatch import dispatch_kernel_reason
 from attnkit.kernels.fused import fused_check
 
 
@@ -65,3 +66,24 @@ def gather_detail(call, block: int | None = None, causal: bool = False) -> str:
     else:
         how = "block-gather engine, gather buffers reused across chunks (no input needs a gradient)"
     return how + upcast_words(call.q.dtype)
+
+
+def dispatch_engine(q: torch.Tensor, block: int, nk: int, fused: tuple[bool, str]) -> bool | None:
+    """The key-major dispatch engine's ``fused=`` argument: None (the engine's own choice: the tile kernel) when
+    the kernel takes the call, else whether the fused CPU op may run (``fused``: its ``(ok, reason)``)."""
+    return None if dispatch_kernel_reason(q, block, nk) is None else fused[0]
+
+
+def dispatch_detail(q: torch.Tensor, block: int, nk: int, fused: tuple[bool, str]) -> str:
+    """``explain``'s path line for a key-major dispatch call (MoBA token routing, VMoBA)."""
+    why_not = dispatch_kernel_reason(q, block, nk)
+    if why_not is None:
+        return ("key-major dispatch on the compiled tile kernel (gathered query tiles x their key block, own block "
+                "as a block-diagonal tile list; kernel backward)" + upcast_words(q.dtype))
+    ok, why = fused
+    if ok:
+        return (f"tile kernel not used ({why_not}); key-major dispatch, every part on the fused CPU op "
+                "(no input needs a gradient)" + upcast_words(q.dtype))
+    return f"tile kernel not used ({why_not}); key-major dispatch, differentiable matmul softmax: {why}" + upcast_words(
+        q.dtype)
+

@@ -25,7 +25,7 @@ import torch
 
 from attnkit._validate import check_qkv, int_arg, resolve_scale
 from attnkit.kernels import alloc
-from attnkit.kernels.dispatch import _diag, dispatch_kernel_reason, routed_block_attention
+from attnkit.kernels.dispatch import _diag, routed_block_attention
 from attnkit.kernels.fused import fused_ops
 from attnkit.kernels.gather import block_gather_attention, compute_dtype, needs_grad
 from attnkit.kernels.merge import merge_partials
@@ -33,6 +33,8 @@ from attnkit.masks.causal import causal as causal_mask
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.routed._common import (
     cpu_only,
+    dispatch_detail,
+    dispatch_engine,
     gather_detail,
     grad_words,
     no_grad_fused_check,
@@ -185,23 +187,11 @@ def _dispatch_supports(call: MoBACall) -> tuple[bool, str]:
 
 
 def _dispatch_engine(call) -> bool | None:
-    """None (the engine's own choice: the tile kernel) when it takes the call, else fused or matmul."""
-    if dispatch_kernel_reason(call.q, call.block_size, call.k.shape[1]) is None:
-        return None
-    return _dispatch_fused(call)[0]
+    return dispatch_engine(call.q, call.block_size, call.k.shape[1], _dispatch_fused(call))
 
 
-def _dispatch_detail(call: MoBACall) -> str:
-    why_not = dispatch_kernel_reason(call.q, call.block_size, call.k.shape[1])
-    if why_not is None:
-        return ("key-major dispatch on the compiled tile kernel (gathered query tiles x their key block, own block "
-                "as a block-diagonal tile list; kernel backward)" + upcast_words(call.q.dtype))
-    ok, why = _dispatch_fused(call)
-    if ok:
-        return (f"tile kernel not used ({why_not}); key-major dispatch, every part on the fused CPU op "
-                "(no input needs a gradient)" + upcast_words(call.q.dtype))
-    return f"tile kernel not used ({why_not}); key-major dispatch, differentiable matmul softmax: {why}" + upcast_words(
-        call.q.dtype)
+def _dispatch_detail(call) -> str:
+    return dispatch_detail(call.q, call.block_size, call.k.shape[1], _dispatch_fused(call))
 
 
 def _fused_supports(call: MoBACall) -> tuple[bool, str]:

@@ -27,16 +27,17 @@ from dataclasses import dataclass
 import torch
 
 from attnkit._validate import check_qkv, int_arg, resolve_scale
-from attnkit.kernels.dispatch import dispatch_kernel_reason, routed_block_attention
+from attnkit.kernels.dispatch import routed_block_attention
 from attnkit.kernels.gather import block_gather_attention, compute_dtype, needs_grad
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.routed._common import (
     cpu_only,
+    dispatch_detail,
+    dispatch_engine,
     gather_detail,
     grad_words,
     no_grad_fused_check,
     reference_dtype,
-    upcast_words,
 )
 from attnkit.ops.routed.moba import _TokenRoutes, block_means, route_topk
 from attnkit.reference.naive_dense import naive_masked_attention
@@ -294,23 +295,11 @@ def _run_dispatch(call: VMoBACall):
 
 
 def _dispatch_engine(call) -> bool | None:
-    """None (the engine's own choice: the tile kernel) when it takes the call, else fused or matmul."""
-    if dispatch_kernel_reason(call.q, call.block, call.k.shape[1]) is None:
-        return None
-    return _dispatch_fused(call)[0]
+    return dispatch_engine(call.q, call.block, call.k.shape[1], _dispatch_fused(call))
 
 
-def _dispatch_detail(call: VMoBACall) -> str:
-    why_not = dispatch_kernel_reason(call.q, call.block, call.k.shape[1])
-    if why_not is None:
-        return ("key-major dispatch on the compiled tile kernel (gathered query tiles x their key block, own block "
-                "as a block-diagonal tile list; kernel backward)" + upcast_words(call.q.dtype))
-    ok, why = _dispatch_fused(call)
-    if ok:
-        return (f"tile kernel not used ({why_not}); key-major dispatch, every part on the fused CPU op "
-                "(no input needs a gradient)" + upcast_words(call.q.dtype))
-    return f"tile kernel not used ({why_not}); key-major dispatch, differentiable matmul softmax: {why}" + upcast_words(
-        call.q.dtype)
+def _dispatch_detail(call) -> str:
+    return dispatch_detail(call.q, call.block, call.k.shape[1], _dispatch_fused(call))
 
 
 def _run_gather(call: VMoBACall):
