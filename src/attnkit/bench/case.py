@@ -102,6 +102,24 @@ def pass_fn(fn: Callable[[], Any], pass_: str, inputs: Sequence[torch.Tensor] = 
     return run_bwd
 
 
+def pass_with_random_grad(fn: Callable[[], torch.Tensor], pass_: str, inputs: Sequence[torch.Tensor],
+                          seed: int = 1) -> Callable[[], Any]:
+    """:func:`pass_fn` with a fixed random upstream gradient of ``fn()``'s shape (one forward to learn it when
+    the pass has a backward)."""
+    grad_out = None
+    if pass_ != "fwd":
+        grad_out = torch.randn(fn().shape, generator=torch.Generator().manual_seed(seed))
+    return pass_fn(fn, pass_, inputs, grad_out)
+
+
+def module_pass(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, pass_: str,
+                seed: int = 2) -> Callable[[], Any]:
+    """One timed pass of a module on its input ``x``: the backward takes the gradient of ``x``."""
+    if pass_ != "fwd":
+        x.requires_grad_()
+    return pass_with_random_grad(lambda: fn(x), pass_, (x,), seed=seed)
+
+
 def merge_cases(groups: Sequence[Sequence[Case]]) -> list[Case]:
     """One case per id; a case listed in several groups belongs to the union of their suites."""
     by: dict[str, Case] = {}

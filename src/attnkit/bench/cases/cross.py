@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench.case import Case, Runner
+from attnkit.bench.case import Case, Runner, pass_with_random_grad
 from attnkit.bench.flops import attention_flops
 from attnkit.bench.suites import Suite, register_suite
 
@@ -65,19 +65,6 @@ def padded_sdpa(q, k, v, cq, ck) -> torch.Tensor:
     keep = (torch.arange(mk)[None, :] < lk[:, None])[:, None, None, :]          # (S, 1, 1, Lk_max)
     o = F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=keep)
     return o.transpose(1, 2)[seq_q, pos_q][None]                                # (1, Tq, H, D)
-
-
-def _pass(fn: Callable[[], torch.Tensor], inputs, pass_: str) -> Callable[[], object]:
-    if pass_ == "fwd":
-        def run():
-            with torch.no_grad():
-                return fn()
-        return run
-    g = torch.randn(fn().shape, generator=torch.Generator().manual_seed(1))
-
-    def run_bwd():
-        return torch.autograd.grad(fn(), inputs, g)
-    return run_bwd
 
 
 def _check(out: torch.Tensor, q, k, v, cq, ck) -> tuple[float, float]:
@@ -121,7 +108,7 @@ def varlen_setup(impl: str, pass_: str, q_lengths=Q_LENGTHS, k_lengths=K_LENGTHS
         else:
             def fn():
                 return padded_sdpa(q, k, v, cq, ck)
-        run = _pass(fn, inputs, pass_)
+        run = pass_with_random_grad(fn, pass_, inputs)
 
         def check():
             with torch.no_grad():
@@ -157,7 +144,8 @@ def cab_setup(pattern: str, impl: str, pass_: str, nq: int = CAB_NQ, nk: int = C
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                    attn_mask=dense)
                 return o.transpose(1, 2)
-        return Runner(run=_pass(fn, inputs, pass_), params={"density": 1.0 if mask is None else mask.density(nq, nk)})
+        density = 1.0 if mask is None else mask.density(nq, nk)
+        return Runner(run=pass_with_random_grad(fn, pass_, inputs), params={"density": density})
 
     return setup
 

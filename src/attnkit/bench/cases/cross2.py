@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench.case import Case, Runner
-from attnkit.bench.cases.cross import _pass, module_setup
+from attnkit.bench.case import Case, Runner, pass_with_random_grad
+from attnkit.bench.cases.cross import module_setup
 from attnkit.bench.flops import attention_flops
 
 B, H, D, L, SIDES = 2, 16, 64, 24, (48, 24)
@@ -67,7 +67,8 @@ def cell_setup(impl: str, pass_: str) -> Callable[[], Runner]:
                 got = fn().double()
             return (got - ref).abs().max().item(), ((got - ref).norm() / ref.norm()).item()
 
-        return Runner(run=_pass(fn, inputs, pass_), check=check, check_vs="cell_local_attention reference, fp64")
+        return Runner(run=pass_with_random_grad(fn, pass_, inputs), check=check,
+                      check_vs="cell_local_attention reference, fp64")
 
     return setup
 

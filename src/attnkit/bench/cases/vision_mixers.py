@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from attnkit.bench.case import Case, Runner
+from attnkit.bench.case import Case, Runner, module_pass
 from attnkit.bench.peers import import_timm
 from attnkit.bench.suites import Suite, register_suite
 
@@ -110,20 +110,6 @@ MINE = ("pool_mixer", "focal_modulation", "davit_channel", "davit_window", "gcvi
 TIMM_PEERS = ("pool_mixer", "focal_modulation", "davit_channel", "davit_window", "gcvit_global")
 
 
-def _pass(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, pass_: str) -> Callable[[], object]:
-    if pass_ == "fwd":
-        def run():
-            with torch.no_grad():
-                return fn(x)
-        return run
-    x.requires_grad_()
-    g = torch.randn(fn(x).shape, generator=torch.Generator().manual_seed(2))
-
-    def run_bwd():
-        return torch.autograd.grad(fn(x), x, g)
-    return run_bwd
-
-
 def setup_case(name: str, impl: str, side: int, dim: int, heads: int, pass_: str) -> Callable[[], Runner]:
     def setup() -> Runner:
         import attnkit as ak
@@ -141,12 +127,13 @@ def setup_case(name: str, impl: str, side: int, dim: int, heads: int, pass_: str
             mine = spec.module(**spec.options(cfg))
         mine.eval()
         if impl == "timm":
-            return Runner(run=_pass(fn, layout(x), pass_))
+            return Runner(run=module_pass(fn, layout(x), pass_))
 
         def check():
             return check_against_reference(spec, mine, (x.detach(),))[:2]
 
-        return Runner(run=_pass(mine, x, pass_), check=check, check_vs="registered reference (spec.reference), fp64")
+        return Runner(run=module_pass(mine, x, pass_), check=check,
+                      check_vs="registered reference (spec.reference), fp64")
 
     return setup
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from attnkit.bench.case import Case, Runner
+from attnkit.bench.case import Case, Runner, module_pass
 
 BATCH = 2
 RESOLUTIONS = ((56, 96, 3), (14, 384, 12))  # (side, channels, heads): head width 32
@@ -41,20 +41,6 @@ def _variants(name: str, side: int, dim: int, heads: int) -> list[tuple[str, dic
 MINE = ("hat_channel", "hat_ocab", "maxim_gmlp", "maxim_cross_gating", "overlock_dynamic", "crossformer_lsda")
 
 
-def _pass(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, pass_: str) -> Callable[[], object]:
-    if pass_ == "fwd":
-        def run():
-            with torch.no_grad():
-                return fn(x)
-        return run
-    x.requires_grad_()
-    g = torch.randn(fn(x).shape, generator=torch.Generator().manual_seed(2))
-
-    def run_bwd():
-        return torch.autograd.grad(fn(x), x, g)
-    return run_bwd
-
-
 def setup_case(name: str, options: dict, side: int, dim: int, pass_: str) -> Callable[[], Runner]:
     def setup() -> Runner:
         import attnkit as ak
@@ -68,7 +54,8 @@ def setup_case(name: str, options: dict, side: int, dim: int, pass_: str) -> Cal
         def check():
             return check_against_reference(spec, mine, (x.detach(),))[:2]
 
-        return Runner(run=_pass(mine, x, pass_), check=check, check_vs="registered reference (spec.reference), fp64")
+        return Runner(run=module_pass(mine, x, pass_), check=check,
+                      check_vs="registered reference (spec.reference), fp64")
 
     return setup
 
