@@ -13,7 +13,7 @@ from attnkit.mechanisms.cross_dcal import GlobalLocalCrossAttention, PairwiseCro
 from attnkit.mechanisms.cross_video_ccam import VideoCCAMAttention
 from attnkit.ops.cross import attention_rollout, filip_similarity, glca_attention, zero_param_pool
 from attnkit.reference.naive_dense import naive_attention
-from tolerances import assert_close
+from tolerances import assert_close, nudged_double
 
 F64 = torch.float64
 
@@ -21,15 +21,6 @@ F64 = torch.float64
 def _rand(*shape, seed=0, grad=False):
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
     return t.requires_grad_() if grad else t
-
-
-def _nudged(m, seed=0):
-    torch.manual_seed(seed)
-    m = m.double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m
 
 
 def _grads_match(out, ref, inputs, names):
@@ -42,14 +33,14 @@ def _grads_match(out, ref, inputs, names):
 
 
 def test_video_ccam_one_frame_is_full_cross_attention_and_queries_ignore_later_frames():
-    m = _nudged(VideoCCAMAttention(8, 2, tokens_per_frame=3))
+    m = nudged_double(VideoCCAMAttention(8, 2, tokens_per_frame=3))
     x, ctx = _rand(2, 6, 8), _rand(2, 12, 8, seed=1, grad=True)                # T = 4 frames of 3 tokens
     y = m(x, ctx)
     (g,) = torch.autograd.grad(y[:, 0].sum(), ctx)                              # query 0 sees frame 0 only
     assert g[:, 3:].abs().max() == 0 and g[:, :3].abs().max() > 0
     (g,) = torch.autograd.grad(m(x, ctx)[:, -1].sum(), ctx)                     # the last query sees every frame
     assert (g.abs().sum(-1) > 0).all()
-    one = _nudged(VideoCCAMAttention(8, 2, tokens_per_frame=12))                # T = 1: full cross-attention
+    one = nudged_double(VideoCCAMAttention(8, 2, tokens_per_frame=12))                # T = 1: full cross-attention
     q = one.q_proj(x).view(2, 6, 2, 4)
     k, v = one.k_proj(ctx).view(2, 12, 2, 4), one.v_proj(ctx).view(2, 12, 2, 4)
     assert_close(one(x, ctx), one.out_proj(naive_attention(q, k, v).reshape(2, 6, 8)), F64, "T = 1")
@@ -87,7 +78,7 @@ def test_attention_rollout_rows_sum_to_one_and_one_layer_is_the_mix():
 
 
 def test_glca_module_keeps_cls_selects_by_rollout_and_full_ratio_is_self_attention():
-    m = _nudged(GlobalLocalCrossAttention(8, 2, ratio=1.0))
+    m = nudged_double(GlobalLocalCrossAttention(8, 2, ratio=1.0))
     x = _rand(2, 6, 8)
     q, k, v = (t.view(2, 6, 2, 4) for t in m.qkv(x).chunk(3, -1))
     assert_close(m(x), m.proj(naive_attention(q, k, v).reshape(2, 6, 8)), F64, "ratio 1: every row")
@@ -101,7 +92,7 @@ def test_glca_module_keeps_cls_selects_by_rollout_and_full_ratio_is_self_attenti
 
 
 def test_pwca_with_itself_as_distractor_is_self_attention():
-    m = _nudged(PairwiseCrossAttention(8, 2))
+    m = nudged_double(PairwiseCrossAttention(8, 2))
     x = _rand(1, 6, 8)
     q, k, v = (t.view(1, 6, 2, 4) for t in m.qkv(x).chunk(3, -1))
     self_attn = m.proj(naive_attention(q, k, v).reshape(1, 6, 8))
@@ -120,11 +111,11 @@ def test_crosslmm_gate_zero_is_the_identity_and_frames_stay_local():
     m = CrossLMMBlock(8, 2, num_frames=3).double()
     x, ctx = _rand(2, 6, 8), _rand(2, 9, 8, seed=1, grad=True)
     assert torch.equal(m(x, ctx), x)                                            # gate initialised to 0
-    m = _nudged(m)
+    m = nudged_double(m)
     y = m(x, ctx)
     (g,) = torch.autograd.grad(y[:, :2].sum(), ctx)                             # frame 0: queries 0-1, keys 0-2
     assert g[:, 3:].abs().max() == 0 and g[:, :3].abs().max() > 0
-    glob = _nudged(CrossLMMBlock(8, 2, local="global"))
+    glob = nudged_double(CrossLMMBlock(8, 2, local="global"))
     (g,) = torch.autograd.grad(glob(x, ctx)[:, :1].sum(), ctx)
     assert (g.abs().sum(-1) > 0).all()
 

@@ -25,7 +25,7 @@ from attnkit.ops.cross import (
 )
 from attnkit.reference.naive_cross import naive_pointer_probs
 from attnkit.reference.naive_dense import naive_attention
-from tolerances import assert_close
+from tolerances import assert_close, nudged_double
 
 F64 = torch.float64
 
@@ -33,15 +33,6 @@ F64 = torch.float64
 def _rand(*shape, seed=0, grad=False):
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
     return t.requires_grad_() if grad else t
-
-
-def _nudged(m, seed=0):
-    torch.manual_seed(seed)
-    m = m.double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m
 
 
 def _check_op(fn, inputs, names, **kw):
@@ -112,7 +103,7 @@ def test_pointer_rows_sum_to_one_masked_zero_and_permute_with_objects():
 
 
 def test_fca_without_cross_tokens_is_mhsa_and_alpha_scales_tokens():
-    m = _nudged(ForwardCrossAttention(8, 2))
+    m = nudged_double(ForwardCrossAttention(8, 2))
     x, cross = _rand(2, 6, 8), _rand(2, 4, 8, seed=1)
     q = m.q_proj(x).view(2, 6, 2, 4)
     k, v = (t.view(2, 6, 2, 4) for t in m.kv_proj(x).chunk(2, -1))
@@ -127,7 +118,7 @@ def test_fca_without_cross_tokens_is_mhsa_and_alpha_scales_tokens():
 
 
 def test_mixformer_symmetric_is_full_attention_and_template_ignores_search():
-    m = _nudged(MixedAttentionModule(8, 2, num_template=3))
+    m = nudged_double(MixedAttentionModule(8, 2, num_template=3))
     x = _rand(2, 8, 8, grad=True)
     y = m(x)
     (g,) = torch.autograd.grad(y[:, :3].sum(), x)
@@ -139,7 +130,7 @@ def test_mixformer_symmetric_is_full_attention_and_template_ignores_search():
 
 
 def test_ee_mllm_visual_rows_are_value_projections_and_text_rows_causal():
-    m = _nudged(CompositeAttention(8, 2, num_visual=4))
+    m = nudged_double(CompositeAttention(8, 2, num_visual=4))
     x = _rand(2, 7, 8, grad=True)
     y = m(x)
     v = m.qkv(x).chunk(3, -1)[2]
@@ -163,7 +154,7 @@ def test_adem_has_no_parameters_zero_vision_is_identity_and_softmax_identity_is_
 
 
 def test_itcfn_missing_modality_reduces_to_two_modal_co_attention():
-    m = _nudged(TriModalCoAttention(8, 2, modality_lengths=(2, 3)))
+    m = nudged_double(TriModalCoAttention(8, 2, modality_lengths=(2, 3)))
     x = _rand(2, 9, 8)
     present = torch.tensor([[True, True, False], [True, True, True]])
     y = m(x, present)
@@ -178,7 +169,7 @@ def test_itcfn_missing_modality_reduces_to_two_modal_co_attention():
 
 
 def test_videobooth_prompt_reaches_only_the_first_frame_and_none_is_cross_frame():
-    m = _nudged(VideoBoothAttention(8, 2, tokens_per_frame=2))
+    m = nudged_double(VideoBoothAttention(8, 2, tokens_per_frame=2))
     x, prompt = _rand(1, 6, 8, grad=True), _rand(1, 3, 8, seed=1, grad=True)
     y = m(x, prompt)
     (gp,) = torch.autograd.grad(y[:, 2:].sum(), prompt)
@@ -194,14 +185,14 @@ def test_videobooth_prompt_reaches_only_the_first_frame_and_none_is_cross_frame(
 
 def test_bvr_zero_geometry_is_cross_attention_and_unsampled_keys_do_not_matter():
     x, ctx = _rand(2, 5, 8), _rand(2, 7, 8, seed=1)
-    m2 = _nudged(BridgingAttention(8, 2, topk=7, geo_hidden=4, sincos_dim=8), seed=3)
+    m2 = nudged_double(BridgingAttention(8, 2, topk=7, geo_hidden=4, sincos_dim=8), seed=3)
     with torch.no_grad():
         m2.geo[2].weight.zero_()
         m2.geo[2].bias.zero_()                             # G = 0: plain cross-attention over every key
     q = m2.q_proj(x).view(2, 5, 2, 4)
     k, v = m2.k_proj(ctx).view(2, 7, 2, 4), m2.v_proj(ctx).view(2, 7, 2, 4)
     assert_close(m2(x, ctx), x + m2.out_proj(naive_attention(q, k, v).reshape(2, 5, 8)), F64, "G = 0")
-    m3 = _nudged(BridgingAttention(8, 2, topk=3, geo_hidden=4, sincos_dim=8), seed=4)
+    m3 = nudged_double(BridgingAttention(8, 2, topk=3, geo_hidden=4, sincos_dim=8), seed=4)
     with torch.no_grad():
         idx = m3.key_score(ctx)[..., 0].topk(3, -1).indices
         keep = torch.zeros(2, 7, dtype=torch.bool).scatter(1, idx, True)
@@ -214,7 +205,7 @@ def test_bvr_zero_geometry_is_cross_attention_and_unsampled_keys_do_not_matter()
 
 
 def test_sat_zero_query_gives_half_everywhere_and_map_shape():
-    m = _nudged(SpatialTokenAttention(8, 2))
+    m = nudged_double(SpatialTokenAttention(8, 2))
     x = _rand(2, 1 + 16, 8)
     fg = m.foreground_map(x)
     assert fg.shape == (2, 16) and fg.view(2, 4, 4).shape == (2, 4, 4) and ((fg > 0) & (fg < 1)).all()

@@ -13,18 +13,9 @@ from attnkit.mechanisms.cross_unregistered import (
     ZeroParamPooling,
 )
 from attnkit.reference.naive_cross import naive_filip_module, naive_sva_module
-from tolerances import assert_close
+from tolerances import assert_close, nudged_double
 
 F64 = torch.float64
-
-
-def _nudged(m):
-    torch.manual_seed(0)
-    m = m.double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m
 
 
 def test_not_registered_names_are_not_registry_entries():
@@ -34,7 +25,7 @@ def test_not_registered_names_are_not_registry_entries():
 
 
 def test_filip_module_matches_twin_and_its_loss_is_symmetric_infonce():
-    m = _nudged(FILIPLateInteraction(6, 5, proj_dim=8))
+    m = nudged_double(FILIPLateInteraction(6, 5, proj_dim=8))
     img = torch.randn(3, 4, 6, dtype=F64, requires_grad=True)
     txt = torch.randn(3, 5, 5, dtype=F64)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
@@ -62,7 +53,7 @@ def test_zero_param_pooling_has_no_parameters():
 
 
 def test_sva_matches_twin_gradients_and_stays_in_its_cell():
-    m = _nudged(SpatialVisionAggregator(8, 2, grid=2, encoder_dims=(6, 4)))
+    m = nudged_double(SpatialVisionAggregator(8, 2, grid=2, encoder_dims=(6, 4)))
     maps = [torch.randn(2, 4, 4, 6, dtype=F64, requires_grad=True),
             torch.randn(2, 2, 2, 4, dtype=F64, requires_grad=True)]
     y = m(maps)
@@ -83,7 +74,7 @@ def test_cambrian_sva_registered_one_key_cells_give_the_projected_value():
     output - queries = out_proj(v_proj(pixel)); the registry builds the module and pools (B, mL, mL, C) maps."""
     spec = ak.info("cambrian_sva")
     assert spec.pooling and spec.patterns == ("noncausal-self",)
-    m = _nudged(ak.get("cambrian_sva", dim=8, num_heads=2, grid=3, encoder_dims=(5,)))
+    m = nudged_double(ak.get("cambrian_sva", dim=8, num_heads=2, grid=3, encoder_dims=(5,)))
     f = torch.randn(2, 3, 3, 5, dtype=F64)
     y = m(f)
     q0 = m.queries.expand(2, -1, -1)

@@ -101,3 +101,15 @@ def compare_fn(fast, ref, inputs: dict[str, torch.Tensor], dtype: torch.dtype, *
         assert a is not None, f"d{n}: missing gradient"
         assert a.dtype == dtype, f"d{n}: dtype {a.dtype}, expected {dtype}"
         assert_close(a, b, dtype, f"d{n}", grad=True, factor=factor)
+
+
+def nudged_double(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``module`` in float64 with every parameter moved off its initial value (zero-initialised gates and
+    tables would otherwise hide a wrong formula), deterministically for ``seed``."""
+    torch.manual_seed(seed)
+    module = module.double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return module
+
