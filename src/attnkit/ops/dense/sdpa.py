@@ -72,10 +72,13 @@ def _suits(call):
 
 
 def _nonfinite_on_cpu(call) -> bool:
-    """Whether a masked CPU call holds a NaN or an infinity in q, k or v (never traced). Without a mask every
-    query depends on every key, so SDPA's own propagation is already exact and nothing is checked."""
+    """Whether a masked CPU call holds a NaN or an infinity that SDPA would spread (never traced). Without a
+    mask every query depends on every key, so SDPA's own propagation is already exact and nothing is checked;
+    with ``is_causal`` its kernel overwrites masked scores, so only V (0 * NaN in P @ V) needs the check."""
     if call.mask is None or call.q.device.type != "cpu" or torch.compiler.is_compiling():
         return False
+    if _is_plain_causal(call):
+        return any_nonfinite(call.v)
     return any_nonfinite(call.q, call.k, call.v)
 
 
