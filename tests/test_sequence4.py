@@ -1,0 +1,115 @@
+"""Graph-of-tokens routing (arXiv 2505.00792), BAM's mixture of attention experts (arXiv 2408.08274) and the
+deconstructed-attention variants (arXiv 2510.11602): ops against their naive twins and the papers' identities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnkit.mechanisms.seq_got import GoTMoE
+from attnkit.ops.sequence.got import got_route, moe_experts
+from attnkit.reference.naive_sequence4 import naive_experts, naive_got_route, naive_token_graph
+from tolerances import assert_close, compare_fn
+
+B, N, C, E = 2, 7, 8, 5
+
+
+def _r(shape, seed, scale=1.0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+# ------------------------------------------------------------------------------------------ GoT routing
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", ["attention", "reference"])
+def test_got_route_matches_naive(causal, backend):
+    inputs = {"logits": _r((B, N, E), 0), "q": _r((B, N, 2, 4), 1), "k": _r((B, N, 2, 4), 2)}
+
+    def fast(logits, q, k):
+        r = got_route(logits, q, k, topk=2, causal=causal, backend=backend)
+        return r.probs, r.weights
+
+    def ref(logits, q, k):
+        p, w, _ = naive_got_route(logits, naive_token_graph(q, k, causal=causal), topk=2)
+        return p, w
+
+    compare_fn(fast, ref, inputs, torch.float32)
+
+
+def test_identity_graph_is_plain_top_k_softmax_routing():
+    logits = _r((B, N, E), 0)
+    p = torch.softmax(logits, -1)
+    w, idx = p.topk(3, -1)
+    for r in (got_route(logits, topk=3), got_route(logits, graph=torch.eye(N, dtype=torch.float64).expand(B, N, N),
+                                                   topk=3)):
+        assert torch.equal(r.indices, idx)
+        assert_close(r.probs, p, torch.float64, "probs")
+        assert_close(r.weights, w / w.sum(-1, keepdim=True), torch.float64, "weights")
+    # the identity graph as attention: every token attends only itself (one-hot keys, huge scale)
+    eye = torch.eye(N, dtype=torch.float64).view(1, N, 1, N).expand(B, N, 1, N)
+    r = got_route(logits, eye, eye, topk=3, scale=1e4)
+    assert torch.equal(r.indices, idx)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_routing_probabilities_sum_to_one_per_token(causal):
+    r = got_route(_r((B, N, E), 0), _r((B, N, 2, 4), 1), _r((B, N, 2, 4), 2), topk=2, causal=causal)
+    assert_close(r.probs.sum(-1), torch.ones(B, N, dtype=torch.float64), torch.float64, "sum_E P'")
+    assert_close(r.weights.sum(-1), torch.ones(B, N, dtype=torch.float64), torch.float64, "sum_k w")
+    assert (r.probs >= 0).all()
+
+
+def test_graph_smoothing_averages_the_neighbours_distributions():
+    # hand-computed: a two-token graph that averages both tokens gives both the mean distribution
+    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(3.0), 0.0]]], dtype=torch.float64)  # P = [.25 .75; .75 .25]
+    r = got_route(logits, graph=torch.full((1, 2, 2), 0.5, dtype=torch.float64), topk=1)
+    assert_close(r.probs, torch.full((1, 2, 2), 0.5, dtype=torch.float64), torch.float64, "P'")
+    assert torch.equal(r.weights, torch.ones(1, 2, 1, dtype=torch.float64))
+
+
+def test_causal_routing_never_reads_later_tokens():
+    q, k = _r((1, N, 2, 4), 1).requires_grad_(), _r((1, N, 2, 4), 2).requires_grad_()
+    logits = _r((1, N, E), 0).requires_grad_()
+    r = got_route(logits, q, k, topk=2, causal=True)
+    g = torch.autograd.grad(r.probs[0, 2].sum() + r.weights[0, 2].sum(), (logits, q, k))
+    for t in g:
+        assert t[0, 3:].abs().max() == 0 and t[0, :3].abs().max() > 0
+
+
+def test_moe_experts_matches_naive():
+    r = got_route(_r((B, N, E), 0), topk=2)
+    inputs = {"x": _r((B, N, C), 3), "weights": r.weights, "w1": _r((E, C, 6), 4, C ** -0.5),
+              "w2": _r((E, 6, C), 5, 6 ** -0.5)}
+    compare_fn(lambda **a: moe_experts(indices=r.indices, **a), lambda **a: naive_experts(indices=r.indices, **a),
+               inputs, torch.float32)
+
+
+def test_got_module_causal_prefix_and_aux_loss():
+    torch.manual_seed(0)
+    for mode in ("attention", "similarity"):
+        m = GoTMoE(C, E, topk=2, hidden=8, mode=mode, num_heads=2, sim_dim=4, causal=True).double()
+        x = _r((1, N, C), 0)
+        y = m(x)
+        x2 = x.clone()
+        x2[:, 4:] += 1.0
+        assert torch.equal(m(x2)[:, :4], y[:, :4])  # routing and mixing never look ahead
+        r = m.last_route
+        f = torch.stack([(r.indices == e).double().mean() for e in range(E)])  # share of routing slots
+        assert m.aux_loss.requires_grad
+        assert_close(m.aux_loss.detach(), E * (f * r.probs.mean((0, 1))).sum(), torch.float64, "aux_loss")
+
+
+def test_got_errors():
+    with pytest.raises(ValueError, match="got_route: topk"):
+        got_route(_r((B, N, E), 0), topk=E + 1)
+    with pytest.raises(ValueError, match="got_route: q and k"):
+        got_route(_r((B, N, E), 0), _r((B, N, 2, 4), 1), topk=2)
+    with pytest.raises(ValueError, match="got_route: graph"):
+        got_route(_r((B, N, E), 0), graph=_r((B, N, N + 1), 1), topk=2)
+    with pytest.raises(ValueError, match="GoTMoE: topk"):
+        GoTMoE(C, 2, topk=3)
+    with pytest.raises(ValueError, match="GoTMoE: mode"):
+        GoTMoE(C, 4, mode="hash")
