@@ -1,0 +1,135 @@
+"""ULSAM, BEVANet's SDLSKA + comprehensive kernel selection and OverLoCK's ContMix: ops vs their naive references
+(output and every gradient), each paper's identities and parameter counts, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit as ak
+from attnkit.ops.channel.ulsam import ulsam_attention
+from attnkit.reference.naive_vision_a import naive_ulsam_attention
+from tolerances import compare_fn
+
+G = torch.Generator().manual_seed(0)
+
+
+def _r(*shape):
+    return torch.randn(*shape, generator=G, dtype=torch.float64)
+
+
+def _nudge(m, scale=0.3, seed=0):
+    torch.manual_seed(seed)
+    m = m.double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------- ULSAM
+
+
+def _ulsam_inputs(C=6, g=3, norm=True):
+    inputs = {"x": _r(2, C, 4, 5), "dw_weight": _r(C), "dw_bias": _r(C), "pw_weight": _r(g, C // g),
+              "pw_bias": _r(g)}
+    return inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("form", ["paper", "code-train", "code-eval"])
+def test_ulsam_op_matches_reference(dtype, form):
+    C, g = 6, 3
+    inputs = _ulsam_inputs(C, g)
+    if form == "paper":
+        kw = {"relu": False}
+    else:
+        inputs.update(nw=_r(C), nb=_r(C), pnw=_r(g), pnb=_r(g))
+        kw = {"relu": True, "training": form == "code-train"}
+
+    def call(fn):
+        def run(x, dw_weight, dw_bias, pw_weight, pw_bias, nw=None, nb=None, pnw=None, pnb=None):
+            if nw is None:
+                return fn(x, dw_weight, dw_bias, pw_weight, pw_bias, g, **kw)
+            rm = torch.linspace(-0.5, 0.5, C, dtype=x.dtype)
+            rv = torch.linspace(0.5, 2.0, C, dtype=x.dtype)
+            dn = (rm, rv, nw, nb)
+            pn = (rm[:g].clone(), rv[:g].clone(), pnw, pnb)
+            return fn(x, dw_weight, dw_bias, pw_weight, pw_bias, g, dw_norm=dn, pw_norm=pn, **kw)
+        return run
+
+    compare_fn(call(ulsam_attention), call(naive_ulsam_attention), inputs, dtype)
+
+
+def test_ulsam_maps_sum_to_one_and_output_is_residual():
+    """arXiv 2006.15102 Eq. 2-3: A_n = softmax over all H W positions; out_n = F_n * A_n + F_n."""
+    m = _nudge(ak.get("ulsam", channels=8, groups=4)).eval()
+    x = _r(2, 8, 5, 7)
+    out = m(x)
+    A = out / x - 1  # (B, C, H, W): each subspace's map, repeated over its channels
+    A = A.view(2, 4, 2, 5, 7)
+    torch.testing.assert_close(A[:, :, 0], A[:, :, 1])  # one map per subspace
+    torch.testing.assert_close(A[:, :, 0].sum((-1, -2)), torch.ones(2, 4, dtype=torch.float64))
+    assert (A >= 0).all()
+
+
+def test_ulsam_constant_score_gives_uniform_map():
+    """A spatially constant score (PW weight 0) gives A = 1 / (H W): out = x (1 + 1 / (H W))."""
+    for form in ("paper", "code"):
+        m = _nudge(ak.get("ulsam", channels=6, groups=2, form=form)).eval()
+        with torch.no_grad():
+            m.pw.weight.zero_()
+        x = _r(3, 6, 4, 5)
+        torch.testing.assert_close(m(x), x * (1 + 1 / 20))
+
+
+def test_ulsam_subspaces_are_independent():
+    m = _nudge(ak.get("ulsam", channels=8, groups=4)).eval()
+    x = _r(1, 8, 4, 4).requires_grad_()
+    out = m(x)
+    for n in range(4):
+        (g,) = torch.autograd.grad(out[:, 2 * n:2 * n + 2].sum(), x, retain_graph=True)
+        outside = torch.ones(8, dtype=torch.bool)
+        outside[2 * n:2 * n + 2] = False
+        assert g[:, outside].abs().max() == 0 and g[:, ~outside].abs().max() > 0
+
+
+def test_ulsam_groups_equal_channels_is_one_map_per_channel():
+    """g = C: channel c's map comes from channel c alone (paper form: softmax of pw_c * maxpool(dw_c x_c + b_c))."""
+    m = _nudge(ak.get("ulsam", channels=3, groups=3, form="paper"))
+    x = _r(2, 3, 4, 4)
+    u = torch.nn.functional.max_pool2d(x * m.dw.weight.view(1, 3, 1, 1) + m.dw.bias.view(1, 3, 1, 1), 3, 1, 1)
+    s = u * m.pw.weight.view(1, 3, 1, 1) + m.pw.bias.view(1, 3, 1, 1)
+    A = torch.softmax(s.flatten(2), -1).view_as(x)
+    torch.testing.assert_close(m(x), x * A + x)
+
+
+def test_ulsam_parameter_counts():
+    """Code form 5 C + 3 g (DW 2C, BN 2C, PW C + g, BN 2g); the paper's form 3 C + g."""
+    for C, g in ((64, 4), (32, 32), (12, 1)):
+        assert sum(p.numel() for p in ak.get("ulsam", channels=C, groups=g).parameters()) == 5 * C + 3 * g
+        assert sum(p.numel() for p in ak.get("ulsam", channels=C, groups=g, form="paper").parameters()) == 3 * C + g
+
+
+def test_ulsam_train_mode_uses_batch_statistics_and_updates_buffers():
+    m = _nudge(ak.get("ulsam", channels=4, groups=2, momentum=0.9))
+    x = _r(3, 4, 5, 5)
+    before = m.dw_norm.running_mean.clone()
+    y = m(x)
+    assert not torch.equal(before, m.dw_norm.running_mean)
+    assert int(m.dw_norm.num_batches_tracked) == 1
+    # batch statistics: the same sample in another batch gives another output
+    y2 = m(torch.cat([x[:1], _r(2, 4, 5, 5)]))
+    assert (y2[0] - y[0]).abs().max() > 1e-6
+
+
+def test_ulsam_errors():
+    with pytest.raises(ValueError, match=r"SubspaceAttention: groups \(3\) must divide channels \(8\)"):
+        ak.get("ulsam", channels=8, groups=3)
+    with pytest.raises(ValueError, match="form"):
+        ak.get("ulsam", channels=8, form="tf")
+    m = ak.get("ulsam", channels=8, groups=2)
+    with pytest.raises(ValueError, match="channels-last"):
+        m(torch.randn(1, 5, 6, 8))
+    with pytest.raises(ValueError, match="ulsam_attention: groups"):
+        ulsam_attention(torch.randn(1, 6, 3, 3), torch.randn(6), None, torch.randn(4, 1), None, 4)
