@@ -1,0 +1,59 @@
+"""Naive twins for the fifth batch of sequence mechanisms: obvious loops, torch only.
+
+* GAAM (arXiv 2401.11143) with the released code's head split over the statistics axis, and the module twin
+  of ``gaussian_adaptive`` with every option;
+* Spatial-Mamba's structure-aware state fusion (arXiv 2410.15091): a token-by-token selective scan and
+  explicit neighbour sums;
+* the layer-spec hybrids (Hydra, arXiv 2508.15099; MiniCPM-SALA, arXiv 2602.11761): each layer's own
+  registered reference, applied in order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.reference.naive_dense import naive_gaam
+
+# ----------------------------------------------------------------------------------------------- GAAM
+
+
+def naive_gaam_axis_split(x, offsets, widths, mix_logits=None, axis=1, normalize=False, eps=1e-8, unbiased=False,
+                          combine="mixture"):
+    """GAAM with heads = consecutive chunks of the statistics axis of ``x (B, N, C)`` (the released code's split).
+
+    Chunk ``i`` holds positions ``[i * (n // h), (i + 1) * (n // h))`` of the axis, the last chunk also the
+    remainder; each chunk takes its own mean and variance along the axis and its own ``offsets[i]``,
+    ``widths[i]``.
+    """
+    h, g = offsets.shape
+    dim = 1 if axis == 1 else 2
+    n = x.shape[dim]
+    size = n // h
+    outs = []
+    for i in range(h):
+        start = i * size
+        stop = start + size if i < h - 1 else n
+        xi = x.narrow(dim, start, stop - start)
+        m = stop - start
+        mu = xi.mean(dim, keepdim=True)
+        var = ((xi - mu) ** 2).sum(dim, keepdim=True) / (max(m - 1, 1) if unbiased else m)
+        gate = 1 if combine == "product" else 0
+        for j in range(g):
+            z = (xi - (mu + offsets[i, j])) / torch.sqrt(var + eps)
+            dens = torch.exp(-z ** 2 / (2 * widths[i, j] ** 2))
+            if combine == "product":
+                gate = gate * dens
+            else:
+                w = torch.softmax(mix_logits[i], -1)[j] if mix_logits is not None else 1.0 / g
+                gate = gate + w * dens
+        if normalize:
+            gate = gate / gate.sum(dim, keepdim=True)
+        outs.append(xi * gate)
+    return torch.cat(outs, dim=dim)
+
+
+def naive_gaussian_adaptive_options(m, x: torch.Tensor) -> torch.Tensor:
+    """:class:`~attnkit.mechanisms.gaussian_adaptive.GaussianAdaptiveAttention` with all its options."""
+    fn = naive_gaam_axis_split if m.head_split == "axis" else naive_gaam
+    return fn(x, m.offsets, m.widths, m.mix_logits if m.combine == "mixture" else None, axis=m.axis,
+              normalize=m.normalize, eps=m.eps, unbiased=m.unbiased, combine=m.combine)

@@ -1,0 +1,136 @@
+"""Fifth batch of sequence mechanisms: GAAM's released-code options (arXiv 2401.11143), the layer-spec hybrids
+(Hydra arXiv 2508.15099, MiniCPM-SALA arXiv 2602.11761) and Spatial-Mamba's state fusion (arXiv 2410.15091)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnkit as ak
+from attnkit.ops.dense.gaussian import gaussian_adaptive
+from attnkit.reference.naive_dense import naive_gaam
+from attnkit.reference.naive_sequence5 import naive_gaam_axis_split
+from tolerances import assert_close, compare_fn
+
+# ------------------------------------------------------------------------------------------------ GAAM
+
+
+def _gaam_inputs(shape=(2, 7, 6), h=3, g=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(*shape, generator=gen, dtype=torch.float64),
+            "offsets": 0.3 * torch.randn(h, g, generator=gen, dtype=torch.float64),
+            "widths": 1.5 + torch.rand(h, g, generator=gen, dtype=torch.float64),
+            "mix_logits": torch.randn(h, g, generator=gen, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("combine,unbiased,normalize", [("mixture", False, False), ("product", True, True),
+                                                        ("mixture", True, True), ("product", False, False)])
+def test_gaam_axis_split_matches_naive(axis, combine, unbiased, normalize):
+    # 7 tokens / 6 features over 3 heads: chunks of 2 with the remainder in the last head (7 = 2 + 2 + 3)
+    inputs = _gaam_inputs()
+    kw = dict(axis=axis, normalize=normalize, unbiased=unbiased, combine=combine)
+    for dtype in (torch.float64, torch.float32):
+        compare_fn(lambda **a: gaussian_adaptive(**a, head_split="axis", **kw),
+                   lambda **a: naive_gaam_axis_split(**a, **kw), inputs, dtype)
+    x = inputs["x"]
+    assert torch.equal(gaussian_adaptive(x, inputs["offsets"], inputs["widths"], head_split="axis", axis=axis,
+                                         backend="reference"),
+                       naive_gaam_axis_split(x, inputs["offsets"], inputs["widths"], axis=axis))
+
+
+def test_gaam_axis_split_on_features_equals_feature_heads():
+    # with the statistics along the features and C % h == 0, both splits cut the same chunks
+    inp = _gaam_inputs(shape=(2, 5, 6))
+    for combine in ("mixture", "product"):
+        a = gaussian_adaptive(**inp, axis=-1, head_split="axis", combine=combine, normalize=True)
+        b = gaussian_adaptive(**inp, axis=-1, head_split="features", combine=combine, normalize=True)
+        assert_close(a, b, torch.float64, combine)
+    # along tokens they differ: the token split gives every chunk its own statistics
+    a = gaussian_adaptive(**inp, axis=1, head_split="axis")
+    b = gaussian_adaptive(**inp, axis=1, head_split="features")
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="at least h=3"):
+        gaussian_adaptive(torch.randn(1, 2, 6), inp["offsets"].float(), inp["widths"].float(), head_split="axis")
+    with pytest.raises(ValueError, match="head_split"):
+        gaussian_adaptive(torch.randn(1, 4, 6), inp["offsets"].float(), inp["widths"].float(), head_split="tokens")
+
+
+def _released_gaam(x, offsets, widths, axis, eps=1e-8):
+    """The authors' current released code transcribed by hand (per head chunk of the statistics axis, torch.var,
+    product of normalised Gaussian densities, division by their sum along the axis clamped at eps)."""
+    h, g = offsets.shape
+    n = x.shape[axis]
+    size = n // h
+    outs = []
+    for i in range(h):
+        stop = (i + 1) * size if i < h - 1 else n
+        chunk = x.narrow(axis, i * size, stop - i * size)
+        mean = chunk.mean(dim=axis, keepdim=True)
+        var = chunk.var(dim=axis, keepdim=True) + eps
+        mix = 1
+        for j in range(g):
+            y = (chunk - (mean + offsets[i, j])) / torch.sqrt(var)
+            mix = mix * torch.exp(-(y ** 2) / (2.0 * widths[i, j] ** 2)) / torch.sqrt(2 * math.pi * widths[i, j] ** 2)
+        mix = mix / mix.sum(dim=axis, keepdim=True).clamp(min=eps)
+        outs.append(chunk * mix)
+    return torch.cat(outs, dim=axis)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_gaam_module_released_choices_equal_the_released_code(axis):
+    torch.manual_seed(0)
+    m = ak.get("gaussian_adaptive", dim=12, num_heads=3, num_gaussians=2, axis=axis, normalize=True, unbiased=True,
+               combine="product", head_split="axis").double()
+    with torch.no_grad():
+        m.offsets.normal_(0, 0.3)
+        m.widths.uniform_(1.0, 2.5)
+    assert m.mix_logits is None  # a product has no mixture weights
+    # chunks of >= 4 positions: the released code's clamp(min=eps) of the normalising sum (not reproduced) stays
+    # inactive; with 2-position chunks two near-equal values make every density underflow and the clamp bites
+    x = torch.randn(2, 13, 12, dtype=torch.float64, requires_grad=True)
+    y, want = m(x), _released_gaam(x, m.offsets, m.widths, axis)
+    assert_close(y, want, torch.float64, "y")
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, m.offsets, m.widths], gy)
+    exp = torch.autograd.grad(want, [x, m.offsets, m.widths], gy)
+    for name, a, b in zip(("dx", "doffsets", "dwidths"), got, exp, strict=True):
+        assert_close(a, b, torch.float64, name, grad=True)
+
+
+@pytest.mark.parametrize("opts", [{"unbiased": True}, {"normalize": True}, {"normalize": False},
+                                  {"combine": "product"}, {"head_split": "axis"},
+                                  {"head_split": "axis", "axis": -1, "combine": "product"}])
+def test_gaam_module_each_option_against_naive(opts):
+    torch.manual_seed(1)
+    m = ak.get("gaussian_adaptive", dim=8, num_heads=2, num_gaussians=2, **opts).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    kw = {"axis": opts.get("axis", 1), "normalize": opts.get("normalize", True), "eps": 1e-8,
+          "unbiased": opts.get("unbiased", False), "combine": opts.get("combine", "mixture")}
+    mix = m.mix_logits if kw["combine"] == "mixture" else None
+    naive = naive_gaam_axis_split if opts.get("head_split") == "axis" else naive_gaam
+    assert_close(m(x), naive(x, m.offsets, m.widths, mix, **kw), torch.float64, "y")
+    assert_close(m(x), ak.info("gaussian_adaptive").reference(m, x), torch.float64, "twin")
+
+
+def test_gaam_module_defaults_are_the_paper_formula_and_options_are_checked():
+    m = ak.get("gaussian_adaptive", dim=4, num_heads=1).double()
+    x = torch.randn(1, 6, 4, dtype=torch.float64)
+    mu, var = x.mean(1, keepdim=True), x.var(1, keepdim=True, unbiased=False)
+    want = x * torch.exp(-((x - mu) ** 2) / (var + 1e-8) / (2 * 2.0 ** 2))  # one Gaussian, c = 2, no normalisation
+    assert_close(m(x), want, torch.float64, "paper")
+    assert not m.normalize and not m.unbiased and m.combine == "mixture" and m.head_split == "features"
+    with pytest.raises(ValueError, match="GaussianAdaptiveAttention: head_split"):
+        ak.get("gaussian_adaptive", dim=4, num_heads=1, head_split="tokens")
+    with pytest.raises(ValueError, match="GaussianAdaptiveAttention: combine"):
+        ak.get("gaussian_adaptive", dim=4, num_heads=1, combine="sum")
+    ak.get("gaussian_adaptive", dim=5, num_heads=2, head_split="axis")  # C % h need not be 0 for the axis split
+    with pytest.raises(ValueError, match="GaussianAdaptiveAttention: dim"):
+        ak.get("gaussian_adaptive", dim=5, num_heads=2)
+    with pytest.raises(ValueError, match="GaussianAdaptiveAttention: head_split='axis' needs at least"):
+        ak.get("gaussian_adaptive", dim=4, num_heads=3, head_split="axis")(torch.randn(1, 2, 4))
