@@ -1,0 +1,65 @@
+"""Naive twins of ACMIL's pooling, MEDUSA's multi-scale gate, RISurConv's surface attention and CSA's gates,
+and of the modules that call them (``reference(module, *inputs)`` for the registry).
+
+Obvious code, torch only: loops over branches, scales and neighbourhoods; no ``attnkit.ops`` import.
+Papers: arXiv 2311.07125 (ACMIL), 2110.06063 (MEDUSA), 2408.06110 (RISurConv), 2109.02613 (CSA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _work(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+# ------------------------------------------------------------------------------------------- ACMIL
+
+
+def naive_acmil_pool(logits, x, num_masked=0, mask_drop=0.6, generator=None, return_weights=False):
+    """``logits (B, M, N)``, ``x (B, N, C)`` -> ``(B, M, C)`` (and the weights ``(B, M, N)``).
+
+    The random choice is the same draw as the op's: ranks of ``torch.rand((B, M, K), generator)`` in float32."""
+    B, M, N = logits.shape
+    k = min(num_masked, N)
+    drop = int(k * mask_drop)
+    u = torch.rand((B, M, k), generator=generator, device=logits.device, dtype=torch.float32) if drop else None
+    rows = []
+    for b in range(B):
+        for m in range(M):
+            row = _work(logits[b, m])
+            if drop:
+                order = torch.argsort(row.detach(), descending=True)[:k]  # the top-K instances
+                ranks = torch.argsort(u[b, m])[:drop]  # a uniform random subset of them
+                masked = torch.zeros(N, dtype=torch.bool)
+                masked[order[ranks].cpu()] = True
+                row = torch.where(masked.to(row.device), torch.full_like(row, torch.finfo(row.dtype).min), row)
+            rows.append(torch.exp(row - row.max()) / torch.exp(row - row.max()).sum())
+    w = torch.stack(rows).view(B, M, N).to(x.dtype)  # (B, M, N)
+    out = torch.stack([torch.stack([(w[b, m, :, None] * x[b]).sum(0) for m in range(M)]) for b in range(B)])
+    return (out, w) if return_weights else out
+
+
+def naive_acmil_logits(module, x):
+    """ACMIL's gated attention scores (arXiv 2311.07125, Eq. 1-2, from ABMIL 1802.04712): ``(B, N, C)`` ->
+    ``(B, M, N)``, ``a_m = w_m^T (tanh(V h + b_V) * sigmoid(U h + b_U)) + b_m``."""
+    v = torch.tanh(x @ module.attention_v.weight.t() + module.attention_v.bias)  # (B, N, D)
+    u = torch.sigmoid(x @ module.attention_u.weight.t() + module.attention_u.bias)  # (B, N, D)
+    return ((v * u) @ module.attention_w.weight.t() + module.attention_w.bias).transpose(1, 2)  # (B, M, N)
+
+
+def naive_acmil_module(module, x, *, generator=None, return_attention=False):
+    """``ACMILPooling``: ``x (B, N, C)`` -> branch embeddings ``(B, M, C)``.
+
+    In training with masking and neither ``generator`` nor the module's ``seed``, the draw is random and has
+    no twin: refused."""
+    masking = module.training and module.num_masked > 0 and int(min(module.num_masked, x.shape[1])
+                                                                * module.mask_drop) > 0
+    if masking and generator is None:
+        if module.seed is None:
+            raise ValueError("naive_acmil_module: a training forward with masking draws a random mask; set the "
+                             "module's seed, pass generator=, or call module.eval()")
+        generator = torch.Generator(device=x.device).manual_seed(module.seed)
+    return naive_acmil_pool(naive_acmil_logits(module, x), x, module.num_masked if module.training else 0,
+                            module.mask_drop, generator, return_attention)

@@ -1,0 +1,117 @@
+"""ACMIL pooling, MEDUSA's multi-scale gate, RISurConv's surface attention and CSA's class-semantic gates:
+ops against their naive twins (output and every gradient), the papers' identities, the modules' options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit as ak
+from attnkit.mechanisms.vision_acmil import ACMILPooling
+from attnkit.ops.vision.acmil import acmil_pool, stkim_mask
+from attnkit.reference.naive_vision_c import naive_acmil_pool
+from tolerances import assert_close
+
+F64 = torch.float64
+
+
+def _grads(out, wrt, seed=7):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, wrt, g)
+
+
+# ------------------------------------------------------------------------------------------- ACMIL
+
+
+@pytest.mark.parametrize(("num_masked", "drop"), [(0, 0.6), (4, 0.5), (10, 0.6), (20, 1.0)])
+def test_acmil_pool_matches_naive(num_masked, drop):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 12, generator=gen, dtype=F64, requires_grad=True)
+    x = torch.randn(2, 12, 5, generator=gen, dtype=F64, requires_grad=True)
+    out, w = acmil_pool(logits, x, num_masked, drop, generator=torch.Generator().manual_seed(3),
+                        return_weights=True)
+    ref, wr = naive_acmil_pool(logits, x, num_masked, drop, torch.Generator().manual_seed(3), True)
+    assert_close(out, ref, F64, "out")
+    assert_close(w, wr, F64, "weights")
+    for name, a, b in zip(("dlogits", "dx"), _grads(out, (logits, x)), _grads(ref, (logits, x)), strict=True):
+        assert_close(a, b, F64, name, grad=True)
+
+
+def test_acmil_masked_topk_get_zero_weight_and_rows_sum_to_one():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 30, generator=gen, dtype=F64)
+    x = torch.randn(3, 30, 8, generator=gen, dtype=F64)
+    K, p = 10, 0.6
+    keep = stkim_mask(logits, K, p, torch.Generator().manual_seed(5))
+    _, w = acmil_pool(logits, x, K, p, generator=torch.Generator().manual_seed(5), return_weights=True)
+    top = torch.topk(logits, K, -1).indices
+    masked = ~keep
+    assert (masked.sum(-1) == int(K * p)).all()  # exactly floor(K p) per branch (the authors' code)
+    assert masked.gather(-1, top).sum(-1).eq(int(K * p)).all()  # ... all among the branch's top K
+    assert (w[masked] == 0).all()
+    assert torch.allclose(w.sum(-1), torch.ones(3, 4, dtype=F64))
+    # the kept entries are the softmax over the kept logits alone
+    ref = torch.where(keep, logits, torch.tensor(-torch.inf, dtype=F64)).softmax(-1)
+    assert torch.allclose(w, ref)
+
+
+def test_acmil_one_branch_no_masking_is_abmil_gated_pooling():
+    torch.manual_seed(0)
+    m = ACMILPooling(8, att_dim=6, num_branches=1, num_masked=0).double()
+    x = torch.randn(2, 11, 8, dtype=F64)
+    # ABMIL (arXiv 1802.04712, Eq. 9): a_k = w^T (tanh(V h_k) * sigmoid(U h_k)), softmax over k, weighted sum
+    a = m.attention_w(torch.tanh(m.attention_v(x)) * torch.sigmoid(m.attention_u(x))).squeeze(-1)  # (B, N)
+    abmil = (a.softmax(-1)[..., None] * x).sum(1)  # (B, C)
+    assert torch.allclose(m(x)[:, 0], abmil)
+    m2 = ACMILPooling(8, att_dim=6, num_branches=1, num_masked=10, mask_drop=0.0).double()
+    m2.load_state_dict(m.state_dict())
+    assert torch.allclose(m2.train()(x), m(x))  # p = 0: multi-branch ABMIL even in training
+
+
+def test_acmil_eval_is_deterministic_and_training_masks_change_output():
+    torch.manual_seed(0)
+    m = ACMILPooling(8, att_dim=6, num_branches=3, num_masked=5, mask_drop=0.6)
+    x = torch.randn(2, 40, 8)
+    torch.manual_seed(1)
+    train_a = m.train()(x)
+    torch.manual_seed(2)
+    train_b = m(x)
+    assert not torch.equal(train_a, train_b)  # different draws, different masks
+    m.eval()
+    torch.manual_seed(3)
+    e1 = m(x)
+    torch.manual_seed(4)
+    assert torch.equal(e1, m(x))
+    assert not torch.allclose(e1, train_a)
+
+
+def test_acmil_seed_and_generator_make_training_reproducible():
+    torch.manual_seed(0)
+    m = ACMILPooling(8, att_dim=6, num_branches=3, num_masked=5, mask_drop=0.6, seed=11).train()
+    x = torch.randn(2, 40, 8)
+    assert torch.equal(m(x), m(x))
+    free = ACMILPooling(8, att_dim=6, num_branches=3, num_masked=5, mask_drop=0.6).train()
+    free.load_state_dict(m.state_dict())
+    g = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    assert torch.equal(free(x, generator=g()), free(x, generator=g()))
+    assert torch.equal(free(x, generator=g()), m(x))
+
+
+def test_acmil_bag_embedding_is_the_branch_mean():
+    torch.manual_seed(0)
+    m = ACMILPooling(8, att_dim=6, num_branches=4, num_masked=0).double().eval()
+    x = torch.randn(1, 20, 8, dtype=F64)
+    z, w = m(x, return_attention=True)
+    assert torch.allclose(z.mean(1), w.mean(1) @ x[0])  # the authors' bag_A = mean of branch softmaxes
+
+
+def test_acmil_options_and_inputs_are_checked():
+    with pytest.raises(ValueError, match="ACMILPooling: mask_drop"):
+        ACMILPooling(8, mask_drop=1.5)
+    with pytest.raises(ValueError, match="ACMILPooling: num_branches"):
+        ACMILPooling(8, num_branches=0)
+    with pytest.raises(ValueError, match="acmil_pool: logits must be"):
+        acmil_pool(torch.randn(1, 2, 5), torch.randn(1, 6, 3))
+    with pytest.raises(ValueError, match="acmil_pool: mask_drop"):
+        acmil_pool(torch.randn(1, 2, 5), torch.randn(1, 5, 3), 2, -0.1)
+    assert "acmil_pool" in ak.explain("acmil_pool", torch.randn(1, 2, 5), torch.randn(1, 5, 3), 2)
