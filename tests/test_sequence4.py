@@ -113,3 +113,90 @@ def test_got_errors():
         GoTMoE(C, 2, topk=3)
     with pytest.raises(ValueError, match="GoTMoE: mode"):
         GoTMoE(C, 4, mode="hash")
+
+
+# ------------------------------------------------------------------------------------------------- BAM
+
+
+def _bam_inputs(E=3, H=4, hkv=2, D=2, shared=False, bias=True, seed=10):
+    ekv, s = (1 if shared else E), C ** -0.5
+    inputs = {"x": _r((B, N, C), seed), "router_weight": _r((C, E), seed + 1, s), "wq": _r((E, C, H * D), seed + 2, s),
+              "wk": _r((ekv, C, hkv * D), seed + 3, s), "wv": _r((ekv, C, hkv * D), seed + 4, s),
+              "wo": _r((E, H * D, C), seed + 5, s)}
+    if bias:
+        inputs.update(router_bias=_r((E,), seed + 6), bq=_r((E, H * D), seed + 7, 0.1),
+                      bk=_r((ekv, hkv * D), seed + 8, 0.1), bv=_r((ekv, hkv * D), seed + 9, 0.1),
+                      bo=_r((E, C), seed + 10, 0.1))
+    return inputs
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bam_op_matches_naive(shared, causal):
+    from attnkit.ops.sequence.bam import bam_attention
+    from attnkit.reference.naive_sequence4 import naive_bam
+
+    kw = dict(num_heads=4, num_kv_heads=2, causal=causal)
+    compare_fn(lambda **a: bam_attention(**a, **kw), lambda **a: naive_bam(**a, **kw), _bam_inputs(shared=shared),
+               torch.float32)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_upcycled_bam_equals_the_dense_mha(kv_heads, causal, bias):
+    from attnkit.mechanisms.mha import MultiHeadAttention
+    from attnkit.mechanisms.seq_bam import BAMAttention
+
+    torch.manual_seed(0)
+    dense = MultiHeadAttention(C, 2, num_kv_heads=kv_heads, bias=bias, causal=causal).double()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.normal_()  # biases off zero too, so a dropped bias would show
+    x = _r((B, N, C), 1)
+    for shared in (False, True):
+        moa = BAMAttention.upcycle(dense, 4, kv_shared=shared)
+        with torch.no_grad():
+            moa.router_weight.normal_()  # any router: all experts are the same
+        assert moa.num_experts == 4 and moa.causal == causal and moa.wq.dtype == torch.float64
+        assert_close(moa(x), dense(x), torch.float64, f"upcycled (kv_shared={shared})")
+        # the KV-shared layer keeps the dense model's key/value projection (and KV cache) size
+        assert moa.wk.shape[0] == (1 if shared else 4)
+
+
+def test_bam_one_hot_router_selects_one_expert_and_upcycle_of_several_models():
+    from attnkit.mechanisms.mha import MultiHeadAttention
+    from attnkit.mechanisms.seq_bam import BAMAttention
+
+    torch.manual_seed(0)
+    models = [MultiHeadAttention(C, 2).double() for _ in range(3)]
+    moa = BAMAttention.upcycle(models)
+    x = _r((B, N, C), 1)
+    with torch.no_grad():
+        moa.router_weight.zero_()
+        moa.router_weight[0, 1] = 1e4  # x[..., 0] > 0 picks expert 1, < 0 expert 0 (ties at 0 are measure-zero)
+    y = moa(x)
+    pos = x[..., 0] > 0
+    assert_close(y[pos], models[1](x)[pos], torch.float64, "expert 1")
+    mixed = BAMAttention.upcycle(models, kv_shared=True)
+    wk = torch.stack([m.kv_proj.weight[:C].T for m in models]).mean(0)
+    assert_close(mixed.wk[0], wk, torch.float64, "averaged W_k")
+    assert mixed.wk.shape == (1, C, C) and mixed.wq.shape == (3, C, C)
+
+
+def test_bam_errors():
+    from attnkit.mechanisms.mha import MultiHeadAttention
+    from attnkit.mechanisms.seq_bam import BAMAttention
+    from attnkit.ops.sequence.bam import bam_attention
+
+    a = _bam_inputs(bias=False)
+    with pytest.raises(ValueError, match="bam_attention: wo"):
+        bam_attention(**{**a, "wo": a["wo"][:2]}, num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match="bam_attention: num_heads"):
+        bam_attention(**a, num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="upcycle: n_experts is required"):
+        BAMAttention.upcycle(MultiHeadAttention(C, 2))
+    with pytest.raises(TypeError, match="upcycle: dense"):
+        BAMAttention.upcycle(torch.nn.Linear(C, C), 2)
+    with pytest.raises(ValueError, match="upcycle: every dense"):
+        BAMAttention.upcycle([MultiHeadAttention(C, 2), MultiHeadAttention(C, 4)])
