@@ -32,6 +32,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from attnkit._validate import int_arg
+
 KEEP = ("probs", "head_mean", "cls_row", "col_sum", "entropy")
 _CAPTURE_IMPL = "attnkit_capture"
 
@@ -354,8 +356,7 @@ def capture(model: nn.Module, layers: int | str | Sequence[int | str] | None = N
         raise ValueError(f"capture: keep must be a non-empty subset of {KEEP}, got {keep}")
     if heads is not None:
         heads = [int(h) for h in heads]
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"capture: chunk must be a positive int, got {chunk!r}")
+    int_arg("capture: chunk", chunk, 1)
     kind, found = _find_layers(model)
     names = [n for n, _ in found]
     selected = _select(names, layers)

@@ -47,11 +47,7 @@ def _int_list(values: object, name: str, where: str, minimum: int = 0) -> tuple[
         raise TypeError(f"{where}: {name} must be a non-empty list of ints, got {values!r}")
     out = []
     for i, x in enumerate(values):
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"{where}: {name}[{i}] must be an int, got {type(x).__name__}")
-        if x < minimum:
-            raise ValueError(f"{where}: {name}[{i}] must be >= {minimum}, got {x}")
-        out.append(x)
+        out.append(int_arg(f"{where}: {name}[{i}]", x, minimum))
     return tuple(out)
 
 

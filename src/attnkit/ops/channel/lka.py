@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from attnkit._validate import int_arg
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.channel._common import check_map, check_param
 from attnkit.reference.naive_channel import naive_lka_attention
@@ -51,8 +52,7 @@ def make_call(x, dw_weight, dw_bias, dil_weight, dil_bias, pw_weight, pw_bias, d
     check_param(op, "pw_weight", pw_weight, (C, C, 1, 1))
     for name, b in (("dw_bias", dw_bias), ("dil_bias", dil_bias), ("pw_bias", pw_bias)):
         check_param(op, name, b, (C,), optional=True)
-    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"{op}: dilation must be an int >= 1, got {dilation!r}")
+    int_arg(f"{op}: dilation", dilation, 1)
     return LkaCall(x, dw_weight, dw_bias, dil_weight, dil_bias, pw_weight, pw_bias, dilation)
 
 

@@ -214,8 +214,7 @@ class KVCache:
 
     def _write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, kname: str, vname: str) -> None:
         """Append heads-first ``k (B, Hkv, N, D)``, ``v (B, Hkv, N, Dv)``."""
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-            raise TypeError(f"KVCache: layer_idx must be an int >= 0, got {layer_idx!r}")
+        int_arg("KVCache: layer_idx", layer_idx, 0)
         for name, t in ((kname, k), (vname, v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise ValueError(f"KVCache: {name} must be a 4-D tensor, got "

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnkit._validate import int_arg
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.linear.call import linear_attention
 from attnkit.reference.naive_sequence2 import naive_dsf_scan
@@ -81,8 +82,7 @@ def make_call(decay, b, c, u, norm=None, *, chunk=CHUNK) -> DSFCall:
     if norm is not None and (not isinstance(norm, torch.Tensor) or tuple(norm.shape) != (B, N, H)):
         raise ValueError(f"dsf_scan: norm must be None or (B, N, H) = {(B, N, H)}, "
                          f"got {tuple(getattr(norm, 'shape', ())) or norm}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"dsf_scan: chunk must be a positive int, got {chunk!r}")
+    int_arg("dsf_scan: chunk", chunk, 1)
     return DSFCall(decay, b, c, u, norm, chunk)
 
 
