@@ -1,0 +1,155 @@
+"""Third batch of sequence mechanisms: ops vs naive twins (output and every gradient) and each paper's identities.
+
+Pointer Networks (arXiv 1506.03134), multi-layer trainable pooling (arXiv 2409.02727), TCPA (arXiv 2505.02406),
+ST-LINK's spatially-enhanced attention (arXiv 2509.13753) and KArAt (arXiv 2503.10632).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit.mechanisms.seq_embed_pool import MultiLayerTrainablePooling
+from attnkit.mechanisms.seq_pointer import PointerAttention
+from attnkit.ops.sequence.embed_pool import latent_attention_pool, layer_states
+from attnkit.ops.sequence.pointer import pointed_mask, pointer_attention
+from attnkit.reference.naive_sequence3 import naive_latent_pool, naive_pointer_attention
+from tolerances import assert_close, compare_fn
+
+F64 = torch.float64
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------- Pointer Networks
+
+
+def _pointer_inputs(Nd=4, Ne=6, A=5, seed=0):
+    g = _gen(seed)
+    return {"dec": torch.randn(2, Nd, A, generator=g, dtype=F64), "enc": torch.randn(2, Ne, A, generator=g, dtype=F64),
+            "v": torch.randn(A, generator=g, dtype=F64)}
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pointer_op_matches_naive(log, masked, dtype):
+    t = _pointer_inputs()
+    mask = pointed_mask(torch.tensor([[0, 3, 5, 1], [2, 2, 4, 0]]), 6) if masked else None
+    compare_fn(lambda **a: pointer_attention(**a, mask=mask, log=log),
+               lambda **a: naive_pointer_attention(**a, mask=mask, log=log), t, dtype)
+
+
+def test_pointer_rows_sum_to_one_and_masked_positions_are_zero(monkeypatch):
+    import attnkit.ops.sequence.pointer as pointer_mod
+
+    monkeypatch.setattr(pointer_mod, "CHUNK_ELEMENTS", 7)  # several decoder-row blocks
+    t = _pointer_inputs(Nd=5, Ne=5)
+    perm = torch.tensor([[4, 0, 3, 1, 2], [1, 2, 0, 4, 3]])
+    mask = pointed_mask(perm, 5)
+    # step i may not point at the i positions already output
+    assert mask.sum(-1).tolist() == [[5, 4, 3, 2, 1]] * 2
+    p = pointer_attention(**t, mask=mask)
+    assert_close(p.sum(-1), torch.ones(2, 5, dtype=F64), F64, "row sums")
+    assert torch.all(p[~mask] == 0)
+    assert torch.all(p[mask] > 0)
+    logp = pointer_attention(**t, mask=mask, log=True)
+    assert torch.all(torch.isneginf(logp[~mask]))
+    assert_close(logp[mask].exp(), p[mask], F64, "exp(log p)")
+    # the last step has one choice left: the remaining index, with probability 1
+    assert torch.equal(p[:, -1].argmax(-1), perm[:, -1]) and torch.all(p[:, -1].amax(-1) == 1)
+    # a row with nothing allowed is all 0 and its gradient is finite
+    none = torch.zeros(2, 5, 5, dtype=torch.bool)
+    dec = t["dec"].clone().requires_grad_()
+    out = pointer_attention(dec, t["enc"], t["v"], none)
+    out.sum().backward()
+    assert torch.all(out == 0) and torch.all(torch.isfinite(dec.grad))
+
+
+def test_pointer_output_size_follows_the_input_length():
+    m = PointerAttention(6, 5).double()
+    x = torch.randn(2, 3, 6, dtype=F64)
+    for ne in (4, 9):
+        p = m(x, torch.randn(2, ne, 6, dtype=F64))
+        assert p.shape == (2, 3, ne)
+        assert_close(p.sum(-1), torch.ones(2, 3, dtype=F64), F64, "row sums")
+    # permuting the inputs permutes the pointer distribution the same way
+    e = torch.randn(2, 7, 6, dtype=F64)
+    perm = torch.randperm(7, generator=_gen())
+    assert_close(m(x, e[:, perm]), m(x, e)[..., perm], F64, "permuted inputs")
+
+
+def test_pointer_errors():
+    t = _pointer_inputs()
+    with pytest.raises(ValueError, match="pointer_attention: mask"):
+        pointer_attention(**t, mask=torch.ones(2, 4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pointer_attention: dec"):
+        pointer_attention(t["dec"][0], t["enc"], t["v"])
+    with pytest.raises(ValueError, match="PointerAttention: output"):
+        PointerAttention(6, output="logits")
+
+
+# --------------------------------------------------------------------- multi-layer trainable pooling
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_latent_pool_matches_naive(dtype):
+    g = _gen()
+    t = {"latents": torch.randn(3, 2, 4, generator=g, dtype=F64), "k": torch.randn(2, 5, 2, 4, generator=g, dtype=F64),
+         "v": torch.randn(2, 5, 2, 3, generator=g, dtype=F64)}
+    compare_fn(latent_attention_pool, naive_latent_pool, t, dtype)
+
+
+def _neutral_pool(C=8, H=2, L=5, r=3):
+    """A pool whose K/V projections and output projection are identities (its MLP stays: tests apply it)."""
+    m = MultiLayerTrainablePooling(C, num_layers=L, num_latents=r, num_heads=H, normalize=False).double()
+    with torch.no_grad():
+        m.to_kv.weight.copy_(torch.cat([torch.eye(C), torch.eye(C)]).double())
+        m.to_kv.bias.zero_()
+        m.proj.weight.copy_(torch.eye(C))
+        m.proj.bias.zero_()
+    return m
+
+
+def test_uniform_layer_weights_reduce_to_mean_pooling():
+    m = _neutral_pool()
+    x = torch.randn(2, 5, 8, dtype=F64)
+    with torch.no_grad():
+        m.latents.zero_()  # every score 0: uniform weights over the layers
+        m.layer_embed.zero_()
+    assert_close(m(x), m.mlp(x.mean(1)), F64, "mean over layers")
+    # the op alone: zero latents give the plain mean of the values
+    k, v = torch.randn(2, 5, 2, 4, dtype=F64), torch.randn(2, 5, 2, 4, dtype=F64)
+    z = latent_attention_pool(torch.zeros(1, 2, 4, dtype=F64), k, v)
+    assert_close(z[:, 0], v.mean(1), F64, "op mean")
+
+
+def test_one_layer_passes_its_state_through_and_layer_permutation_with_embedding_is_invariant():
+    m = _neutral_pool()
+    x = torch.randn(2, 5, 8, dtype=F64)
+    # one layer: the softmax has one entry, so the latents do not matter
+    assert_close(m(x[:, :1]), m.mlp(x[:, 0] + m.layer_embed[0]), F64, "one layer")
+    with torch.no_grad():
+        m.layer_embed.normal_()
+    y = m(x)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    with torch.no_grad():
+        m.layer_embed.copy_(m.layer_embed[perm])
+    assert_close(m(x[:, perm]), y, F64, "layers and embedding permuted together")
+    assert (m(x) - y).abs().max() > 1e-6  # the embedding is what tells the layers apart
+
+
+def test_layer_states_last_and_mean():
+    hs = [torch.randn(2, 4, 3, dtype=F64) for _ in range(3)]
+    am = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    last = layer_states(hs, am)
+    assert last.shape == (2, 3, 3)
+    assert torch.equal(last[0, 1], hs[1][0, 2]) and torch.equal(last[1, 2], hs[2][1, 3])
+    mean = layer_states(hs, am, mode="mean")
+    assert_close(mean[0, 0], hs[0][0, :3].mean(0), F64, "mean")
+    with pytest.raises(ValueError, match="layer_states: mode"):
+        layer_states(hs, mode="max")
+    with pytest.raises(ValueError, match="MultiLayerTrainablePooling: x stacks 6"):
+        MultiLayerTrainablePooling(8, num_layers=5, num_heads=2)(torch.randn(1, 6, 8))
