@@ -11,9 +11,17 @@ import torch
 
 from attnkit.mechanisms.seq_embed_pool import MultiLayerTrainablePooling
 from attnkit.mechanisms.seq_pointer import PointerAttention
+from attnkit.mechanisms.seq_prompt import TokenCoordinatedPromptAttention
 from attnkit.ops.sequence.embed_pool import latent_attention_pool, layer_states
 from attnkit.ops.sequence.pointer import pointed_mask, pointer_attention
-from attnkit.reference.naive_sequence3 import naive_latent_pool, naive_pointer_attention
+from attnkit.ops.sequence.prompt import prompt_attention, tcpa_prompt_mask
+from attnkit.reference.naive_dense import naive_masked_attention
+from attnkit.reference.naive_sequence3 import (
+    naive_latent_pool,
+    naive_pointer_attention,
+    naive_prompt_attention,
+    naive_prompt_mask,
+)
 from tolerances import assert_close, compare_fn
 
 F64 = torch.float64
@@ -153,3 +161,83 @@ def test_layer_states_last_and_mean():
         layer_states(hs, mode="max")
     with pytest.raises(ValueError, match="MultiLayerTrainablePooling: x stacks 6"):
         MultiLayerTrainablePooling(8, num_layers=5, num_heads=2)(torch.randn(1, 6, 8))
+
+
+# --------------------------------------------------------------------------------------------- TCPA
+
+
+def _prompt_inputs(N=6, P=5, seed=0):
+    g = _gen(seed)
+    t = {n: torch.randn(2, N, 2, 4, generator=g, dtype=F64) for n in "qkv"}
+    t.update(pk=torch.randn(P, 2, 4, generator=g, dtype=F64), pv=torch.randn(P, 2, 4, generator=g, dtype=F64))
+    return t
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_prompt_op_matches_naive(masked, dtype):
+    mask = torch.rand(2, 6, 5, generator=_gen(3)) > 0.5 if masked else None
+    compare_fn(lambda **a: prompt_attention(**a, prompt_mask=mask),
+               lambda **a: naive_prompt_attention(**a, prompt_mask=mask), _prompt_inputs(), dtype)
+
+
+@pytest.mark.parametrize("coordination", ["token", "role", "none"])
+def test_prompt_mask_matches_naive(coordination):
+    x, prompts = torch.randn(3, 7, 8, dtype=F64), torch.randn(5, 8, dtype=F64)
+    kw = {"num_cls_prompts": 2, "top_k": 2, "num_cls_tokens": 1, "coordination": coordination}
+    got = tcpa_prompt_mask(x, prompts, **kw)
+    assert torch.equal(got, naive_prompt_mask(x, prompts, **kw))
+    if coordination != "none":
+        assert torch.equal(got[:, 0], torch.tensor([True, True] + [False] * 5).expand(3, 7))  # [CLS]: CLS prompts
+        assert not got[:, 1:, :2].any()  # image tokens never see CLS prompts
+    if coordination == "token":
+        assert torch.all(got[:, 1:, 2:].sum(-1) == 2)
+
+
+def _tcpa(coordination="token", nc=2, npr=4, top_k=2):
+    torch.manual_seed(0)
+    return TokenCoordinatedPromptAttention(8, 2, num_cls_prompts=nc, num_image_prompts=npr, top_k=top_k,
+                                           coordination=coordination).double()
+
+
+def test_tcpa_without_prompts_is_plain_attention():
+    m = _tcpa(nc=0, npr=0)
+    x = torch.randn(2, 6, 8, dtype=F64)
+    q, k, v = m.qkv(x).view(2, 6, 3, 2, 4).unbind(2)
+    want = m.proj(naive_masked_attention(q, k, v)[0].reshape(2, 6, 8))
+    assert_close(m(x), want, F64, "no prompts")
+
+
+def test_tcpa_all_visible_is_vpt_deep():
+    m = _tcpa("none")
+    x = torch.randn(2, 6, 8, dtype=F64)
+    P = torch.cat([m.cls_prompts, m.image_prompts])
+    q, _, _ = m.qkv(x).view(2, 6, 3, 2, 4).unbind(2)
+    _, k, v = m.qkv(torch.cat([x, P.expand(2, -1, -1)], 1)).view(2, 12, 3, 2, 4).unbind(2)  # prompts as tokens
+    want = m.proj(naive_masked_attention(q, k, v)[0].reshape(2, 6, 8))
+    assert_close(m(x), want, F64, "VPT-deep")
+
+
+def test_tcpa_cls_ignores_image_prompts_and_unselected_prompts_get_no_gradient():
+    m = _tcpa(npr=6, top_k=1)
+    x = torch.randn(1, 3, 8, dtype=F64)  # 2 image tokens pick at most 2 of the 6 image prompts
+    y = m(x)
+    with torch.no_grad():
+        m.image_prompts.add_(torch.randn_like(m.image_prompts))
+    y2 = m(x)
+    assert_close(y2[:, 0], y[:, 0], F64, "[CLS] output")
+    assert (y2[:, 1:] - y[:, 1:]).abs().max() > 1e-6
+    m.zero_grad()
+    m(x).sum().backward()
+    picked = tcpa_prompt_mask(x, m.image_prompts, num_cls_prompts=2, top_k=1)[0, 1:, 2:].any(0)  # (Np,)
+    assert picked.sum() <= 2
+    g = m.image_prompts.grad.abs().sum(-1)
+    assert torch.all(g[~picked] == 0) and torch.all(g[picked] > 0)
+
+
+def test_tcpa_errors():
+    with pytest.raises(ValueError, match="TokenCoordinatedPromptAttention: coordination"):
+        TokenCoordinatedPromptAttention(8, 2, coordination="all")
+    t = _prompt_inputs()
+    with pytest.raises(ValueError, match="prompt_attention: prompt_mask"):
+        prompt_attention(**t, prompt_mask=torch.ones(2, 6, 4, dtype=torch.bool))
