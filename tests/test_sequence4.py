@@ -200,3 +200,132 @@ def test_bam_errors():
         BAMAttention.upcycle(torch.nn.Linear(C, C), 2)
     with pytest.raises(ValueError, match="upcycle: every dense"):
         BAMAttention.upcycle([MultiHeadAttention(C, 2), MultiHeadAttention(C, 4)])
+
+
+# --------------------------------------------------------------------------------- deconstructed attention
+
+
+FORMS = ("softmax", "relu", "sigmoid", "linear", "taylor")
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_deconstructed_op_matches_naive(form, causal):
+    from attnkit.ops.sequence.deconstructed import deconstructed_attention
+    from attnkit.reference.naive_sequence4 import naive_deconstructed
+
+    inputs = {"q": _r((B, N, 2, 4), 0), "k": _r((B, N, 2, 4), 1), "v": _r((B, N, 2, 3), 2)}
+    kw = dict(form=form, causal=causal)
+    compare_fn(lambda **a: deconstructed_attention(**a, **kw), lambda **a: naive_deconstructed(**a, **kw), inputs,
+               torch.float32)
+
+
+@pytest.mark.parametrize("mixing", ["uniform", "none"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_deconstructed_fixed_mixing_matches_naive(mixing, causal):
+    from attnkit.ops.sequence.deconstructed import deconstructed_attention
+    from attnkit.reference.naive_sequence4 import naive_deconstructed
+
+    v = _r((B, N, 2, 3), 2)
+    assert_close(deconstructed_attention(None, None, v, mixing=mixing, causal=causal),
+                 naive_deconstructed(None, None, v, mixing=mixing, causal=causal), torch.float64, mixing)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_deconstructed_defaults_are_standard_softmax_attention(causal):
+    import attnkit as ak
+    from attnkit.mechanisms.seq_deconstructed import DeconstructedAttention
+    from attnkit.ops.sequence.deconstructed import deconstructed_attention
+
+    q, k, v = _r((B, N, 2, 4), 0), _r((B, N, 2, 4), 1), _r((B, N, 2, 4), 2)
+    mask = ak.masks.causal() if causal else None
+    want = ak.attention(q, k, v, mask)
+    for backend in ("attention", "scores", "reference"):
+        assert_close(deconstructed_attention(q, k, v, causal=causal, backend=backend), want, torch.float64, backend)
+    torch.manual_seed(0)
+    m = DeconstructedAttention(C, 2, causal=causal).double()
+    x = _r((B, N, C), 3)
+    o = ak.attention((x @ m.wq).view(B, N, 2, 4), (x @ m.wk).view(B, N, 2, 4), (x @ m.wv).view(B, N, 2, 4), mask)
+    assert_close(m(x), o.reshape(B, N, C) @ m.wo, torch.float64, "module")
+
+
+def _hand_case():
+    # N = 2, one head of width 1, scale 1: scores s = q k^T = [[1, -1], [2, -2]], values v = [1, 3]
+    t = lambda *a: torch.tensor(a, dtype=torch.float64).view(1, -1, 1, 1)  # noqa: E731
+    return t(1.0, 2.0), t(1.0, -1.0), t(1.0, 3.0)
+
+
+def _sig(z):
+    return 1 / (1 + math.exp(-z))
+
+
+E1 = math.e
+HAND = {  # (form, causal) -> outputs of both queries, by hand from the formulas
+    ("softmax", False): [(E1 + 3 / E1) / (E1 + 1 / E1), (E1 ** 2 + 3 / E1 ** 2) / (E1 ** 2 + 1 / E1 ** 2)],
+    ("softmax", True): [1.0, (E1 ** 2 + 3 / E1 ** 2) / (E1 ** 2 + 1 / E1 ** 2)],
+    ("relu", False): [0.5, 1.0],  # relu(s) / 2: row 0 [0.5, 0], row 1 [1, 0]
+    ("relu", True): [1.0, 1.0],  # row 0 sees one key: relu(1) / 1
+    ("sigmoid", False): [_sig(1 - math.log(2)) + 3 * _sig(-1 - math.log(2)),
+                         _sig(2 - math.log(2)) + 3 * _sig(-2 - math.log(2))],
+    ("linear", False): [0.5 - 1.5, 1.0 - 3.0],  # s / 2 without a normaliser: negative weights stay
+    ("taylor", False): [(2.5 + 3 * 0.5) / 3.0, (5.0 + 3 * 1.0) / 6.0],  # t = 1 + s + s^2/2: [2.5, .5], [5, 1]
+}
+
+
+@pytest.mark.parametrize("key", list(HAND))
+def test_deconstructed_forms_on_a_hand_computed_case(key):
+    from attnkit.ops.sequence.deconstructed import deconstructed_attention
+
+    form, causal = key
+    q, k, v = _hand_case()
+    for backend in (None, "scores", "reference"):
+        y = deconstructed_attention(q, k, v, form=form, causal=causal, scale=1.0, backend=backend)
+        assert_close(y.flatten(), torch.tensor(HAND[key], dtype=torch.float64), torch.float64, f"{key} {backend}")
+
+
+def test_deconstructed_fixed_mixing_on_a_hand_computed_case():
+    from attnkit.ops.sequence.deconstructed import deconstructed_attention
+
+    _, _, v = _hand_case()
+    expect = {("uniform", False): [2.0, 2.0], ("uniform", True): [1.0, 2.0], ("none", False): [1.0, 3.0],
+              ("none", True): [1.0, 3.0]}
+    for (mixing, causal), want in expect.items():
+        for backend in (None, "reference"):
+            y = deconstructed_attention(None, None, v, mixing=mixing, causal=causal, backend=backend)
+            assert torch.equal(y.flatten(), torch.tensor(want, dtype=torch.float64)), (mixing, causal, backend)
+
+
+def test_fixed_seq_qk_weights_are_identical_for_every_input():
+    from attnkit.mechanisms.seq_deconstructed import DeconstructedAttention
+
+    torch.manual_seed(0)
+    m = DeconstructedAttention(C, 2, qk_source="position", max_len=16).double()
+    # with W_V = W_O = I the output is A x: two inputs reveal the same A
+    with torch.no_grad():
+        m.wv.copy_(torch.eye(C))
+        m.wo.copy_(torch.eye(C))
+    x1, x2 = _r((1, N, C), 1), _r((1, N, C), 2)
+    y1, y2 = m(x1), m(x2)
+    # A does not depend on x: mixing x1 + x2 gives y1 + y2 (linear in x), impossible for hidden-state q, k
+    assert_close(m(x1 + x2), y1 + y2, torch.float64, "linear in x")
+    h = DeconstructedAttention(C, 2).double()
+    assert (h(x1 + x2) - h(x1) - h(x2)).abs().max() > 1e-3
+    # and the same weights for every element of a batch of different inputs
+    assert_close(m(torch.cat([x1, x2])), torch.cat([y1, y2]), torch.float64, "batch")
+
+
+def test_shared_qk_and_external_source():
+    from attnkit.mechanisms.seq_deconstructed import DeconstructedAttention
+    from attnkit.reference.naive_sequence4 import naive_deconstructed_module
+
+    torch.manual_seed(0)
+    m = DeconstructedAttention(C, 2, qk_source="external", shared_qk=True, form="relu", causal=True).double()
+    assert m.wk is None
+    x, e = _r((B, N, C), 1), _r((B, N, C), 2)
+    assert_close(m(x, e), naive_deconstructed_module(m, x, e), torch.float64, "external, shared")
+    with pytest.raises(ValueError, match="DeconstructedAttention: qk_source='external' needs qk_input"):
+        m(x)
+    # the weights follow qk_input only: changing x's values leaves the mixing (hence A x) linear in x
+    assert_close(m(2 * x, e), 2 * m(x, e), torch.float64, "A independent of x")
+    with pytest.raises(ValueError, match="DeconstructedAttention: form"):
+        DeconstructedAttention(C, 2, form="cosine")

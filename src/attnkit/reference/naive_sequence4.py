@@ -135,8 +135,8 @@ def naive_deconstructed(q, k, v, *, form="softmax", mixing="attention", causal=F
     ``sigmoid``: ``sigmoid(s - log n_i)``; ``linear``: ``s / n_i``; ``taylor``: ``t / sum_j t`` with
     ``t = 1 + s + s^2 / 2``. ``q, k (B, N, H, D)``, ``v (B, N, H, Dv)`` -> ``(B, N, H, Dv)``.
     """
-    B, N, H, D = q.shape
-    scale = D ** -0.5 if scale is None else scale
+    B, N, H, _ = v.shape
+    scale = (q.shape[-1] ** -0.5 if scale is None else scale) if mixing == "attention" else None
     A = torch.zeros(B, H, N, N, dtype=v.dtype, device=v.device)
     s = _scores(q, k, scale) if mixing == "attention" else None
     for i in range(N):
@@ -168,11 +168,13 @@ def naive_deconstructed_module(m, x, qk_input=None):
     """:class:`~attnkit.mechanisms.seq_deconstructed.DeconstructedAttention` through :func:`naive_deconstructed`."""
     B, N, C = x.shape
     H, D = m.num_heads, C // m.num_heads
-    src = {"hidden": x, "external": qk_input}.get(m.qk_source)
-    if m.qk_source == "position":
-        src = m.pos_emb[:N].unsqueeze(0).expand(B, N, -1)  # (B, N, C): the same for every input
-    wk = m.wq if m.shared_qk else m.wk
-    q, k = (src @ m.wq).view(B, N, H, D), (src @ wk).view(B, N, H, D)
+    q = k = None
+    if m.mixing == "attention":
+        src = {"hidden": x, "external": qk_input}.get(m.qk_source)
+        if m.qk_source == "position":
+            src = m.pos_emb[:N].unsqueeze(0).expand(B, N, -1)  # (B, N, C): the same for every input
+        wk = m.wq if m.shared_qk else m.wk
+        q, k = (src @ m.wq).view(B, N, H, D), (src @ wk).view(B, N, H, D)
     v = (x @ m.wv).view(B, N, H, D)
     o = naive_deconstructed(q, k, v, form=m.form, mixing=m.mixing, causal=m.causal)
     return o.reshape(B, N, C) @ m.wo
