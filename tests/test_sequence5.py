@@ -10,6 +10,7 @@ import torch
 
 import attnkit as ak
 from attnkit.ops.dense.gaussian import gaussian_adaptive
+from attnkit.ops.sequence.hybrid_spec import HybridSpec, hybrid_stack, hydra_spec, sala_spec
 from attnkit.reference.naive_dense import naive_gaam
 from attnkit.reference.naive_sequence5 import naive_gaam_axis_split
 from tolerances import assert_close, compare_fn
@@ -134,3 +135,78 @@ def test_gaam_module_defaults_are_the_paper_formula_and_options_are_checked():
         ak.get("gaussian_adaptive", dim=5, num_heads=2)
     with pytest.raises(ValueError, match="GaussianAdaptiveAttention: head_split='axis' needs at least"):
         ak.get("gaussian_adaptive", dim=4, num_heads=3, head_split="axis")(torch.randn(1, 2, 4))
+
+
+# -------------------------------------------------------------------------------------- hybrid stacks
+
+
+@pytest.mark.parametrize("spec", [sala_spec(), hydra_spec(), sala_spec(repeat=2),
+                                  HybridSpec.pattern("S(S+A)M", {"S": ("dsf_equivalence", {"form": "s6"}),
+                                                                 "A": ("moba", {"block_size": 8, "topk": 2}),
+                                                                 "M": ("titans_memory", {})})])
+def test_spec_round_trips_through_string_and_dict(spec):
+    assert HybridSpec.from_string(spec.to_string()) == spec
+    assert HybridSpec.from_dict(spec.to_dict()) == spec
+    assert HybridSpec.parse(str(spec)) == spec
+
+
+def test_default_layer_types_and_ratios():
+    assert sala_spec().layer_types() == ["A", "L", "L", "L"] and sala_spec().ratio("A") == 0.25  # 1 sparse : 3 linear
+    assert sala_spec().block("A")[0] == "moba" and sala_spec().block("L")[0] == "lightning_attention"
+    assert hydra_spec().layer_types() == ["S", "S", "S", "S+A"]
+    assert hydra_spec().ratio("S") == 1.0 and hydra_spec().ratio("A") == 0.25
+    with pytest.raises(ValueError, match="does not define"):
+        HybridSpec((("X",),), (("A", "moba", {}),))
+    with pytest.raises(ValueError, match="SalaHybrid: spec kind 'A' names an unknown mechanism"):
+        ak.get("sala_hybrid", dim=8, num_heads=2, spec="A; A=not_a_mechanism()")
+    with pytest.raises(ValueError, match="SalaHybrid: spec kind 'A' sets"):
+        ak.get("sala_hybrid", dim=8, num_heads=2, spec="A; A=moba(causal=True)")
+
+
+@pytest.mark.parametrize("name,one", [("sala_hybrid", "L; L=lightning_attention(chunk_size=16)"),
+                                      ("sala_hybrid", "A; A=moba(block_size=4, topk=2)"),
+                                      ("hydra_hybrid", "S; S=dsf_equivalence(form='s6', state=4)"),
+                                      ("hydra_hybrid",
+                                       "A; A=s2_attention(block_size=4, local_blocks=2, vert_stride=2)")])
+def test_one_layer_spec_equals_its_mechanism(name, one):
+    torch.manual_seed(0)
+    spec = HybridSpec.from_string(one)
+    mech, opts = spec.block(spec.layers[0][0])
+    x = torch.randn(2, 24, 16, dtype=torch.float64)
+    for residual in (False, True):
+        hyb = ak.get(name, dim=16, num_heads=2, spec=one, causal=True, residual=residual).double()
+        kw = dict(opts, dim=16, num_heads=2)
+        if mech in ("moba", "s2_attention"):
+            kw["causal"] = True
+        if mech == "lightning_attention":
+            kw.update(layer_idx=0, num_layers=1)
+        ref = ak.get(mech, **kw).double()
+        ref.load_state_dict(hyb.layers[0][0].state_dict())  # weights shared
+        want = ref(x) + (x if residual else 0)
+        assert_close(hyb(x), want, torch.float64, f"{name} residual={residual}")
+
+
+@pytest.mark.parametrize("name", ["sala_hybrid", "hydra_hybrid"])
+def test_causal_future_does_not_change_past(name):
+    torch.manual_seed(0)
+    m, (x,) = ak.info(name).example(pattern="causal-self")
+    m = m.double()
+    x = x.double()
+    t = 37
+    x2 = x.clone()
+    x2[:, t:] += torch.randn_like(x2[:, t:])
+    y, y2 = m(x), m(x2)
+    assert_close(y2[:, :t], y[:, :t], torch.float64, "past")
+    assert (y2[:, t:] - y[:, t:]).abs().max() > 1e-3
+
+
+def test_stack_passes_whole_stack_layer_index_and_matches_functional():
+    from attnkit.ops.linear.decay import tnl_decay
+
+    m = ak.get("sala_hybrid", dim=16, num_heads=2, causal=True)
+    for idx in (1, 2, 3):
+        assert torch.allclose(m.layers[idx][0].decay, tnl_decay(2, idx, 4).to(torch.float32))
+    x = torch.randn(1, 260, 16)  # moba: topk 4 of 64-token blocks needs >= 4 blocks
+    assert torch.equal(m(x), hybrid_stack(x, m.layers, residual=True))
+    with pytest.raises(ValueError, match="hybrid_stack: x must be"):
+        hybrid_stack(torch.randn(3, 4), m.layers)

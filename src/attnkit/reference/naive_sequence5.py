@@ -57,3 +57,15 @@ def naive_gaussian_adaptive_options(m, x: torch.Tensor) -> torch.Tensor:
     fn = naive_gaam_axis_split if m.head_split == "axis" else naive_gaam
     return fn(x, m.offsets, m.widths, m.mix_logits if m.combine == "mixture" else None, axis=m.axis,
               normalize=m.normalize, eps=m.eps, unbiased=m.unbiased, combine=m.combine)
+
+
+# -------------------------------------------------------------------------------------- hybrid stacks
+
+
+def naive_hybrid_stack(m, x: torch.Tensor) -> torch.Tensor:
+    """:class:`~attnkit.mechanisms.seq_hybrid_spec.SalaHybrid` / ``HydraHybrid``: every layer's paths through
+    their own registered naive twins (``m.block_references``), summed, plus the residual."""
+    for paths, refs in zip(m.layers, m.block_references, strict=True):
+        out = sum(ref(block, x) for block, ref in zip(paths, refs, strict=True))
+        x = x + out if m.residual else out
+    return x
