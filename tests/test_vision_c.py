@@ -8,8 +8,10 @@ import torch
 
 import attnkit as ak
 from attnkit.mechanisms.vision_acmil import ACMILPooling
+from attnkit.mechanisms.vision_csa import ClassSemanticAttention
 from attnkit.ops.vision.acmil import acmil_pool, stkim_mask
-from attnkit.reference.naive_vision_c import naive_acmil_pool
+from attnkit.ops.vision.csa import class_semantic_attention
+from attnkit.reference.naive_vision_c import naive_acmil_pool, naive_class_semantic_attention
 from tolerances import assert_close
 
 F64 = torch.float64
@@ -115,3 +117,66 @@ def test_acmil_options_and_inputs_are_checked():
     with pytest.raises(ValueError, match="acmil_pool: mask_drop"):
         acmil_pool(torch.randn(1, 2, 5), torch.randn(1, 5, 3), 2, -0.1)
     assert "acmil_pool" in ak.explain("acmil_pool", torch.randn(1, 2, 5), torch.randn(1, 5, 3), 2)
+
+
+# --------------------------------------------------------------------------------------------- CSA
+
+
+@pytest.mark.parametrize("fuse", ["concat", "sum"])
+def test_csa_matches_naive(fuse):
+    gen = torch.Generator().manual_seed(0)
+    B, T, C, Cr, h, k = 2, 9, 5, 7, 3, 5
+
+    def t(*s):
+        return torch.randn(*s, generator=gen, dtype=F64, requires_grad=True)
+
+    args = [t(B, T, C), t(B, T, Cr), t(h, Cr), t(h), t(C, h), t(C), t(1, Cr, k), t(1),
+            t(C, 2 * C) if fuse == "concat" else None, t(C) if fuse == "concat" else None]
+    out = class_semantic_attention(*args, fuse=fuse)
+    ref = naive_class_semantic_attention(*args, fuse=fuse)
+    assert_close(out, ref, F64, "out")
+    wrt = [a for a in args if a is not None]
+    names = ["df", "dr", "dw1", "db1", "dw2", "db2", "dwt", "dbt", "dwf", "dbf"][:len(wrt)]
+    for name, a, b in zip(names, _grads(out, wrt), _grads(ref, wrt), strict=True):
+        assert_close(a, b, F64, name, grad=True)
+
+
+def test_csa_zero_weights_give_half_gates():
+    m = ClassSemanticAttention(6, semantic_dim=4, fuse="sum").double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+    f, r = torch.randn(2, 8, 6, dtype=F64), torch.randn(2, 8, 4, dtype=F64)
+    assert torch.allclose(m(f, r), f)  # f * 0.5 + f * 0.5 in the sum form: both gates are exactly 1/2
+
+
+def test_csa_gates_come_from_r_only():
+    torch.manual_seed(0)
+    m = ClassSemanticAttention(6, semantic_dim=4, fuse="sum").double()
+    f1, f2, r = (torch.randn(2, 8, c, dtype=F64) for c in (6, 6, 4))
+    g1, g2 = m(f1, r) / f1, m(f2, r) / f2  # a_c + a_t, the same for any f
+    assert torch.allclose(g1, g2)
+    # concat form: linear in f for a fixed r (no gradient from f into the gates)
+    m2 = ClassSemanticAttention(6, semantic_dim=4).double()
+    zero = m2(torch.zeros_like(f1), r)
+    assert torch.allclose(m2(f1 + f2, r) - zero, (m2(f1, r) - zero) + (m2(f2, r) - zero))
+
+
+def test_csa_temporal_gate_is_local():
+    torch.manual_seed(0)
+    m = ClassSemanticAttention(6, semantic_dim=4, kernel_size=3, fuse="sum").double()
+    with torch.no_grad():
+        m.channel_fc2.weight.zero_()  # the channel gate no longer depends on r
+    f, r = torch.randn(1, 12, 6, dtype=F64), torch.randn(1, 12, 4, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(m(f, r)[0, 5].sum(), r)
+    assert g[0, 4:7].abs().sum() > 0 and g[0, :4].abs().max() == 0 and g[0, 7:].abs().max() == 0
+
+
+def test_csa_options_and_inputs_are_checked():
+    with pytest.raises(ValueError, match="ClassSemanticAttention: kernel_size"):
+        ClassSemanticAttention(6, kernel_size=4)
+    m = ClassSemanticAttention(6, semantic_dim=4)
+    with pytest.raises(ValueError, match="ClassSemanticAttention: r "):
+        m(torch.randn(1, 5, 6))
+    with pytest.raises(ValueError, match="ClassSemanticAttention: r must share"):
+        m(torch.randn(1, 5, 6), torch.randn(1, 6, 4))

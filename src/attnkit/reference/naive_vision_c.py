@@ -63,3 +63,39 @@ def naive_acmil_module(module, x, *, generator=None, return_attention=False):
         generator = torch.Generator(device=x.device).manual_seed(module.seed)
     return naive_acmil_pool(naive_acmil_logits(module, x), x, module.num_masked if module.training else 0,
                             module.mask_drop, generator, return_attention)
+
+
+# --------------------------------------------------------------------------------------------- CSA
+
+
+def naive_class_semantic_attention(f, r, w1, b1, w2, b2, wt, bt, wf=None, bf=None, fuse="concat"):
+    """CSA (arXiv 2109.02613 Sec. 3) step by step: ``f (B, T, C)``, ``r (B, T, C_r)`` -> ``(B, T, C)``."""
+    B, T, _ = f.shape
+    k = wt.shape[-1]
+    pooled = sum(r[:, t] for t in range(T)) / T  # (B, C_r): mean over time
+    hidden = torch.clamp(pooled @ w1.t() + (0 if b1 is None else b1), min=0)
+    a_c = 1 / (1 + torch.exp(-(hidden @ w2.t() + (0 if b2 is None else b2))))  # (B, C)
+    a_t = []
+    for t in range(T):  # zero-padded correlation over the window [t - k//2, t + k//2]
+        acc = torch.zeros(B, dtype=r.dtype, device=r.device) + (0 if bt is None else bt[0])
+        for j in range(k):
+            s = t + j - k // 2
+            if 0 <= s < T:
+                acc = acc + r[:, s] @ wt[0, :, j]
+        a_t.append(1 / (1 + torch.exp(-acc)))
+    a_t = torch.stack(a_t, 1)  # (B, T)
+    by_channel = f * a_c[:, None, :]
+    by_time = f * a_t[:, :, None]
+    if fuse == "sum":
+        return by_channel + by_time
+    return torch.cat([by_channel, by_time], -1) @ wf.t() + (0 if bf is None else bf)
+
+
+def naive_csa_module(module, x, r=None):
+    """``ClassSemanticAttention``: ``x (B, T, C)`` (and ``r (B, T, C_r)``, default ``x``) -> ``(B, T, C)``."""
+    r = x if r is None else r
+    fuse = module.fuse
+    return naive_class_semantic_attention(
+        x, r, module.channel_fc1.weight, module.channel_fc1.bias, module.channel_fc2.weight, module.channel_fc2.bias,
+        module.temporal_conv.weight, module.temporal_conv.bias,
+        module.fusion.weight if fuse == "concat" else None, module.fusion.bias if fuse == "concat" else None, fuse)

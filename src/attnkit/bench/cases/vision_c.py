@@ -21,6 +21,10 @@ SETTINGS: dict[str, list[tuple[str, str, dict]]] = {
         ("N4096xC512", "M5-K10-p0.6", {"batch": 1, "seq_len": 4096, "dim": 512, "seed": 0}),
         ("N16384xC512", "M5-K10-p0.6", {"batch": 1, "seq_len": 16384, "dim": 512, "seed": 0}),
     ],
+    "class_semantic": [  # BMN-CSA: ActivityNet (T = 100) and THUMOS-14 (T = 256) snippet sequences
+        ("T100xC256", "k3-concat", {"batch": 16, "seq_len": 100, "dim": 256}),
+        ("T256xC512", "k3-concat", {"batch": 16, "seq_len": 256, "dim": 512}),
+    ],
 }
 
 

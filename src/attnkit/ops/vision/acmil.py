@@ -1,7 +1,7 @@
 """ACMIL's multi-branch attention pooling with stochastic top-K instance masking (STKIM).
 
 "Attention-Challenging Multiple Instance Learning for Whole Slide Image Classification", arXiv 2311.07125
-(ECCV 2024), §3: M attention branches score every instance of a bag; in training, each branch's top-K
+(ECCV 2024), Sec. 3: M attention branches score every instance of a bag; in training, each branch's top-K
 instances are found and a random subset of them (a fraction ``p`` of the K, drawn uniformly) is masked out
 before the softmax, so the branch must spread its attention beyond the few most salient instances. Each
 branch pools the bag with its own softmax weights; in eval nothing is masked.
@@ -102,7 +102,7 @@ register_op("acmil_pool", make_acmil_call, ACMIL_DISPATCHER)
 def acmil_pool(logits: torch.Tensor, x: torch.Tensor, num_masked: int = 0, mask_drop: float = 0.6, *,
                generator: torch.Generator | None = None, return_weights: bool = False,
                backend: str | None = None):
-    """Multi-branch attention pooling with stochastic top-K instance masking (ACMIL, arXiv 2311.07125 §3).
+    """Multi-branch attention pooling with stochastic top-K instance masking (ACMIL, arXiv 2311.07125 Sec. 3).
 
     Args:
         logits: branch scores ``(B, M, N)`` (one row of instance logits per branch).
