@@ -155,3 +155,47 @@ def test_crossformer_lda_default_interval_and_small_maps():
     qf, kf, vf = (t.reshape(1, 4, 2, 8).transpose(1, 2) for t in (q, k, v))
     dense = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=m.pos(2, 2)).transpose(1, 2).reshape(1, 2, 2, 16)
     torch.testing.assert_close(m(x), m.proj(dense))
+
+
+# ---------------------------------------------------------------------------------------- NiNformer
+
+
+def _ninformer():
+    from attnkit.mechanisms.vision_ninformer import NiNformerGating
+    return NiNformerGating
+
+
+def test_token_mixing_mlp_matmul_matches_naive_with_every_gradient():
+    from attnkit.ops.vision.ninformer import token_mixing_mlp
+    x = _rand(2, 6, 5, grad=True)
+    w1, b1, w2, b2 = _rand(4, 6, seed=1, grad=True), _rand(4, seed=2, grad=True), _rand(6, 4, seed=3, grad=True), \
+        _rand(6, seed=4, grad=True)
+
+    def run(backend):
+        return lambda *a: token_mixing_mlp(*a, backend=backend)
+    _assert_same_with_grads(run("matmul"), run("reference"), (x, w1, b1, w2, b2))
+
+
+def test_ninformer_gate_identity_is_the_mixer_block():
+    # gate Linear with weight 0 and bias 1: the unit returns the inner Mixer block's output, written here as
+    # MLP-Mixer writes it (transpose, Linear over tokens, transpose back)
+    m = _nudge(_ninformer()(8, num_tokens=12, hidden_dim=10, token_hidden_dim=6)).double()
+    with torch.no_grad():
+        m.gate.weight.zero_()
+        m.gate.bias.fill_(1.0)
+    x = _rand(2, 3, 4, 8)
+    u = x.reshape(2, 12, 8)
+    v = u + m.token_mlp(m.token_norm(u).transpose(1, 2)).transpose(1, 2)
+    v = v + m.channel_mlp(m.channel_norm(v))
+    torch.testing.assert_close(m(x), v.reshape(2, 3, 4, 8))
+
+
+def test_ninformer_is_tied_to_its_resolution_and_not_permutation_equivariant():
+    m = _nudge(_ninformer()(8, num_tokens=12)).double()
+    with pytest.raises(ValueError, match=r"NiNformerGating.*num_tokens = 12"):
+        m(_rand(1, 4, 4, 8))
+    x = _rand(1, 3, 4, 8)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    permuted_in = x.reshape(1, 12, 8)[:, perm].reshape(1, 3, 4, 8)
+    out_of_permuted = m(permuted_in).reshape(1, 12, 8)
+    assert (out_of_permuted - m(x).reshape(1, 12, 8)[:, perm]).abs().max() > 1e-6
