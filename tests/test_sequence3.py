@@ -12,15 +12,18 @@ import torch
 from attnkit.mechanisms.seq_embed_pool import MultiLayerTrainablePooling
 from attnkit.mechanisms.seq_pointer import PointerAttention
 from attnkit.mechanisms.seq_prompt import TokenCoordinatedPromptAttention
+from attnkit.mechanisms.seq_se import SEAttention
 from attnkit.ops.sequence.embed_pool import latent_attention_pool, layer_states
 from attnkit.ops.sequence.pointer import pointed_mask, pointer_attention
 from attnkit.ops.sequence.prompt import prompt_attention, tcpa_prompt_mask
+from attnkit.ops.sequence.se_rope import laplacian_coords, se_attention
 from attnkit.reference.naive_dense import naive_masked_attention
 from attnkit.reference.naive_sequence3 import (
     naive_latent_pool,
     naive_pointer_attention,
     naive_prompt_attention,
     naive_prompt_mask,
+    naive_se_attention,
 )
 from tolerances import assert_close, compare_fn
 
@@ -241,3 +244,76 @@ def test_tcpa_errors():
     t = _prompt_inputs()
     with pytest.raises(ValueError, match="prompt_attention: prompt_mask"):
         prompt_attention(**t, prompt_mask=torch.ones(2, 6, 4, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- ST-LINK SE-attention
+
+
+def _se_inputs(N=7, S=2, seed=0, batched=False):
+    g = _gen(seed)
+    t = {n: torch.randn(2, N, 2, 8, generator=g, dtype=F64) for n in "qkv"}
+    shape = (2, N, S) if batched else (N, S)
+    return t, torch.randint(0, 5, shape[:-1], generator=g), torch.randn(shape, generator=g, dtype=F64)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_se_op_matches_naive(causal, batched, dtype):
+    t, tp, c = _se_inputs(batched=batched)
+    kw = {"spatial_dim": 4, "causal": causal}
+    compare_fn(lambda **a: se_attention(**a, time_pos=tp, coords=c, **kw),
+               lambda **a: naive_se_attention(**a, time_pos=tp, coords=c, **kw), t, dtype)
+
+
+def test_se_scores_depend_on_differences_only():
+    t, tp, c = _se_inputs()
+    y = se_attention(**t, time_pos=tp, coords=c, spatial_dim=4)
+    shifted = se_attention(**t, time_pos=tp + 11, coords=c + torch.tensor([3.7, -1.25], dtype=F64), spatial_dim=4)
+    assert_close(shifted, y, F64, "shifted time and coordinates")
+    moved = se_attention(**t, time_pos=tp, coords=c * 1.5, spatial_dim=4)
+    assert (moved - y).abs().max() > 1e-6  # not a constant: the differences matter
+
+
+def test_se_zero_positions_are_plain_attention_and_zero_coords_are_time_rope():
+    t, tp, c = _se_inputs()
+    zero_t, zero_c = torch.zeros_like(tp), torch.zeros_like(c)
+    plain = naive_masked_attention(t["q"], t["k"], t["v"])[0]
+    assert_close(se_attention(**t, time_pos=zero_t, coords=zero_c, spatial_dim=4), plain, F64, "zero positions")
+    # coordinates 0: the spatial channels stay unrotated, so the output is that of all-time RoPE with zero angles
+    # on those channels, and it no longer depends on the spatial split's frequencies
+    a = se_attention(**t, time_pos=tp, coords=zero_c, spatial_dim=4, spatial_base=7.0)
+    b = se_attention(**t, time_pos=tp, coords=zero_c, spatial_dim=4, spatial_base=1000.0)
+    assert_close(a, b, F64, "spatial base irrelevant at zero coordinates")
+
+
+def test_se_node_permutation_equivariance():
+    torch.manual_seed(0)
+    V, T = 4, 3
+    coords = torch.randn(V, 2)
+    m = SEAttention(16, 2, num_nodes=V, node_coords=coords).double()
+    x = torch.randn(2, V * T, 16, dtype=F64)
+    perm = torch.tensor([2, 0, 3, 1])
+    m2 = SEAttention(16, 2, num_nodes=V, node_coords=coords[perm]).double()
+    m2.load_state_dict({k: v for k, v in m.state_dict().items() if k != "node_coords"}, strict=False)
+    tok = (torch.arange(T).unsqueeze(1) * V + perm).reshape(-1)  # token of node perm[j] at each time
+    assert_close(m2(x[:, tok]), m(x)[:, tok], F64, "nodes permuted with their coordinates")
+
+
+def test_se_laplacian_coords_and_errors():
+    adj = torch.zeros(6, 6)
+    for i in range(5):  # a path graph
+        adj[i, i + 1] = adj[i + 1, i] = 1
+    u = laplacian_coords(adj, 2)
+    assert u.shape == (6, 2)
+    # the Fiedler vector of a path (random-walk form: the normalised one over sqrt(degree)) is monotone along it
+    f = u[:, 0] / adj.sum(1).sqrt()
+    d = f[1:] - f[:-1]
+    assert torch.all(d > 0) or torch.all(d < 0)
+    t, tp, c = _se_inputs()
+    with pytest.raises(ValueError, match="se_attention: spatial_dim"):
+        se_attention(**t, time_pos=tp, coords=c, spatial_dim=3)
+    with pytest.raises(ValueError, match="se_attention: coords"):
+        se_attention(**t, time_pos=tp, coords=c[:3], spatial_dim=4)
+    with pytest.raises(ValueError, match="SEAttention: node_coords"):
+        SEAttention(16, 2, num_nodes=3, node_coords=torch.zeros(4, 2))
