@@ -10,15 +10,18 @@ import pytest
 import torch
 
 from attnkit.mechanisms.seq_embed_pool import MultiLayerTrainablePooling
+from attnkit.mechanisms.seq_kat import KArAtAttention
 from attnkit.mechanisms.seq_pointer import PointerAttention
 from attnkit.mechanisms.seq_prompt import TokenCoordinatedPromptAttention
 from attnkit.mechanisms.seq_se import SEAttention
 from attnkit.ops.sequence.embed_pool import latent_attention_pool, layer_states
+from attnkit.ops.sequence.kat import kat_attention
 from attnkit.ops.sequence.pointer import pointed_mask, pointer_attention
 from attnkit.ops.sequence.prompt import prompt_attention, tcpa_prompt_mask
 from attnkit.ops.sequence.se_rope import laplacian_coords, se_attention
 from attnkit.reference.naive_dense import naive_masked_attention
 from attnkit.reference.naive_sequence3 import (
+    naive_kat_attention,
     naive_latent_pool,
     naive_pointer_attention,
     naive_prompt_attention,
@@ -317,3 +320,80 @@ def test_se_laplacian_coords_and_errors():
         se_attention(**t, time_pos=tp, coords=c[:3], spatial_dim=4)
     with pytest.raises(ValueError, match="SEAttention: node_coords"):
         SEAttention(16, 2, num_nodes=3, node_coords=torch.zeros(4, 2))
+
+
+# ------------------------------------------------------------------------------------------ KArAt
+
+
+def _kat_inputs(N=6, nmax=8, r=3, G=2, seed=0):
+    g = _gen(seed)
+    t = {n: torch.randn(2, N, 2, 4, generator=g, dtype=F64) for n in "qkv"}
+    t.update(alpha=torch.randn(2, r, nmax, G, generator=g, dtype=F64) * 0.3,
+             beta=torch.randn(2, r, nmax, G, generator=g, dtype=F64) * 0.3,
+             w=torch.randn(2, nmax, r, generator=g, dtype=F64) * 0.3)
+    return t
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kat_op_matches_naive(causal, dtype, monkeypatch):
+    import attnkit.ops.sequence.kat as kat_mod
+
+    monkeypatch.setattr(kat_mod, "CHUNK_ELEMENTS", 100)  # several row blocks
+    compare_fn(lambda **a: kat_attention(**a, causal=causal), lambda **a: naive_kat_attention(**a, causal=causal),
+               _kat_inputs(), dtype)
+
+
+def test_kat_zero_coefficients_give_zero_output():
+    t = _kat_inputs()
+    t["alpha"], t["beta"] = torch.zeros_like(t["alpha"]), torch.zeros_like(t["beta"])
+    for causal in (False, True):
+        out = kat_attention(**t, causal=causal)
+        assert torch.all(out == 0) and torch.all(torch.isfinite(out))
+
+
+def _diagonal(t, c, d):
+    """Unit p reads key p only with harmonics c (cos) / d (sin); W = I: sigma_ij = f(a_ij), f elementwise."""
+    N, G = t["q"].shape[1], len(c)
+    eye = torch.eye(N, dtype=F64)
+    t["alpha"] = (eye.view(1, N, N, 1) * torch.tensor(c, dtype=F64)).expand(2, N, N, G).clone()
+    t["beta"] = (eye.view(1, N, N, 1) * torch.tensor(d, dtype=F64)).expand(2, N, N, G).clone()
+    t["w"] = eye.expand(2, N, N).clone()
+    return t
+
+
+def test_kat_diagonal_coefficients_are_an_elementwise_fourier_kernel():
+    t = _diagonal(_kat_inputs(N=5, nmax=5, r=5), [0.5, -0.2], [1.0, 0.3])
+    a = torch.einsum("bihd,bjhd->bhij", t["q"], t["k"]) * 0.5  # D = 4
+    f = 0.5 * a.cos() - 0.2 * (2 * a).cos() + a.sin() + 0.3 * (2 * a).sin()
+    for causal in (False, True):
+        s = f.tril() if causal else f
+        assert_close(kat_attention(**t, causal=causal), torch.einsum("bhij,bjhd->bihd", s, t["v"]), F64, "f(A) V")
+
+
+def test_kat_single_sine_term_is_linear_attention_in_the_small_angle_limit():
+    eps = 1e-4
+    t = _diagonal(_kat_inputs(N=5, nmax=5, r=5), [0.0], [1.0 / eps])  # sigma = sin(eps a) / eps -> a
+    out = kat_attention(**t, scale=eps * 0.5)
+    a = torch.einsum("bihd,bjhd->bhij", t["q"], t["k"]) * 0.5
+    linear = torch.einsum("bhij,bjhd->bihd", a, t["v"])  # unnormalised linear attention (q k^T / sqrt(D)) V
+    assert (out - linear).abs().max() < 1e-6 * linear.abs().max()
+
+
+def test_kat_rows_are_independent_and_causal_prefixes_agree():
+    t = _kat_inputs()
+    y = kat_attention(**t)
+    perm = torch.randperm(6, generator=_gen(1))
+    permuted = dict(t, q=t["q"][:, perm])
+    assert_close(kat_attention(**permuted), y[:, perm], F64, "query rows permuted")
+    yc = kat_attention(**t, causal=True)
+    short = {n: (x[:, :4] if n in "qkv" else x) for n, x in t.items()}
+    assert_close(kat_attention(**short, causal=True), yc[:, :4], F64, "causal prefix")
+
+
+def test_kat_length_is_bounded_by_the_parameters():
+    t = _kat_inputs(N=9, nmax=8)
+    with pytest.raises(ValueError, match="kat_attention: 9 tokens"):
+        kat_attention(**t)
+    with pytest.raises(ValueError, match="KArAtAttention: x has 17 tokens"):
+        KArAtAttention(8, 2, max_len=16)(torch.randn(1, 17, 8))
