@@ -11,8 +11,9 @@ import torch
 import attnkit as ak
 from attnkit.ops.dense.gaussian import gaussian_adaptive
 from attnkit.ops.sequence.hybrid_spec import HybridSpec, hybrid_stack, hydra_spec, sala_spec
+from attnkit.ops.sequence.spatial_mamba import spatial_mamba_fusion
 from attnkit.reference.naive_dense import naive_gaam
-from attnkit.reference.naive_sequence5 import naive_gaam_axis_split
+from attnkit.reference.naive_sequence5 import naive_gaam_axis_split, naive_spatial_mamba_fusion
 from tolerances import assert_close, compare_fn
 
 # ------------------------------------------------------------------------------------------------ GAAM
@@ -210,3 +211,52 @@ def test_stack_passes_whole_stack_layer_index_and_matches_functional():
     assert torch.equal(m(x), hybrid_stack(x, m.layers, residual=True))
     with pytest.raises(ValueError, match="hybrid_stack: x must be"):
         hybrid_stack(torch.randn(3, 4), m.layers)
+
+
+# ------------------------------------------------------------------------------------ Spatial-Mamba SASF
+
+
+def _sasf_inputs(B=1, Y=3, X=5, C=3, n=2, R=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return {"x": r(B, Y, X, C), "dt": 0.1 + 0.5 * torch.rand(B, Y, X, C, generator=g, dtype=torch.float64),
+            "A": -0.2 - torch.rand(C, n, generator=g, dtype=torch.float64), "Bm": r(B, Y, X, n),
+            "Cm": r(B, Y, X, n), "D": r(C), "weights": 0.3 * r(R, C, 3, 3)}
+
+
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_spatial_mamba_chunked_matches_naive(chunk):
+    # 15 tokens: chunks of 4 cross rows and end ragged
+    inputs = _sasf_inputs()
+    for dtype in (torch.float64, torch.float32):
+        compare_fn(lambda **a: spatial_mamba_fusion(**a, dilations=(1, 2), chunk_size=chunk),
+                   lambda **a: naive_spatial_mamba_fusion(**a, dilations=(1, 2)), inputs, dtype)
+
+
+def test_spatial_mamba_delta_fusion_is_the_plain_scan():
+    from attnkit.ops.sequence.dsf import dsf_from_s6, run_dsf
+
+    inp = _sasf_inputs(B=2, Y=4, X=3, C=3, n=4, R=3)
+    delta = torch.zeros(3, 3, 3, 3, dtype=torch.float64)
+    delta[0, :, 1, 1] = 1.0  # centre only, first dilation
+    y = spatial_mamba_fusion(inp["x"], inp["dt"], inp["A"], inp["Bm"], inp["Cm"], None, delta, chunk_size=5)
+    B, Y, X, C = inp["x"].shape
+    flat = lambda t: t.reshape(B, Y * X, -1)  # noqa: E731  (B, L, .) raster order
+    # the 1-D selective scan, as attnkit's DSF S6 form computes it (Euler B_bar, y = C h)
+    plain = run_dsf(dsf_from_s6(flat(inp["x"]), flat(inp["dt"]), inp["A"], flat(inp["Bm"]), flat(inp["Cm"])))
+    assert_close(y.reshape(B, Y * X, C), plain.squeeze(-1), torch.float64, "delta")
+    # a non-delta fusion mixes neighbouring states, so it differs
+    w = inp["weights"].repeat(2, 1, 1, 1)[:3]  # (3, C, 3, 3)
+    y2 = spatial_mamba_fusion(inp["x"], inp["dt"], inp["A"], inp["Bm"], inp["Cm"], None, w)
+    assert (y2 - y).abs().max() > 1e-3
+
+
+def test_spatial_mamba_module_delta_init_and_errors():
+    m = ak.get("spatial_mamba_fusion", dim=4, state=2).double()
+    assert torch.equal(m.fusion[0, :, 1, 1], torch.ones(4, dtype=torch.float64)) and m.fusion.abs().sum() == 4
+    with pytest.raises(ValueError, match="spatial_mamba_fusion: weights must be"):
+        spatial_mamba_fusion(torch.randn(1, 2, 2, 3), torch.rand(1, 2, 2, 3), -torch.rand(3, 2),
+                             torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2), None, torch.randn(1, 3, 3, 3),
+                             dilations=(1, 3))
+    with pytest.raises(ValueError, match="SpatialMambaMixer: fusion_init"):
+        ak.get("spatial_mamba_fusion", dim=4, fusion_init="zeros")

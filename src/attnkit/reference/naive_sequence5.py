@@ -69,3 +69,49 @@ def naive_hybrid_stack(m, x: torch.Tensor) -> torch.Tensor:
         out = sum(ref(block, x) for block, ref in zip(paths, refs, strict=True))
         x = x + out if m.residual else out
     return x
+
+
+# ---------------------------------------------------------------------------------- Spatial-Mamba SASF
+
+
+def naive_selective_scan_states(x, dt, A, Bm):
+    """States ``h (B, L, C, n)`` of ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``, one token at a time;
+    ``x, dt (B, L, C)``, ``A (C, n)``, ``Bm (B, L, n)``."""
+    B, L, C = x.shape
+    h = x.new_zeros(B, C, A.shape[1])
+    out = []
+    for t in range(L):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[:, :, None] * Bm[:, t, None, :]
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+def naive_spatial_mamba_fusion(x, dt, A, Bm, Cm, D, weights, dilations):
+    """Spatial-Mamba's SASF on ``x (B, Y, X, C)``: the 1-D scan over the raster order, then for every pixel the
+    sum over dilations r and the 3x3 offsets (i, j) of ``weights[r, c, i, j] * h[clamped neighbour]``
+    (replicate padding = the neighbour's coordinates clamped into the image), then ``y = C . hf + D x``."""
+    B, Y, X, C = x.shape
+    L = Y * X
+    h = naive_selective_scan_states(x.reshape(B, L, C), dt.reshape(B, L, C), A, Bm.reshape(B, L, -1))
+    h = h.reshape(B, Y, X, C, -1)
+    fused = torch.zeros_like(h)
+    for yy in range(Y):
+        for xx in range(X):
+            for r, d in enumerate(dilations):
+                for i in range(3):
+                    for j in range(3):
+                        ny = min(max(yy + (i - 1) * d, 0), Y - 1)
+                        nx = min(max(xx + (j - 1) * d, 0), X - 1)
+                        fused[:, yy, xx] = fused[:, yy, xx] + weights[r, :, i, j, None] * h[:, ny, nx]
+    y = (fused * Cm[:, :, :, None, :]).sum(-1)  # (B, Y, X, C)
+    return y + D * x if D is not None else y
+
+
+def naive_spatial_mamba_module(m, x: torch.Tensor) -> torch.Tensor:
+    """:class:`~attnkit.mechanisms.vision_spatial_mamba.SpatialMambaMixer` on ``x (B, Y, X, C)``."""
+    C, n = m.dim, m.state
+    z = x @ m.in_proj.weight.T + m.in_proj.bias
+    xs, dt, Bm, Cm = z.split([C, C, n, n], dim=-1)
+    dt = torch.nn.functional.softplus(dt)
+    y = naive_spatial_mamba_fusion(xs, dt, -torch.exp(m.a_log), Bm, Cm, m.D, m.fusion, m.dilations)
+    return y @ m.out_proj.weight.T + m.out_proj.bias
