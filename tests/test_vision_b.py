@@ -199,3 +199,73 @@ def test_ninformer_is_tied_to_its_resolution_and_not_permutation_equivariant():
     permuted_in = x.reshape(1, 12, 8)[:, perm].reshape(1, 3, 4, 8)
     out_of_permuted = m(permuted_in).reshape(1, 12, 8)
     assert (out_of_permuted - m(x).reshape(1, 12, 8)[:, perm]).abs().max() > 1e-6
+
+
+# ---------------------------------------------------------------------------------------- MAXIM cross gating
+
+
+def _cgb():
+    from attnkit.mechanisms.vision_maxim_cross import MaximCrossGating
+    return MaximCrossGating
+
+
+def test_multi_axis_spatial_weights_matmul_matches_naive_with_every_gradient():
+    from attnkit.ops.vision.cross_gating import multi_axis_spatial_weights
+    u = _rand(2, 4, 6, 6, grad=True)
+    gw, gb = _rand(4, 4, seed=1, grad=True), _rand(4, seed=2, grad=True)
+    bw, bb = _rand(4, 4, seed=3, grad=True), _rand(4, seed=4, grad=True)
+
+    def run(backend):
+        return lambda u, gw, gb, bw, bb: multi_axis_spatial_weights(u, gw, gb, 2, bw, bb, 2, backend=backend)
+    _assert_same_with_grads(run("matmul"), run("reference"), (u, gw, gb, bw, bb))
+
+
+def test_cross_gating_two_streams_match_the_twin_with_input_gradients():
+    from attnkit.reference.naive_vision_b import naive_maxim_cross_gating_module
+    m = _nudge(_cgb()(6, block_size=2, grid_size=2, y_dim=4)).double()
+    x, y = _rand(2, 4, 6, 6, seed=1, grad=True), _rand(2, 4, 6, 4, seed=2, grad=True)
+
+    def pack(fn):
+        return lambda x, y: torch.cat(fn(m, x, y, return_both=True), -1)
+    _assert_same_with_grads(pack(lambda m, x, y, **kw: m(x, y, **kw)), pack(naive_maxim_cross_gating_module), (x, y))
+    torch.testing.assert_close(m(x, y), m(x, y, return_both=True)[0])
+
+
+def test_cross_gating_unit_gates_are_the_identity_and_token_weights_zero_mix_nothing():
+    m = _nudge(_cgb()(6, block_size=2, grid_size=2)).double()
+    x, y = _rand(1, 4, 4, 6, seed=1), _rand(1, 4, 4, 6, seed=2)
+    with torch.no_grad():  # G == 1: both gates' output projections give 1 everywhere
+        for g in (m.gate_x, m.gate_y):
+            g.out_proj.weight.zero_()
+            g.out_proj.bias.fill_(1.0)
+    x0, y0 = m.proj_x(x), m.proj_y(y)
+    y_out = y0 + m.out_y(F.gelu(m.in_y(m.norm_y(y0))))
+    x_out = x0 + m.out_x(F.gelu(m.in_x(m.norm_x(x0)))) + y_out
+    got = m(x, y, return_both=True)
+    torch.testing.assert_close(got[0], x_out)
+    torch.testing.assert_close(got[1], y_out)
+    # token weights 0, biases 1: the spatial weights mix no tokens, so each pixel's output reads its own pixel only
+    m = _nudge(_cgb()(6, block_size=2, grid_size=2)).double()
+    with torch.no_grad():
+        for g in (m.gate_x, m.gate_y):
+            g.grid_weight.zero_(), g.block_weight.zero_(), g.grid_bias.fill_(1.0), g.block_bias.fill_(1.0)
+    x2, y2 = x.clone(), y.clone()
+    x2[:, 0, 0] += 1.0
+    y2[:, 0, 1] += 1.0
+    a, b = m(x, y), m(x2, y2)
+    assert (a[:, 0, :2] - b[:, 0, :2]).abs().min() > 0
+    torch.testing.assert_close(a[:, 1:], b[:, 1:])
+    torch.testing.assert_close(a[:, 0, 2:], b[:, 0, 2:])
+
+
+def test_cross_gating_aggregate_false_and_errors():
+    m = _nudge(_cgb()(6, block_size=2, grid_size=2, aggregate=False)).double()
+    x, y = _rand(1, 4, 4, 6, seed=1), _rand(1, 4, 4, 6, seed=2)
+    x_out = m(x, y, return_both=True)[0]
+    x1 = F.gelu(m.in_x(m.norm_x(m.proj_x(x))))
+    gy = m.gate_y(F.gelu(m.in_y(m.norm_y(m.proj_y(y)))))
+    torch.testing.assert_close(x_out, m.proj_x(x) + m.out_x(x1 * gy))
+    with pytest.raises(ValueError, match=r"MaximCrossGating: y must share x's"):
+        m(x, _rand(1, 2, 4, 6))
+    with pytest.raises(ValueError, match=r"MaximCrossGating.*grid_size \(3\)"):
+        _cgb()(6, block_size=2, grid_size=3)(x)

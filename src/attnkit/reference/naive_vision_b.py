@@ -120,13 +120,20 @@ def naive_crossformer_module(m, x):
 # ---------------------------------------------------------------------------------------- MAXIM
 
 
+def naive_multi_axis_spatial_weights(u, grid_weight, grid_bias, grid_size, block_weight, block_bias, block_size):
+    """``u (B, Y, X, 2C)``: grid-group dense layer on the first channel half, block dense layer on the second."""
+    C = u.shape[-1] // 2
+    grid = naive_axis_token_mixing(u[..., :C], grid_weight, grid_bias, grid_size, "grid")
+    block = naive_axis_token_mixing(u[..., C:], block_weight, block_bias, block_size, "block")
+    return torch.cat([grid, block], -1)
+
+
 def naive_spatial_gating_weights(g, z):
     """MAXIM's ``GetSpatialGatingWeights``: LN -> Dense(C, 2C) -> GELU -> (grid dense | block dense) -> Dense(2C, C)."""
     u = F.gelu(_linear(g.in_proj, _layer_norm(g.norm, z)))
-    C = z.shape[-1]
-    grid = naive_axis_token_mixing(u[..., :C], g.grid_weight, g.grid_bias, g.grid_size, "grid")
-    block = naive_axis_token_mixing(u[..., C:], g.block_weight, g.block_bias, g.block_size, "block")
-    return _linear(g.out_proj, torch.cat([grid, block], -1))
+    w = naive_multi_axis_spatial_weights(u, g.grid_weight, g.grid_bias, g.grid_size, g.block_weight, g.block_bias,
+                                         g.block_size)
+    return _linear(g.out_proj, w)
 
 
 def naive_maxim_cross_gating_module(m, x, y=None, *, return_both=False):
