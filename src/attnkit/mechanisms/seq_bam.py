@@ -15,7 +15,7 @@ from torch import nn
 
 from attnkit.ops.sequence.bam import bam_attention, bam_gates
 from attnkit.reference.naive_sequence4 import naive_bam_module
-from attnkit.registry import Family, Paper, check_input, int_option, register
+from attnkit.registry import Family, Paper, check_input, info, int_option, register
 
 
 def _flops(cfg: dict) -> float:
@@ -116,11 +116,10 @@ class BAMAttention(nn.Module):
             A :class:`BAMAttention` on the dense modules' device and dtype. The router is random; with identical
             experts the output equals the dense module's whatever the router says.
         """
-        from attnkit.mechanisms.mha import MultiHeadAttention
-
+        mha_cls = info("mha").module  # through the registry: a mechanism never imports another one
         who = f"{cls.__name__}.upcycle"
         models = list(dense) if isinstance(dense, (list, tuple)) else [dense]
-        if not models or not all(isinstance(m, MultiHeadAttention) for m in models):
+        if not models or not all(isinstance(m, mha_cls) for m in models):
             raise TypeError(f"{who}: dense must be an attnkit mha module (MultiHeadAttention) or a non-empty "
                             f"sequence of them, got {type(dense).__name__}")
         if len(models) == 1:
