@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import attnkit as ak
+from attnkit.ops.channel.sdlska import SDLSKA_KERNELS, sdlska_attention
 from attnkit.ops.channel.ulsam import ulsam_attention
-from attnkit.reference.naive_vision_a import naive_ulsam_attention
+from attnkit.reference.naive_vision_a import naive_sdlska_attention, naive_sdlska_module, naive_ulsam_attention
 from tolerances import compare_fn
 
 G = torch.Generator().manual_seed(0)
@@ -133,3 +134,119 @@ def test_ulsam_errors():
         m(torch.randn(1, 5, 6, 8))
     with pytest.raises(ValueError, match="ulsam_attention: groups"):
         ulsam_attention(torch.randn(1, 6, 3, 3), torch.randn(6), None, torch.randn(4, 1), None, 4)
+
+
+# --------------------------------------------------------------------------------------------------- SDLSKA
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_sdlska_op_matches_reference(dtype):
+    C, k0, k1, r = 5, 5, 7, 3
+    inputs = {"x": _r(2, C, 9, 8), "dw_weight": _r(C, 1, k0, k0), "dw_bias": _r(C), "h_weight": _r(C, 1, 1, k1),
+              "h_bias": _r(C), "v_weight": _r(C, 1, k1, 1), "v_bias": _r(C), "pw_weight": _r(C, C, 1, 1),
+              "pw_bias": _r(C)}
+    compare_fn(lambda **a: sdlska_attention(**a, dilation=r), lambda **a: naive_sdlska_attention(**a, dilation=r),
+               inputs, dtype)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "train-one-sample"])
+def test_sdlska_module_with_selection_matches_reference(mode):
+    m = _nudge(ak.get("sdlska", channels=6, kernel_size=11))
+    m.train(mode != "eval")
+    if mode == "eval":
+        with torch.no_grad():
+            for bn in [m.cks.reduce_norm, *m.cks.expand_norm]:
+                bn.running_mean.normal_()
+                bn.running_var.uniform_(0.5, 2)
+    ref = __import__("copy").deepcopy(m)
+    x = _r(1 if mode == "train-one-sample" else 3, 6, 7, 9).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    out, out_r = m(x), naive_sdlska_module(ref, xr)
+    torch.testing.assert_close(out, out_r)
+    g = _r(*out.shape)
+    gf = torch.autograd.grad(out, [x, *m.parameters()], g)
+    gr = torch.autograd.grad(out_r, [xr, *ref.parameters()], g)
+    for a, b in zip(gf, gr, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(m.cks.reduce_norm.running_mean, ref.cks.reduce_norm.running_mean)
+
+
+def test_sdlska_zero_strips_and_saturated_gates_reduce_to_small_conv_gate():
+    """arXiv 2508.07300: with h = v = 0 and every selection gate 1, f = s: out = x * PW(DW_k0(x))."""
+    m = _nudge(ak.get("sdlska", channels=4, kernel_size=23)).eval()
+    with torch.no_grad():
+        for conv in (m.conv_h, m.conv_v):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        for bn in m.cks.expand_norm:
+            bn.bias.fill_(60.0)  # sigmoid(ReLU(60 + ...)) == 1 in float64
+        m.cks.spatial.weight.zero_()
+        m.cks.spatial.bias.fill_(60.0)
+    x = _r(2, 4, 6, 7)
+    s = torch.nn.functional.conv2d(x, m.conv0.weight, m.conv0.bias, padding=2, groups=4)
+    torch.testing.assert_close(m(x), x * torch.nn.functional.conv2d(s, m.conv1.weight, m.conv1.bias))
+
+
+def test_sdlska_channel_gates_lie_in_half_open_unit_half():
+    """The sigmoid follows a ReLU: every channel gate c_i is in [0.5, 1); f / s = c_s with h = v = 0, p = 1."""
+    m = _nudge(ak.get("sdlska", channels=8, kernel_size=7), scale=0.5).eval()
+    with torch.no_grad():
+        for conv in (m.conv_h, m.conv_v):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        m.cks.spatial.weight.zero_()
+        m.cks.spatial.bias.fill_(60.0)
+    s = _r(3, 8, 5, 5)
+    ratio = m.cks(s, torch.zeros_like(s), torch.zeros_like(s)) / s  # (B, C, H, W): c_s, constant over H, W
+    torch.testing.assert_close(ratio, ratio[:, :, :1, :1].expand_as(ratio))
+    assert (ratio >= 0.5).all() and (ratio < 1).all()
+    assert (ratio == 0.5).any() and (ratio > 0.5).any()  # both sides of the ReLU occur at this scale
+
+
+def test_sdlska_receptive_field_is_a_plus():
+    """Gradient support of one output pixel (no selection, which would pool globally): the k0 x k0 square
+    dilated along the two strips, i.e. |dy| <= k0/2 + r (k1-1)/2 with |dx| <= k0/2, or the transpose."""
+    K = 35
+    k0, k1, r = SDLSKA_KERNELS[K]
+    m = _nudge(ak.get("sdlska", channels=2, kernel_size=K, selection="sum"))
+    n, c = 41, 20
+    x = _r(1, 2, n, n).requires_grad_()
+    (g,) = torch.autograd.grad(m(x)[0, :, c, c].sum(), x)
+    support = g[0].abs().sum(0) > 0
+    dy = (torch.arange(n) - c).abs().view(-1, 1)
+    dx = (torch.arange(n) - c).abs().view(1, -1)
+    a, b = k0 // 2, k0 // 2 + r * (k1 - 1) // 2
+    expected = ((dy <= a) & (dx <= b)) | ((dy <= b) & (dx <= a))
+    assert torch.equal(support, expected)
+    assert support.sum() == 2 * k0 * (2 * b + 1) - k0 * k0  # 325 of the dense square's 1225 pixels
+
+
+@pytest.mark.parametrize("K", sorted(SDLSKA_KERNELS))
+def test_sdlska_shapes_and_parameter_counts(K):
+    """core (k0^2 C + C) + 2 (k1 C + C) + (C^2 + C); CKS 4 C d + 13 d + 39 C + 297 with d = max(C // 16, 32)."""
+    k0, k1, _ = SDLSKA_KERNELS[K]
+    for C in (16, 64, 1024):
+        d = max(C // 16, 32)
+        core = (k0 * k0 * C + C) + 2 * (k1 * C + C) + (C * C + C)
+        cks = 4 * C * d + 13 * d + 39 * C + 297
+        assert sum(p.numel() for p in ak.get("sdlska", channels=C, kernel_size=K).parameters()) == core + cks
+        assert sum(p.numel() for p in ak.get("sdlska", channels=C, kernel_size=K, selection="sum").parameters()) \
+            == core
+    if K == 35:
+        assert core + cks != 0 and sum(p.numel() for p in ak.get("sdlska", channels=64).parameters()) == 18761
+    m = ak.get("sdlska", channels=4, kernel_size=K).eval()
+    for size in ((2, 3), (K + 2, 5)):  # zero 'same' padding: any size, even smaller than the kernel
+        x = torch.randn(2, 4, *size)
+        assert m(x).shape == x.shape
+
+
+def test_sdlska_errors():
+    with pytest.raises(ValueError, match=r"SparseDilatedLKA: kernel_size must be one of \(7, 11, 23, 35\)"):
+        ak.get("sdlska", channels=8, kernel_size=21)
+    with pytest.raises(ValueError, match="selection"):
+        ak.get("sdlska", channels=8, selection="softmax")
+    with pytest.raises(ValueError, match="channels-last"):
+        ak.get("sdlska", channels=8, kernel_size=7)(torch.randn(2, 5, 6, 8))
+    with pytest.raises(ValueError, match=r"sdlska_attention: v_weight must have shape \(4, 1, 5, 1\)"):
+        sdlska_attention(torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3), None, torch.randn(4, 1, 1, 5), None,
+                         torch.randn(4, 1, 3, 1), None, torch.randn(4, 4, 1, 1), None, 2)

@@ -123,3 +123,86 @@ def naive_ulsam_module(module, x):
         module.groups, _bn_tuple(module.dw_norm) if code else None, _bn_tuple(module.pw_norm) if code else None,
         relu=code, training=module.training, momentum=_bn_momentum(module.dw_norm) if code else 0.1,
         eps=module.dw_norm.eps if code else 1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- SDLSKA
+
+
+def _dw_conv(x, w, b, dilation=1):
+    """Depthwise conv with zero 'same' padding (``dilation (k - 1) / 2`` per axis) as a sum of shifted copies;
+    ``w (C, 1, kh, kw)``, odd extents."""
+    B, C, H, W = x.shape
+    kh, kw = w.shape[-2:]
+    ph, pw = dilation * (kh - 1) // 2, dilation * (kw - 1) // 2
+    xp = x.new_zeros(B, C, H + 2 * ph, W + 2 * pw)
+    xp[:, :, ph:ph + H, pw:pw + W] = x
+    out = x.new_zeros(B, C, H, W) if b is None else b.view(1, C, 1, 1).expand(B, C, H, W).clone()
+    for i in range(kh):
+        for j in range(kw):
+            out = out + w[:, 0, i, j].view(1, C, 1, 1) * xp[:, :, i * dilation:i * dilation + H,
+                                                            j * dilation:j * dilation + W]
+    return out
+
+
+def _pw(x, w, b):
+    out = torch.einsum("oi,bihw->bohw", w[:, :, 0, 0], x)
+    return out if b is None else out + b.view(1, -1, 1, 1)
+
+
+def _full_conv(x, w, b):
+    """Dense conv ``w (O, I, k, k)`` with zero 'same' padding as shifted matrix products."""
+    B, _, H, W = x.shape
+    k = w.shape[-1]
+    p = k // 2
+    xp = torch.nn.functional.pad(x, (p, p, p, p))
+    out = b.view(1, -1, 1, 1).expand(B, -1, H, W).clone()
+    for i in range(k):
+        for j in range(k):
+            out = out + torch.einsum("oi,bihw->bohw", w[:, :, i, j], xp[:, :, i:i + H, j:j + W])
+    return out
+
+
+def naive_kernel_selection(cks, s, h, v):
+    """BEVANet's comprehensive kernel selection (arXiv 2508.07300, Sec. 3), from ``cks``'s parameters:
+    ``t = s + h + v``; channel gates ``c_i = sigmoid(ReLU(BN(DW3(PW(ReLU(BN(DW3(PW(mean_{HW} t)))))))))`` per
+    branch; spatial gates ``p = sigmoid(Conv7([mean_c t, max_c t]))``; ``f = sum_i branch_i * c_i * p_i``."""
+    wt = s.dtype
+    P = {n: p.to(wt) for n, p in cks.named_parameters()}
+
+    def bn(z, mod):  # one sample in training: the running statistics (the module's rule for a 1 x 1 map)
+        return naive_batch_norm(z, (mod.running_mean, mod.running_var, mod.weight.to(wt), mod.bias.to(wt)),
+                                mod.training and s.shape[0] > 1, _bn_momentum(mod), mod.eps)
+
+    t = s + h + v
+    g = t.mean((2, 3), keepdim=True)  # (B, C, 1, 1)
+    z = _relu(bn(_dw_conv(_pw(g, P["reduce_pw.weight"], P["reduce_pw.bias"]), P["reduce_dw.weight"],
+                          P["reduce_dw.bias"]), cks.reduce_norm))  # (B, d, 1, 1)
+    gates = []
+    for i in range(3):
+        c = _pw(z, P[f"expand_pw.{i}.weight"], P[f"expand_pw.{i}.bias"])
+        c = _relu(bn(_dw_conv(c, P[f"expand_dw.{i}.weight"], P[f"expand_dw.{i}.bias"]), cks.expand_norm[i]))
+        gates.append(1 / (1 + torch.exp(-c)))  # (B, C, 1, 1), in [0.5, 1)
+    m = torch.cat([t.mean(1, keepdim=True), t.amax(1, keepdim=True)], 1)  # (B, 2, H, W)
+    p = 1 / (1 + torch.exp(-_full_conv(m, P["spatial.weight"], P["spatial.bias"])))  # (B, 3, H, W)
+    return sum(br * c * p[:, i:i + 1] for i, (br, c) in enumerate(zip((s, h, v), gates, strict=True)))
+
+
+def naive_sdlska_attention(x, dw_weight, dw_bias, h_weight, h_bias, v_weight, v_bias, pw_weight, pw_bias, dilation,
+                           select=None):
+    """BEVANet's SDLSKA (arXiv 2508.07300, Sec. 3): ``s = DW_k0(x)``; two parallel dilated strips of ``s``,
+    ``h = DW_{1 x k1, r}(s)``, ``v = DW_{k1 x 1, r}(s)``; ``f = select(s, h, v)`` (None: ``s + h + v``);
+    ``out = x * PW(f)``."""
+    wt = _work(x)
+    xw = x.to(wt)
+    s = _dw_conv(xw, dw_weight.to(wt), _f(dw_bias, wt))
+    h = _dw_conv(s, h_weight.to(wt), _f(h_bias, wt), dilation)
+    v = _dw_conv(s, v_weight.to(wt), _f(v_bias, wt), dilation)
+    f = s + h + v if select is None else select(s, h, v)
+    return (xw * _pw(f, pw_weight.to(wt), _f(pw_bias, wt))).to(x.dtype)
+
+
+def naive_sdlska_module(module, x):
+    select = None if module.cks is None else (lambda s, h, v: naive_kernel_selection(module.cks, s, h, v))
+    return naive_sdlska_attention(x, module.conv0.weight, module.conv0.bias, module.conv_h.weight, module.conv_h.bias,
+                                  module.conv_v.weight, module.conv_v.bias, module.conv1.weight, module.conv1.bias,
+                                  module.dilation, select)
