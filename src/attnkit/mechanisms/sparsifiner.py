@@ -65,7 +65,8 @@ class SparsifinerAttention(nn.Module):
         keep_rate: ``rho``, keys kept per query ``ceil(rho N)``; reduce_n_factor / reduce_c_factor: the
         predictor's token and channel reductions; basis_threshold: ``tau`` of ``U``; cls_tokens: leading rows
         attending every key (1: the ViT CLS token); granularity: ``"token"`` (paper) or ``"block"``;
-        block_size: its block; coef_scale: the coefficient logit scale (default ``H ** -0.5``, as released).
+        block_size: its block; coef_scale: the coefficient logit scale (default ``H ** -0.5``, as released);
+        qkv_bias: bias of the q, k, v projection.
 
     Shapes:
         ``x (B, N, C)`` with ``N <= num_tokens`` -> ``(B, N, C)``.
@@ -77,7 +78,7 @@ class SparsifinerAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_tokens: int, *, keep_rate: float = 0.25,
                  reduce_n_factor: int = 8, reduce_c_factor: int = 2, basis_threshold: float = 0.0,
                  cls_tokens: int = 1, granularity: str = "token", block_size: int = 64,
-                 coef_scale: float | None = None, bias: bool = False):
+                 coef_scale: float | None = None, qkv_bias: bool = False):
         super().__init__()
         d = divisible(self, dim, num_heads)
         self.dim, self.num_heads = dim, num_heads
@@ -94,8 +95,8 @@ class SparsifinerAttention(nn.Module):
         self.block_size = int_option(self, "block_size", block_size, 1)
         self.coef_scale = float_option(self, "coef_scale", num_heads ** -0.5 if coef_scale is None else coef_scale)
         rc, rn = max(1, d // reduce_c_factor), max(1, num_tokens // reduce_n_factor)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)  # biased, as the released (timm ViT) attention
         self.proj_c_q = nn.Linear(d, rc)
         self.proj_c_k = nn.Linear(d, rc)
         self.proj_n = nn.Parameter(nn.init.trunc_normal_(torch.empty(num_tokens, rn), std=0.02))       # W_n
