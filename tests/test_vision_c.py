@@ -9,9 +9,16 @@ import torch
 import attnkit as ak
 from attnkit.mechanisms.vision_acmil import ACMILPooling
 from attnkit.mechanisms.vision_csa import ClassSemanticAttention
+from attnkit.mechanisms.vision_medusa import MEDUSAAttention
 from attnkit.ops.vision.acmil import acmil_pool, stkim_mask
 from attnkit.ops.vision.csa import class_semantic_attention
-from attnkit.reference.naive_vision_c import naive_acmil_pool, naive_class_semantic_attention
+from attnkit.ops.vision.medusa import multiscale_gate
+from attnkit.reference.naive_vision_c import (
+    naive_acmil_pool,
+    naive_class_semantic_attention,
+    naive_medusa_module,
+    naive_multiscale_gate,
+)
 from tolerances import assert_close
 
 F64 = torch.float64
@@ -180,3 +187,94 @@ def test_csa_options_and_inputs_are_checked():
         m(torch.randn(1, 5, 6))
     with pytest.raises(ValueError, match="ClassSemanticAttention: r must share"):
         m(torch.randn(1, 5, 6), torch.randn(1, 6, 4))
+
+
+# ------------------------------------------------------------------------------------------ MEDUSA
+
+
+@pytest.mark.parametrize("mode", ["residual", "multiply"])
+def test_multiscale_gate_matches_naive(mode):
+    gen = torch.Generator().manual_seed(0)
+
+    def t(*s):
+        return torch.randn(*s, generator=gen, dtype=F64, requires_grad=True)
+
+    body = t(2, 5, 12, 10)
+    stages = [t(2, 3, 12, 10), t(2, 8, 6, 5), t(2, 4, 5, 3)]  # C_s < C_b (head first) and C_s > C_b (pool first)
+    weights = [t(3, 5), t(8, 5), t(4, 5)]
+    biases = [t(3), None, t(4)]
+    out = multiscale_gate(body, stages, weights, biases, mode)
+    ref = naive_multiscale_gate(body, stages, weights, biases, mode)
+    wrt = [body, *stages, *weights, biases[0], biases[2]]
+    for a, b in zip(out, ref, strict=True):
+        assert_close(a, b, F64, "out")
+    g = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=F64) for i, o in enumerate(out)]
+    ga = torch.autograd.grad(out, wrt, g)
+    gb = torch.autograd.grad(ref, wrt, g)
+    for i, (a, b) in enumerate(zip(ga, gb, strict=True)):
+        assert_close(a, b, F64, f"grad{i}", grad=True)
+
+
+def _medusa(mode="residual"):
+    torch.manual_seed(0)
+    return MEDUSAAttention(3, stage_channels=(6, 10, 12), body_dim=8, mode=mode).double()
+
+
+def _pyramid(B=2):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 3, 32, 32, generator=gen, dtype=F64)
+    stages = [torch.randn(B, c, s, s, generator=gen, dtype=F64) for c, s in ((6, 16), (10, 8), (12, 4))]
+    return x, stages
+
+
+def test_medusa_multiscale_module_matches_its_twin():
+    m = _medusa()
+    x, stages = _pyramid()
+    x.requires_grad_()
+    out = m(x, stages)
+    ref = naive_medusa_module(m, x, stages)
+    assert [o.shape for o in out] == [s.shape for s in stages]
+    for a, b in zip(out, ref, strict=True):
+        assert_close(a, b, F64, "out")
+    (ga,) = torch.autograd.grad(sum(o.sum() for o in out), x)
+    (gb,) = torch.autograd.grad(sum(o.sum() for o in ref), x)
+    assert_close(ga, gb, F64, "dx", grad=True)
+    assert ga.abs().sum() > 0  # every stage's attention reads the body's input
+
+
+def test_medusa_zero_attention_leaves_the_backbone_unchanged():
+    m = _medusa()
+    with torch.no_grad():
+        for h in m.heads:
+            h.weight.zero_()
+            h.bias.fill_(-1e4)  # sigmoid = 0 exactly
+    x, stages = _pyramid()
+    for a, s in zip(m(x, stages), stages, strict=True):
+        assert torch.equal(a, s)
+    m.mode = "multiply"
+    assert all((a == 0).all() for a in m(x, stages))
+
+
+def test_medusa_one_body_evaluation_for_every_scale():
+    m = _medusa()
+    calls = []
+    m.enc1.register_forward_hook(lambda *_: calls.append(1))
+    x, stages = _pyramid()
+    m(x, stages)
+    assert len(calls) == 1
+    # a stage's result does not depend on the other stages (each head reads only the shared body)
+    alone = m(x, stages[:1])[0]
+    assert torch.equal(alone, m(x, stages)[0])
+
+
+def test_medusa_inputs_are_checked():
+    m = _medusa()
+    x, stages = _pyramid()
+    with pytest.raises(ValueError, match="MEDUSAAttention: without stages"):
+        m(x)
+    with pytest.raises(ValueError, match=r"MEDUSAAttention: stages\[1\] must be"):
+        m(x, [stages[0], stages[2]])
+    with pytest.raises(ValueError, match=r"multiscale_gate: stages\[0\] extent"):
+        m(x[:, :, :8, :8], stages)
+    with pytest.raises(ValueError, match="MEDUSAAttention: mode"):
+        MEDUSAAttention(3, mode="add")

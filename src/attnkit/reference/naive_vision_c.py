@@ -8,6 +8,7 @@ Papers: arXiv 2311.07125 (ACMIL), 2110.06063 (MEDUSA), 2408.06110 (RISurConv), 2
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _work(t: torch.Tensor) -> torch.Tensor:
@@ -99,3 +100,52 @@ def naive_csa_module(module, x, r=None):
         x, r, module.channel_fc1.weight, module.channel_fc1.bias, module.channel_fc2.weight, module.channel_fc2.bias,
         module.temporal_conv.weight, module.temporal_conv.bias,
         module.fusion.weight if fuse == "concat" else None, module.fusion.bias if fuse == "concat" else None, fuse)
+
+
+# ------------------------------------------------------------------------------------------ MEDUSA
+
+
+def naive_adaptive_mean(x, size):
+    """Adaptive average pooling of ``(B, C, H, W)`` to ``size``: bin ``(i, j)`` averages rows
+    ``[floor(i H / h), ceil((i + 1) H / h))`` and the same columns."""
+    B, C, H, W = x.shape
+    h, w = size
+    out = torch.zeros(B, C, h, w, dtype=x.dtype, device=x.device)
+    for i in range(h):
+        r0, r1 = (i * H) // h, -(-((i + 1) * H) // h)
+        for j in range(w):
+            c0, c1 = (j * W) // w, -(-((j + 1) * W) // w)
+            out[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean((2, 3))
+    return out
+
+
+def naive_multiscale_gate(body, stages, weights, biases, mode="residual"):
+    """MEDUSA's heads (arXiv 2110.06063) stage by stage: pool the body to the stage, 1x1 head, sigmoid, gate."""
+    out = []
+    for x, w, b in zip(stages, weights, biases, strict=True):
+        pooled = naive_adaptive_mean(_work(body), tuple(x.shape[2:]))  # (B, C_b, H_s, W_s)
+        logits = torch.einsum("bkhw,ck->bchw", pooled, _work(w))
+        if b is not None:
+            logits = logits + _work(b)[None, :, None, None]
+        a = (1 / (1 + torch.exp(-logits))).to(x.dtype)
+        out.append(x * (1 + a) if mode == "residual" else x * a)
+    return out
+
+
+def naive_medusa_body(module, x):
+    """MEDUSA's attention body as the module builds it: a two-level encoder-decoder of 3x3 convs."""
+    e1 = F.relu(F.conv2d(x, module.enc1.weight, module.enc1.bias, padding=1))  # (B, C_b, H, W)
+    down = F.avg_pool2d(e1, 2, ceil_mode=True)  # (B, C_b, ceil(H/2), ceil(W/2))
+    e2 = F.relu(F.conv2d(down, module.enc2.weight, module.enc2.bias, padding=1))
+    up = e2.repeat_interleave(2, 2).repeat_interleave(2, 3)[:, :, :x.shape[2], :x.shape[3]]  # nearest x2
+    return F.relu(F.conv2d(e1 + up, module.dec.weight, module.dec.bias, padding=1))  # (B, C_b, H, W)
+
+
+def naive_medusa_module(module, x, stages=None):
+    """``MEDUSAAttention``: ``x (B, C, H, W)`` -> ``x`` gated (no stages) or the gated ``stages``."""
+    body = naive_medusa_body(module, x)
+    maps = [x] if stages is None else list(stages)
+    heads = module.heads[:len(maps)]
+    out = naive_multiscale_gate(body, maps, [h.weight[:, :, 0, 0] for h in heads], [h.bias for h in heads],
+                                module.mode)
+    return out[0] if stages is None else out

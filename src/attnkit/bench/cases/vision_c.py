@@ -21,6 +21,10 @@ SETTINGS: dict[str, list[tuple[str, str, dict]]] = {
         ("N4096xC512", "M5-K10-p0.6", {"batch": 1, "seq_len": 4096, "dim": 512, "seed": 0}),
         ("N16384xC512", "M5-K10-p0.6", {"batch": 1, "seq_len": 16384, "dim": 512, "seed": 0}),
     ],
+    "medusa": [  # the registered single-input form: the body reads x, head 0 gates x
+        ("56x56x96", "Cb32-residual", {"batch": 2, "input_size": (56, 56), "dim": 96}),
+        ("14x14x384", "Cb32-residual", {"batch": 2, "input_size": (14, 14), "dim": 384}),
+    ],
     "class_semantic": [  # BMN-CSA: ActivityNet (T = 100) and THUMOS-14 (T = 256) snippet sequences
         ("T100xC256", "k3-concat", {"batch": 16, "seq_len": 100, "dim": 256}),
         ("T256xC512", "k3-concat", {"batch": 16, "seq_len": 256, "dim": 512}),
@@ -62,7 +66,8 @@ def cases() -> list[Case]:
         for size, variant, config in settings:
             cfg = spec.config(config)
             group = f"{name}/{size}/{variant}"
-            params = (*((k, v) for k, v in config.items() if isinstance(v, (int, str))), ("dtype", "float32"))
+            params = (*((k, str(v) if isinstance(v, tuple) else v) for k, v in config.items() if v is not None),
+                      ("dtype", "float32"))
             for pass_ in ("fwd", "fwd+bwd"):
                 out.append(Case(op=name, impl="attnkit", group=group, pass_=pass_, suites=frozenset({"vision"}),
                                 params=params, flops=float(spec.flops(cfg)), setup=setup_case(name, config, pass_)))
