@@ -26,6 +26,31 @@ def test_op_matches_naive(N, s, causal, dtype):
                _qkv(N=N), dtype)
 
 
+@pytest.mark.parametrize("N,s", [(12, 4), (64, 8), (40, 1), (6, 6), (5, 8)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_merged_backend_matches_naive(N, s, causal):
+    # the fused inference path (direct part + summary part merged by log-sum-exp, causal summaries in chunks)
+    t = {n: x.float() for n, x in _qkv(B=2, N=N, H=3, D=8, seed=1).items()}
+    with torch.no_grad():
+        out = combiner_attention(t["q"], t["k"], t["v"], segment=s, causal=causal, backend="merged")
+        auto = combiner_attention(t["q"], t["k"], t["v"], segment=s, causal=causal)
+    ref = naive_combiner(*(x.double() for x in t.values()), segment=s, causal=causal)
+    assert_close(out, ref.float(), torch.float32, "merged")
+    assert torch.equal(auto, out)  # inference picks it
+
+
+def test_merged_backend_declines_what_it_cannot_do():
+    from attnkit.ops.base import explain
+
+    t = {n: x.float() for n, x in _qkv(N=10).items()}
+    q = t["q"].clone().requires_grad_()
+    assert explain("combiner_attention", q, t["k"], t["v"], segment=4).splitlines()[-1].endswith("segmented")
+    with torch.no_grad():  # a ragged last segment
+        assert "multiple of the segment" in explain("combiner_attention", *(t[n] for n in "qkv"), segment=4)
+    with pytest.raises(ValueError, match="merged"):
+        combiner_attention(q, t["k"], t["v"], segment=4, backend="merged")
+
+
 def _full(q, k, v, causal):
     N = q.shape[1]
     allowed = torch.ones(N, N, dtype=torch.bool).tril() if causal else torch.ones(N, N, dtype=torch.bool)
@@ -36,7 +61,12 @@ def _full(q, k, v, causal):
 @pytest.mark.parametrize("s", [1, 11])
 def test_one_span_or_one_token_segments_equal_full_attention(causal, s):
     t = _qkv(N=11)
-    for backend in ("segmented", "reference"):
+    for backend in ("merged", "segmented", "reference"):
+        if backend == "merged":  # float32 inference only
+            with torch.no_grad():
+                out = combiner_attention(*(t[n].float() for n in "qkv"), segment=s, causal=causal, backend=backend)
+            assert_close(out, _full(t["q"], t["k"], t["v"], causal).float(), torch.float32, f"merged s={s}")
+            continue
         out = combiner_attention(t["q"], t["k"], t["v"], segment=s, causal=causal, backend=backend)
         assert_close(out, _full(t["q"], t["k"], t["v"], causal), torch.float64, f"{backend} s={s}")
 

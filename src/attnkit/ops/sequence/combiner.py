@@ -8,20 +8,29 @@ Every key keeps a non-zero weight (full attention) at ``O(N (s + N / s) D)`` cos
 ``s ~ sqrt N``; one softmax runs over direct keys and summaries.
 
 Backends:
-* ``segmented`` (automatic): one ``ak.attention`` call with the segments as batch: each segment's queries
-  against its ``s`` keys followed by the other segments' summaries (gathered, so the non-causal, evenly
-  divided case needs no mask and runs on the fused kernel; causal or a ragged tail adds a bool mask).
+* ``merged`` (automatic for float32 CPU inference: no input needs a gradient, ``N`` a multiple of ``s``,
+  ``Dv == D``, a positive scale): the direct part runs as one fused flash call with the segments as batch
+  (causal inside each segment), the summary part as a second fused call of all queries against the ``N / s``
+  summaries under a small additive mask (causal: in query chunks, so the skipped triangle is mostly not
+  computed), and the two are merged exactly by their log-sum-exps (FlashAttention-2, arXiv 2307.08691, the
+  same rescaling as its online softmax). Two large fused calls and no gathered key copies.
+* ``segmented`` (automatic otherwise, and for training): one ``ak.attention`` call with the segments as
+  batch: each segment's queries against its ``s`` keys followed by the other segments' summaries
+  (gathered, so the non-causal, evenly divided case needs no mask and runs on the fused kernel; causal or
+  a ragged tail adds a bool mask).
 * ``reference``: :func:`~attnkit.reference.naive_sequence2.naive_combiner`, one query at a time.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 
 from attnkit._validate import check_qkv, resolve_scale
+from attnkit.kernels.fused import fused_check, fused_ops
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.dense.call import attention
 from attnkit.reference.naive_sequence2 import naive_combiner
@@ -111,11 +120,78 @@ def _segmented(c: CombinerCall) -> torch.Tensor:
     return o.reshape(B, n * s, H, Dv)[:, :N]  # (B, N, H, Dv)
 
 
+_CAUSAL_CHUNKS = 8  # query chunks of the causal summary part: each computes its own summary prefix only
+
+
+def _merged_supports(c: CombinerCall) -> tuple[bool, str]:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (c.q, c.k, c.v)):
+        return False, "an input needs a gradient (the fused op's backward takes no log-sum-exp gradient)"
+    if c.q.dtype != torch.float32:
+        return False, f"float32 only (the merge of the two parts stays in the input dtype), got {c.q.dtype}"
+    ok, why = fused_check(c.q, c.v)
+    if not ok:
+        return False, why
+    if c.q.shape[1] % min(c.segment, c.q.shape[1]):
+        return False, f"N={c.q.shape[1]} is not a multiple of the segment {c.segment}"
+    if c.scale <= 0:
+        return False, f"needs a positive scale (max-pool commutes with it), got {c.scale}"
+    return True, ""
+
+
+def _merge_into(tgt: torch.Tensor, la: torch.Tensor, ob: torch.Tensor, lb: torch.Tensor) -> None:
+    """``tgt (B, n, H, Dv)`` with lse ``la (B, n, H)`` := its exact softmax merge with ``(ob, lb)``, in place.
+
+    Both parts have at least one key per row here, so both lse are finite and no empty-row guard is needed;
+    the weights are formed on the small ``(B, n, H)`` lse tensors and the big ones are touched twice.
+    """
+    top = torch.maximum(la, lb)  # (B, n, H)
+    wa, wb = torch.exp(la - top), torch.exp(lb - top)
+    den = wa + wb
+    tgt.mul_((wa / den).unsqueeze(-1)).addcmul_(ob, (wb / den).unsqueeze(-1))
+
+
+def _merged(c: CombinerCall) -> torch.Tensor:
+    fwd, _ = fused_ops()
+    B, N, H, D = c.q.shape
+    s = min(c.segment, N)
+    n = N // s
+    sc = c.scale
+    # segments as batch: (B n, H, s, D) strided views of the (B, N, H, D) inputs, no copies
+    Q, K, V = (t.reshape(B * n, s, H, t.shape[-1]).transpose(1, 2) for t in (c.q, c.k, c.v))  # (B n, H, s, .)
+    o_loc, l_loc = fwd(Q, K, V, 0.0, c.causal, scale=sc)  # (B n, H, s, Dv), (B n, H, s)
+    o_loc = o_loc.transpose(1, 2).reshape(B, N, H, -1)  # (B, N, H, Dv): the op's memory is already this layout
+    if n == 1:
+        return o_loc
+    l_loc = l_loc.view(B, n, H, s).transpose(2, 3).reshape(B, N, H)  # (B, N, H)
+    qR = c.q.view(B, n, s, H, D).amax(2)  # (B, n, H, D): max-pool commutes with the positive scale
+    kR = c.k.view(B, n, s, H, D).amax(2)  # (B, n, H, D)
+    vR = fwd(qR.reshape(B * n, 1, H, D).transpose(1, 2), K, V, 0.0, False, scale=sc)[0]  # (B n, H, 1, Dv)
+    vR = vR.view(B, n, H, -1)  # (B, n, H, Dv): memory of (B n, 1, H, Dv)
+    seg = torch.arange(n, device=c.q.device)
+    if c.causal:  # segment r sees summaries 0..r-1; segment 0 has none and keeps its direct part
+        bounds = torch.linspace(1, n, min(_CAUSAL_CHUNKS, n - 1) + 1).round().long().tolist()
+        parts = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+    else:
+        parts = [(0, n)]
+    for a, b in parts:
+        nk = b - 1 if c.causal else n  # summaries this chunk of segments can see at most
+        allowed = (seg[None, :nk] < seg[a:b, None]) if c.causal else (seg[None, :nk] != seg[a:b, None])  # (b-a, nk)
+        bias = torch.zeros(b - a, nk, dtype=c.q.dtype, device=c.q.device).masked_fill_(~allowed, float("-inf"))
+        bias = bias.repeat_interleave(s, 0)  # (queries of the chunk, nk)
+        qa = c.q[:, a * s:b * s].transpose(1, 2)  # (B, H, (b-a) s, D)
+        o_sum, l_sum = fwd(qa, kR[:, :nk].transpose(1, 2), vR[:, :nk].transpose(1, 2), 0.0, False,
+                           attn_mask=bias, scale=sc)  # (B, H, (b-a) s, Dv), (B, H, (b-a) s)
+        _merge_into(o_loc[:, a * s:b * s], l_loc[:, a * s:b * s], o_sum.transpose(1, 2), l_sum.transpose(1, 2))
+    return o_loc
+
+
 def _reference(c: CombinerCall) -> torch.Tensor:
     return naive_combiner(c.q, c.k, c.v, segment=c.segment, causal=c.causal, scale=c.scale)
 
 
 DISPATCHER = Dispatcher("combiner_attention", [
+    Backend("merged", _merged, supports=_merged_supports,
+            note="fused direct part (segments as batch) + fused summary part, merged by log-sum-exp"),
     Backend("segmented", _segmented, note="segments as batch: own keys + other segments' summaries, ak.attention"),
     Backend("reference", _reference, auto=False, note="naive_combiner: one query at a time"),
 ])
@@ -132,7 +208,7 @@ def combiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seg
             exact full attention). A last segment shorter than ``s`` is allowed.
         causal: own segment up to the query, summaries of earlier segments only.
         scale: score scale (default ``1 / sqrt(D)``), applied to ``q`` before the max-pool.
-        backend: None / ``"segmented"`` or ``"reference"``.
+        backend: None, ``"merged"`` (float32 CPU inference), ``"segmented"`` or ``"reference"``.
 
     Returns:
         ``(B, N, H, Dv)``.
