@@ -110,11 +110,12 @@ def test_channel_group_attention_is_dense_attention_over_transposed_tokens():
                  torch.float64, "pixel permutation")
 
 
+@pytest.mark.parametrize("backend", ["gemm", "sdpa"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_global_query_window_attention_matches_reference(dtype):
+def test_global_query_window_attention_matches_reference(dtype, backend):
     i = {"qg": _r(2, 2, 2, 2, 3, seed=1), "k": _r(2, 4, 6, 2, 3, seed=2), "v": _r(2, 4, 6, 2, 3, seed=3),
          "bias": _r(2, 4, 4, seed=4)}
-    compare_fn(lambda qg, k, v, bias: global_query_window_attention(qg, k, v, 2, bias=bias),
+    compare_fn(lambda qg, k, v, bias: global_query_window_attention(qg, k, v, 2, bias=bias, backend=backend),
                lambda qg, k, v, bias: naive_global_query_window_attention(qg, k, v, 2, bias), i, dtype)
 
 

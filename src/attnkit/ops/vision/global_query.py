@@ -54,6 +54,31 @@ def make_global_query_call(qg, k, v, window_size, *, bias=None, scale=None) -> G
     return GlobalQueryCall(qg, k, v, M, bias, resolve_scale(scale, D))
 
 
+def _gemm(c: GlobalQueryCall) -> torch.Tensor:
+    B, Y, X, H, D = c.k.shape
+    Dv = c.v.shape[-1]
+    M = c.window_size
+    wy, wx, mm = Y // M, X // M, M * M
+    nw = wy * wx
+
+    def heads_first(t):  # (B, Y, X, H, d) -> (B, H, nW * M*M, d): one copy, windows then window slots
+        d = t.shape[-1]
+        t = t.view(B, wy, M, wx, M, H, d).permute(0, 5, 1, 3, 2, 4, 6)  # (B, H, Y/M, X/M, M, M, d)
+        return t.reshape(B, H, nw * mm, d)
+
+    kw, vw = heads_first(c.k), heads_first(c.v)
+    # the image's M*M queries are shared by all its windows: ONE (M*M x D) @ (D x nW M*M) GEMM per
+    # (image, head) instead of repeating the queries per window (no expanded copy of qg, no broadcast mask)
+    q = c.qg.reshape(B, mm, H, D).permute(0, 2, 1, 3)  # (B, H, M*M, D)
+    s = torch.matmul(q * c.scale, kw.transpose(-1, -2)).view(B, H, mm, nw, mm)  # (B, H, t, window, s)
+    if c.bias is not None:
+        s = s + c.bias.to(s.dtype).view(H, mm, 1, mm)  # bias (H, t, s), the same in every window
+    p = torch.softmax(s, -1).transpose(2, 3)  # (B, H, window, t, s), a strided view
+    o = torch.matmul(p, vw.view(B, H, nw, mm, Dv))  # (B, H, window, t, Dv)
+    o = o.view(B, H, wy, wx, M, M, Dv).permute(0, 2, 4, 3, 5, 1, 6)  # (B, Y/M, M, X/M, M, H, Dv)
+    return o.reshape(B, Y, X, H, Dv)  # (B, Y, X, H, Dv)
+
+
 def _sdpa(c: GlobalQueryCall) -> torch.Tensor:
     B, Y, X, H, D = c.k.shape
     M = c.window_size
@@ -71,6 +96,8 @@ def _reference(c: GlobalQueryCall) -> torch.Tensor:
 
 
 GLOBAL_QUERY_DISPATCHER = Dispatcher("global_query_window_attention", [
+    Backend("gemm", _gemm, note="heads-first window layout; one (M*M x nW M*M) score GEMM per (image, head) shared "
+            "by the windows, bias broadcast over windows, softmax, batched value GEMM"),
     Backend("sdpa", _sdpa, note="window partition of k, v; the image's queries repeated per window; one SDPA",
             detail=lambda c: "additive float bias as the SDPA mask" if c.bias is not None else "no mask"),
     Backend("reference", _reference, auto=False, note="naive_global_query_window_attention: loop over windows"),
@@ -88,7 +115,8 @@ def global_query_window_attention(qg, k, v, window_size: int, *, bias=None, scal
         window_size: ``M``.
         bias: ``(H, M*M, M*M)`` additive relative bias indexed by (query slot, key slot), or None.
         scale: default ``D ** -0.5``.
-        backend: None / ``"sdpa"`` or ``"reference"``.
+        backend: None / ``"gemm"`` (the image's queries against all its windows in one GEMM), ``"sdpa"`` (queries
+            repeated per window, one SDPA call) or ``"reference"``.
 
     Returns:
         ``(B, Y, X, H, Dv)``.
