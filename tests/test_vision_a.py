@@ -9,7 +9,13 @@ import torch
 import attnkit as ak
 from attnkit.ops.channel.sdlska import SDLSKA_KERNELS, sdlska_attention
 from attnkit.ops.channel.ulsam import ulsam_attention
-from attnkit.reference.naive_vision_a import naive_sdlska_attention, naive_sdlska_module, naive_ulsam_attention
+from attnkit.ops.vision.contmix import contmix
+from attnkit.reference.naive_vision_a import (
+    naive_contmix,
+    naive_sdlska_attention,
+    naive_sdlska_module,
+    naive_ulsam_attention,
+)
 from tolerances import compare_fn
 
 G = torch.Generator().manual_seed(0)
@@ -250,3 +256,106 @@ def test_sdlska_errors():
     with pytest.raises(ValueError, match=r"sdlska_attention: v_weight must have shape \(4, 1, 5, 1\)"):
         sdlska_attention(torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3), None, torch.randn(4, 1, 1, 5), None,
                          torch.randn(4, 1, 3, 1), None, torch.randn(4, 4, 1, 1), None, 2)
+
+
+# --------------------------------------------------------------------------------------------------- ContMix
+
+
+def _contmix_inputs(B=2, Y=5, X=6, G=2, D=3, R=4, per=2, ks=(3, 5)):
+    C = len(ks) * G * per
+    K = sum(k * k for k in ks)
+    return {"q": _r(B, Y, X, G, D), "k": _r(B, R, G, D), "v": _r(B, Y, X, C), "proj_weight": _r(K, R),
+            "proj_bias": _r(K), "rpb_s": _r(G, 2 * ks[0] - 1, 2 * ks[0] - 1),
+            "rpb_l": _r(G, 2 * ks[1] - 1, 2 * ks[1] - 1)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("border", ["clamp", "zero"])
+def test_contmix_op_matches_reference(dtype, border):
+    def call(fn):
+        return lambda q, k, v, proj_weight, proj_bias, rpb_s, rpb_l: fn(q, k, v, proj_weight, proj_bias, (3, 5),
+                                                                         (rpb_s, rpb_l), border)
+    compare_fn(call(contmix), call(naive_contmix), _contmix_inputs(), dtype)
+
+
+def test_contmix_spatially_constant_kernel_is_a_depthwise_conv():
+    """arXiv 2502.20087: a kernel that does not depend on the pixel (affinity weights 0, no position bias) makes
+    ContMix an ordinary depthwise conv with kernel softmax(b): zero padding everywhere for border='zero', and at
+    interior pixels for border='clamp'."""
+    a = _contmix_inputs(Y=7, X=8, ks=(3, 5))
+    w = torch.zeros_like(a["proj_weight"])
+    C = a["v"].shape[-1]
+    ref = []
+    for n, (k, sl) in enumerate(((3, slice(0, 9)), (5, slice(9, 34)))):
+        ker = torch.softmax(a["proj_bias"][sl], 0).view(1, 1, k, k).expand(C // 2, 1, k, k)
+        vb = a["v"][..., n * C // 2:(n + 1) * C // 2].permute(0, 3, 1, 2)
+        ref.append(torch.nn.functional.conv2d(vb, ker, padding=k // 2, groups=C // 2).permute(0, 2, 3, 1))
+    ref = torch.cat(ref, -1)
+    out = contmix(a["q"], a["k"], a["v"], w, a["proj_bias"], (3, 5), None, "zero")
+    torch.testing.assert_close(out, ref)
+    out = contmix(a["q"], a["k"], a["v"], w, a["proj_bias"], (3, 5), None, "clamp")
+    torch.testing.assert_close(out[:, 2:-2, 2:-2, C // 2:], ref[:, 2:-2, 2:-2, C // 2:])
+    torch.testing.assert_close(out[:, 1:-1, 1:-1, :C // 2], ref[:, 1:-1, 1:-1, :C // 2])
+    assert (out[:, 0, 0] - ref[:, 0, 0]).abs().max() > 1e-3  # the clamped corner window differs
+
+
+def test_contmix_preserves_a_constant_image():
+    """Each dynamic kernel sums to 1: a constant value map is reproduced (every pixel with clamped windows,
+    interior pixels with zero padding)."""
+    a = _contmix_inputs(Y=7, X=7)
+    v = torch.full_like(a["v"], 1.7)
+    out = contmix(a["q"], a["k"], v, a["proj_weight"], a["proj_bias"], (3, 5), (a["rpb_s"], a["rpb_l"]), "clamp")
+    torch.testing.assert_close(out, v)
+    out = contmix(a["q"], a["k"], v, a["proj_weight"], a["proj_bias"], (3, 5), (a["rpb_s"], a["rpb_l"]), "zero")
+    torch.testing.assert_close(out[:, 2:-2, 2:-2], v[:, 2:-2, 2:-2])
+    assert (out[:, 0, 0] < 1.7 - 1e-6).all()
+
+
+def _contmix_module(**kw):
+    opts = {"channels": 8, "kernel_size": 5, "small_kernel_size": 3, "groups": 2, "regions": 3, **kw}
+    return _nudge(ak.get("overlock_dynamic", **opts)).eval()
+
+
+def test_contmix_top_down_guidance_enters_only_through_pooled_keys():
+    m = _contmix_module()
+    x = _r(2, 6, 6, 8)
+    torch.testing.assert_close(m(x, x), m(x))
+    ctx = _r(2, 9, 12, 8)  # another spatial size: pooled to 3 x 3 regions of 3 x 4 pixels
+    wiggle = _r(2, 9, 12, 8)
+    wiggle = wiggle - wiggle.view(2, 3, 3, 3, 4, 8).mean((2, 4), keepdim=True).expand(2, 3, 3, 3, 4, 8).reshape(
+        2, 9, 12, 8)  # zero mean inside every region
+    torch.testing.assert_close(m(x, ctx + wiggle), m(x, ctx))
+    assert (m(x, ctx) - m(x, ctx.flip(1))).abs().max() > 1e-6
+    g = _contmix_module(context_channels=5)
+    assert g(x, _r(2, 4, 4, 5)).shape == x.shape
+
+
+def test_contmix_module_matches_reference_in_train_mode_with_context():
+    from attnkit.reference.naive_vision_a import naive_contmix_module
+    m = _contmix_module(context_channels=6).train()
+    ref = __import__("copy").deepcopy(m)
+    x, ctx = _r(2, 5, 7, 8).requires_grad_(), _r(2, 8, 8, 6).requires_grad_()
+    out, out_r = m(x, ctx), naive_contmix_module(ref, x, ctx)
+    torch.testing.assert_close(out, out_r)
+    g = _r(*out.shape)
+    for a, b in zip(torch.autograd.grad(out, [x, ctx, *m.parameters()], g),
+                    torch.autograd.grad(out_r, [x, ctx, *ref.parameters()], g), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_contmix_errors():
+    with pytest.raises(ValueError, match=r"ContMix: channels \(10\) must be divisible by 2 \* groups \(4\)"):
+        ak.get("overlock_dynamic", channels=10, groups=2)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        ak.get("overlock_dynamic", channels=8, groups=2, kernel_size=6)
+    m = _contmix_module()
+    with pytest.raises(ValueError, match="channels-last"):
+        m(_r(1, 8, 6, 6))
+    with pytest.raises(ValueError, match=r"ContMix: border='clamp' needs a map of at least kernel_size=5"):
+        m(_r(1, 4, 9, 8))
+    assert _contmix_module(border="zero")(_r(1, 2, 3, 8)).shape == (1, 2, 3, 8)
+    with pytest.raises(ValueError, match="context_channels"):
+        _contmix_module(context_channels=5)(_r(1, 6, 6, 8))
+    with pytest.raises(ValueError, match=r"contmix: border='clamp' .* needs Y, X >= kernel size 5"):
+        a = _contmix_inputs(Y=4, X=6)
+        contmix(a["q"], a["k"], a["v"], a["proj_weight"], a["proj_bias"], (3, 5))

@@ -206,3 +206,94 @@ def naive_sdlska_module(module, x):
     return naive_sdlska_attention(x, module.conv0.weight, module.conv0.bias, module.conv_h.weight, module.conv_h.bias,
                                   module.conv_v.weight, module.conv_v.bias, module.conv1.weight, module.conv1.bias,
                                   module.dilation, select)
+
+
+# --------------------------------------------------------------------------------------------------- ContMix
+
+
+def _window_start(p, n, k, border):
+    """First row (column) of pixel ``p``'s ``k``-window on an axis of ``n``: centred (zero padding outside) or,
+    for ``border='clamp'``, shifted inside the image at the borders (neighbourhood-attention windows)."""
+    r = k // 2
+    return min(max(p - r, 0), n - k) if border == "clamp" else p - r
+
+
+def naive_contmix(q, k, v, proj_weight, proj_bias, kernel_sizes, rpb=None, border="clamp"):
+    """OverLoCK's ContMix (arXiv 2502.20087, Sec. 3.3) from projected tensors, one pixel row at a time:
+    ``aff[p, g, r] = sum_d q[p, g, d] k[r, g, d]`` (pixel to region centre), ``logits = aff W^T + b`` (one logit
+    per kernel offset of every branch), ``+ rpb[g, offset]``, ``Ker = softmax`` per branch,
+    ``out[p, c] = sum_o Ker[p, g(c), o] v[window(p) + o, c]``; branch ``i`` owns the ``i``-th equal chunk of the
+    channels of ``v``. ``q (B, Y, X, G, D)``, ``k (B, R, G, D)``, ``v (B, Y, X, C)``."""
+    wt = _work(v)
+    q, k, v = q.to(wt), k.to(wt), v.to(wt)
+    B, Y, X, G, _ = q.shape
+    C = v.shape[-1]
+    per = C // len(kernel_sizes)
+    aff = torch.einsum("byxgd,brgd->byxgr", q, k)  # (B, Y, X, G, R)
+    logits = torch.einsum("byxgr,or->byxgo", aff, proj_weight.to(wt))  # (B, Y, X, G, sum k^2)
+    if proj_bias is not None:
+        logits = logits + proj_bias.to(wt)
+    outs, at = [], 0
+    for n, ks in enumerate(kernel_sizes):
+        lg = logits[..., at:at + ks * ks]  # (B, Y, X, G, k^2)
+        at += ks * ks
+        vb = v[..., n * per:(n + 1) * per].reshape(B, Y, X, G, per // G)  # (B, Y, X, G, C_b / G)
+        out = torch.zeros_like(vb)
+        for y in range(Y):
+            sy = _window_start(y, Y, ks, border)
+            for x in range(X):
+                sx = _window_start(x, X, ks, border)
+                lp = lg[:, y, x]  # (B, G, k^2)
+                if rpb is not None and rpb[n] is not None:
+                    bias = torch.stack([rpb[n][:, sy + i - y + ks - 1, sx + j - x + ks - 1].to(wt)
+                                        for i in range(ks) for j in range(ks)], -1)  # (G, k^2)
+                    lp = lp + bias
+                w = _softmax(lp, -1)  # (B, G, k^2)
+                acc = torch.zeros(B, G, per // G, dtype=wt)
+                for i in range(ks):
+                    for j in range(ks):
+                        yy, xx = sy + i, sx + j
+                        if 0 <= yy < Y and 0 <= xx < X:  # zero outside the image
+                            acc = acc + w[:, :, i * ks + j, None] * vb[:, yy, xx]
+                out[:, y, x] = acc
+        outs.append(out.reshape(B, Y, X, per))
+    return torch.cat(outs, -1).to(v.dtype)
+
+
+def _adaptive_avg_pool(z, S):
+    """``nn.AdaptiveAvgPool2d(S)`` on ``(B, Y, X, C)``: region ``(i, j)`` averages rows ``[floor(i Y / S),
+    ceil((i + 1) Y / S))`` and the matching columns; returns ``(B, S * S, C)``."""
+    Y, X = z.shape[1:3]
+    cells = []
+    for i in range(S):
+        y0, y1 = (i * Y) // S, -((-(i + 1) * Y) // S)
+        for j in range(S):
+            x0, x1 = (j * X) // S, -((-(j + 1) * X) // S)
+            cells.append(z[:, y0:y1, x0:x1].mean((1, 2)))
+    return torch.stack(cells, 1)
+
+
+def naive_contmix_module(module, x, context=None):
+    """The ``ContMix`` module: projections (1x1 conv = per-pixel linear, then BatchNorm over every pixel),
+    queries from ``x``, keys from the region-pooled ``context`` (``x`` when None), then :func:`naive_contmix`."""
+    wt = _work(x)
+    xw = x.to(wt)
+    z = xw if context is None else context.to(wt)
+    P = {n: p.to(wt) for n, p in module.named_parameters()}
+    B, Y, X, C = x.shape
+    G = module.groups
+
+    def proj(t, name, bn):
+        t = torch.einsum("...i,oi->...o", t, P[f"{name}.weight"])
+        return naive_batch_norm(t, (bn.running_mean, bn.running_var, P[f"{bn_name[name]}.weight"],
+                                    P[f"{bn_name[name]}.bias"]), module.training, _bn_momentum(bn), bn.eps,
+                                channel_dim=t.dim() - 1)
+
+    bn_name = {"query": "query_norm", "key": "key_norm", "value": "value_norm", "out": "out_norm"}
+    q = proj(xw, "query", module.query_norm) * module.scale  # (B, Y, X, C/2)
+    keys = proj(_adaptive_avg_pool(z, module.regions), "key", module.key_norm)  # (B, S^2, C/2)
+    v = proj(xw, "value", module.value_norm) if module.value is not None else xw
+    rpb = (P["rpb_small"], P["rpb_large"]) if module.rpb_small is not None else None
+    mixed = naive_contmix(q.reshape(B, Y, X, G, -1), keys.reshape(B, -1, G, C // (2 * G)), v, P["proj.weight"],
+                          P["proj.bias"], (module.small_kernel_size, module.kernel_size), rpb, module.border)
+    return proj(mixed, "out", module.out_norm).to(x.dtype)
