@@ -109,6 +109,7 @@ def _mode(mode: str):
        layout=st.sampled_from(LAYOUTS), mode=st.sampled_from(MODES), seed=st.integers(0, 2**16))
 def test_module_sweep(spec, batch, scale, dtype, layout, mode, seed):
     assume(not (mode == "inference_mode" and spec.name in INFERENCE_MODE_BUG))
+    assume(scale == 1 or not spec.fixed_size)  # its parameters fix the extents (another size raises)
     module = _module(spec, dtype)
     shape = _shape(spec, batch, scale)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(DTYPES[dtype])

@@ -244,6 +244,8 @@ class MechanismSpec:
             pattern's ``context_len``), for a pooling module whose output has no per-token positions;
             None (default): the output has the first input's shape. A spec with one claims ``noncausal-*``
             patterns only (see :attr:`pooling`).
+        fixed_size: the module's parameters fix its input's extents (a token MLP over ``N = Y X``, say), so
+            another size raises a ValueError; the generic tests then keep the example's sizes.
     """
 
     name: str
@@ -264,6 +266,7 @@ class MechanismSpec:
     default_input: dict[str, Any] = field(default_factory=dict)
     tiny_input: dict[str, Any] = field(default_factory=dict)
     output_shape: Callable[[dict[str, Any]], tuple[int, ...]] | None = None
+    fixed_size: bool = False
 
     def __post_init__(self) -> None:
         # module options and input sizes live apart; a key the constructor does not take is an input size
@@ -403,6 +406,7 @@ def register(
     default_input: dict[str, Any] | None = None,
     tiny_input: dict[str, Any] | None = None,
     output_shape: Callable[[dict[str, Any]], tuple[int, ...]] | None = None,
+    fixed_size: bool = False,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator registering a module as a mechanism. See :class:`MechanismSpec`.
 
@@ -419,7 +423,7 @@ def register(
             complexity=complexity, flops=flops, options=options, reference=reference, functional=functional,
             default_config=dict(default_config or {}), tiny_config=dict(tiny_config or {}), notes=notes,
             input_kind=spec_kind, shape=shape, default_input=dict(default_input or {}),
-            tiny_input=dict(tiny_input or {}), output_shape=output_shape,
+            tiny_input=dict(tiny_input or {}), output_shape=output_shape, fixed_size=bool(fixed_size),
         )
         return cls
 

@@ -43,7 +43,7 @@ def _options(cfg: dict) -> dict:
     reference=naive_ninformer_module, functional=token_mixing_mlp,
     default_config={"dim": 96, "num_tokens": 56 * 56}, tiny_config={"dim": 8, "num_tokens": 12},
     default_input={"batch": 1, "input_size": (56, 56)}, tiny_input={"batch": 1, "input_size": (3, 4)},
-    input_kind=InputKind.IMAGE,
+    input_kind=InputKind.IMAGE, fixed_size=True,
     notes="The gating unit that replaces attention: Linear(C, C)(u) * MixerBlock(u), MixerBlock(v) = v + TokMLP(LN(v)) "
           "then v + ChMLP(LN(v)), TokMLP Linear(N, d) -> GELU -> Linear(d, N) over the N = Y X tokens (op "
           "token_mixing_mlp), ChMLP Linear(C, d) -> GELU -> Linear(d, C), as the authors' ninformer.py "
