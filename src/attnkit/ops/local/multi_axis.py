@@ -11,6 +11,7 @@ grid(G) == NA(k=G, dilation=Y/G) when the bias is zero.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,12 +52,43 @@ def grid_unpartition(x: torch.Tensor, G: int, Y: int, X: int) -> torch.Tensor:
 
 
 
-def relative_bias(table: torch.Tensor, M: int) -> torch.Tensor:
-    """``table ((2M-1)^2, H)`` -> ``(H, M*M, M*M)`` bias indexed by in-window offsets."""
+def partition_map(x: torch.Tensor, axis: str, M: int) -> torch.Tensor:
+    """``x (B, Y, X, C)`` -> ``(B * nW, M, M, C)``: the windows (``axis="block"``, ``M = P``) or the grid groups
+    (``axis="grid"``, ``M = G``, slot ``(y div Y/G, x div X/G)``) as a batch of ``M x M`` maps.
+
+    Partitioning the input of the qkv projection once costs a third of partitioning q, k and v.
+    """
+    B, Y, X, C = x.shape
+    if axis == "block":
+        x = x.view(B, Y // M, M, X // M, M, C).permute(0, 1, 3, 2, 4, 5)  # (B, Y/P, X/P, P, P, C)
+    else:
+        x = x.view(B, M, Y // M, M, X // M, C).permute(0, 2, 4, 1, 3, 5)  # (B, Y/G, X/G, G, G, C)
+    return x.reshape(-1, M, M, C)
+
+
+def unpartition_map(x: torch.Tensor, axis: str, M: int, Y: int, X: int) -> torch.Tensor:
+    """Inverse of :func:`partition_map`: ``(B * nW, M, M, C)`` -> ``(B, Y, X, C)``."""
+    C = x.shape[-1]
+    if axis == "block":
+        x = x.view(-1, Y // M, X // M, M, M, C).permute(0, 1, 3, 2, 4, 5)  # (B, Y/P, P, X/P, P, C)
+    else:
+        x = x.view(-1, Y // M, X // M, M, M, C).permute(0, 3, 1, 4, 2, 5)  # (B, G, Y/G, G, X/G, C)
+    return x.reshape(-1, Y, X, C)
+
+
+@functools.lru_cache(maxsize=32)
+def _relative_index(M: int, device: torch.device) -> torch.Tensor:
+    """``(M*M, M*M)`` index into a ``((2M-1)^2, H)`` table, built once per size and device."""
     py, px = torch.meshgrid(torch.arange(M), torch.arange(M), indexing="ij")
     py, px = py.reshape(-1), px.reshape(-1)
     idx = (py[:, None] - py[None, :] + M - 1) * (2 * M - 1) + (px[:, None] - px[None, :] + M - 1)
-    return table[idx.to(table.device)].permute(2, 0, 1)  # (H, M*M, M*M)
+    return idx.to(device)
+
+
+def relative_bias(table: torch.Tensor, M: int) -> torch.Tensor:
+    """``table ((2M-1)^2, H)`` -> ``(H, M*M, M*M)`` bias indexed by in-window offsets."""
+    # contiguous: SDPA reads a dense (H, M*M, M*M) mask faster than a permuted view
+    return table[_relative_index(M, table.device)].permute(2, 0, 1).contiguous()  # (H, M*M, M*M)
 
 
 
