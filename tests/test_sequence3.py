@@ -82,6 +82,52 @@ def test_pointer_rows_sum_to_one_and_masked_positions_are_zero(monkeypatch):
     assert torch.all(out == 0) and torch.all(torch.isfinite(dec.grad))
 
 
+@pytest.mark.parametrize("block", [7, 40, 90, 400, 1 << 16])
+def test_pointer_blocks_match_naive_output_and_gradients(monkeypatch, block):
+    import attnkit.ops.sequence.pointer as pointer_mod
+
+    # 7: one decoder row per block; 40, 90: several rows of one batch element, a ragged last block;
+    # 400: several whole batch elements per block; 1 << 16: everything in one block
+    monkeypatch.setattr(pointer_mod, "CHUNK_ELEMENTS", block)
+    g = _gen(3)
+    t = {"dec": torch.randn(3, 7, 5, generator=g, dtype=F64), "enc": torch.randn(3, 4, 5, generator=g, dtype=F64),
+         "v": torch.randn(5, generator=g, dtype=F64)}
+    mask = torch.rand(3, 7, 4, generator=g) > 0.3
+    for log in (False, True):
+        compare_fn(lambda log=log, **a: pointer_attention(**a, mask=mask, log=log, backend="chunked"),
+                   lambda log=log, **a: naive_pointer_attention(**a, mask=mask, log=log), t, F64)
+    compare_fn(lambda **a: pointer_attention(**a, backend="chunked"), naive_pointer_attention, t, torch.float32)
+
+
+def test_pointer_backward_saves_no_pair_tensor_and_double_backward_works():
+    t = _pointer_inputs(Nd=6, Ne=7, A=5)
+    leaves = [t[n].clone().requires_grad_() for n in ("dec", "enc", "v")]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        pointer_attention(*leaves, backend="chunked")
+    # the (B, Nd, Ne, A) tanh tensor (420 elements here) is recomputed in backward, never kept for it
+    assert max(saved) < 2 * 6 * 7 * 5
+    small = [x[:1, :3, :3].detach().requires_grad_() for x in leaves[:2]] + [leaves[2][:3].detach().requires_grad_()]
+    assert torch.autograd.gradcheck(lambda d, e, v: pointer_attention(d, e, v, backend="chunked"), small)
+    assert torch.autograd.gradgradcheck(lambda d, e, v: pointer_attention(d, e, v, log=True, backend="chunked"),
+                                        small)
+    # mixed dtypes promote like the naive twin
+    mixed = pointer_attention(t["dec"].float(), t["enc"], t["v"])
+    assert mixed.dtype == F64
+    assert_close(mixed, naive_pointer_attention(t["dec"].float(), t["enc"], t["v"]), F64, "promoted")
+
+
+def test_pointer_auto_dispatch_picks_chunked_and_explains_why():
+    from attnkit.ops.base import explain
+
+    t = _pointer_inputs()
+    text = explain("pointer_attention", t["dec"], t["enc"], t["v"])
+    assert "-> chunked" in text and "L2-sized blocks" in text and "inference path" in text
+    assert "reference" in text and "slower" in text
+    text = explain("pointer_attention", t["dec"].requires_grad_(), t["enc"], t["v"])
+    assert "recomputes tanh per block" in text
+
+
 def test_pointer_output_size_follows_the_input_length():
     m = PointerAttention(6, 5).double()
     x = torch.randn(2, 3, 6, dtype=F64)
