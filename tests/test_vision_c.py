@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import attnkit as ak
 from attnkit.mechanisms.vision_acmil import ACMILPooling
 from attnkit.mechanisms.vision_csa import ClassSemanticAttention
 from attnkit.mechanisms.vision_medusa import MEDUSAAttention
+from attnkit.mechanisms.vision_risur import RISurAttention
 from attnkit.ops.vision.acmil import acmil_pool, stkim_mask
 from attnkit.ops.vision.csa import class_semantic_attention
 from attnkit.ops.vision.medusa import multiscale_gate
+from attnkit.ops.vision.risur import risp_features, surface_attention
 from attnkit.reference.naive_vision_c import (
     naive_acmil_pool,
     naive_class_semantic_attention,
     naive_medusa_module,
     naive_multiscale_gate,
+    naive_risp_features,
+    naive_risur_module,
+    naive_surface_attention,
 )
 from tolerances import assert_close
 
@@ -278,3 +284,101 @@ def test_medusa_inputs_are_checked():
         m(x[:, :, :8, :8], stages)
     with pytest.raises(ValueError, match="MEDUSAAttention: mode"):
         MEDUSAAttention(3, mode="add")
+
+
+# --------------------------------------------------------------------------------------- RISurConv
+
+
+def _cloud(B=2, N=24, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    pts = torch.randn(B, N, 3, generator=gen, dtype=dtype)
+    nrm = F.normalize(torch.randn(B, N, 3, generator=gen, dtype=dtype), dim=-1)
+    return pts, nrm
+
+
+def _rotation(seed=0):
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=F64))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if torch.det(q) > 0 else -q  # a proper rotation (det +1)
+
+
+@pytest.mark.parametrize("normalize", ["neighbours", "points"])
+def test_surface_attention_matches_naive(normalize):
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 5, 4, generator=gen, dtype=F64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 3, 5, 6, generator=gen, dtype=F64, requires_grad=True)
+    out = surface_attention(q, k, v, normalize)
+    ref = naive_surface_attention(q, k, v, normalize)
+    assert_close(out, ref, F64, "out")
+    for name, a, b in zip("qkv", _grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
+        assert_close(a, b, F64, f"d{name}", grad=True)
+
+
+def test_surface_attention_columns_are_renormalised():
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 2, 6, 3, generator=gen, dtype=F64) for _ in range(2))
+    eye = torch.eye(6, dtype=F64).expand(1, 2, 6, 6)
+    a = surface_attention(q, k, eye)  # v = I reads the matrix: out[j, i] = A[i, j]
+    # every key's column sums to 1 over the queries
+    assert torch.allclose(a.sum(-1), torch.ones(1, 2, 6, dtype=F64), atol=1e-8)
+
+
+@pytest.mark.parametrize("shift", [1, 2])
+def test_risp_features_match_naive(shift):
+    pts, nrm = _cloud(N=12)
+    pts.requires_grad_()
+    nrm.requires_grad_()
+    (out, idx), (ref, idx_r) = risp_features(pts, nrm, 5, shift), naive_risp_features(pts, nrm, 5, shift)
+    assert torch.equal(idx, idx_r)
+    assert_close(out, ref, F64, "risp")
+    for name, a, b in zip(("dpoints", "dnormals"), _grads(out, (pts, nrm)), _grads(ref, (pts, nrm)), strict=True):
+        assert_close(a, b, F64, name, grad=True)
+
+
+def test_risp_features_are_rotation_invariant():
+    pts, nrm = _cloud(N=40)
+    R = _rotation(3)
+    f, idx = risp_features(pts, nrm, 8)
+    g, idx_r = risp_features(pts @ R.T, nrm @ R.T, 8)
+    assert torch.equal(idx, idx_r)
+    assert (f - g).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_risur_module_is_rotation_invariant(train):
+    torch.manual_seed(0)
+    m = RISurAttention(out_dim=8, k=6, in_channels=3, embed_dim=8).double().train(train)
+    pts, nrm = _cloud(N=30)
+    feats = torch.randn(2, 30, 3, generator=torch.Generator().manual_seed(2), dtype=F64)  # invariant features
+    R = _rotation(5)
+    y = m(torch.cat([pts, nrm], -1), feats)
+    y_rot = m(torch.cat([pts @ R.T, nrm @ R.T], -1), feats)
+    assert (y - y_rot).abs().max() < 1e-10
+    assert y.abs().max() > 1e-3  # not invariant by being zero
+
+
+def test_risur_module_with_features_matches_twin_and_is_permutation_equivariant():
+    torch.manual_seed(0)
+    m = RISurAttention(out_dim=8, k=4, in_channels=3, embed_dim=8, shift=2).double()
+    pts, nrm = _cloud(N=16)
+    x = torch.cat([pts, nrm], -1).requires_grad_()
+    feats = torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(2), dtype=F64, requires_grad=True)
+    out, ref = m(x, feats), naive_risur_module(m, x, feats)
+    assert_close(out, ref, F64, "out")
+    for name, a, b in zip(("dx", "dfeatures"), _grads(out, (x, feats)), _grads(ref, (x, feats)), strict=True):
+        assert_close(a, b, F64, name, grad=True)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(m(x[:, perm], feats[:, perm]), m(x, feats)[:, perm])  # point order does not matter
+
+
+def test_risur_inputs_are_checked():
+    m = RISurAttention(out_dim=8, k=4, embed_dim=8)
+    with pytest.raises(ValueError, match="RISurAttention: x has N=4 points"):
+        m(torch.randn(1, 4, 6))
+    with pytest.raises(ValueError, match="RISurAttention: features"):
+        m(torch.randn(1, 9, 6), torch.randn(1, 9, 2))
+    with pytest.raises(ValueError, match="RISurAttention: shift"):
+        RISurAttention(k=3, shift=3)
+    with pytest.raises(ValueError, match="risp_features: k must be"):
+        risp_features(torch.randn(1, 5, 3), torch.randn(1, 5, 3), 5)

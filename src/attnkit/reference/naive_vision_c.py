@@ -149,3 +149,105 @@ def naive_medusa_module(module, x, stages=None):
     out = naive_multiscale_gate(body, maps, [h.weight[:, :, 0, 0] for h in heads], [h.bias for h in heads],
                                 module.mode)
     return out[0] if stages is None else out
+
+
+# --------------------------------------------------------------------------------------- RISurConv
+
+
+def naive_surface_attention(q, k, v, normalize="neighbours"):
+    """Offset-attention's read (arXiv 2012.09688 Sec. 3.3) group by group: ``(B, G, K, D)`` -> ``(B, G, K, Dv)``."""
+    q, k, v_w = _work(q), _work(k), _work(v)
+    B, G, K, _ = q.shape
+    probs = torch.zeros(B, G, K, K, dtype=q.dtype, device=q.device)
+    for b in range(B):
+        for g in range(G):
+            s = q[b, g] @ k[b, g].t()  # (K_i, K_j), no scale
+            e = torch.exp(s - s.max(-1, keepdim=True).values)
+            probs[b, g] = e / e.sum(-1, keepdim=True)  # softmax over the keys j
+    total = probs.sum(2, keepdim=True) if normalize == "neighbours" else probs.sum(1, keepdim=True)
+    probs = probs / (1e-9 + total)  # renormalise each key's column
+    out = torch.zeros(B, G, K, v.shape[-1], dtype=v_w.dtype, device=v.device)
+    for j in range(K):
+        out[:, :, j] = (probs[:, :, :, j, None] * v_w).sum(2)  # out_j = sum_i A_ij v_i
+    return out.to(v.dtype)
+
+
+def _nunit(v):
+    return v / (torch.sqrt((v * v).sum(-1, keepdim=True)) + 1e-7)
+
+
+def naive_risp_features(points, normals, k=16, shift=1):
+    """RISurConv's RISP (arXiv 2408.06110 Sec. 3.2) point by point: ``(B, N, 3)`` twice -> ``((B, N, K, 14), idx)``."""
+    pts, nrm = _work(points), _work(normals)
+    nrm = nrm / torch.sqrt((nrm * nrm).sum(-1, keepdim=True)).clamp_min(1e-12)
+    B, N, _ = pts.shape
+    feats = torch.zeros(B, N, k, 14, dtype=pts.dtype, device=pts.device)
+    index = torch.zeros(B, N, k, dtype=torch.long, device=pts.device)
+    for b in range(B):
+        for p in range(N):
+            c, n_p = pts[b, p], nrm[b, p]
+            dist = torch.sqrt(((pts[b] - c) ** 2).sum(-1)).detach()
+            dist[p] = torch.inf  # not the point itself
+            near = torch.argsort(dist)[:k].tolist()  # the k nearest other points
+            local = [pts[b, j] - c for j in near]
+            tangent = [(v - (v @ n_p) * n_p).detach() for v in local]
+            lengths = [float(torch.sqrt((t * t).sum())) for t in tangent]
+            longest = lengths.index(max(lengths))
+            ref = tangent[longest] / (max(lengths) + 1e-7)
+            keys = []
+            for i, (t, ln) in enumerate(zip(tangent, lengths, strict=True)):
+                u = t / (ln + 1e-7)
+                cos = float(u @ ref)
+                side = 1.0 if i == longest else float(torch.linalg.cross(u, ref) @ n_p.detach())
+                keys.append(cos if side >= 0 else -cos - 2)  # the positive half-plane first, then the other
+            order = sorted(range(k), key=lambda i: -keys[i])
+            near = [near[i] for i in order]
+            index[b, p] = torch.tensor(near)
+            # neighbour i with its ordered predecessor (i - shift) and successor (i + shift), all at once
+            rows = torch.tensor(near)
+            prev, succ = rows.roll(shift), rows.roll(-shift)
+            xi, x3, x4 = pts[b, rows] - c, pts[b, prev] - c, pts[b, succ] - c  # (K, 3) each
+            ni, n3, n4 = nrm[b, rows], nrm[b, prev], nrm[b, succ]
+            u_pi, u_p3, u_p4, u_3i, u_i4 = _nunit(xi), _nunit(x3), _nunit(x4), _nunit(xi - x3), _nunit(x4 - xi)
+
+            def dot(a, b_):
+                return (a * b_).sum(-1)
+
+            feats[b, p] = torch.stack([
+                torch.sqrt((xi * xi).sum(-1)), dot(u_pi, n_p), -dot(u_pi, ni), dot(u_pi, u_p3),
+                dot(u_p3, n_p), -dot(u_p3, n3), -dot(u_p3, u_3i), -dot(u_3i, ni), dot(u_3i, n3),
+                dot(u_p4, u_pi), dot(u_p4, u_i4), dot(u_i4, n4), dot(u_pi, n4),
+                dot(torch.linalg.cross(u_p4, u_pi, dim=-1), torch.linalg.cross(u_p3, u_pi, dim=-1))], -1)
+    return feats.to(points.dtype), index
+
+
+def _naive_bn(x, bn):
+    """BatchNorm over every axis but the last (channels): batch statistics in training, running ones in eval."""
+    flat = x.reshape(-1, x.shape[-1])
+    if bn.training:
+        mean, var = flat.mean(0), flat.var(0, unbiased=False)
+    else:
+        mean, var = bn.running_mean.to(x.dtype), bn.running_var.to(x.dtype)
+    return ((x - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias).reshape(x.shape)
+
+
+def _naive_offset_layer(layer, x, normalize):
+    """Offset-attention layer on ``(B, G, K, C)``: ``x + relu(BN(W_t (x - attention read) + b_t))``."""
+    q, k = x @ layer.q.weight.t(), x @ layer.k.weight.t()
+    v = x @ layer.v.weight.t() + layer.v.bias
+    read = naive_surface_attention(q, k, v, normalize)
+    return x + torch.relu(_naive_bn((x - read) @ layer.trans.weight.t() + layer.trans.bias, layer.norm))
+
+
+def naive_risur_module(module, x, features=None):
+    """``RISurAttention``: ``x (B, N, 6)`` (points, normals), ``features (B, N, C_in)`` -> ``(B, N, out_dim)``."""
+    ri, idx = naive_risp_features(x[..., :3], x[..., 3:], module.k, module.shift)  # (B, N, K, 14)
+    h = _naive_bn(ri @ module.embed1.weight.t(), module.embed_norm1)
+    h = torch.relu(_naive_bn(h @ module.embed2.weight.t(), module.embed_norm2))  # (B, N, K, E)
+    h = _naive_offset_layer(module.local_attention, h, module.normalize)
+    if features is not None:
+        grouped = torch.stack([features[b][idx[b]] for b in range(idx.shape[0])])  # (B, N, K, C_in)
+        h = torch.cat([h, grouped], -1)
+    h = torch.relu(_naive_bn(h @ module.conv.weight.t() + module.conv.bias, module.conv_norm))
+    pooled = h.max(2).values  # (B, N, out_dim): max over the neighbourhood
+    return _naive_offset_layer(module.global_attention, pooled[:, None], "neighbours")[:, 0]

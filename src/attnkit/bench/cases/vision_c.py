@@ -25,6 +25,10 @@ SETTINGS: dict[str, list[tuple[str, str, dict]]] = {
         ("56x56x96", "Cb32-residual", {"batch": 2, "input_size": (56, 56), "dim": 96}),
         ("14x14x384", "Cb32-residual", {"batch": 2, "input_size": (14, 14), "dim": 384}),
     ],
+    "risur_attention": [  # ModelNet40 layers: 512 reference points with 16 neighbours, 1024 with 32
+        ("N512-k16", "E64-C64", {"batch": 4, "seq_len": 512, "k": 16, "out_dim": 64}),
+        ("N1024-k32", "E64-C128", {"batch": 2, "seq_len": 1024, "k": 32, "out_dim": 128}),
+    ],
     "class_semantic": [  # BMN-CSA: ActivityNet (T = 100) and THUMOS-14 (T = 256) snippet sequences
         ("T100xC256", "k3-concat", {"batch": 16, "seq_len": 100, "dim": 256}),
         ("T256xC512", "k3-concat", {"batch": 16, "seq_len": 256, "dim": 512}),
