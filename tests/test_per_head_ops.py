@@ -74,13 +74,14 @@ def test_moa_every_path_matches_reference(alphas, backend, dtype):
 
 @pytest.mark.parametrize("case", list(S2_CASES), ids=str)
 def test_s2_reference_is_the_naive_mask(case):
-    """The reference path (naive_s2_mask, phases picked for offsets / homogeneous heads) is the old rule:
-    block pair allowed by (j + h sigma + o) mod v, dense heads causal, pattern indexed by KV head."""
+    """The reference path (naive_s2_mask, phases picked for GQA / offsets / homogeneous heads) is dkernel's rule:
+    block pair allowed by (j + h sigma + o) mod v with sigma = max(1, v // Hq) (Hq = 4 query heads on 2 KV
+    heads here), dense heads causal, pattern indexed by KV head."""
     kw = S2_CASES[case]
     q, k, v = _ins().values()
     causal = kw["causal"]
     if causal:
-        sigma = 0 if kw.get("homo_head") else max(1, 4 // 2)
+        sigma = 0 if kw.get("homo_head") else max(1, 4 // 4)
         full = naive_s2_mask(4, 30, 4, 2, 4, True)  # head h' has phase h'
         mask = full[:, [(h * sigma + kw.get("head_offset", 0)) % 4 for h in range(2)]].clone()
         if kw.get("num_dense_heads"):

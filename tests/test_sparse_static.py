@@ -59,8 +59,13 @@ def test_s2_mask_tile_classes_exact(causal):
 
 def test_s2_gqa_and_identities():
     q, k, v = _ins(Hq=4, Hkv=2).values()
-    mask = naive_s2_mask(2, 30, 4, 2, 4).repeat_interleave(2, dim=1)  # pattern indexed by KV head
+    # pattern indexed by KV head; dkernel's stripe step max(1, v // Hq) = 1: KV heads take phases 0 and 1
+    # (naive_s2_mask with v heads lists phase h for head h)
+    mask = naive_s2_mask(4, 30, 4, 2, 4)[:, [0, 1]].repeat_interleave(2, dim=1)
     torch.testing.assert_close(s2_attention(q, k, v, 4, 2, 4), naive_masked_attention(q, k, v, mask)[0])
+    # gqa_rule="kv": step max(1, v // Hkv) = 2, the per-KV-head naive mask
+    mask = naive_s2_mask(2, 30, 4, 2, 4).repeat_interleave(2, dim=1)
+    torch.testing.assert_close(s2_attention(q, k, v, 4, 2, 4, gqa_rule="kv"), naive_masked_attention(q, k, v, mask)[0])
     dense_c = naive_masked_attention(q, k, v, causal_dense(30, 30))[0]
     torch.testing.assert_close(s2_attention(q, k, v, 4, 2, 1), dense_c)  # one shard (v = 1)
     torch.testing.assert_close(s2_attention(q, k, v, 4, 8, 4), dense_c)  # full window

@@ -41,9 +41,13 @@ def _options(c: dict) -> dict:
     patterns=("causal-self", "noncausal-self"), complexity="O(N (l b + N / v) D)", flops=_flops,
     options=_options, reference=naive_s2, functional=s2_attention, default_config=_DEFAULT, tiny_config=_TINY,
     default_input={"batch": 2, "seq_len": 64}, tiny_input={"batch": 1, "seq_len": 16},
-    notes="dkernel's layout rule: absolute stripes offset by h*max(1, v // H) (causal); the bidirectional "
-          "rule (relative stripes) is the same for every head. GQA: indexed by KV head. The layer-level "
-          "hybrid (dense every n-th layer) is a model choice outside this module.",
+    notes="dkernel's layout rule (its get_sparse_attn_mask, checked against the released code): absolute stripes "
+          "of KV head h offset by h*max(1, v // Hq) with Hq the QUERY heads (causal); the bidirectional rule "
+          "(relative stripes) is the same for every head. GQA (the op): the pattern is indexed by KV head and "
+          "shared by its query group; the op's gqa_rule='kv' keeps attnkit's earlier step max(1, v // Hkv), "
+          "which spreads the KV heads' stripes over the whole stride (the two agree without GQA and when "
+          "v <= Hkv; this module has no GQA, so Hq = H). The layer-level hybrid (dense every n-th layer) is a "
+          "model choice outside this module.",
 )
 class S2Attention(nn.Module):
     """S2-Attention self-attention layer.

@@ -34,24 +34,42 @@ def _Causal():
 
 
 
+GQA_RULES = ("dkernel", "kv")
+
+
+def _sigma(hq: int, hkv: int, vert_stride: int, homo_head: bool, gqa_rule: str) -> int:
+    """Stripe step between consecutive KV heads: ``max(1, v // Hq)`` (dkernel, the default) or
+    ``max(1, v // Hkv)`` (``gqa_rule="kv"``); 0 for homogeneous heads. Equal without GQA and when ``v <= Hkv``."""
+    if gqa_rule not in GQA_RULES:
+        raise ValueError(f"s2_attention: gqa_rule must be one of {GQA_RULES}, got {gqa_rule!r}")
+    if homo_head:
+        return 0
+    return max(1, vert_stride // (hq if gqa_rule == "dkernel" else hkv))
+
+
 def s2_layout(num_heads: int, n_blocks: int, local_blocks: int, vert_stride: int, *, causal: bool = True,
               num_dense_heads: int = 0, head_offset: int = 0, homo_head: bool = False,
+              num_query_heads: int | None = None, gqa_rule: str = "dkernel",
               device: torch.device | None = None) -> torch.Tensor:
-    """Block layout ``(H, n, n)`` of S2-Attention (the rule of its released dkernel).
+    """Block layout ``(H, n, n)`` of S2-Attention per KV head (the rule of its released dkernel).
 
-    causal: ``i >= j and (i - j < l or (j + h*sigma + o) % v == 0)`` with ``sigma = max(1, v // H)``
-    (``sigma = 0`` for homogeneous heads); bidirectional: ``((left + right) % v == 0)`` with
-    ``left = max(0, i - j - l + 1)``, ``right = max(0, j - i - l + 1)``. The last
-    ``num_dense_heads`` heads are dense (causal or full).
+    causal: ``i >= j and (i - j < l or (j + h*sigma + o) % v == 0)`` for KV head ``h`` with
+    ``sigma = max(1, v // Hq)`` (``Hq = num_query_heads``, default ``num_heads``: without GQA ``Hq = H``;
+    ``gqa_rule="kv"`` uses ``max(1, v // H)`` instead; ``sigma = 0`` for homogeneous heads);
+    bidirectional: ``((left + right) % v == 0)`` with ``left = max(0, i - j - l + 1)``,
+    ``right = max(0, j - i - l + 1)``. The last ``num_dense_heads`` heads are dense (causal or full).
     """
     int_arg("local_blocks", local_blocks, 1)
     int_arg("vert_stride", vert_stride, 1)
+    hq = num_heads if num_query_heads is None else int_arg("num_query_heads", num_query_heads, 1)
+    if hq % num_heads:
+        raise ValueError(f"s2_layout: num_query_heads ({hq}) must be a multiple of num_heads ({num_heads})")
     if not 0 <= num_dense_heads <= num_heads:
         raise ValueError(f"num_dense_heads must be in [0, {num_heads}], got {num_dense_heads}")
     i = torch.arange(n_blocks, device=device).view(1, -1, 1)
     j = torch.arange(n_blocks, device=device).view(1, 1, -1)
     h = torch.arange(num_heads, device=device).view(-1, 1, 1)
-    sigma = 0 if homo_head else max(1, vert_stride // num_heads)
+    sigma = _sigma(hq, num_heads, vert_stride, homo_head, gqa_rule)
     if causal:
         lay = (i >= j) & ((i - j < local_blocks) | ((j + h * sigma + head_offset) % vert_stride == 0))
         dense = (i >= j).expand_as(lay)
@@ -121,19 +139,20 @@ class S2Mask(Mask):
 
 
 
-def _phases(hkv: int, vert_stride: int, head_offset: int, homo_head: bool, causal: bool) -> list[int]:
+def _phases(hq: int, hkv: int, vert_stride: int, head_offset: int, homo_head: bool, causal: bool,
+            gqa_rule: str = "dkernel") -> list[int]:
     """Stripe phase ``(h * sigma + o) mod v`` of every KV head (0 for all under the bidirectional rule)."""
-    sigma = 0 if homo_head or not causal else max(1, vert_stride // hkv)
+    sigma = _sigma(hq, hkv, vert_stride, homo_head, gqa_rule) if causal else 0
     return [(h * sigma + head_offset) % vert_stride for h in range(hkv)]
 
 
 def _reference_mask(hq, hkv, n, block_size, local_blocks, vert_stride, causal, num_dense_heads, phases):
     """``(1, Hq, N, N)`` from ``naive_s2_mask``: its head ``h`` has phase ``h * max(1, v // H)``, so with
     ``H = v`` heads it lists every phase ``0..v-1`` once (used when an offset or homogeneous heads move
-    the phases off the default ``h * max(1, v // Hkv)``)."""
+    the phases off ``h * max(1, v // Hkv)``: GQA under dkernel's rule, an offset or homogeneous heads)."""
     if not causal:
         m = naive_s2_mask(1, n, block_size, local_blocks, vert_stride, False).expand(1, hkv, n, n)
-    elif phases == _phases(hkv, vert_stride, 0, False, True):
+    elif phases == _phases(hkv, hkv, vert_stride, 0, False, True):
         m = naive_s2_mask(hkv, n, block_size, local_blocks, vert_stride, True)
     else:
         m = naive_s2_mask(vert_stride, n, block_size, local_blocks, vert_stride, True)[:, phases]
@@ -144,7 +163,7 @@ def _reference_mask(hq, hkv, n, block_size, local_blocks, vert_stride, causal, n
 
 
 def make_call(q, k, v, block_size, local_blocks, vert_stride, *, causal=True, num_dense_heads=0, head_offset=0,
-              homo_head=False, scale=None) -> PerHeadCall:
+              homo_head=False, gqa_rule="dkernel", scale=None) -> PerHeadCall:
     hq, hkv = check_qkv(q, k, v, same_extent=True)
     block_size = int_arg("block_size", block_size, 1)
     local_blocks = int_arg("local_blocks", local_blocks, 1)
@@ -152,7 +171,9 @@ def make_call(q, k, v, block_size, local_blocks, vert_stride, *, causal=True, nu
     if not 0 <= num_dense_heads <= hkv:
         raise ValueError(f"num_dense_heads must be in [0, {hkv}], got {num_dense_heads}")
     n, g = q.shape[1], hq // hkv
-    phases = _phases(hkv, vert_stride, head_offset, homo_head, causal)
+    if gqa_rule not in GQA_RULES:
+        raise ValueError(f"s2_attention: gqa_rule must be one of {GQA_RULES}, got {gqa_rule!r}")
+    phases = _phases(hq, hkv, vert_stride, head_offset, homo_head, causal, gqa_rule)
     # KV heads with one pattern share a group: dense heads, and every sparse head when the rule does
     # not depend on the head (bidirectional, homogeneous)
     dense_mask = M.causal() if causal else None
@@ -169,7 +190,7 @@ def make_call(q, k, v, block_size, local_blocks, vert_stride, *, causal=True, nu
     def gather() -> GatherPlan:
         lay = s2_layout(hkv, math.ceil(n / block_size), local_blocks, vert_stride, causal=causal,
                         num_dense_heads=num_dense_heads, head_offset=head_offset, homo_head=homo_head,
-                        device=q.device)  # (Hkv, nb, nb)
+                        num_query_heads=hq, gqa_rule=gqa_rule, device=q.device)  # (Hkv, nb, nb)
         return GatherPlan(lay.repeat_interleave(g, dim=0).unsqueeze(0), block_size,  # (1, Hq, nb, nb)
                           _Causal() if causal else None)
 
@@ -177,7 +198,8 @@ def make_call(q, k, v, block_size, local_blocks, vert_stride, *, causal=True, nu
         return _reference_mask(hq, hkv, n, block_size, local_blocks, vert_stride, causal, num_dense_heads, phases)
 
     label = (f"s2(block={block_size}, local={local_blocks}, vert={vert_stride}, "
-             f"{'causal' if causal else 'bidirectional'}, dense heads={num_dense_heads})")
+             f"{'causal' if causal else 'bidirectional'}, dense heads={num_dense_heads}"
+             f"{f', GQA {hq}:{hkv} stripe step {gqa_rule}' if hq != hkv else ''})")
     return PerHeadCall(q, k, v, groups, resolve_scale(scale, q.shape[-1]), reference_mask, gather, label)
 
 
@@ -187,7 +209,8 @@ register_op("s2_attention", make_call, DISPATCHER)
 
 def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, local_blocks: int,
                  vert_stride: int, *, causal: bool = True, num_dense_heads: int = 0, head_offset: int = 0,
-                 homo_head: bool = False, scale: float | None = None, impl: str | None = None,
+                 homo_head: bool = False, gqa_rule: str = "dkernel", scale: float | None = None,
+                 impl: str | None = None,
                  backend: str | None = None) -> torch.Tensor:
     """S2-Attention (heterogeneous strided + local block-sparse heads).
 
@@ -196,6 +219,9 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
             indexed by the KV head and shared by its query group (keeps the KV savings).
         block_size: ``b``; local_blocks: ``l`` (incl. the current block); vert_stride: ``v``.
         causal, num_dense_heads, head_offset, homo_head: see :func:`s2_layout`.
+        gqa_rule: under GQA, the stripe step between KV heads: ``"dkernel"`` (default, the released code:
+            ``max(1, v // Hq)``) or ``"kv"`` (``max(1, v // Hkv)``, spreading the KV heads' stripes over the
+            whole stride; attnkit's rule before it followed dkernel). Equal without GQA or when ``v <= Hkv``.
         scale: score scale, default ``D ** -0.5``.
         impl: older spelling of the path: ``"masked"`` or ``"gather"``
             (see ``attnkit.ops.per_head.call.resolve_backend``).
@@ -213,5 +239,5 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
     """
     path = resolve_backend(impl, backend)
     call = make_call(q, k, v, block_size, local_blocks, vert_stride, causal=causal, num_dense_heads=num_dense_heads,
-                     head_offset=head_offset, homo_head=homo_head, scale=scale)
+                     head_offset=head_offset, homo_head=homo_head, gqa_rule=gqa_rule, scale=scale)
     return DISPATCHER.run(call, path)
