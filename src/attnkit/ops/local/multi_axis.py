@@ -136,7 +136,8 @@ def _windowed(c: WindowCall) -> torch.Tensor:
     part, unpart = (block_partition, block_unpartition) if c.axis == "block" else (grid_partition, grid_unpartition)
     Y, X = c.q.shape[1:3]
     qw, kw, vw = (part(t, c.size).transpose(1, 2) for t in (c.q, c.k, c.v))  # (B*nW, H, M*M, D)
-    bias = None if c.bias is None else c.bias.to(c.q.dtype)
+    # (1, H, M*M, M*M): PyTorch's CPU flash kernel takes a 4-D mask only; a 3-D one falls back to the math path
+    bias = None if c.bias is None else c.bias.to(c.q.dtype).unsqueeze(0)
     o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=bias, scale=c.scale)
     return unpart(o.transpose(1, 2), c.size, Y, X)  # (B, Y, X, H, Dv)
 
