@@ -155,3 +155,35 @@ def test_bad_arguments_are_named():
         titans_memory(x["q"], x["k"], x["v"], x["alpha"], x["eta"], x["theta"], (torch.zeros(H, D + 1, D),))
     with pytest.raises(ValueError, match="chunk_size"):
         titans_memory(x["q"], x["k"], x["v"], x["alpha"], x["eta"], x["theta"], x["ws"], chunk_size=0)
+
+
+@pytest.mark.parametrize("theta_b,factor", [(0.5, 0.0), (0.25, 0.5), (2.0, -3.0)])
+def test_chunk_step_on_a_repeated_key_scales_the_error_by_one_minus_two_b_theta(theta_b, factor):
+    # linear memory, no momentum or forgetting, one unit key repeated: a chunk of b tokens sums b gradients
+    # 2 k^T (k W - v) taken at its first state, so the read error k W - v is multiplied by 1 - 2 b theta per
+    # chunk: theta = 1 / (2b) recalls v after one chunk, theta > 1 / b overshoots and grows (why the module's
+    # default inner_lr keeps inner_lr * chunk_size <= 1)
+    b, chunks = 8, 3
+    n = b * chunks
+    k = torch.zeros(1, n, 1, 4, dtype=torch.float64)
+    k[..., 0] = 1.0
+    v = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64).expand(1, n, 1, 4)
+    zero = torch.zeros(1, n, 1, dtype=torch.float64)
+    w0 = torch.zeros(1, 4, 4, dtype=torch.float64)
+    y = titans_memory(k, k, v, zero, zero, zero + theta_b / b, (w0,), chunk_size=b)  # (1, n, 1, 4)
+    err = y[0, b - 1::b, 0] - v[0, b - 1::b, 0]  # read error at each chunk's last token (its update included)
+    for c in range(chunks):
+        assert_close(err[c], -v[0, 0, 0] * factor ** (c + 1), torch.float64, f"chunk {c}")
+
+
+def test_module_default_stays_finite_where_the_old_inner_lr_diverged():
+    # the quality suite's setting: width 32, 4 heads, chunk 16, inputs of a few units of norm; the old
+    # default inner_lr 0.5 gave inf/NaN memory reads here at initialisation
+    for seed in range(2):
+        torch.manual_seed(seed)
+        m = TitansMemory(32, 4, variant="lmm")
+        x = 3 * torch.randn(4, 128, 32)
+        y = m(x)
+        assert torch.isfinite(y).all()
+        y.square().mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

@@ -39,7 +39,7 @@ def _flops(cfg: dict) -> float:
 
 
 _DEFAULT = {"dim": 64, "num_heads": 4, "variant": "mag", "memory_depth": 2, "memory_expansion": 2, "chunk_size": 16,
-            "segment_size": 64, "window": 32, "num_persistent": 4, "inner_lr": 0.5, "activation": "silu"}
+            "segment_size": 64, "window": 32, "num_persistent": 4, "inner_lr": 0.05, "activation": "silu"}
 _TINY = {"dim": 8, "num_heads": 2, "chunk_size": 3, "segment_size": 4, "window": 3, "num_persistent": 2}
 
 
@@ -63,7 +63,12 @@ def _options(c: dict) -> dict:
           "output. MAC: per segment, h = M_{i-1}(q) is a causal prefix (token t sees h_j for j <= t, so "
           "the layer stays causal), the attention output y is written into memory and o = y * sigmoid(M_t(q(y))) "
           "with the per-token memory M_t (the paper reads the segment's final memory, which would leak the "
-          "segment's future). The half-precision inner loop runs in float32.",
+          "segment's future). The half-precision inner loop runs in float32. Default inner_lr 0.05 (was 0.5): "
+          "the chunked form sums a chunk's b surprise gradients taken at the chunk's first state, so with "
+          "l2-normalised keys one chunk is a gradient step of size up to 2 b theta on the memory's error "
+          "(factor 1 - 2 b theta along a repeated key); the bounded sigmoid gates alone do not keep it stable, "
+          "and inner_lr 0.5 at chunk 16 diverged (NaN loss in the quality suite from the first step). "
+          "inner_lr <= 1 / chunk_size keeps the linear memory's chunk update a contraction.",
 )
 class TitansMemory(nn.Module):
     """Titans layer: neural long-term memory (+ attention for ``mac`` / ``mag`` / ``mal``).
@@ -74,7 +79,9 @@ class TitansMemory(nn.Module):
         memory_depth: 1 (matrix memory) or 2 (MLP memory with hidden ``memory_expansion * D``);
         chunk_size: tokens per chunk of the parallel form; segment_size: MAC's segment length;
         window: sliding-window span of MAG / MAL (keys ``t - window .. t``); num_persistent: ``N_p``
-        persistent tokens; inner_lr: the largest inner learning rate (0 keeps the memory at ``M_0``);
+        persistent tokens; inner_lr: the largest inner learning rate (0 keeps the memory at ``M_0``; keep
+        ``inner_lr * chunk_size <= 1``: a chunk sums its tokens' gradients taken at one state, and with unit keys
+        a larger step overshoots and the memory diverges);
         activation: the MLP memory's activation.
 
     Shapes:
@@ -86,7 +93,7 @@ class TitansMemory(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, *, variant: str = "mag", memory_depth: int = 2,
                  memory_expansion: int = 2, chunk_size: int = 16, segment_size: int = 64, window: int = 32,
-                 num_persistent: int = 4, inner_lr: float = 0.5, activation: str = "silu"):
+                 num_persistent: int = 4, inner_lr: float = 0.05, activation: str = "silu"):
         super().__init__()
         d = divisible(self, dim, num_heads)
         self.dim, self.num_heads = dim, num_heads
