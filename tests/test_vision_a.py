@@ -312,7 +312,7 @@ def test_contmix_preserves_a_constant_image():
 
 
 def _contmix_module(**kw):
-    opts = {"channels": 8, "kernel_size": 5, "small_kernel_size": 3, "groups": 2, "regions": 3, **kw}
+    opts = {"dim": 8, "kernel_sizes": (3, 5), "num_heads": 2, "regions": 3, **kw}
     return _nudge(ak.get("overlock_dynamic", **opts)).eval()
 
 
@@ -326,13 +326,23 @@ def test_contmix_top_down_guidance_enters_only_through_pooled_keys():
         2, 9, 12, 8)  # zero mean inside every region
     torch.testing.assert_close(m(x, ctx + wiggle), m(x, ctx))
     assert (m(x, ctx) - m(x, ctx.flip(1))).abs().max() > 1e-6
-    g = _contmix_module(context_channels=5)
+    g = _contmix_module(context_dim=5)
     assert g(x, _r(2, 4, 4, 5)).shape == x.shape
+
+
+def test_contmix_three_branches_and_the_authors_stage3_kernels():
+    """kernel_sizes generalises to any number of equal channel chunks; (5, 13) is OverLoCK's stage-3 setting."""
+    from attnkit.reference.naive_vision_a import naive_contmix_module
+    for ks, size in (((3, 3, 5), (6, 5)), ((5, 13), (13, 14))):
+        m = _contmix_module(dim=12, kernel_sizes=ks, regions=2) if len(ks) == 3 else _contmix_module(kernel_sizes=ks)
+        x = _r(1, *size, m.dim)
+        torch.testing.assert_close(m(x), naive_contmix_module(m, x))
+        assert m.proj.out_features == sum(k * k for k in ks) and len(m.rpb) == len(ks)
 
 
 def test_contmix_module_matches_reference_in_train_mode_with_context():
     from attnkit.reference.naive_vision_a import naive_contmix_module
-    m = _contmix_module(context_channels=6).train()
+    m = _contmix_module(context_dim=6).train()
     ref = __import__("copy").deepcopy(m)
     x, ctx = _r(2, 5, 7, 8).requires_grad_(), _r(2, 8, 8, 6).requires_grad_()
     out, out_r = m(x, ctx), naive_contmix_module(ref, x, ctx)
@@ -344,18 +354,18 @@ def test_contmix_module_matches_reference_in_train_mode_with_context():
 
 
 def test_contmix_errors():
-    with pytest.raises(ValueError, match=r"ContMix: channels \(10\) must be divisible by 2 \* groups \(4\)"):
-        ak.get("overlock_dynamic", channels=10, groups=2)
-    with pytest.raises(ValueError, match="kernel_size must be odd"):
-        ak.get("overlock_dynamic", channels=8, groups=2, kernel_size=6)
+    with pytest.raises(ValueError, match=r"ContMix: dim \(12\) must be divisible by len\(kernel_sizes\) \* num_heads"):
+        ak.get("overlock_dynamic", dim=12, num_heads=4)
+    with pytest.raises(ValueError, match="kernel_sizes must be a non-empty tuple of odd ints"):
+        ak.get("overlock_dynamic", dim=8, num_heads=2, kernel_sizes=(5, 6))
     m = _contmix_module()
     with pytest.raises(ValueError, match="channels-last"):
         m(_r(1, 8, 6, 6))
-    with pytest.raises(ValueError, match=r"ContMix: border='clamp' needs a map of at least kernel_size=5"):
+    with pytest.raises(ValueError, match=r"ContMix: border='clamp' needs a map of at least the largest of"):
         m(_r(1, 4, 9, 8))
     assert _contmix_module(border="zero")(_r(1, 2, 3, 8)).shape == (1, 2, 3, 8)
-    with pytest.raises(ValueError, match="context_channels"):
-        _contmix_module(context_channels=5)(_r(1, 6, 6, 8))
+    with pytest.raises(ValueError, match="context_dim=5 differs from dim=8"):
+        _contmix_module(context_dim=5)(_r(1, 6, 6, 8))
     with pytest.raises(ValueError, match=r"contmix: border='clamp' .* needs Y, X >= kernel size 5"):
         a = _contmix_inputs(Y=4, X=6)
         contmix(a["q"], a["k"], a["v"], a["proj_weight"], a["proj_bias"], (3, 5))

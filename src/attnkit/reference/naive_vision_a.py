@@ -281,7 +281,7 @@ def naive_contmix_module(module, x, context=None):
     z = xw if context is None else context.to(wt)
     P = {n: p.to(wt) for n, p in module.named_parameters()}
     B, Y, X, C = x.shape
-    G = module.groups
+    G = module.num_heads
 
     def proj(t, name, bn):
         t = torch.einsum("...i,oi->...o", t, P[f"{name}.weight"])
@@ -293,7 +293,7 @@ def naive_contmix_module(module, x, context=None):
     q = proj(xw, "query", module.query_norm) * module.scale  # (B, Y, X, C/2)
     keys = proj(_adaptive_avg_pool(z, module.regions), "key", module.key_norm)  # (B, S^2, C/2)
     v = proj(xw, "value", module.value_norm) if module.value is not None else xw
-    rpb = (P["rpb_small"], P["rpb_large"]) if module.rpb_small is not None else None
+    rpb = None if module.rpb is None else tuple(P[f"rpb.{n}"] for n in range(len(module.kernel_sizes)))
     mixed = naive_contmix(q.reshape(B, Y, X, G, -1), keys.reshape(B, -1, G, C // (2 * G)), v, P["proj.weight"],
-                          P["proj.bias"], (module.small_kernel_size, module.kernel_size), rpb, module.border)
+                          P["proj.bias"], module.kernel_sizes, rpb, module.border)
     return proj(mixed, "out", module.out_norm).to(x.dtype)

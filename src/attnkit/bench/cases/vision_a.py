@@ -33,8 +33,8 @@ def _setup(name: str, impl: str, size, pass_: str):
         Y, X, C = size
         torch.manual_seed(0)
         opts = {"border": "zero"} if impl == "attnkit_zero" else {}
-        module = ak.get(name, channels=C, **opts)
         cnn = ak.info(name).input_kind.value == "cnn"
+        module = ak.get(name, **{"channels" if cnn else "dim": C}, **opts)  # CNN blocks: channels; mixers: dim
         shape = (BATCH, C, Y, X) if cnn else (BATCH, Y, X, C)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
         return Runner(run=module_pass(module, x, pass_))
@@ -42,12 +42,13 @@ def _setup(name: str, impl: str, size, pass_: str):
     return setup
 
 
-def _flops(name: str, size, impl: str) -> float:
+def _flops(name: str, size) -> float:
     import attnkit as ak
 
     Y, X, C = size
-    cfg = {"channels": C, "batch": BATCH, "input_size": (Y, X)}
-    return ak.info(name).flops(cfg)
+    spec = ak.info(name)
+    cfg = {"channels" if spec.input_kind.value == "cnn" else "dim": C, "batch": BATCH, "input_size": (Y, X)}
+    return spec.flops(cfg)
 
 
 def cases() -> list[Case]:
@@ -65,6 +66,6 @@ def cases() -> list[Case]:
                 for pass_ in ("fwd", "fwd+bwd"):
                     params = (("B", BATCH), ("Y", Y), ("X", X), ("C", C), ("dtype", "float32"))
                     out.append(Case(op=name, impl=impl, group=f"{name}/{Y}x{X}x{C}/B={BATCH}", pass_=pass_,
-                                    suites=suites, params=params, flops=_flops(name, size, impl),
+                                    suites=suites, params=params, flops=_flops(name, size),
                                     setup=_setup(name, impl, size, pass_), baseline=impl == "attnkit"))
     return out
