@@ -107,3 +107,16 @@ def test_density_and_module():
         CombinerAttention(16, 3)
     with pytest.raises(ValueError, match="combiner_attention: segment"):
         combiner_attention(x.view(1, 9, 2, 8), x.view(1, 9, 2, 8), x.view(1, 9, 2, 8), segment=0)
+
+
+def test_check_finite_raises_on_the_merged_path():
+    from attnkit._validate import check_finite
+
+    t = {n: x.float() for n, x in _qkv(N=12).items()}
+    t["k"][0, 3, 0, 1] = float("nan")
+    with torch.no_grad(), check_finite(True), pytest.raises(ValueError, match="combiner_attention"):
+        combiner_attention(t["q"], t["k"], t["v"], segment=4, backend="merged")
+    with torch.no_grad():  # without the switch NaN propagates to the queries that depend on key 3
+        out = combiner_attention(t["q"], t["k"], t["v"], segment=4, backend="merged")
+    ref = naive_combiner(*(x.double() for x in t.values()), segment=4)
+    assert torch.equal(out.isnan(), ref.isnan())

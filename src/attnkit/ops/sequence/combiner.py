@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnkit._validate import check_qkv, resolve_scale
+from attnkit._validate import assert_finite, check_qkv, resolve_scale
 from attnkit.kernels.fused import fused_check, fused_ops
 from attnkit.ops.base import Backend, Dispatcher, register_op
 from attnkit.ops.dense.call import attention
@@ -61,6 +61,8 @@ def make_call(q, k, v, *, segment, causal=False, scale=None) -> CombinerCall:
                          f"got {tuple(k.shape[1:3])}")
     if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
         raise ValueError(f"combiner_attention: segment must be a positive int, got {segment!r}")
+    assert_finite("combiner_attention", q=q, k=k, v=v)  # only under the debug switch (the merged path's fused
+    # calls do not go through ak.attention's check)
     return CombinerCall(q, k, v, segment, bool(causal), resolve_scale(scale, q.shape[-1]))
 
 
