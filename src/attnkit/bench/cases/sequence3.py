@@ -4,8 +4,8 @@
   vs softmax SDPA on the same q, k, v (group ``kat_r12_g3/N=197``).
 * ST-LINK SE-attention (arXiv 2509.13753): ``se_attention`` (rotate + ak.attention), causal, B=4, N=192
   (12 steps x 16 nodes), H=4, D=64, spatial_dim 32 vs causal SDPA without rotations (group ``se_attention/N=192``).
-* Pointer Networks (arXiv 1506.03134): ``pointer_attention`` chunked vs its naive twin, B=128, Nd=Ne=50, A=256
-  (group ``pointer/N=50``).
+* Pointer Networks (arXiv 1506.03134): ``pointer_attention`` chunked vs its naive twin, forward and forward +
+  backward, at B=128, Nd=Ne=50, A=256 (group ``pointer/N=50``) and B=8, Nd=Ne=32, A=256 (group ``pointer/N=32``).
 * Multi-layer trainable pooling (arXiv 2409.02727): ``latent_attention_pool`` through ak.attention vs its naive
   twin, B=32, L=25 layers, r=1, H=8, D=112 (group ``embedding_pool/L=25``).
 * TCPA (arXiv 2505.02406): ``prompt_attention`` with 10 + 10 prompts and a top-5 token mask, B=8, N=197, H=12,
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench.case import Case, Runner, pass_fn
+from attnkit.bench.case import Case, Runner, pass_fn, pass_with_random_grad
 
 SUITE = frozenset({"sequence"})
 
@@ -63,13 +63,17 @@ def _se_setup(impl: str) -> Callable[[], Runner]:
     return setup
 
 
-def _pointer_setup(impl: str) -> Callable[[], Runner]:
+def _pointer_setup(impl: str, B: int, N: int, A: int, pass_: str) -> Callable[[], Runner]:
     def setup() -> Runner:
         from attnkit.ops.sequence.pointer import pointer_attention
 
         g = torch.Generator().manual_seed(0)
-        dec, enc, v = _randn(g, 128, 50, 256), _randn(g, 128, 50, 256), _randn(g, 256)
-        return Runner(run=pass_fn(lambda: pointer_attention(dec, enc, v, backend=impl), "fwd"))
+        dec, enc, v = _randn(g, B, N, A), _randn(g, B, N, A), _randn(g, A)
+        inputs = (dec, enc, v)
+        if pass_ != "fwd":
+            for t in inputs:
+                t.requires_grad_()
+        return Runner(run=pass_with_random_grad(lambda: pointer_attention(dec, enc, v, backend=impl), pass_, inputs))
 
     return setup
 
@@ -111,10 +115,13 @@ def cases() -> list[Case]:
     for impl in ("rotary", "sdpa"):
         out.append(Case(op="se_attention", impl=impl, group="se_attention/N=192", pass_="fwd", suites=SUITE, params=p,
                         flops=4.0 * 4 * 4 * 64 * 192 * 193 / 2, setup=_se_setup(impl), baseline=impl == "sdpa"))
-    p = (("Nd", 50), ("Ne", 50), ("B", 128), ("A", 256), ("dtype", "float32"))
-    for impl in ("chunked", "reference"):
-        out.append(Case(op="pointer_attention", impl=impl, group="pointer/N=50", pass_="fwd", suites=SUITE, params=p,
-                        flops=3.0 * 128 * 50 * 50 * 256, setup=_pointer_setup(impl), baseline=impl == "reference"))
+    for B, N, A in ((128, 50, 256), (8, 32, 256)):
+        p = (("Nd", N), ("Ne", N), ("B", B), ("A", A), ("dtype", "float32"))
+        for impl in ("chunked", "reference"):
+            for pass_ in ("fwd", "fwd+bwd"):
+                out.append(Case(op="pointer_attention", impl=impl, group=f"pointer/N={N}", pass_=pass_, suites=SUITE,
+                                params=p, flops=3.0 * B * N * N * A, setup=_pointer_setup(impl, B, N, A, pass_),
+                                baseline=impl == "reference"))
     p = (("L", 25), ("r", 1), ("B", 32), ("H", 8), ("D", 112), ("dtype", "float32"))
     for impl in ("attention", "reference"):
         out.append(Case(op="latent_attention_pool", impl=impl, group="embedding_pool/L=25", pass_="fwd", suites=SUITE,
