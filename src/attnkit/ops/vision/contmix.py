@@ -102,13 +102,15 @@ def _clamp_aggregate(v: torch.Tensor, ker: torch.Tensor, k: int) -> torch.Tensor
     B, Y, X, C = v.shape
     G = ker.shape[3]
     sy, sx = _starts(Y, k, "clamp", v.device), _starts(X, k, "clamp", v.device)
+    # one contiguous (B, Y, X, G, 1) weight per offset; unbind's backward is a single stack, whereas k^2 separate
+    # ker[..., o] selections would each allocate a zero tensor of ker's full size in the backward
+    weights = ker.movedim(-1, 0).unsqueeze(-1).contiguous().unbind(0)
     out = None
     for i in range(k):
         rows = v.index_select(1, sy + i)  # (B, Y, X, C): row i of every pixel's window
         for j in range(k):
             nb = rows.index_select(2, sx + j).view(B, Y, X, G, C // G)  # (B, Y, X, G, C/G)
-            term = nb * ker[..., i * k + j, None]
-            out = term if out is None else out + term
+            out = nb * weights[i * k + j] if out is None else torch.addcmul(out, nb, weights[i * k + j])
     return out.reshape(B, Y, X, C)
 
 
