@@ -28,7 +28,7 @@ _TINY = {"dim": 4, "state": 2, "dilations": (1, 2)}
 
 def _options(c: dict) -> dict:
     return {"dim": c["dim"], "state": c["state"], "dilations": tuple(c["dilations"]),
-            "fusion_init": c.get("fusion_init", "delta"), "chunk_size": c.get("chunk_size", 64)}
+            "fusion_init": c.get("fusion_init", "delta"), "chunk_size": c.get("chunk_size", 16)}
 
 
 @register(
@@ -63,7 +63,7 @@ class SpatialMambaMixer(nn.Module):
     """
 
     def __init__(self, dim: int, state: int = 4, *, dilations: tuple[int, ...] = (1, 3, 5),
-                 fusion_init: str = "delta", chunk_size: int = 64):
+                 fusion_init: str = "delta", chunk_size: int = 16):
         super().__init__()
         self.dim, self.state = int_option(self, "dim", dim, 1), int_option(self, "state", state, 1)
         if not isinstance(dilations, (tuple, list)) or not dilations:

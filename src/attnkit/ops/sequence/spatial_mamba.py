@@ -49,7 +49,7 @@ class SpatialMambaCall:
                 f"chunk {self.chunk_size}")
 
 
-def make_call(x, dt, A, Bm, Cm, D=None, weights=None, *, dilations=(1, 3, 5), chunk_size=64) -> SpatialMambaCall:
+def make_call(x, dt, A, Bm, Cm, D=None, weights=None, *, dilations=(1, 3, 5), chunk_size=16) -> SpatialMambaCall:
     who = "spatial_mamba_fusion"
     for name, t in (("x", x), ("dt", dt), ("A", A), ("Bm", Bm), ("Cm", Cm), ("weights", weights)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -139,7 +139,7 @@ register_op("spatial_mamba_fusion", make_call, DISPATCHER)
 
 def spatial_mamba_fusion(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
                          D: torch.Tensor | None = None, weights: torch.Tensor | None = None, *,
-                         dilations: tuple[int, ...] = (1, 3, 5), chunk_size: int = 64,
+                         dilations: tuple[int, ...] = (1, 3, 5), chunk_size: int = 16,
                          backend: str | None = None) -> torch.Tensor:
     """Selective scan over the raster order of an image with structure-aware state fusion.
 
