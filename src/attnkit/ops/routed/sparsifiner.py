@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from attnkit._validate import check_qkv, check_tensor, int_arg, resolve_scale
-from attnkit.kernels.flash import flash_attention, native_reason, tile_list_from, tile_sizes
+from attnkit.kernels.flash import TileList, flash_attention, native_reason, tile_sizes
 from attnkit.kernels.gather import block_gather_attention, needs_grad
 from attnkit.masks.base import EMPTY, FULL, PARTIAL
 from attnkit.ops.base import Backend, Dispatcher, register_op
@@ -48,9 +48,14 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _top_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool with True at each row's ``k`` largest entries; ties go to the lower index (stable sort)."""
-    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    """Bool with True at each row's ``k`` largest entries; ties at the k-th value go to the lower index (the
+    stable-sort rule of the naive twin, without sorting: ``topk`` finds the k-th value, a cumsum breaks ties).
+    A row whose k-th value is NaN keeps its first ``k`` keys, so the NaN reaches its output."""
+    thr = torch.topk(scores, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # (..., 1) k-th largest
+    gt = scores > thr
+    eq = scores == thr
+    keep = gt | (eq & (eq.cumsum(-1) <= k - gt.sum(-1, keepdim=True)))
+    return keep | (thr.isnan() & (torch.arange(scores.shape[-1], device=scores.device) < k))
 
 
 def token_connectivity(coef: torch.Tensor, basis: torch.Tensor, top_k: int, cls_tokens: int = 0) -> torch.Tensor:
@@ -148,29 +153,64 @@ def _tiles_supports(call: SparsifinerCall) -> tuple[bool, str]:
     return (False, why) if why is not None else (True, "")
 
 
-def _run_tiles(call: SparsifinerCall) -> torch.Tensor:
-    q, k, v = call.q, call.k, call.v
-    b, n, h, _ = q.shape
-    nk = k.shape[1]
-    allowed = token_connectivity(call.coef, call.basis, call.top_k, call.cls_tokens)  # (B, H, N, Nk)
-    bq, bk = tile_sizes(n, nk)
+def _pack64(tiles: torch.Tensor) -> torch.Tensor:
+    """Bool ``(P, bq, 64)`` -> int64 ``(P, bq, 1)``, bit ``c`` = key ``c`` (eight keys per byte, little-endian,
+    the kernel's bitmask layout)."""
+    by = tiles.view(torch.uint8).view(*tiles.shape[:-1], 8, 8) << torch.arange(8, dtype=torch.uint8)
+    return by.sum(-1, dtype=torch.uint8).view(torch.int64)  # (P, bq, 1)
+
+
+def token_tile_list(coef: torch.Tensor, basis: torch.Tensor, top_k: int, cls_tokens: int, bq: int) -> TileList:
+    """The tile list of the token top-k connectivity, built ``_ROWS`` query rows at a time (the connectivity is
+    never materialised whole): per (batch, head), every 64-key tile holding a kept pair, FULL or with its
+    bitmask; one entry list per (batch, head)."""
+    dt = _score_dtype(coef.dtype)
+    c, u = coef.detach().to(dt), basis.detach().to(dt)
+    b, n, h, _ = c.shape
+    nk, bk = u.shape[1], 64
     nqt, nkt = -(-n // bq), -(-nk // bk)
-    a = torch.nn.functional.pad(allowed, (0, nkt * bk - nk, 0, nqt * bq - n))            # (B, H, nqt*bq, nkt*bk)
-    tiles = a.view(b, h, nqt, bq, nkt, bk).transpose(3, 4)                                # (B, H, nqt, nkt, bq, bk)
-    cnt = tiles.sum((-2, -1))                                                            # (B, H, nqt, nkt)
-    rows = torch.clamp(torch.arange(nqt) * bq + bq, max=n) - torch.arange(nqt) * bq
-    cols = torch.clamp(torch.arange(nkt) * bk + bk, max=nk) - torch.arange(nkt) * bk
-    area = rows[:, None] * cols[None, :]                                                # (nqt, nkt)
-    cls = torch.where(cnt == area, FULL, torch.where(cnt > 0, PARTIAL, EMPTY)).to(torch.int8)
-    part = tiles[cls == PARTIAL]                               # (P, bq, bk), row-major order of ``cls``
-    computed = int(((cls != EMPTY).long() * area).sum()) // (b * h)
-    tl = tile_list_from(cls, part, bq, bk, computed)                 # one entry list per (batch, head)
-    return flash_attention(q, k, v, tl, call.scale)[0]
+    step = bq * max(1, _ROWS // bq)
+    classes = torch.empty(b, h, nqt, nkt, dtype=torch.int8)
+    slot_of = torch.full((b, h, nqt, nkt), -1, dtype=torch.long)  # each partial tile's bitmask slot
+    bits, used = [], 0
+    for r0 in range(0, n, step):
+        a = _top_rows(torch.einsum("bnhr,rm->bhnm", c[:, r0:r0 + step], u), min(top_k, nk))  # (B, H, rows, Nk)
+        a[:, :, :max(0, cls_tokens - r0)] = True
+        t = -(-a.shape[2] // bq)
+        a = torch.nn.functional.pad(a, (0, nkt * bk - nk, 0, t * bq - a.shape[2]))
+        a6 = a.view(b, h, t, bq, nkt, bk)                                     # (B, H, t, bq, nkt, bk)
+        # padded rows / keys are False, so an edge tile is at most PARTIAL (its bitmask is exact)
+        cls = torch.where(a6.all(3).all(-1), FULL, torch.where(a6.any(3).any(-1), PARTIAL, EMPTY)).to(torch.int8)
+        t0 = r0 // bq
+        classes[:, :, t0:t0 + t] = cls
+        part = cls == PARTIAL
+        p = int(part.sum())
+        slot_of[:, :, t0:t0 + t][part] = torch.arange(used, used + p)
+        bits.append(_pack64(a6.transpose(3, 4)[part]))                          # (p, bq, 1), same order
+        used += p
+    lead, ti, tj = (classes != EMPTY).view(b * h, nqt, nkt).nonzero(as_tuple=True)
+    counts = torch.bincount(lead * nqt + ti, minlength=b * h * nqt)
+    ptr = torch.zeros(b * h * nqt + 1, dtype=torch.long)
+    ptr[1:] = counts.cumsum(0)
+    # lists are consecutive in one entry array: list l's row i spans ptr[l*nqt + i] .. ptr[l*nqt + i + 1]
+    row_ptr = torch.cat([ptr[:-1].view(b * h, nqt), ptr[1:].view(b * h, nqt)[:, -1:]], 1).view(b, h, nqt + 1)
+    slots = slot_of.view(b * h, nqt, nkt)[lead, ti, tj]
+    packed = torch.cat(bits)[None, None] if used else torch.zeros(1, 1, 1, bq, 1, dtype=torch.long)
+    rows = (torch.clamp(torch.arange(nqt) * bq + bq, max=n) - torch.arange(nqt) * bq)[ti]
+    cols = (torch.clamp(torch.arange(nkt) * bk + bk, max=nk) - torch.arange(nkt) * bk)[tj]
+    computed = int((rows * cols).sum()) // (b * h)
+    return TileList(bq, bk, row_ptr.contiguous(), tj.contiguous(), slots, packed.contiguous(), computed)
+
+
+def _run_tiles(call: SparsifinerCall) -> torch.Tensor:
+    bq, _ = tile_sizes(call.q.shape[1], call.k.shape[1])
+    tl = token_tile_list(call.coef, call.basis, call.top_k, call.cls_tokens, bq)
+    return flash_attention(call.q, call.k, call.v, tl, call.scale)[0]
 
 
 def _tiles_detail(call: SparsifinerCall) -> str:
-    return ("per-row top-k of C U in 256-row chunks, then the compiled tile kernel on every tile holding a kept "
-            "pair (per-(batch, head) tile lists, bitmasks in partial tiles; kernel backward)"
+    return ("per-row top-k of C U and its tile list built 256 rows at a time, then the compiled tile kernel on "
+            "every tile holding a kept pair (per-(batch, head) lists, bitmasks in partial tiles; kernel backward)"
             + upcast_words(call.q.dtype))
 
 
