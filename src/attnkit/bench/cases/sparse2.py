@@ -8,9 +8,10 @@ Shapes: B=1, H=8, D=64, fp32, fwd.
 
 * ``sparsifiner`` block granularity at N=16384, keep rate 0.25 (64 of 256 key blocks of 64 per query block),
   predictor rank R=128 (the paper's N/8 would make ``C`` alone 1 GiB at this length);
-* ``sparsifiner`` token granularity (the paper's unstructured top-k) at N=4096: the materialised
-  ``(H, N, N)`` connectivity of the exact rule is 2 GiB at N=16384, and the scattered top-k touches nearly every
-  kernel tile, so it computes about the dense area;
+* ``sparsifiner`` token granularity (the paper's unstructured top-k) at N=4096: the kept pairs are scattered, so
+  every 64 x 64 kernel tile holds some (computed pairs = the dense area at keep 0.25 on these inputs), and the
+  top-k selection itself makes several elementwise passes over all N^2 predicted scores, so it is slower than
+  dense SDPA on CPU (a fraction of about 0.01 of its ideal, measured on a busy machine);
 * ``orion_msp`` at N=16384 with 64 special tokens, window 256 and 2 random key blocks of 64 per query block, and
   with the repository's defaults (6 specials, window 4, no random links: density 0.13%).
 """
