@@ -172,8 +172,11 @@ def _reference(c: PointerCall) -> torch.Tensor:
 
 
 def _chunked_suits(c: PointerCall) -> tuple[bool, str]:
-    return True, ("tanh in L2-sized blocks, never the whole (B, Nd, Ne, A) tensor; faster than the per-pair "
-                  "loop at every size measured, forward and backward")
+    # the naive loop runs the same flops as Nd * Ne separate (B, A) ops plus a per-pair autograd graph; a block
+    # does many pairs per op in the same cache-resident way, so it issues fewer ops at any size
+    return True, ("tanh in L2-sized blocks, never the whole (B, Nd, Ne, A) tensor, backward recomputes them: "
+                  "fewer ops than the per-pair loop; measured faster fwd and fwd+bwd at (B, N, A) = (128, 50, 256) "
+                  "and (8, 32, 256)")
 
 
 def _chunked_detail(c: PointerCall) -> str:
