@@ -142,6 +142,9 @@ register(name="sdlska", family=Family.CHANNEL,
          reference=naive_sdlska_module, functional=sdlska_attention,
          default_config={"channels": 64, "kernel_size": 35, "selection": "cks"},
          tiny_config={"channels": 4, "kernel_size": 7},
+         # tiny batch 3, not 2: CKS normalises a (B, d, 1, 1) tensor with batch statistics, and two samples
+         # normalise to exactly +-1 per channel, so its gradient is near-degenerate and amplifies bf16 rounding
+         # (8.2% rel-RMSE at B=2 against the 8% bf16 tolerance; eval mode stays under 1%)
          default_input={"batch": 2, "input_size": (14, 14)}, tiny_input={"batch": 3, "input_size": (5, 6)},
          shape=lambda c: (c["batch"], c["channels"], *c["input_size"]), input_kind=InputKind.CNN,
          notes="The attention module of BEVANet's EVAN block only (the surrounding BN, PW -> GELU -> SDLSKA -> PW, "
