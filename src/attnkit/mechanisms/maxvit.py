@@ -177,6 +177,11 @@ register(name="maxvit_attention", family=Family.LOCAL,
          notes="A pure token mixer: grid(block(x)), each attention with its own qkv/proj and ((2M-1)^2, H) "
                "relative bias (trunc-normal-ish init 0.02). MaxViT's pre-norm residual around each attention, "
                "MBConv and FFNs belong to the block around it (no LayerNorm, no residual here). Block and grid "
-               "sizes must divide the map (ValueError, as the released code and timm assert).",
+               "sizes must divide the map (ValueError, as the released code and timm assert). from_timm copies the "
+               "attention path (partition, qkv, RelPosBias table, proj, reverse) of timm maxxvit's block and grid "
+               "PartitionAttentionCl (or a MaxxVitBlock): timm's head_first qkv rows are reordered to (3, H, D), the "
+               "bias table copies unchanged (same (dy+M-1)(2M-1)+(dx+M-1) index, d = query - key); bias=False is "
+               "timm's attn_bias=False. timm's rel-pos MLP / TF variants, non-square partitions, dropout and the "
+               "NCHW variant are refused. timm's norms, MLPs, layer scales and residuals are outside this mixer.",
          input_kind=InputKind.IMAGE)(MultiAxisAttention)
 
