@@ -60,10 +60,12 @@ def _shifts(c: DynamicConvCall) -> torch.Tensor:
     G, k = c.kernels.shape[3], c.kernel_size
     r = k // 2
     xp = F.pad(c.x, (0, 0, r, r, r, r)).view(B, Y + 2 * r, X + 2 * r, G, C // G)  # (B, Y+2r, X+2r, G, C/G)
+    # unbind once: indexing kernels[..., o] k^2 times would allocate a full-size zero gradient per tap in backward
+    taps = c.kernels.unsqueeze(-1).unbind(-2)  # k^2 x (B, Y, X, G, 1)
     out = None
     for i in range(k):
         for j in range(k):
-            term = xp[:, i:i + Y, j:j + X] * c.kernels[..., i * k + j, None]      # (B, Y, X, G, C/G)
+            term = xp[:, i:i + Y, j:j + X] * taps[i * k + j]      # (B, Y, X, G, C/G)
             out = term if out is None else out + term
     return out.reshape(B, Y, X, C)
 
