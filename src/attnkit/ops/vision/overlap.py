@@ -74,7 +74,8 @@ def _sdpa(c: OverlapCall) -> torch.Tensor:
     M, Mo = c.window_size, c.overlap_size
     qw = block_partition(c.q, M).transpose(1, 2)                     # (B*nW, H, M*M, D)
     kw, vw = (key_windows(t, M, Mo).transpose(1, 2) for t in (c.k, c.v))  # (B*nW, H, Mo*Mo, D)
-    mask = None if c.bias is None else c.bias.to(c.q.dtype)          # (H, M*M, Mo*Mo)
+    # 4-D: CPU SDPA takes its flash kernel for a 4-D float mask but the math path for a 3-D one
+    mask = None if c.bias is None else c.bias.to(c.q.dtype).unsqueeze(0)  # (1, H, M*M, Mo*Mo)
     if c.mask_padded_keys and Mo > M:
         inside = torch.ones(1, Y, X, 1, 1, dtype=c.q.dtype, device=c.q.device)
         keep = key_windows(inside, M, Mo)[..., 0, 0] > 0             # (nW, Mo*Mo): key inside the image
