@@ -16,6 +16,7 @@ from attnkit.ops.sequence.dsf import (
     dsf_scan,
     run_dsf,
 )
+from attnkit.ops.sequence.dsf_chunk import dsf_two_level_scan, scan_chunk
 from attnkit.reference.naive_sequence2 import (
     naive_causal_linear_attention,
     naive_dsf_scan,
@@ -42,7 +43,8 @@ def _system(diag: bool, seed=0):
 
 
 @pytest.mark.parametrize("backend,diag", [("linear_attention", False), ("chunked", False), ("chunked", True),
-                                          ("recurrent", False), ("recurrent", True)])
+                                          ("recurrent", False), ("recurrent", True), ("scan", False),
+                                          ("scan", True)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_backends_match_naive_scan(backend, diag, dtype):
     compare_fn(lambda **a: dsf_scan(**a, chunk=4, backend=backend), naive_dsf_scan, _system(diag), dtype)
@@ -134,3 +136,90 @@ def test_module_forms_match_their_native_loops(form):
     m = DSFLayer(8, 2, form=form, state=3).double()
     x = torch.randn(2, 9, 8, generator=_g(6), dtype=torch.float64)
     assert_close(m(x), naive_dsf_module(m, x), torch.float64, form)
+
+
+# ------------------------------------------------------------------ the two-level scan (dsf_chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 11, 16, None])  # N = 11: 11 % 3, 11 % 4 != 0 (padded tail), 16 > N
+@pytest.mark.parametrize("diag", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_two_level_scan_matches_naive_scan_at_every_chunking(chunk, diag, dtype):
+    t = _system(diag, seed=7)
+    del t["norm"]
+    compare_fn(lambda **a: dsf_two_level_scan(**a, chunk=chunk), naive_dsf_scan, t, dtype)
+
+
+@pytest.mark.parametrize("chunk", [5, 8, None])
+@pytest.mark.parametrize("regime", ["near0", "near1", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_two_level_scan_with_extreme_decays(chunk, regime, dtype):
+    # S6 shape (d = 1); decays exactly 0 (a reset), tiny (exp(delta A) with delta A ~ -60) and 1 or 1 - 1e-7
+    g = _g(8)
+    Bt, Nt, Ht, nt = 2, 37, 3, 4
+    r = torch.rand(Bt, Nt, Ht, nt, generator=g, dtype=torch.float64)
+    lam = {"near0": torch.exp(-60 * r) * (r > 0.2), "near1": 1 - 1e-7 * r * (r > 0.3),
+           "mixed": torch.where(r > 0.5, 1 - 1e-7 * r, torch.exp(-40 * r))}[regime]
+    t = {"decay": lam, "b": torch.randn(Bt, Nt, Ht, nt, generator=g, dtype=torch.float64),
+         "c": torch.randn(Bt, Nt, Ht, nt, generator=g, dtype=torch.float64),
+         "u": torch.randn(Bt, Nt, Ht, 1, generator=g, dtype=torch.float64)}
+    compare_fn(lambda **a: dsf_two_level_scan(**a, chunk=chunk), naive_dsf_scan, t, dtype)
+    y = dsf_two_level_scan(**{k: v.to(dtype) for k, v in t.items()}, chunk=chunk)
+    assert torch.isfinite(y).all()
+
+
+def test_two_level_scan_gradcheck_across_chunks():
+    t = _system(True, seed=9)
+    args = tuple(t[k].requires_grad_() for k in ("decay", "b", "c", "u"))
+    assert torch.autograd.gradcheck(lambda *a: dsf_two_level_scan(*a, chunk=3), args)
+    s = _system(False, seed=9)
+    args = tuple(s[k].requires_grad_() for k in ("decay", "b", "c", "u"))
+    assert torch.autograd.gradcheck(lambda *a: dsf_two_level_scan(*a, chunk=4), args)
+
+
+@pytest.mark.parametrize("chunk", [4, None])
+@pytest.mark.parametrize("where", ["u", "decay", "b"])
+def test_scan_nan_reaches_exactly_the_later_outputs(where, chunk):
+    # a NaN at step 5 of head 1 reaches that head's outputs from step 5 on, as in the step loops
+    t = _system(True, seed=10)
+    del t["norm"]
+    t[where][0, 5, 1].fill_(float("nan"))
+    ref = naive_dsf_scan(**t)
+    for y in (dsf_two_level_scan(**t, chunk=chunk), dsf_scan(**t, backend="recurrent")):
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    bad = torch.isnan(ref)
+    assert bad[0, 5:, 1].all() and not bad[0, :5].any() and not bad[1].any() and not bad[:, :, 0].any()
+
+
+def test_auto_dispatch_picks_the_scan_for_narrow_values_and_explains():
+    from attnkit.ops.base import explain
+
+    g = _g(11)
+    lam = torch.rand(1, 16, 4, 3, generator=g)
+    b, c = torch.randn(2, 1, 16, 4, 3, generator=g)
+    u1, u16 = torch.randn(1, 16, 4, 1, generator=g), torch.randn(1, 16, 4, 16, generator=g)
+    text = explain("dsf_scan", lam, b, c, u=u1)
+    assert "-> scan" in text and "one autograd node" in text and "chosen: scan" in text
+    assert "recurrent" in text and "passed over" in text
+    assert "chosen: chunked" in explain("dsf_scan", lam, b, c, u=u16)  # d = 16 > 64 / 8
+    assert_close(dsf_scan(lam, b, c, u1).double(), naive_dsf_scan(lam, b, c, u1).double(), torch.float32, "auto")
+
+
+def test_scan_chunk_policy():
+    assert scan_chunk(1024) == 1024 and scan_chunk(7) == 7  # CPU: one chunk
+    assert scan_chunk(1024, "cuda") == 32 and scan_chunk(64, "cuda") == 8 and scan_chunk(7, "cuda") == 3
+    assert scan_chunk(1000, "cuda") == 32 or 1000 % scan_chunk(1000, "cuda") == 0
+
+
+def test_s6_module_trains_through_the_scan_with_the_loops_gradients():
+    m = DSFLayer(6, 2, form="s6", state=4).double()
+    x = torch.randn(2, 21, 6, generator=_g(12), dtype=torch.float64, requires_grad=True)
+    from attnkit.reference.naive_sequence2 import naive_dsf_module
+
+    y, y_ref = m(x), naive_dsf_module(m, x)
+    assert_close(y, y_ref, torch.float64, "s6 forward")
+    w = torch.randn_like(y)
+    grads = torch.autograd.grad((y * w).sum(), [x, *m.parameters()])
+    grads_ref = torch.autograd.grad((y_ref * w).sum(), [x, *m.parameters()])
+    for a, r in zip(grads, grads_ref, strict=True):
+        assert_close(a, r, torch.float64, "s6 gradient")
