@@ -1,9 +1,12 @@
 """``sequence`` suite cases for the second batch of sequence mechanisms.
 
-* Combiner-Fixed (arXiv 2107.05768), fwd, B=1, H=8, D=64, fp32, segment 128 (``sqrt(N)``) at N=16384,
-  non-causal and causal, each vs dense SDPA on the same q, k, v (groups ``combiner_s128/N=16384`` and
-  ``combiner_s128_causal/N=16384``). ``density`` counts direct, summary and pooling score pairs over the dense
-  area: the report's "of ideal" column is the acceptance figure (>= 0.5).
+* Combiner-Fixed (arXiv 2107.05768), fwd and fwd+bwd, B=1, H=8, D=64, fp32, segment 128 (``sqrt(N)``) at
+  N=16384, non-causal and causal, each vs dense SDPA (causal SDPA for the causal case) on the same q, k, v
+  (groups ``combiner_s128/N=16384`` and ``combiner_s128_causal/N=16384``). The combiner runs with
+  ``backend=None`` (impl ``auto``: on a CPU with the compiled kernel that is the ``tiles`` backend, one
+  tile-kernel call over ``[keys, summaries]``). ``density`` counts direct, summary and pooling score pairs
+  over the dense area (``N^2``, or ``N (N + 1) / 2`` causal): the report's "of ideal" column of the fwd rows
+  is the acceptance figure (>= 0.5).
 * DSF (arXiv 2405.15731), fwd, fp32, N=2048: an S6 system (B=1, 64 channels as heads, state 16, d=1) on the
   recurrent backend vs the step-by-step reference (group ``dsf_s6/N=2048``), and a linear-attention system
   (B=1, H=4, n=d=64) on ak.linear_attention vs chunked (group ``dsf_linear/N=2048``).
@@ -20,21 +23,27 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench.case import Case, Runner, pass_fn
+from attnkit.bench.case import Case, Runner, pass_fn, pass_with_random_grad
+from attnkit.bench.flops import pass_flops
 
 CB, CH, CD = 1, 8, 64
 
 
-def _combiner_setup(n: int, segment: int, causal: bool, impl: str) -> Callable[[], Runner]:
+def _combiner_setup(n: int, segment: int, causal: bool, impl: str, pass_: str) -> Callable[[], Runner]:
     def setup() -> Runner:
         from attnkit.ops.sequence.combiner import combiner_attention
 
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(CB, n, CH, CD, generator=g) for _ in range(3))
         if impl == "sdpa":
-            qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, N, D)
-            return Runner(run=pass_fn(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal), "fwd"))
-        return Runner(run=pass_fn(lambda: combiner_attention(q, k, v, segment=segment, causal=causal), "fwd"))
+            q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, N, D)
+        if pass_ != "fwd":
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+        if impl == "sdpa":
+            fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+        else:
+            fn = lambda: combiner_attention(q, k, v, segment=segment, causal=causal)  # noqa: E731
+        return Runner(run=pass_with_random_grad(fn, pass_, (q, k, v)))
 
     return setup
 
@@ -50,11 +59,13 @@ def combiner_cases() -> list[Case]:
         label = f"combiner_s{s}{'_causal' if causal else ''}"
         params = (("N", n), ("B", CB), ("H", CH), ("D", CD), ("segment", s), ("dtype", "float32"),
                   ("density", round(d, 6)), ("ideal_speedup", round(1 / d, 3)))
-        for impl in ("segmented", "sdpa"):
-            area = d * dense if impl == "segmented" else dense
-            out.append(Case(op="combiner", impl=impl, group=f"{label}/N={n}", pass_="fwd",
-                            suites=frozenset({"sequence"}), params=params, flops=4.0 * CB * CH * CD * area,
-                            setup=_combiner_setup(n, s, causal, impl), baseline=impl == "sdpa"))
+        for pass_ in ("fwd", "fwd+bwd"):
+            for impl in ("auto", "sdpa"):  # auto: the dispatcher's choice (tiles on a CPU with the kernel)
+                area = d * dense if impl == "auto" else dense
+                out.append(Case(op="combiner", impl=impl, group=f"{label}/N={n}", pass_=pass_,
+                                suites=frozenset({"sequence"}), params=params,
+                                flops=pass_flops(4.0 * CB * CH * CD * area, pass_),
+                                setup=_combiner_setup(n, s, causal, impl, pass_), baseline=impl == "sdpa"))
     return out
 
 
