@@ -16,12 +16,17 @@ Backends:
   list of the FlashAttention-2 kernel (arXiv 2307.08691): in-segment tiles FULL, diagonal and summary
   tiles PARTIAL with bitmasks, everything else skipped, so causal runs only the lower part of each
   diagonal segment, one online softmax replaces the merge, and the kernel's backward serves training.
-* ``merged`` (automatic for float32 CPU inference: no input needs a gradient, ``N`` a multiple of ``s``,
-  ``Dv == D``, a positive scale): the direct part runs as one fused flash call with the segments as batch
-  (causal inside each segment), the summary part as a second fused call of all queries against the ``N / s``
-  summaries under a small additive mask (causal: in query chunks, so the skipped triangle is mostly not
-  computed), and the two are merged exactly by their log-sum-exps (FlashAttention-2, arXiv 2307.08691, the
-  same rescaling as its online softmax). Two large fused calls and no gathered key copies.
+  Measured at N=16384, s=128, B=1, H=8, D=64, float32, 2 threads (busy shared machine, medians), it was the
+  fastest backend in every case: forward 0.85 s non-causal (merged 0.99, segmented 1.08) and 0.71 s causal
+  (merged 1.20, segmented 1.15). What remains besides the kernel (~0.4 s): the two max-pools, the summary
+  values and the copy of K, V into the concatenated key list (~0.1 s each).
+* ``merged`` (automatic for float32 CPU inference when the tile kernel is unavailable: no input needs a
+  gradient, ``N`` a multiple of ``s``, ``Dv == D``, a positive scale): the direct part runs as one fused
+  flash call with the segments as batch (causal inside each segment), the summary part as a second fused
+  call of all queries against the ``N / s`` summaries under a small additive mask (causal: in query chunks,
+  so the skipped triangle is mostly not computed), and the two are merged exactly by their log-sum-exps
+  (FlashAttention-2, arXiv 2307.08691, the same rescaling as its online softmax). Two large fused calls and
+  no gathered key copies; the fused op computes whole tiles of each diagonal segment even when causal.
 * ``segmented`` (automatic otherwise: float64, no compiled kernel, other devices): one ``ak.attention``
   call with the segments as batch: each segment's queries against its ``s`` keys followed by the other
   segments' summaries (gathered, so the non-causal, evenly divided case needs no mask and runs on the fused
