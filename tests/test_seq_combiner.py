@@ -226,7 +226,8 @@ def test_tiles_identities_and_choice(causal):
         assert_close(out, full, torch.float32, f"tiles s={s}")
     q = t["q"].clone().requires_grad_()
     for args in ((q, t["k"], t["v"]), (t["q"], t["k"], t["v"])):  # training and inference pick it
-        assert explain("combiner_attention", *args, segment=8, causal=causal).splitlines()[-1].endswith("tiles")
+        text = explain("combiner_attention", *args, segment=8, causal=causal)
+        assert text.splitlines()[-1].endswith("tiles") and "fastest backend measured" in text
     assert "tiles" not in explain("combiner_attention", *(t[n].double() for n in "qkv"),
                                   segment=8).splitlines()[-1]  # float64 stays on exact torch ops
     with native_off():

@@ -203,6 +203,16 @@ def _tiles_supports(c: CombinerCall) -> tuple[bool, str]:
     return True, ""
 
 
+def _tiles_detail(c: CombinerCall) -> str:
+    N = c.q.shape[1]
+    n = -(-N // min(c.segment, N))
+    return (f"one tile-kernel call, {N} queries over {N} keys + {n} summaries "
+            f"({'causal diagonal tiles cut by bitmasks' if c.causal else 'own-segment summary masked'}); first "
+            "because it was the fastest backend measured (N=16384, s=128, 2 threads: fwd 0.85 s vs merged 0.99 s "
+            "non-causal, 0.71 s vs 1.20 s causal; fwd+bwd 2.9 s vs segmented 3.6 s non-causal, 2.6 s vs 3.7 s "
+            "causal)")
+
+
 def _tiles(c: CombinerCall) -> torch.Tensor:
     N = c.q.shape[1]
     s = min(c.segment, N)
@@ -285,7 +295,7 @@ def _reference(c: CombinerCall) -> torch.Tensor:
 
 
 DISPATCHER = Dispatcher("combiner_attention", [
-    Backend("tiles", _tiles, supports=_tiles_supports,
+    Backend("tiles", _tiles, supports=_tiles_supports, detail=_tiles_detail,
             note="one tile-kernel call over [keys, summaries]: only the allowed tiles (causal: the lower part of "
                  "each diagonal segment), one online softmax, kernel backward; fastest measured at N=16384, "
                  "fwd and fwd+bwd, causal and not"),
