@@ -18,9 +18,7 @@ from collections.abc import Callable
 import torch
 
 from attnkit.bench.case import Case, Runner, pass_with_random_grad
-
-BATCH = 2
-RESOLUTIONS = ((56, 96, 3), (14, 384, 12))  # (side, channels, heads)
+from attnkit.bench.cases.vision_more import BATCH, variant_cases
 
 
 def _variants(name: str, side: int, dim: int, heads: int) -> list[tuple[str, dict]]:
@@ -62,22 +60,5 @@ def setup_case(name: str, options: dict, side: int, dim: int, pass_: str) -> Cal
 
 
 def cases() -> list[Case]:
-    import attnkit as ak
-
-    registered = {s.name for s in ak.list_mechanisms(family="vision")}
-    out = []
-    for name in (n for n in ("maxim_cross_gating", "crossformer_lsda") if n in registered):
-        spec = ak.info(name)
-        for side, dim, heads in RESOLUTIONS:
-            for variant, options in _variants(name, side, dim, heads):
-                cfg = spec.config({**options, "input_size": (side, side), "batch": BATCH})
-                try:
-                    flops = float(spec.flops(cfg))  # maxim_cross_gating's count covers both streams
-                except Exception:  # a setting the mechanism cannot take at this size: no case
-                    continue
-                group = f"{name}/{side}x{side}x{dim}/{variant}"
-                params = (("B", BATCH), ("Y", side), ("X", side), ("C", dim), ("dtype", "float32"))
-                for pass_ in ("fwd", "fwd+bwd"):
-                    out.append(Case(op=name, impl="attnkit", group=group, pass_=pass_, suites=frozenset({"vision"}),
-                                    params=params, flops=flops, setup=setup_case(name, options, side, dim, pass_)))
-    return out
+    # the flop count of maxim_cross_gating covers both streams
+    return variant_cases(("maxim_cross_gating", "crossformer_lsda"), _variants, setup_case)

@@ -60,15 +60,18 @@ def setup_case(name: str, options: dict, side: int, dim: int, pass_: str) -> Cal
     return setup
 
 
-def cases() -> list[Case]:
+def variant_cases(names: tuple[str, ...], variants: Callable[[str, int, int, int], list[tuple[str, dict]]],
+                  setup: Callable[[str, dict, int, int, str], Callable[[], Runner]]) -> list[Case]:
+    """``attnkit`` cases of the registered vision mechanisms among ``names``: one group per (resolution,
+    variant) of ``variants(name, side, dim, heads)``, forward and forward+backward, built by ``setup``."""
     import attnkit as ak
 
     registered = {s.name for s in ak.list_mechanisms(family="vision")}
     out = []
-    for name in (n for n in MINE if n in registered):
+    for name in (n for n in names if n in registered):
         spec = ak.info(name)
         for side, dim, heads in RESOLUTIONS:
-            for variant, options in _variants(name, side, dim, heads):
+            for variant, options in variants(name, side, dim, heads):
                 cfg = spec.config({**options, "input_size": (side, side), "batch": BATCH})
                 try:
                     flops = float(spec.flops(cfg))
@@ -78,5 +81,9 @@ def cases() -> list[Case]:
                 params = (("B", BATCH), ("Y", side), ("X", side), ("C", dim), ("dtype", "float32"))
                 for pass_ in ("fwd", "fwd+bwd"):
                     out.append(Case(op=name, impl="attnkit", group=group, pass_=pass_, suites=frozenset({"vision"}),
-                                    params=params, flops=flops, setup=setup_case(name, options, side, dim, pass_)))
+                                    params=params, flops=flops, setup=setup(name, options, side, dim, pass_)))
     return out
+
+
+def cases() -> list[Case]:
+    return variant_cases(MINE, _variants, setup_case)
