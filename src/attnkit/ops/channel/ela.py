@@ -86,7 +86,14 @@ def _gate(c: ElaCall, z: torch.Tensor, weight, bias, nw, nb) -> torch.Tensor:
     def cast(t):
         return None if t is None else t.to(wt)
 
-    y = F.conv1d(z, weight.to(wt), cast(bias), padding=weight.shape[-1] // 2, groups=c.groups)  # (B', C, L)
+    pad = weight.shape[-1] // 2
+    if torch.is_grad_enabled() and (z.requires_grad or weight.requires_grad):
+        # training: a (k, 1) conv2d, whose grouped CPU backward takes half the time of conv1d's (0.47 vs 0.97 ms
+        # measured on (8, 384, 14) strips, k = 7); conv1d's forward is the faster one (70 vs 81 us)
+        y = F.conv2d(z.unsqueeze(-1), weight.to(wt).unsqueeze(-1), cast(bias), padding=(pad, 0),
+                     groups=c.groups).squeeze(-1)  # (B', C, L)
+    else:
+        y = F.conv1d(z, weight.to(wt), cast(bias), padding=pad, groups=c.groups)  # (B', C, L)
     if c.norm_groups is not None:
         y = F.group_norm(y, c.norm_groups, cast(nw), cast(nb), c.eps)
     if c.act == "silu":
