@@ -174,8 +174,8 @@ def test_one_layer_spec_equals_its_mechanism(name, one):
     spec = HybridSpec.from_string(one)
     mech, opts = spec.block(spec.layers[0][0])
     x = torch.randn(2, 24, 16, dtype=torch.float64)
-    for residual in (False, True):
-        hyb = ak.get(name, dim=16, num_heads=2, spec=one, causal=True, residual=residual).double()
+    for residual, norm in ((False, "none"), (True, "none"), (True, "rms")):
+        hyb = ak.get(name, dim=16, num_heads=2, spec=one, causal=True, residual=residual, norm=norm).double()
         kw = dict(opts, dim=16, num_heads=2)
         if mech in ("moba", "s2_attention"):
             kw["causal"] = True
@@ -183,8 +183,9 @@ def test_one_layer_spec_equals_its_mechanism(name, one):
             kw.update(layer_idx=0, num_layers=1)
         ref = ak.get(mech, **kw).double()
         ref.load_state_dict(hyb.layers[0][0].state_dict())  # weights shared
-        want = ref(x) + (x if residual else 0)
-        assert_close(hyb(x), want, torch.float64, f"{name} residual={residual}")
+        h = x if norm == "none" else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # RMSNorm, weight 1
+        want = ref(h) + (x if residual else 0)
+        assert_close(hyb(x), want, torch.float64, f"{name} residual={residual} norm={norm}")
 
 
 @pytest.mark.parametrize("name", ["sala_hybrid", "hydra_hybrid"])
@@ -208,7 +209,9 @@ def test_stack_passes_whole_stack_layer_index_and_matches_functional():
     for idx in (1, 2, 3):
         assert torch.allclose(m.layers[idx][0].decay, tnl_decay(2, idx, 4).to(torch.float32))
     x = torch.randn(1, 260, 16)  # moba: topk 4 of 64-token blocks needs >= 4 blocks
-    assert torch.equal(m(x), hybrid_stack(x, m.layers, residual=True))
+    assert torch.equal(m(x), hybrid_stack(x, m.layers, residual=True, norms=m.norms))
+    with pytest.raises(ValueError, match="one norm per layer"):
+        hybrid_stack(x, m.layers, norms=m.norms[:1])
     with pytest.raises(ValueError, match="hybrid_stack: x must be"):
         hybrid_stack(torch.randn(3, 4), m.layers)
 

@@ -35,6 +35,10 @@ class _HybridStack(nn.Module):
         causal: passed to every block that takes ``causal`` (blocks without it, such as the lightning, S6 and
             Titans layers, are causal whatever this says).
         residual: ``x <- x + sum of the layer's paths`` (default) or ``x <- sum of the paths``.
+        norm: ``"rms"`` (default): every layer's paths read ``RMSNorm(x)``, the pre-norm of both papers' blocks
+            (without it, a stack of residual S6 / linear layers grows its activations layer after layer: the
+            quality suite's MQAR training of a 4-layer Hydra stack reached NaN after 49 steps); ``"none"``: they
+            read ``x``.
 
     Blocks that take ``layer_idx`` and ``num_layers`` (the lightning decay schedules) get their index in the
     whole stack, since such schedules count every layer of a hybrid.
@@ -43,11 +47,12 @@ class _HybridStack(nn.Module):
     default_spec: str = ""
 
     def __init__(self, dim: int, num_heads: int = 4, *, spec: HybridSpec | str | dict | None = None,
-                 causal: bool = False, residual: bool = True):
+                 causal: bool = False, residual: bool = True, norm: str = "rms"):
         super().__init__()
         divisible(self, dim, num_heads)
         choice_option(self, "causal", causal, (True, False))
         choice_option(self, "residual", residual, (True, False))
+        choice_option(self, "norm", norm, ("rms", "none"))
         who = type(self).__name__
         try:
             parsed = HybridSpec.parse(self.default_spec if spec is None else spec)
@@ -85,13 +90,16 @@ class _HybridStack(nn.Module):
             refs.append(tuple(layer_refs))
         # each block's own registered naive twin, for the module twin (reference/ cannot read the registry)
         self.block_references = tuple(refs)
+        self.norm = norm
+        self.norms = nn.ModuleList(nn.RMSNorm(dim, eps=1e-6) for _ in self.layers) if norm == "rms" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, "(B, N, C)", channels=self.dim, meta="its blocks' ops have no common meta path")
-        return hybrid_stack(x, self.layers, residual=self.residual)
+        return hybrid_stack(x, self.layers, residual=self.residual, norms=self.norms)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, causal={self.causal}, residual={self.residual}, spec={self.spec.to_string()!r}"
+        return (f"dim={self.dim}, causal={self.causal}, residual={self.residual}, norm={self.norm!r}, "
+                f"spec={self.spec.to_string()!r}")
 
 
 def _flops_of(spec_str: str, cfg: dict) -> float:
@@ -109,7 +117,8 @@ def _flops_of(spec_str: str, cfg: dict) -> float:
 
 def _options(c: dict) -> dict:
     return {"dim": c["dim"], "num_heads": c["num_heads"], "causal": c.get("causal", False),
-            "residual": c.get("residual", True), **({"spec": c["spec"]} if c.get("spec") is not None else {})}
+            "residual": c.get("residual", True), "norm": c.get("norm", "rms"),
+            **({"spec": c["spec"]} if c.get("spec") is not None else {})}
 
 
 # registry configs: the blueprints at test sizes (blocks of 8 tokens instead of 64)
@@ -136,7 +145,8 @@ _HYDRA_TINY = hydra_spec(("dsf_equivalence", {"form": "s6", "state": 3}),
           "and dense attention below 8192 tokens are not reproduced); linear = the registered "
           "lightning_attention (TNL style: its norms, gate and decay schedule by the layer's index in the whole "
           "stack, not SALA's own RMSNorm/ALiBi-decay layer). No HyPE (no RoPE anywhere), no FFN, no muP scalings; "
-          "x <- x + block(x) per layer without a norm. Any other spec is accepted (string or dict form). The "
+          "x <- x + block(RMSNorm(x)) per layer (pre-norm; norm='none' drops it). Any other spec is accepted "
+          "(string or dict form). The "
           "lightning layers are causal whatever causal says.",
 )
 class SalaHybrid(_HybridStack):
@@ -169,8 +179,9 @@ class SalaHybrid(_HybridStack):
           "form='s6' (selective S6 scan, Euler B_bar, no gate); sparse global attention = the registered "
           "s2_attention (local blocks + strided global blocks) in place of the window + 16 global tokens "
           "suggested in the notes [inferred]. Not built: the chunk-level MoE FFN and the workspace / PKM memories "
-          "(no attnkit mechanism; titans_memory can be named in a spec as a memory path), the LayerScale gains "
-          "and pre-norms. The S6 layers are causal whatever causal says.",
+          "(no attnkit mechanism; titans_memory can be named in a spec as a memory path) and the LayerScale gains; "
+          "every layer's paths read RMSNorm(x) (pre-norm; norm='none' drops it). The S6 layers are causal "
+          "whatever causal says.",
 )
 class HydraHybrid(_HybridStack):
     """Hydra-style stack (arXiv 2508.15099): SSM backbone with an intermittent sparse-attention path.

@@ -64,9 +64,14 @@ def naive_gaussian_adaptive_options(m, x: torch.Tensor) -> torch.Tensor:
 
 def naive_hybrid_stack(m, x: torch.Tensor) -> torch.Tensor:
     """:class:`~attnkit.mechanisms.seq_hybrid_spec.SalaHybrid` / ``HydraHybrid``: every layer's paths through
-    their own registered naive twins (``m.block_references``), summed, plus the residual."""
-    for paths, refs in zip(m.layers, m.block_references, strict=True):
-        out = sum(ref(block, x) for block, ref in zip(paths, refs, strict=True))
+    their own registered naive twins (``m.block_references``) on the layer's RMS-normed input (when
+    ``m.norms``), summed, plus the residual."""
+    for i, (paths, refs) in enumerate(zip(m.layers, m.block_references, strict=True)):
+        h = x
+        if m.norms is not None:  # RMSNorm
+            n = m.norms[i]
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + n.eps) * n.weight
+        out = sum(ref(block, h) for block, ref in zip(paths, refs, strict=True))
         x = x + out if m.residual else out
     return x
 

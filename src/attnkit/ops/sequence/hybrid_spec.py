@@ -167,13 +167,16 @@ def hydra_spec(ssm: tuple[str, dict[str, Any]] = ("dsf_equivalence", {"form": "s
 
 
 def hybrid_stack(x: torch.Tensor, layers: Sequence[Sequence[Callable[[torch.Tensor], torch.Tensor]]], *,
-                 residual: bool = True) -> torch.Tensor:
+                 residual: bool = True, norms: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None
+                 ) -> torch.Tensor:
     """Run ``x (B, N, C)`` through hybrid layers: every layer sums its parallel paths.
 
     Args:
         x: ``(B, N, C)``.
         layers: per layer, the callables (built modules) it runs side by side, each ``(B, N, C) -> (B, N, C)``.
-        residual: ``x <- x + sum_p path_p(x)`` (True) or ``x <- sum_p path_p(x)``.
+        residual: ``x <- x + sum_p path_p(h)`` (True) or ``x <- sum_p path_p(h)``.
+        norms: one pre-norm per layer, ``h = norm(x)`` (the blocks of both papers are pre-norm), or None:
+            ``h = x``.
 
     Returns:
         ``(B, N, C)``.
@@ -185,10 +188,13 @@ def hybrid_stack(x: torch.Tensor, layers: Sequence[Sequence[Callable[[torch.Tens
         raise ValueError(f"hybrid_stack: x must be (B, N, C), got shape {tuple(getattr(x, 'shape', ()))}")
     if not layers or any(len(layer) == 0 for layer in layers):
         raise ValueError("hybrid_stack: layers must be a non-empty sequence of non-empty layers")
-    for layer in layers:
+    if norms is not None and len(norms) != len(layers):
+        raise ValueError(f"hybrid_stack: norms must hold one norm per layer ({len(layers)}), got {len(norms)}")
+    for i, layer in enumerate(layers):
+        h = x if norms is None else norms[i](x)
         out = None
         for path in layer:
-            y = path(x)
+            y = path(h)
             out = y if out is None else out + y
         x = x + out if residual else out
     return x
