@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from attnkit.reference.naive_dense import naive_attention
+
 # ------------------------------------------------------------------------------------- shared pieces
 
 
@@ -24,12 +26,7 @@ def _causal(n, device):
 
 def naive_softmax_attention(q, k, v, *, causal=False, scale=None):
     """``softmax(q k^T * scale) v`` with an explicit ``(B, H, N, N)`` matrix; ``k, v`` may have fewer heads (GQA)."""
-    hq, hk = q.shape[2], k.shape[2]
-    k, v = k.repeat_interleave(hq // hk, 2), v.repeat_interleave(hq // hk, 2)  # (B, N, Hq, D)
-    s = _scores(q, k, q.shape[-1] ** -0.5 if scale is None else scale)
-    if causal:
-        s = s.masked_fill(~_causal(s.shape[-1], s.device), float("-inf"))
-    return torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), v)  # (B, N, Hq, Dv)
+    return naive_attention(q, k, v, _causal(q.shape[1], q.device) if causal else None, scale=scale)
 
 
 # ----------------------------------------------------------------------------------- graph of tokens

@@ -196,7 +196,8 @@ def _linear(layer, x):
 def _layer_norm(norm, x):
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+    y = (x - mu) / torch.sqrt(var + norm.eps)
+    return y if norm.weight is None else y * norm.weight + norm.bias
 
 
 def naive_focal_modulation_module(m, x: torch.Tensor) -> torch.Tensor:

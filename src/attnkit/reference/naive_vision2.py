@@ -13,23 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from attnkit.reference.naive_vision import (
+    _layer_norm,
+    _linear,
     _shifted,
     naive_axis_token_mixing,
     naive_channel_gate,
     naive_overlapping_window_attention,
 )
-
-
-def _linear(layer, x):
-    y = torch.einsum("...i,oi->...o", x, layer.weight)
-    return y if layer.bias is None else y + layer.bias
-
-
-def _layer_norm(norm, x):
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    y = (x - mu) / torch.sqrt(var + norm.eps)
-    return y if norm.weight is None else y * norm.weight + norm.bias
 
 
 def naive_conv_same(x, weight, bias=None):

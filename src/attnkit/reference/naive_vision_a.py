@@ -13,13 +13,7 @@ import math
 
 import torch
 
-
-def _work(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _f(t, wt):
-    return None if t is None else t.to(wt)
+from attnkit.reference.naive_channel import _f, _work
 
 
 def naive_batch_norm(x, norm, training, momentum, eps, channel_dim=1):

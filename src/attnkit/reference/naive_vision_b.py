@@ -15,8 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnkit.reference.naive_vision import naive_axis_token_mixing
-from attnkit.reference.naive_vision2 import _layer_norm, _linear
+from attnkit.reference.naive_vision import _layer_norm, _linear, naive_axis_token_mixing
 
 # ---------------------------------------------------------------------------------------- NiNformer
 

@@ -141,11 +141,14 @@ def _sdpa(c: LSDACall) -> torch.Tensor:
     # 4-D inputs and mask: CPU SDPA takes its flash kernel only for 4-D calls (a 5-D call or a 3-D mask runs the
     # math path, ~4x slower on window-sized groups)
     B, nG, H, n, _ = qg.shape
-    if mask is not None:
-        mask = mask.expand(nG, H, n, n).unsqueeze(0).expand(B, nG, H, n, n).reshape(B * nG, H, n, n) \
-            if mask.dim() == 4 else mask.unsqueeze(0)                                # (B*nG or 1, H, n, n)
-    o = F.scaled_dot_product_attention(qg.flatten(0, 1), kg.flatten(0, 1), vg.flatten(0, 1), attn_mask=mask,
-                                       scale=c.scale).unflatten(0, (B, nG))           # (B, nG, H, n, Dv)
+    if mask is not None and mask.dim() == 4:  # per-group padding: groups join the heads, the mask is shared by B
+        mask = mask.expand(nG, H, n, n).reshape(1, nG * H, n, n)                     # (1, nG*H, n, n)
+        o = F.scaled_dot_product_attention(qg.flatten(1, 2), kg.flatten(1, 2), vg.flatten(1, 2), attn_mask=mask,
+                                           scale=c.scale).unflatten(1, (nG, H))       # (B, nG, H, n, Dv)
+    else:
+        mask = None if mask is None else mask.unsqueeze(0)                           # (1, H, n, n)
+        o = F.scaled_dot_product_attention(qg.flatten(0, 1), kg.flatten(0, 1), vg.flatten(0, 1), attn_mask=mask,
+                                           scale=c.scale).unflatten(0, (B, nG))       # (B, nG, H, n, Dv)
     out = _unpartition(o, c, Yp, Xp)                                                  # (B, Yp, Xp, H, Dv)
     return out[:, :Y, :X] if pb or pr else out
 
