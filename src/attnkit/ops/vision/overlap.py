@@ -83,7 +83,11 @@ def _sdpa(c: OverlapCall) -> torch.Tensor:
         neg = torch.zeros(keep.shape, dtype=c.q.dtype, device=c.q.device).masked_fill(~keep, float("-inf"))
         neg = neg.view(1, nw, 1, 1, Mo * Mo)
         mask = neg if mask is None else mask.view(1, 1, H, M * M, Mo * Mo) + neg
-        mask = mask.expand(B, nw, H, M * M, Mo * Mo).reshape(B * nw, H, M * M, Mo * Mo)
+        # windows join the heads, so the per-window mask is shared by the batch instead of copied B times
+        mask = mask.expand(1, nw, H, M * M, Mo * Mo).reshape(1, nw * H, M * M, Mo * Mo)
+        qw, kw, vw = (t.reshape(B, nw * H, *t.shape[2:]) for t in (qw, kw, vw))  # (B, nW*H, *, D)
+        o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=c.scale)
+        return block_unpartition(o.reshape(B * nw, H, *o.shape[2:]).transpose(1, 2), M, Y, X)  # (B, Y, X, H, Dv)
     o = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=c.scale)
     return block_unpartition(o.transpose(1, 2), M, Y, X)             # (B, Y, X, H, Dv)
 
