@@ -34,3 +34,43 @@ def recycle_work_buffers() -> None:
         return
     _done = True
     torch.empty(_BLOCK, dtype=torch.uint8)  # mmap'd, never touched, freed at once
+
+
+_HUGE = 1 << 21  # a transparent huge page
+_madvise = None
+
+
+def _libc_madvise():
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                fn = libc.madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                _madvise = fn
+            except (OSError, AttributeError):
+                pass
+    return _madvise
+
+
+def huge_empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``torch.empty(shape)`` whose pages are advised to be transparent huge pages before first touch
+    (Linux, buffers of 8 MiB and more; the native kernel does the same for its own buffers).
+
+    Buffers this large come from fresh ``mmap``'d memory each call; faulting 32 MiB in 4 KiB at a time
+    took 9.6 ms on the 2-core VM, 2.2 ms with 2 MiB pages (1.0 ms to write it warm). Advice only: where
+    THP is off the tensor is the same, just slower to fault in.
+    """
+    t = torch.empty(*shape, dtype=dtype)
+    n = t.numel() * t.element_size()
+    fn = _libc_madvise() if n >= 4 * _HUGE else None
+    if fn:
+        a = t.data_ptr()
+        lo, hi = (a + _HUGE - 1) & ~(_HUGE - 1), (a + n) & ~(_HUGE - 1)
+        if hi > lo:
+            fn(lo, hi - lo, 14)  # MADV_HUGEPAGE
+    return t

@@ -53,6 +53,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 extern "C" {
@@ -286,6 +287,43 @@ at::Tensor fresh(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return t;
 }
 
+// Float32 scratch (packed K^T / V^T, float copies of K / V, dK / dV accumulators) from a small pool kept across
+// calls. Freshly mapped memory is slow to touch, and on the VM we measure on, memory freed and left idle for
+// ~2 s is handed back to the host: a Combiner forward run after a 2 s pause (or after a 2 s dense SDPA call,
+// as the benchmark alternates them) took 360 ms instead of 90 ms with every buffer fresh. A pooled buffer is
+// free when the pool holds its only reference; at most kPool buffers are kept (the largest ones a call
+// needed), and flash_tiles_release() hands them back.
+constexpr size_t kPool = 4;
+std::mutex pool_mu;
+std::vector<at::Tensor>& pool = *new std::vector<at::Tensor>;  // never destroyed: no tensor freed at exit
+
+at::Tensor scratch(at::IntArrayRef sizes) {
+  int64_t n = 1;
+  for (int64_t x : sizes) n *= x;
+  std::lock_guard<std::mutex> lock(pool_mu);
+  at::Tensor* best = nullptr;
+  for (at::Tensor& t : pool)  // the smallest free buffer that fits
+    if (t.storage().use_count() == 1 && t.numel() >= n && (!best || t.numel() < best->numel())) best = &t;
+  if (!best) {
+    at::Tensor t = fresh({n}, at::TensorOptions().dtype(at::kFloat));
+    if (pool.size() < kPool) {
+      pool.push_back(t);
+    } else {  // replace the smallest free buffer, if one is free and smaller
+      at::Tensor* small = nullptr;
+      for (at::Tensor& u : pool)
+        if (u.storage().use_count() == 1 && u.numel() < n && (!small || u.numel() < small->numel())) small = &u;
+      if (small) *small = t;
+    }
+    return t.view(sizes);
+  }
+  return best->narrow(0, 0, n).view(sizes);
+}
+
+void flash_tiles_release() {
+  std::lock_guard<std::mutex> lock(pool_mu);
+  pool.clear();
+}
+
 // float32 K or V: the input, or a one-off float32 copy of a half input. With `rows`, the copy (when one is made,
 // or when the input's tokens are not adjacent) is heads-first, (B, Hkv, N, D) memory seen through (B, N, Hkv, D)
 // strides: the micro-kernels stream a span's rows, and rows H * D floats apart crossed a 4 KiB page every two
@@ -293,9 +331,8 @@ at::Tensor fresh(at::IntArrayRef sizes, const at::TensorOptions& options) {
 inline at::Tensor as_float(const at::Tensor& t, bool rows = false) {
   const bool adjacent = t.stride(1) == t.size(3) || t.size(1) == 1;
   if (t.scalar_type() == at::kFloat && (adjacent || !rows)) return t;
-  const auto fo = t.options().dtype(at::kFloat);
-  at::Tensor f = rows ? fresh({t.size(0), t.size(2), t.size(1), t.size(3)}, fo).transpose(1, 2)  // (B, N, H, D) view
-                      : fresh(t.sizes(), fo);
+  at::Tensor f = rows ? scratch({t.size(0), t.size(2), t.size(1), t.size(3)}).transpose(1, 2)  // (B, N, H, D) view
+                      : scratch(t.sizes());
   f.copy_(t);
   return f;
 }
@@ -684,7 +721,7 @@ std::tuple<at::Tensor, at::Tensor> flash_tiles_fwd(const at::Tensor& q, const at
   const int64_t need = g.G * g.bq * (g.D + g.spad() + g.Dv + 3) + g.span * g.Dv;
   at::Tensor ktp;
   if (micro) {
-    ktp = fresh({g.B * g.Hkv * ((g.Nk + 63) / 64) * g.D * 64}, q.options().dtype(at::kFloat));
+    ktp = scratch({g.B * g.Hkv * ((g.Nk + 63) / 64) * g.D * 64});
     pack_kt(g, kv.k.data_ptr<float>(), g.scale * kLog2e, ktp.data_ptr<float>());
   }
   const float* ktpp = ktp.defined() ? ktp.data_ptr<float>() : nullptr;
@@ -853,8 +890,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_tiles_bwd(
   // float32 accumulators (S, B, Hkv, Nk, D|Dv), heads-first: accumulating into the (B, Nk, Hkv, D) outputs
   // directly put a span's dK / dV rows H * D floats apart, and the row loads missed the DTLB (the backward
   // measured 12% slower at N = 8192, H = 8)
-  at::Tensor dk = fresh({S, g.B, g.Hkv, g.Nk, g.D}, q.options().dtype(at::kFloat)).zero_();
-  at::Tensor dv = fresh({S, g.B, g.Hkv, g.Nk, g.Dv}, q.options().dtype(at::kFloat)).zero_();
+  at::Tensor dk = scratch({S, g.B, g.Hkv, g.Nk, g.D}).zero_();
+  at::Tensor dv = scratch({S, g.B, g.Hkv, g.Nk, g.Dv}).zero_();
   const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
   const int64_t dos[3] = {dout.stride(0), dout.stride(1), dout.stride(2)};
   const int64_t ls[3] = {lse.stride(0), lse.stride(1), lse.stride(2)};
@@ -866,8 +903,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_tiles_bwd(
   at::Tensor ktp, vtp;
   if (micro) {
     const int64_t nkt = (g.Nk + 63) / 64;
-    ktp = fresh({g.B * g.Hkv * nkt * g.D * 64}, q.options().dtype(at::kFloat));
-    vtp = fresh({g.B * g.Hkv * nkt * g.Dv * 64}, q.options().dtype(at::kFloat));
+    ktp = scratch({g.B * g.Hkv * nkt * g.D * 64});
+    vtp = scratch({g.B * g.Hkv * nkt * g.Dv * 64});
     pack_kt(g, kv.k.data_ptr<float>(), g.scale * kLog2e, ktp.data_ptr<float>());
     pack_kt(g, kv.v.data_ptr<float>(), 1.f, vtp.data_ptr<float>(), g.Dv, g.vs);
   }
@@ -929,9 +966,12 @@ TORCH_LIBRARY_FRAGMENT(attnkit_native, m) {
   m.def("flash_tiles_bwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor lse, Tensor dlse,"
         " Tensor row_ptr, Tensor cols, Tensor slots, Tensor bits, int bq, int bk, float scale, int span,"
         " int splits) -> (Tensor, Tensor, Tensor)");
+  m.def("flash_tiles_release() -> ()");
 }
 
 TORCH_LIBRARY_IMPL(attnkit_native, CPU, m) {
   m.impl("flash_tiles_fwd", &flash_tiles_fwd);
   m.impl("flash_tiles_bwd", &flash_tiles_bwd);
 }
+
+TORCH_LIBRARY_IMPL(attnkit_native, CatchAll, m) { m.impl("flash_tiles_release", &flash_tiles_release); }
