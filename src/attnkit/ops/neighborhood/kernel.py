@@ -226,15 +226,23 @@ def kernel_plan(shape, kernel_size, dilation, stride, is_causal, bq_target: int 
     return KernelPlan(tl, tq, tk, q_src, q_inv, k_src, nq, nk)
 
 
+def _gather_heads_first(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(1, idx)`` for ``x (B, N, H, E)``, written as ``(B, H, len(idx), E)`` memory and returned
+    as a ``(B, len(idx), H, E)`` view."""
+    return x.transpose(1, 2).index_select(2, idx).transpose(1, 2)
+
+
 def neighborhood_kernel(q, k, v, plan: KernelPlan, scale: float):
     """q ``(B, N, H, D)``, k/v ``(B, N, Hkv, D|Dv)`` (flattened row-major, any strides) -> ``out (B, N, H, Dv)``
     in q's dtype and ``lse (B, N, H)`` float32; differentiable (the kernel's backward, gathers' adjoints)."""
-    qt = q if plan.q_src is None else q.index_select(1, plan.q_src.to(q.device))  # (B, nq, H, D) tile order
+    # gathers to tile order write heads-first memory, (B, H, n, .): the kernel reads each head's rows in runs
+    # (and would otherwise copy K / V to that layout itself, a second pass over them)
+    qt = q if plan.q_src is None else _gather_heads_first(q, plan.q_src.to(q.device))  # (B, nq, H, D) tile order
     if plan.k_src is None:
         kt, vt = k, v
     else:
         idx = plan.k_src.to(k.device)
-        kt, vt = k.index_select(1, idx), v.index_select(1, idx)  # (B, nk, Hkv, D|Dv) tile order
+        kt, vt = _gather_heads_first(k, idx), _gather_heads_first(v, idx)  # (B, nk, Hkv, D|Dv) tile order
     out, lse = flash_attention(qt, kt, vt, plan.tl, scale)
     if plan.q_inv is not None:
         inv = plan.q_inv.to(q.device)
