@@ -18,8 +18,9 @@ Backends:
   diagonal segment, one online softmax replaces the merge, and the kernel's backward serves training.
   Measured at N=16384, s=128, B=1, H=8, D=64, float32, 2 threads (busy shared machine, medians), it was the
   fastest backend in every case: forward 0.85 s non-causal (merged 0.99, segmented 1.08) and 0.71 s causal
-  (merged 1.20, segmented 1.15). What remains besides the kernel (~0.4 s): the two max-pools, the summary
-  values and the copy of K, V into the concatenated key list (~0.1 s each).
+  (merged 1.20, segmented 1.15). Later, quiet, in the ``sequence`` benchmark (alternating with dense SDPA):
+  forward 125 ms non-causal, 88 ms causal; in a warm loop the kernel call is ~62 ms of ~85 ms, the rest
+  the summaries (~10 ms) and writing ``[K, kR]``, ``[V, vR]`` heads-first (~6 ms each).
 * ``merged`` (automatic for float32 CPU inference when the tile kernel is unavailable: no input needs a
   gradient, ``N`` a multiple of ``s``, ``Dv == D``, a positive scale): the direct part runs as one fused
   flash call with the segments as batch (causal inside each segment), the summary part as a second fused
