@@ -132,7 +132,8 @@ def test_backward_is_deterministic_with_split_accumulators(monkeypatch):
 def test_pooled_scratch_never_leaks_between_calls():
     """The kernel keeps its float32 scratch (packed K / V, dK / dV accumulators) between calls. A call after
     larger and smaller ones with other values, and after release_workspace(), gives bit-identical outputs and
-    gradients; two threads calling at once each get their own buffers."""
+    gradients; buffers first pooled under inference mode serve training calls; two threads calling at once
+    each get their own buffers."""
     mask = M.sliding_window(40)
 
     def run(q, k, v):
@@ -142,6 +143,9 @@ def test_pooled_scratch_never_leaks_between_calls():
         return out.detach(), qs.grad, ks.grad, vs.grad
 
     small = _inputs(1, 200, 200, 4, 2, 64, 64)
+    flash.release_workspace()
+    with torch.inference_mode():  # buffers pooled here are written by the training calls below
+        ak.attention(*small, mask, backend="blocked")
     first = run(*small)
     run(*_inputs(2, 700, 700, 4, 4, 64, 64))                       # larger: the pool grows
     run(*(10 * t for t in _inputs(1, 130, 130, 4, 2, 64, 64)))      # smaller, other values, reused buffers

@@ -37,6 +37,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -301,6 +302,8 @@ at::Tensor scratch(at::IntArrayRef sizes) {
   int64_t n = 1;
   for (int64_t x : sizes) n *= x;
   std::lock_guard<std::mutex> lock(pool_mu);
+  // pooled buffers outlive the call: never inference tensors (a later call outside inference mode writes them)
+  c10::InferenceMode normal(false);
   at::Tensor* best = nullptr;
   for (at::Tensor& t : pool)  // the smallest free buffer that fits
     if (t.storage().use_count() == 1 && t.numel() >= n && (!best || t.numel() < best->numel())) best = &t;
