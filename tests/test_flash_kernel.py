@@ -167,6 +167,30 @@ def test_pooled_scratch_never_leaks_between_calls():
     assert all(torch.equal(a, b) for r in results for a, b in zip(first, r))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_second_key_source_equals_the_concatenation(dtype):
+    """extra_kv=(k2, v2) attends over [k, k2], [v, v2] (GQA, Dv != D, a ragged total): the same output, lse
+    and gradients as the concatenated tensors, and the gradients split back to each source."""
+    q, k, v = _inputs(2, 150, 130, 4, 2, 16, 24, dtype)
+    k2, v2 = (t[:, :37].mul(0.5) for t in _inputs(2, 37, 37, 4, 2, 16, 24, dtype, seed=1)[1:])
+    mask = M.sliding_window(30) | M.global_tokens(3)
+    tl = flash.tile_list(mask, 150, 167, *flash.tile_sizes(150, 167, 2))
+    grads = []
+    for split in (False, True):
+        xs = [t.clone().requires_grad_() for t in (q, k, v, k2, v2)]
+        if split:
+            out, lse = flash.flash_attention(xs[0], xs[1], xs[2], tl, 0.25, extra_kv=(xs[3], xs[4]))
+        else:
+            out, lse = flash.flash_attention(xs[0], torch.cat(xs[1::2], 1), torch.cat(xs[2::2], 1), tl, 0.25)
+        (out.float().square().sum() + lse.sum()).backward()
+        grads.append([out, lse] + [x.grad for x in xs])
+    for a, b in zip(*grads):
+        assert a.shape == b.shape
+        assert torch.equal(a, b) if dtype == torch.float32 else torch.allclose(a.float(), b.float(), atol=1e-2)
+    with pytest.raises(RuntimeError, match="k2 / v2 must be"):
+        flash.flash_attention(q, k, v, tl, 0.25, extra_kv=(k2[..., :8], v2))
+
+
 def test_inference_path_matches():
     """No grad, no lse: the forward alone (same kernel) gives the same output as with grad."""
     q, k, v = _inputs(1, 190, 190, 4, 4, 16, 16)

@@ -174,17 +174,17 @@ def _feature_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 class _FlashTiles(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, tl: TileList, scale: float):
+    def forward(ctx, q, k, v, tl: TileList, scale: float, k2=None, v2=None):
         out, lse = _native.ops().flash_tiles_fwd(q, k, v, tl.row_ptr, tl.cols, tl.slots, tl.bits, tl.bq, tl.bk,
-                                                 scale, SPAN)
-        ctx.save_for_backward(q, k, v, out, lse)
+                                                 scale, SPAN, k2, v2)
+        ctx.save_for_backward(q, k, v, out, lse, k2, v2)
         ctx.tl, ctx.scale = tl, scale
         ctx.set_materialize_grads(False)  # dlse stays None unless the caller differentiates the lse
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, k2, v2 = ctx.saved_tensors
         tl = ctx.tl
         dout = torch.zeros_like(out) if dout is None else _feature_contiguous(dout.to(out.dtype))
         dlse = lse.new_empty(0) if dlse is None else dlse.float().expand_as(lse).contiguous()
@@ -192,25 +192,34 @@ class _FlashTiles(torch.autograd.Function):
             dlse = dlse.as_strided(lse.shape, lse.stride()).copy_(dlse)  # same layout as lse
         dq, dk, dv = _native.ops().flash_tiles_bwd(q, k, v, out, dout, lse, dlse, tl.row_ptr, tl.cols, tl.slots,
                                                    tl.bits, tl.bq, tl.bk, ctx.scale, SPAN,
-                                                   _splits(q.shape[0], k.shape[2]))
-        return dq, dk, dv, None, None
+                                                   _splits(q.shape[0], k.shape[2]), k2, v2)
+        if k2 is None:
+            return dq, dk, dv, None, None, None, None
+        n = k.shape[1]  # the kernel's gradients cover [k, k2] and [v, v2]
+        return dq, dk[:, :n], dv[:, :n], None, None, dk[:, n:], dv[:, n:]
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tl: TileList,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tl: TileList, scale: float,
+                    extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the tiles of ``tl``; the caller has checked :func:`native_reason`.
 
     Args:
         q: ``(B, Nq, Hq, D)``; k: ``(B, Nk, Hkv, D)``; v: ``(B, Nk, Hkv, Dv)``: float32, bfloat16 or float16,
             any strides (a non-contiguous feature dim is copied).
-        tl: the tile list (:func:`tile_list`); scale: the score scale.
+        tl: the tile list (:func:`tile_list`) over all ``Nk + N2`` keys; scale: the score scale.
+        extra_kv: ``(k2 (B, N2, Hkv, D), v2 (B, N2, Hkv, Dv))`` appended after k, v: the kernel attends over
+            ``[k, k2]`` and ``[v, v2]`` without the caller concatenating them (it writes the one heads-first
+            copy it makes anyway); gradients flow to both sources.
 
     Returns:
         ``out (B, Nq, Hq, Dv)`` in the input dtype and ``lse (B, Nq, Hq)`` float32 (``-inf`` and a zero
         output on rows that allow no key; their gradients are zero).
     """
     q, k, v = (_feature_contiguous(t) for t in (q, k, v))
-    return _FlashTiles.apply(q, k, v, tl, scale)
+    if extra_kv is None:
+        return _FlashTiles.apply(q, k, v, tl, scale)
+    k2, v2 = (_feature_contiguous(t) for t in extra_kv)
+    return _FlashTiles.apply(q, k, v, tl, scale, k2, v2)
 
 
 def release_workspace() -> None:

@@ -69,13 +69,16 @@ def _register_fakes() -> None:
                 q.new_empty(B, H, D, v.shape[-1]))
 
     @torch.library.register_fake("attnkit_native::flash_tiles_fwd")
-    def _flash_fwd(q, k, v, row_ptr, cols, slots, bits, bq, bk, scale, span):
+    def _flash_fwd(q, k, v, row_ptr, cols, slots, bits, bq, bk, scale, span, k2=None, v2=None):
         B, Nq, Hq, _ = q.shape
         return q.new_empty(B, Nq, Hq, v.shape[-1]), q.new_empty(B, Nq, Hq, dtype=torch.float32)
 
     @torch.library.register_fake("attnkit_native::flash_tiles_bwd")
-    def _flash_bwd(q, k, v, out, dout, lse, dlse, row_ptr, cols, slots, bits, bq, bk, scale, span, splits):
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    def _flash_bwd(q, k, v, out, dout, lse, dlse, row_ptr, cols, slots, bits, bq, bk, scale, span, splits,
+                   k2=None, v2=None):
+        n = k.shape[1] + (0 if k2 is None else k2.shape[1])  # gradients of [k, k2] and [v, v2]
+        return (q.new_empty(q.shape), k.new_empty(k.shape[0], n, *k.shape[2:]),
+                v.new_empty(v.shape[0], n, *v.shape[2:]))
 
 
 def _register_decode_fakes() -> None:

@@ -55,6 +55,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 extern "C" {
@@ -556,27 +557,46 @@ inline void pv_span(const float*, int64_t, int64_t, int64_t, const float*, int64
 
 // K (or V: width D, strides ks) of the key tiles of one call, scaled by alpha and transposed per 64-key tile:
 // tile kt of (b, hk) at dst + ((b * Hkv + hk) * nkt + kt) * D * 64, zero columns past the last key.
-void pack_kt(Geo g, const float* k, float alpha, float* dst, int64_t width = 0, const int64_t* strides = nullptr) {
+// Rows [0, n1) of K from k (strides g.ks), rows [n1, g.Nk) from a second float32 source k2 (strides s2), if any.
+struct KRows {
+  const float* k;
+  const float* k2 = nullptr;
+  int64_t s2[3] = {0, 0, 0};
+  int64_t n1 = std::numeric_limits<int64_t>::max();
+};
+
+void pack_kt(Geo g, KRows src, float alpha, float* dst, int64_t width = 0, const int64_t* strides = nullptr) {
   if (width > 0) {  // V^T for the backward's dP = dO V^T
     g.D = width;
     for (int i = 0; i < 3; ++i) g.ks[i] = strides[i];
   }
   const int64_t nkt = (g.Nk + 63) / 64;
+  // (base of row n for (b, hk), token stride)
+  auto row = [&](int64_t b, int64_t n, int64_t hk, int64_t& st) -> const float* {
+    if (n < src.n1) {
+      st = g.ks[1];
+      return src.k + b * g.ks[0] + n * g.ks[1] + hk * g.ks[2];
+    }
+    st = src.s2[1];
+    return src.k2 + b * src.s2[0] + (n - src.n1) * src.s2[1] + hk * src.s2[2];
+  };
   at::parallel_for(0, g.B * g.Hkv * nkt, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t kt = t % nkt, bh = t / nkt, b = bh / g.Hkv, hk = bh % g.Hkv;
       const int64_t tw = std::min<int64_t>(64, g.Nk - kt * 64);
       float* o = dst + t * g.D * 64;
-      const float* r0 = k + b * g.ks[0] + kt * 64 * g.ks[1] + hk * g.ks[2];
-      int64_t j0 = 0;
+      int64_t j0 = 0, st;
 #if defined(__AVX512F__)
-      if (g.ks[1] * 16 < (int64_t{1} << 31)) {  // 16 rows at a time: gather one feature of 16 keys, store it
+      const __m512 va = _mm512_set1_ps(alpha);
+      // 16 rows at a time from one source: gather one feature of 16 keys, store it
+      for (; j0 + 16 <= tw; j0 += 16) {
+        const int64_t n = kt * 64 + j0;
+        const float* r0 = row(b, n, hk, st);
+        if ((n < src.n1) != (n + 15 < src.n1) || st * 16 >= (int64_t{1} << 31)) break;
         const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               _mm512_set1_epi32(static_cast<int32_t>(g.ks[1])));
-        const __m512 va = _mm512_set1_ps(alpha);
-        for (; j0 + 16 <= tw; j0 += 16)
-          for (int64_t d = 0; d < g.D; ++d)
-            _mm512_storeu_ps(o + d * 64 + j0, _mm512_mul_ps(va, _mm512_i32gather_ps(idx, r0 + j0 * g.ks[1] + d, 4)));
+                                               _mm512_set1_epi32(static_cast<int32_t>(st)));
+        for (int64_t d = 0; d < g.D; ++d)
+          _mm512_storeu_ps(o + d * 64 + j0, _mm512_mul_ps(va, _mm512_i32gather_ps(idx, r0 + d, 4)));
       }
 #endif
       for (int64_t j = j0; j < 64; ++j) {
@@ -584,7 +604,7 @@ void pack_kt(Geo g, const float* k, float alpha, float* dst, int64_t width = 0, 
           for (int64_t d = 0; d < g.D; ++d) o[d * 64 + j] = 0.f;
           continue;
         }
-        const float* r = k + b * g.ks[0] + (kt * 64 + j) * g.ks[1] + hk * g.ks[2];
+        const float* r = row(b, kt * 64 + j, hk, st);
         for (int64_t d = 0; d < g.D; ++d) o[d * 64 + j] = r[d] * alpha;
       }
     }
@@ -690,15 +710,57 @@ void forward_tile(const Geo& g, const Ptrs<T>& p, int64_t b, int64_t hk, int64_t
 }
 
 // K / V as float32 with their strides in g, and V's non-finite tile flags.
+// [x, x2] along the tokens, float32, heads-first memory (pooled scratch) seen through (B, N + N2, H, E) strides.
+at::Tensor cat_heads_first(const at::Tensor& x, const at::Tensor& x2) {
+  const int64_t n = x.size(1), n2 = x2.size(1);
+  at::Tensor f = scratch({x.size(0), x.size(2), n + n2, x.size(3)});  // (B, H, N + N2, E)
+  f.narrow(2, 0, n).copy_(x.transpose(1, 2));
+  f.narrow(2, n, n2).copy_(x2.transpose(1, 2));
+  return f.transpose(1, 2);  // (B, N + N2, H, E)
+}
+
+// Optional second key / value source appended after the first: (B, N2, Hkv, D | Dv), the dtype of k / v.
+// Defined or not together; checked against k / v and counted into g.Nk.
+bool second_source(Geo& g, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& k2,
+                   const std::optional<at::Tensor>& v2) {
+  const bool has = k2.has_value() && k2->defined();
+  TORCH_CHECK(has == (v2.has_value() && v2->defined()), "flash_tiles: k2 and v2 come together");
+  if (!has) return false;
+  TORCH_CHECK(k2->dim() == 4 && v2->dim() == 4 && k2->scalar_type() == k.scalar_type() &&
+                  v2->scalar_type() == v.scalar_type() && k2->size(0) == g.B && v2->size(0) == g.B &&
+                  k2->size(1) == v2->size(1) && k2->size(2) == g.Hkv && v2->size(2) == g.Hkv &&
+                  k2->size(3) == g.D && v2->size(3) == g.Dv && k2->device().is_cpu() && v2->device().is_cpu(),
+              "flash_tiles: k2 / v2 must be (B, N2, Hkv, D | Dv) CPU tensors of k / v's dtype");
+  g.Nk += k2->size(1);
+  return true;
+}
+
 struct FloatKV {
-  at::Tensor k, v, vbad;
-  FloatKV(Geo& g, const at::Tensor& k0, const at::Tensor& v0, bool k_rows, bool v_rows)
-      : k(as_float(k0, k_rows)), v(as_float(v0, v_rows)) {
+  at::Tensor k, v, vbad, k2;  // k2: the second K source (float32) when K is read from two sources
+  // With a second source, V is the heads-first concatenation [v0, v2] (one copy, into pooled memory: the work a
+  // caller's torch.cat would do, without its fresh buffers). K is concatenated the same way when its rows are
+  // read in place (k_cat); otherwise (the forward's micro-kernels only read K while packing K^T) both sources
+  // are packed directly, one pass over K fewer.
+  FloatKV(Geo& g, const at::Tensor& k0, const at::Tensor& v0, bool k_rows, bool v_rows,
+          const at::Tensor* k2_ = nullptr, const at::Tensor* v2 = nullptr, bool k_cat = true)
+      : k(k2_ && k_cat ? cat_heads_first(k0, *k2_) : as_float(k0, k_rows)),
+        v(v2 ? cat_heads_first(v0, *v2) : as_float(v0, v_rows)) {
+    if (k2_ && !k_cat) k2 = as_float(*k2_);
     for (int i = 0; i < 3; ++i) {
       g.ks[i] = k.stride(i);
       g.vs[i] = v.stride(i);
     }
     vbad = nonfinite_tiles(g, v);
+  }
+  // K's rows for pack_kt
+  KRows rows() const {
+    KRows r{k.data_ptr<float>()};
+    if (k2.defined()) {
+      r.k2 = k2.data_ptr<float>();
+      for (int i = 0; i < 3; ++i) r.s2[i] = k2.stride(i);
+      r.n1 = k.size(1);
+    }
+    return r;
   }
   template <typename T>
   Ptrs<T> ptrs(const T* q) const {
@@ -711,11 +773,14 @@ struct FloatKV {
 std::tuple<at::Tensor, at::Tensor> flash_tiles_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& row_ptr, const at::Tensor& cols,
                                                    const at::Tensor& slots, const at::Tensor& bits, int64_t bq,
-                                                   int64_t bk, double scale, int64_t span) {
+                                                   int64_t bk, double scale, int64_t span,
+                                                   const std::optional<at::Tensor>& k2,
+                                                   const std::optional<at::Tensor>& v2) {
   Geo g = make_geo(q, k, v, row_ptr, cols, slots, bits, bq, bk, scale, span);
+  const bool two = second_source(g, k, v, k2, v2);
   // the micro-kernels: 64-key tiles, Dv a multiple of 16 (one K^T copy per call: O(N D), like K itself)
   const bool micro = kMicro && g.bk == 64 && g.Dv % 16 == 0;
-  const FloatKV kv(g, k, v, false, micro);
+  const FloatKV kv(g, k, v, false, micro, two ? &*k2 : nullptr, two ? &*v2 : nullptr, !micro);
   at::Tensor out = fresh({g.B, g.Nq, g.Hq, g.Dv}, q.options());
   at::Tensor lse = at::empty({g.B, g.Nq, g.Hq}, q.options().dtype(at::kFloat));
   const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
@@ -725,7 +790,7 @@ std::tuple<at::Tensor, at::Tensor> flash_tiles_fwd(const at::Tensor& q, const at
   at::Tensor ktp;
   if (micro) {
     ktp = scratch({g.B * g.Hkv * ((g.Nk + 63) / 64) * g.D * 64});
-    pack_kt(g, kv.k.data_ptr<float>(), g.scale * kLog2e, ktp.data_ptr<float>());
+    pack_kt(g, kv.rows(), g.scale * kLog2e, ktp.data_ptr<float>());
   }
   const float* ktpp = ktp.defined() ? ktp.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_tiles_fwd", [&] {
@@ -876,10 +941,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_tiles_bwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& dout,
     const at::Tensor& lse, const at::Tensor& dlse, const at::Tensor& row_ptr, const at::Tensor& cols,
     const at::Tensor& slots, const at::Tensor& bits, int64_t bq, int64_t bk, double scale, int64_t span,
-    int64_t splits) {
+    int64_t splits, const std::optional<at::Tensor>& k2, const std::optional<at::Tensor>& v2) {
   Geo g = make_geo(q, k, v, row_ptr, cols, slots, bits, bq, bk, scale, span);
+  const bool two = second_source(g, k, v, k2, v2);
   const bool micro = kMicro && g.bk == 64 && g.Dv % 16 == 0;
-  const FloatKV kv(g, k, v, micro && g.D % 16 == 0, false);
+  const FloatKV kv(g, k, v, micro && g.D % 16 == 0, false, two ? &*k2 : nullptr, two ? &*v2 : nullptr);
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type() &&
                   out.stride(3) == 1 && dout.stride(3) == 1,
               "flash_tiles_bwd: out / dout must match q's dtype, feature-contiguous");
@@ -908,8 +974,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_tiles_bwd(
     const int64_t nkt = (g.Nk + 63) / 64;
     ktp = scratch({g.B * g.Hkv * nkt * g.D * 64});
     vtp = scratch({g.B * g.Hkv * nkt * g.Dv * 64});
-    pack_kt(g, kv.k.data_ptr<float>(), g.scale * kLog2e, ktp.data_ptr<float>());
-    pack_kt(g, kv.v.data_ptr<float>(), 1.f, vtp.data_ptr<float>(), g.Dv, g.vs);
+    pack_kt(g, kv.rows(), g.scale * kLog2e, ktp.data_ptr<float>());
+    pack_kt(g, KRows{kv.v.data_ptr<float>()}, 1.f, vtp.data_ptr<float>(), g.Dv, g.vs);
   }
   const float* ktpp = ktp.defined() ? ktp.data_ptr<float>() : nullptr;
   const float* vtpp = vtp.defined() ? vtp.data_ptr<float>() : nullptr;
@@ -965,10 +1031,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_tiles_bwd(
 
 TORCH_LIBRARY_FRAGMENT(attnkit_native, m) {
   m.def("flash_tiles_fwd(Tensor q, Tensor k, Tensor v, Tensor row_ptr, Tensor cols, Tensor slots, Tensor bits,"
-        " int bq, int bk, float scale, int span) -> (Tensor, Tensor)");
+        " int bq, int bk, float scale, int span, Tensor? k2=None, Tensor? v2=None) -> (Tensor, Tensor)");
   m.def("flash_tiles_bwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor lse, Tensor dlse,"
         " Tensor row_ptr, Tensor cols, Tensor slots, Tensor bits, int bq, int bk, float scale, int span,"
-        " int splits) -> (Tensor, Tensor, Tensor)");
+        " int splits, Tensor? k2=None, Tensor? v2=None) -> (Tensor, Tensor, Tensor)");
   m.def("flash_tiles_release() -> ()");
 }
 

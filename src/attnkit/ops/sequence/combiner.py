@@ -19,8 +19,8 @@ Backends:
   Measured at N=16384, s=128, B=1, H=8, D=64, float32, 2 threads (busy shared machine, medians), it was the
   fastest backend in every case: forward 0.85 s non-causal (merged 0.99, segmented 1.08) and 0.71 s causal
   (merged 1.20, segmented 1.15). Later, quiet, in the ``sequence`` benchmark (alternating with dense SDPA):
-  forward 125 ms non-causal, 88 ms causal; in a warm loop the kernel call is ~62 ms of ~85 ms, the rest
-  the summaries (~10 ms) and writing ``[K, kR]``, ``[V, vR]`` heads-first (~6 ms each).
+  forward 125 ms non-causal, 88 ms causal (with a Python-side ``[K, kR]``, ``[V, vR]``; the kernel now
+  appends the summaries itself, ``extra_kv``).
 * ``merged`` (automatic for float32 CPU inference when the tile kernel is unavailable: no input needs a
   gradient, ``N`` a multiple of ``s``, ``Dv == D``, a positive scale): the direct part runs as one fused
   flash call with the segments as batch (causal inside each segment), the summary part as a second fused
@@ -45,7 +45,6 @@ from functools import lru_cache
 import torch
 
 from attnkit._validate import assert_finite, check_qkv, resolve_scale
-from attnkit.kernels.alloc import huge_empty
 from attnkit.kernels.flash import TileList, flash_attention, native_reason, tile_list_from
 from attnkit.kernels.fused import fused_check, fused_ops
 from attnkit.masks.base import EMPTY, FULL, PARTIAL
@@ -221,21 +220,10 @@ def _tiles(c: CombinerCall) -> torch.Tensor:
     if native_reason(c.q) is not None:  # the build failed on this first use: the exact torch path
         return _segmented(c)
     q, sc, kR, vR, _ = _summaries(c)
-    # one key list [keys, summaries]: the kernel's single online softmax covers both parts. It is written
-    # heads-first (the kernel streams a span's rows, and copies K / V to adjacent rows itself otherwise) into
-    # huge-page buffers (fresh 32 MiB buffers faulted in 4 KiB at a time cost ~8 ms each at N=16384, H=8)
-    keys, vals = _heads_first_cat(c.k, kR), _heads_first_cat(c.v, vR)  # (B, N + n, H, D | Dv) views
-    return flash_attention(q, keys, vals, combiner_tile_list(N, s, c.causal), sc)[0]  # (B, N, H, Dv)
-
-
-def _heads_first_cat(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``torch.cat([x, r], 1)`` for ``(B, N, H, E)`` and ``(B, n, H, E)``, laid out ``(B, H, N + n, E)`` in
-    memory and returned as a ``(B, N + n, H, E)`` view."""
-    B, N, H, E = x.shape
-    out = huge_empty(B, H, N + r.shape[1], E, dtype=x.dtype)  # (B, H, N + n, E)
-    out[:, :, :N].copy_(x.transpose(1, 2))
-    out[:, :, N:].copy_(r.transpose(1, 2))
-    return out.transpose(1, 2)  # (B, N + n, H, E)
+    # one key list [keys, summaries]: the kernel's single online softmax covers both parts. The kernel appends
+    # the summaries itself, in the heads-first copy of K / V it makes anyway (a torch.cat here wrote two more
+    # fresh (B, N + n, H, D) buffers per call)
+    return flash_attention(q, c.k, c.v, combiner_tile_list(N, s, c.causal), sc, extra_kv=(kR, vR))[0]  # (B, N, H, Dv)
 
 
 _CAUSAL_CHUNKS = 8  # query chunks of the causal summary part: each computes its own summary prefix only
