@@ -272,3 +272,41 @@ def test_an_empty_selection_runs_and_writes_nothing(tmp_path):
     summary = Harness(opts).run()
     assert summary.selected == 0 and not summary.recorded
     assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_fast_cases_start_each_alternating_sample_warm():
+    """In a unit of several cases, a case faster than WARM_EACH_BELOW_S makes one untimed call before each
+    sample (its memory may have gone idle while the others ran); alone, or slower, it makes none."""
+    from attnkit.bench import timing
+
+    opts = {"repeat": 3, "min_repeat": 3, "warmup_s": 0.0, "min_sample_s": 0.0, "unit_budget_s": 10.0,
+            "case_timeout_s": 60.0}
+
+    def counting(name):
+        calls = []
+
+        def run():
+            calls.append(1)
+
+        return _case(f"warm/{name}", name, lambda: Runner(run=run)), calls
+
+    def sample_calls(cases_calls):
+        cases = [c for c, _ in cases_calls]
+        before = {}
+
+        def emit(e):  # calls made before the first sample: setup, first call, warm-up
+            if e["event"] == "begin" and e["phase"] == "sample 1/3":
+                for c, calls in cases_calls:
+                    before.setdefault(c.id, len(calls))
+        timing.measure_unit(cases, opts, emit)
+        return [len(calls) - before[c.id] for c, calls in cases_calls]
+
+    old = timing.WARM_EACH_BELOW_S
+    try:  # 3 samples of one call each, each after a warm call
+        assert sample_calls([counting("a"), counting("b")]) == [6, 6]
+        timing.WARM_EACH_BELOW_S = 0.0                 # nothing counts as fast: no warm calls
+        assert sample_calls([counting("a"), counting("b")]) == [3, 3]
+        timing.WARM_EACH_BELOW_S = old
+        assert sample_calls([counting("alone")]) == [3]  # a lone case alternates with nothing
+    finally:
+        timing.WARM_EACH_BELOW_S = old
