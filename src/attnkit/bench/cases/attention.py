@@ -124,6 +124,9 @@ def _runner(fn: Callable[[], torch.Tensor], q, k, v, do, pass_: str, check, **kw
 
 
 def _setup(impl: str, mask_name: str, n: int, h: int, dtype_name: str, pass_: str) -> Callable[[], Runner]:
+    if impl == "blocked_float32":  # the float32 twin inside a half-precision group: timed alternately with it
+        impl, dtype_name = "blocked", "float32"
+
     def setup() -> Runner:
         import attnkit as ak
 
@@ -221,8 +224,10 @@ def grid(masks: list[str], ns: list[int], passes: tuple[str, ...], suites: set[s
                 for impl in impls(mask_name):
                     if impl.startswith("flex") and pass_ != "fwd":
                         continue  # FlexAttention has no CPU backward
+                    ps = params if impl != "blocked_float32" else tuple(
+                        (key, "float32" if key == "dtype" else val) for key, val in params)
                     out.append(Case(op="attention", impl=impl, group=f"{mask_name}/N={n}{suffix}", pass_=pass_,
-                                    suites=frozenset(suites), params=params, flops=fl,
+                                    suites=frozenset(suites), params=ps, flops=fl,
                                     setup=_setup(impl, mask_name, n, h, dtype, pass_),
                                     baseline=impl == "sdpa" and mask_name == "full"))
     return out
@@ -261,7 +266,7 @@ def cases() -> list[Case]:
         # in the record) and the same window on bfloat16 inputs (upcast tile by tile: no slower than fp32)
         grid(["sliding_window_512"], [16384], FWD, {"foundation", "full"}, impls=lambda name: ["flex_attnkit"]),
         grid(["sliding_window_512"], [16384], FWD, {"foundation", "full"}, dtype="bfloat16",
-             impls=lambda name: ["blocked"]),
+             impls=lambda name: ["blocked", "blocked_float32"]),  # fp32 beside it: timed alternately
     ])
 
 
