@@ -132,6 +132,12 @@ inline v16f exp2v(v16f t) {
 }
 #endif
 
+// Horizontal max / sum of 16 lanes. AVX-512: a 4-step tree (a lane-by-lane loop was a chain of 15 dependent
+// scalar ops, paid twice per row per span: ~5 ms of a Combiner forward whose rows meet two short spans).
+#if defined(__AVX512F__)
+inline float hmax(v16f v) { return _mm512_reduce_max_ps((__m512)v); }
+inline float hsum(v16f v) { return _mm512_reduce_add_ps((__m512)v); }
+#else
 inline float hmax(v16f v) {
   float m = v[0];
   for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
@@ -142,6 +148,7 @@ inline float hsum(v16f v) {
   for (int i = 0; i < 16; ++i) s += v[i];
   return s;
 }
+#endif
 
 template <typename T>
 inline void to_float(const T* src, int64_t n, float* dst) {
