@@ -244,3 +244,33 @@ def test_tiles_nan_propagates_like_the_naive_twin():
     out = combiner_attention(t["q"], t["k"], t["v"], segment=4, backend="tiles")
     ref = naive_combiner(*(x.double() for x in t.values()), segment=4)
     assert torch.equal(out.isnan(), ref.isnan())
+
+
+@needs_kernel
+@pytest.mark.parametrize("poison", [None, ("q", 5, 1, 2), ("k", 9, 0, 3), ("v", 14, 1, 0), ("k", 2, 1, 1, "inf")])
+def test_one_pass_summaries_equal_the_torch_form(poison):
+    """Inference summaries from the compiled one-pass op (kernels/native/combiner_cpu.cpp) equal the torch form
+    (max-pools, then one query's attention per segment): values to float32 rounding, and NaN exactly where
+    the torch form has it (a NaN or inf in a segment's q, k or v)."""
+    from attnkit.ops.sequence import combiner as C
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 16, 2, 16, generator=g) for _ in range(3))
+    if poison is not None:
+        bad = float(poison[4] if len(poison) > 4 else "nan")
+        dict(q=q, k=k, v=v)[poison[0]][1, poison[1], poison[2], poison[3]] = bad
+    c = C.make_call(q, k, v, segment=4)
+    assert C._one_pass_summaries(c, q, k, v)
+    _, _, kR, vR, _ = C._summaries(c)
+    torch_kR = k.view(2, 4, 4, 2, 16).amax(2)
+    qR = q.view(2, 4, 4, 2, 16).amax(2)
+    logits = torch.einsum("bnhd,bnjhd->bnhj", qR * c.scale, k.view(2, 4, 4, 2, 16))
+    torch_vR = torch.einsum("bnhj,bnjhd->bnhd", logits.softmax(-1), v.view(2, 4, 4, 2, 16))
+    assert torch.equal(kR.isnan(), torch_kR.isnan()) and torch.equal(vR.isnan(), torch_vR.isnan())
+    ok = ~torch_vR.isnan()
+    assert torch.allclose(kR[~torch_kR.isnan()], torch_kR[~torch_kR.isnan()], atol=0, rtol=0)
+    assert torch.allclose(vR[ok], torch_vR[ok], atol=1e-6, rtol=1e-5)
+    if poison is not None:
+        assert vR.isnan().any()  # the poison reached a summary
+    qg = q.clone().requires_grad_()
+    assert not C._one_pass_summaries(c, qg, k, v)  # training takes the differentiable torch form

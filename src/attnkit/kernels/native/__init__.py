@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).parent / "linear_chunk_cpu.cpp", Path(__file__).parent / "flash_tiles_cpu.cpp"]
+_SOURCES = [Path(__file__).parent / name
+            for name in ("linear_chunk_cpu.cpp", "flash_tiles_cpu.cpp", "combiner_cpu.cpp")]
 _DECODE_SOURCES = [Path(__file__).parent / "decode_cpu.cpp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {"ops": None, "error": None}
@@ -72,6 +73,11 @@ def _register_fakes() -> None:
     def _flash_fwd(q, k, v, row_ptr, cols, slots, bits, bq, bk, scale, span, k2=None, v2=None):
         B, Nq, Hq, _ = q.shape
         return q.new_empty(B, Nq, Hq, v.shape[-1]), q.new_empty(B, Nq, Hq, dtype=torch.float32)
+
+    @torch.library.register_fake("attnkit_native::combiner_summaries")
+    def _combiner_summaries(q, k, v, segment, scale):
+        B, N, H, D = q.shape
+        return q.new_empty(B, N // segment, H, D), q.new_empty(B, N // segment, H, v.shape[-1])
 
     @torch.library.register_fake("attnkit_native::flash_tiles_bwd")
     def _flash_bwd(q, k, v, out, dout, lse, dlse, row_ptr, cols, slots, bits, bq, bk, scale, span, splits,
