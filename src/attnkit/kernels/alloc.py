@@ -34,4 +34,3 @@ def recycle_work_buffers() -> None:
         return
     _done = True
     torch.empty(_BLOCK, dtype=torch.uint8)  # mmap'd, never touched, freed at once
-
