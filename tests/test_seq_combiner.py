@@ -260,7 +260,7 @@ def test_one_pass_summaries_equal_the_torch_form(poison):
         bad = float(poison[4] if len(poison) > 4 else "nan")
         dict(q=q, k=k, v=v)[poison[0]][1, poison[1], poison[2], poison[3]] = bad
     c = C.make_call(q, k, v, segment=4)
-    assert C._one_pass_summaries(c, q, k, v)
+    assert C._one_pass_summaries(c)
     _, _, kR, vR, _ = C._summaries(c)
     torch_kR = k.view(2, 4, 4, 2, 16).amax(2)
     qR = q.view(2, 4, 4, 2, 16).amax(2)
@@ -273,4 +273,4 @@ def test_one_pass_summaries_equal_the_torch_form(poison):
     if poison is not None:
         assert vR.isnan().any()  # the poison reached a summary
     qg = q.clone().requires_grad_()
-    assert not C._one_pass_summaries(c, qg, k, v)  # training takes the differentiable torch form
+    assert not C._one_pass_summaries(C.make_call(qg, k, v, segment=4))  # training takes the torch form

@@ -86,35 +86,43 @@ def make_call(q, k, v, *, segment, causal=False, scale=None) -> CombinerCall:
     return CombinerCall(q, k, v, segment, bool(causal), resolve_scale(scale, q.shape[-1]))
 
 
-def _summaries(c: CombinerCall) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, scale, kR (B, n, H, D), vR (B, n, H, Dv), valid (n, s))`` with ``n = ceil(N / s)``: the
-    summary keys (max-pool) and values (the max-pooled query's attention over its segment); ``q`` comes
-    back pre-scaled with ``scale = 1`` when the scale is non-positive (max does not commute with it)."""
-    B, N, H, D = c.q.shape
-    Dv = c.v.shape[-1]
+def _segment_views(c: CombinerCall):
+    """``(q, scale, Q, K, V, valid)``: ``q`` pre-scaled with ``scale = 1`` when the scale is non-positive (max
+    does not commute with it), ``Q, K, V (B, n, s, H, .)`` the segments of q, k, v (zero-padded to ``n s``
+    tokens when ``s`` does not divide ``N``), ``valid (n, s)`` the real tokens."""
+    B, N, H = c.q.shape[:3]
     s = min(c.segment, N)
     n = -(-N // s)
     pad = n * s - N
     # max-pool commutes with the positive scale: pool unscaled q, scale the small summary query and let the
     # attention call scale the direct scores (one multiply over q saved)
-    q, k, v, sc = c.q, c.k, c.v, c.scale
+    q, sc = c.q, c.scale
     if sc <= 0:  # a non-positive scale does not commute with max: scale first, as the paper
         q, sc = q * sc, 1.0
+    qp, kp, vp = q, c.k, c.v
     if pad:
-        qp, kp, vp = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))  # (B, n s, H, .)
-    else:
-        qp, kp, vp = q, k, v
+        qp, kp, vp = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (qp, kp, vp))  # (B, n s, H, .)
     Q, K, V = (t.view(B, n, s, H, t.shape[-1]) for t in (qp, kp, vp))  # (B, n, s, H, .)
     valid = (torch.arange(n * s, device=q.device) < N).view(n, s)  # (n, s)
-    if pad:  # pads never win a max-pool and get no weight inside a summary
+    return q, sc, Q, K, V, valid
+
+
+def _summaries(c: CombinerCall, views=None) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, scale, kR (B, n, H, D), vR (B, n, H, Dv), valid (n, s))`` with ``n = ceil(N / s)``: the
+    summary keys (max-pool) and values (the max-pooled query's attention over its segment); ``q`` and
+    ``scale`` as :func:`_segment_views` (whose result ``views`` may be passed in)."""
+    q, sc, Q, K, V, valid = views if views is not None else _segment_views(c)
+    B, n, s, H, D = Q.shape
+    Dv = V.shape[-1]
+    if n * s != c.q.shape[1]:  # pads never win a max-pool and get no weight inside a summary
         neg = torch.finfo(q.dtype).min
         qR = Q.masked_fill(~valid[None, :, :, None, None], neg).amax(2)  # (B, n, H, D)
         kR = K.masked_fill(~valid[None, :, :, None, None], neg).amax(2)  # (B, n, H, D)
         logit = torch.einsum("bnhd,bnjhd->bnhj", qR * sc, K)  # (B, n, H, s)
         logit = logit.masked_fill(~valid[None, :, None, :], float("-inf"))
         vR = torch.einsum("bnhj,bnjhd->bnhd", torch.softmax(logit, -1), V)  # (B, n, H, Dv)
-    elif _one_pass_summaries(c, q, k, v):  # inference, float32: one pass over q, k, v (kernels/native/combiner_cpu.cpp)
-        kR, vR = _native.ops().combiner_summaries(q, k, v, s, sc)  # (B, n, H, D), (B, n, H, Dv)
+    elif _one_pass_summaries(c):  # inference, float32: one pass over q, k, v (kernels/native/combiner_cpu.cpp)
+        kR, vR = _native.ops().combiner_summaries(q, c.k, c.v, s, sc)  # (B, n, H, D), (B, n, H, Dv)
     else:  # the summary value is one query's attention over its segment: the fused kernel, no permuted copies
         qR, kR = Q.amax(2), K.amax(2)  # (B, n, H, D)
         vR = attention(qR.reshape(B * n, 1, H, D), K.reshape(B * n, s, H, D), V.reshape(B * n, s, H, Dv),
@@ -122,14 +130,18 @@ def _summaries(c: CombinerCall) -> tuple[torch.Tensor, float, torch.Tensor, torc
     return q, sc, kR, vR, valid
 
 
-def _one_pass_summaries(c: CombinerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The compiled one-pass summaries run: float32 CPU inputs with contiguous features, no gradient needed,
-    and the native kernels built (the torch form otherwise; both follow the same IEEE semantics)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+def _one_pass_summaries(c: CombinerCall) -> bool:
+    """The compiled one-pass summaries run: ``s`` divides ``N``, float32 CPU inputs with contiguous features,
+    no gradient needed, and the native kernels built (the torch form otherwise; both follow the same IEEE
+    semantics)."""
+    N = c.q.shape[1]
+    if N % min(c.segment, N):
         return False
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (q, k, v)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (c.q, c.k, c.v)):
         return False
-    return native_reason(q) is None
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (c.q, c.k, c.v)):
+        return False
+    return native_reason(c.q) is None
 
 
 def _segmented(c: CombinerCall) -> torch.Tensor:
@@ -138,11 +150,9 @@ def _segmented(c: CombinerCall) -> torch.Tensor:
     s = min(c.segment, N)
     n = -(-N // s)
     pad = n * s - N
-    q, sc, kR, vR, valid = _summaries(c)
-    k, v = c.k, c.v
-    if pad:
-        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))  # (B, n s, H, .)
-    Q, K, V = (t.view(B, n, s, H, t.shape[-1]) for t in (q, k, v))  # (B, n, s, H, .)
+    views = _segment_views(c)  # padded once, for the summaries and the segments alike
+    q, sc, kR, vR, valid = _summaries(c, views)
+    Q, K, V = views[2:5]  # (B, n, s, H, .)
     dev = q.device
     if not c.causal and not pad:
         # the other segments' summaries, gathered per segment: no mask, the fused path
@@ -223,7 +233,7 @@ def _tiles_detail(c: CombinerCall) -> str:
     N = c.q.shape[1]
     s = min(c.segment, N)
     n = -(-N // s)
-    one_pass = N % s == 0 and c.scale > 0 and _one_pass_summaries(c, c.q, c.k, c.v)
+    one_pass = _one_pass_summaries(c)
     summaries = ("summaries in one compiled pass over q, k, v (inference, float32)" if one_pass else
                  "summaries by max-pools and one attention call (torch form: gradients, other dtypes or a ragged "
                  "last segment)")
@@ -279,7 +289,7 @@ def _merge_into(tgt: torch.Tensor, la: torch.Tensor, ob: torch.Tensor, lb: torch
 
 def _merged(c: CombinerCall) -> torch.Tensor:
     fwd, _ = fused_ops()
-    B, N, H, D = c.q.shape
+    B, N, H = c.q.shape[:3]
     s = min(c.segment, N)
     n = N // s
     sc = c.scale
@@ -290,10 +300,7 @@ def _merged(c: CombinerCall) -> torch.Tensor:
     if n == 1:
         return o_loc
     l_loc = l_loc.view(B, n, H, s).transpose(2, 3).reshape(B, N, H)  # (B, N, H)
-    qR = c.q.view(B, n, s, H, D).amax(2)  # (B, n, H, D): max-pool commutes with the positive scale
-    kR = c.k.view(B, n, s, H, D).amax(2)  # (B, n, H, D)
-    vR = fwd(qR.reshape(B * n, 1, H, D).transpose(1, 2), K, V, 0.0, False, scale=sc)[0]  # (B n, H, 1, Dv)
-    vR = vR.view(B, n, H, -1)  # (B, n, H, Dv): memory of (B n, 1, H, Dv)
+    _, _, kR, vR, _ = _summaries(c)  # (B, n, H, D), (B, n, H, Dv)
     seg = torch.arange(n, device=c.q.device)
     if c.causal:  # segment r sees summaries 0..r-1; segment 0 has none and keeps its direct part
         bounds = torch.linspace(1, n, min(_CAUSAL_CHUNKS, n - 1) + 1).round().long().tolist()
