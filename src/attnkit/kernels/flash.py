@@ -56,9 +56,24 @@ def pack_bits(allowed: torch.Tensor, bk: int) -> torch.Tensor:
     pad = words * 64 - allowed.shape[-1]
     if pad:
         allowed = torch.nn.functional.pad(allowed, (0, pad))
-    a = allowed.reshape(*allowed.shape[:-1], words, 64).long()
-    # distinct powers of two: their int64 sum is the word (bit 63 wraps to the sign bit, as intended)
-    return (a << torch.arange(64)).sum(-1)
+    # eight columns per byte, eight bytes per word read little-endian (the kernel's layout): one byte per
+    # input element in flight instead of an int64 per element
+    by = allowed.contiguous().view(torch.uint8).view(*allowed.shape[:-1], words * 8, 8)  # (..., bq, 8 words, 8)
+    by = by << torch.arange(8, dtype=torch.uint8)
+    return by.sum(-1, dtype=torch.uint8).view(torch.int64)  # (..., bq, words)
+
+
+def tile_entries(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR entries of tile classes ``(Lb, Lh, nqt, nkt)``: ``row_ptr (Lb, Lh, nqt + 1)`` into one entry array
+    (each list starts where the previous one ended) and, per entry, its list, query tile and key tile
+    (``lead, ti, tj``, the non-EMPTY tiles in row-major order)."""
+    lb, lh, nqt = classes.shape[:3]
+    lead, ti, tj = (classes != EMPTY).view(lb * lh, nqt, -1).nonzero(as_tuple=True)
+    counts = torch.bincount(lead * nqt + ti, minlength=lb * lh * nqt)
+    ptr = torch.zeros(lb * lh * nqt + 1, dtype=torch.long)
+    ptr[1:] = counts.cumsum(0)
+    row_ptr = torch.cat([ptr[:-1].view(lb * lh, nqt), ptr[1:].view(lb * lh, nqt)[:, -1:]], 1)  # (Lb*Lh, nqt + 1)
+    return row_ptr.view(lb, lh, nqt + 1), lead, ti, tj
 
 
 def tile_list_from(classes: torch.Tensor, allowed: torch.Tensor | None, bq: int, bk: int,
@@ -68,11 +83,7 @@ def tile_list_from(classes: torch.Tensor, allowed: torch.Tensor | None, bq: int,
     ``(P, bq, bk)`` or ``(Bm, Hm, P, bq, bk)`` (False outside the tensor)."""
     c4 = classes if classes.dim() == 4 else classes[None, None]                  # (Lb, Lh, nqt, nkt)
     lb, lh, nqt = c4.shape[:3]
-    lead, ti, tj = (c4 != EMPTY).view(lb * lh, nqt, -1).nonzero(as_tuple=True)
-    counts = torch.bincount(lead * nqt + ti, minlength=lb * lh * nqt).view(lb * lh, nqt)
-    row_ptr = torch.zeros(lb * lh, nqt + 1, dtype=torch.long)
-    row_ptr[:, 1:] = counts.view(-1).cumsum(0).view(lb * lh, nqt)                # offsets into one entry array
-    row_ptr[:, 0] = row_ptr[:, 1] - counts[:, 0]                                 # each list starts where the last ended
+    row_ptr, lead, ti, tj = tile_entries(c4)
     partial = c4.view(lb * lh, nqt, -1)[lead, ti, tj] == PARTIAL
     slots = torch.full((ti.numel(),), -1, dtype=torch.long)
     if allowed is None or allowed.shape[-3] == 0:
@@ -85,7 +96,7 @@ def tile_list_from(classes: torch.Tensor, allowed: torch.Tensor | None, bq: int,
         uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)        # identical tiles share a slot
         bits = uniq.view(-1, bm, hm, bq, packed.shape[-1]).permute(1, 2, 0, 3, 4).contiguous()
         slots[partial] = inverse
-    return TileList(bq, bk, row_ptr.view(lb, lh, -1), tj.long().contiguous(), slots, bits, computed_pairs)
+    return TileList(bq, bk, row_ptr, tj.long().contiguous(), slots, bits, computed_pairs)
 
 
 def tile_list(mask: Mask | None, nq: int, nk: int, bq: int, bk: int, hkv: int | None = None) -> TileList:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from attnkit._validate import check_qkv, check_tensor, int_arg, resolve_scale
-from attnkit.kernels.flash import TileList, flash_attention, native_reason, tile_sizes
+from attnkit.kernels.flash import TileList, flash_attention, native_reason, pack_bits, tile_entries, tile_sizes
 from attnkit.kernels.gather import block_gather_attention, needs_grad
 from attnkit.masks.base import EMPTY, FULL, PARTIAL
 from attnkit.ops.base import Backend, Dispatcher, register_op
@@ -153,13 +153,6 @@ def _tiles_supports(call: SparsifinerCall) -> tuple[bool, str]:
     return (False, why) if why is not None else (True, "")
 
 
-def _pack64(tiles: torch.Tensor) -> torch.Tensor:
-    """Bool ``(P, bq, 64)`` -> int64 ``(P, bq, 1)``, bit ``c`` = key ``c`` (eight keys per byte, little-endian,
-    the kernel's bitmask layout)."""
-    by = tiles.view(torch.uint8).view(*tiles.shape[:-1], 8, 8) << torch.arange(8, dtype=torch.uint8)
-    return by.sum(-1, dtype=torch.uint8).view(torch.int64)  # (P, bq, 1)
-
-
 def token_tile_list(coef: torch.Tensor, basis: torch.Tensor, top_k: int, cls_tokens: int, bq: int) -> TileList:
     """The tile list of the token top-k connectivity, built ``_ROWS`` query rows at a time (the connectivity is
     never materialised whole): per (batch, head), every 64-key tile holding a kept pair, FULL or with its
@@ -186,14 +179,9 @@ def token_tile_list(coef: torch.Tensor, basis: torch.Tensor, top_k: int, cls_tok
         part = cls == PARTIAL
         p = int(part.sum())
         slot_of[:, :, t0:t0 + t][part] = torch.arange(used, used + p)
-        bits.append(_pack64(a6.transpose(3, 4)[part]))                          # (p, bq, 1), same order
+        bits.append(pack_bits(a6.transpose(3, 4)[part], bk))                     # (p, bq, 1), same order
         used += p
-    lead, ti, tj = (classes != EMPTY).view(b * h, nqt, nkt).nonzero(as_tuple=True)
-    counts = torch.bincount(lead * nqt + ti, minlength=b * h * nqt)
-    ptr = torch.zeros(b * h * nqt + 1, dtype=torch.long)
-    ptr[1:] = counts.cumsum(0)
-    # lists are consecutive in one entry array: list l's row i spans ptr[l*nqt + i] .. ptr[l*nqt + i + 1]
-    row_ptr = torch.cat([ptr[:-1].view(b * h, nqt), ptr[1:].view(b * h, nqt)[:, -1:]], 1).view(b, h, nqt + 1)
+    row_ptr, lead, ti, tj = tile_entries(classes)  # (B, H, nqt + 1) and the non-EMPTY tiles
     slots = slot_of.view(b * h, nqt, nkt)[lead, ti, tj]
     packed = torch.cat(bits)[None, None] if used else torch.zeros(1, 1, 1, bq, 1, dtype=torch.long)
     rows = (torch.clamp(torch.arange(nqt) * bq + bq, max=n) - torch.arange(nqt) * bq)[ti]
