@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.kernels.flash import TileList, native_reason, pack_bits
+from attnkit.kernels.flash import TileList, native_reason, pack_bits, tile_entries
 from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask
 
 _KERNEL_BQ = 128  # query rows per kernel tile at most (taller tiles pack each K/V tile for more rows)
@@ -56,12 +56,7 @@ def layout_tile_list(lay: torch.Tensor, bq_l: int, bk_l: int, nq: int, nk: int, 
     else:
         cls = torch.where(sel, extra.blocks(nq, nk, bq, bk), torch.zeros((), dtype=torch.int8))  # (Lb, Lh, nqt, nkt)
     lb, lh = cls.shape[:2]
-    lead, ti, tj = (cls != EMPTY).view(lb * lh, nqt, nkt).nonzero(as_tuple=True)
-    counts = torch.bincount(lead * nqt + ti, minlength=lb * lh * nqt)
-    row_ptr = torch.zeros(lb * lh * nqt + 1, dtype=torch.long)
-    row_ptr[1:] = counts.cumsum(0)
-    # lists are consecutive in one entry array: list l's row i spans row_ptr[l*nqt + i] .. [l*nqt + i + 1]
-    rp = torch.cat([row_ptr[:-1].view(lb * lh, nqt), row_ptr[1:].view(lb * lh, nqt)[:, -1:]], 1)
+    rp, lead, ti, tj = tile_entries(cls)  # (Lb, Lh, nqt + 1) and the non-EMPTY tiles
     slots = torch.full((ti.numel(),), -1, dtype=torch.long)
     words = -(-bk // 64)
     bits = torch.zeros(1, 1, 1, bq, words, dtype=torch.long)
@@ -77,4 +72,4 @@ def layout_tile_list(lay: torch.Tensor, bq_l: int, bk_l: int, nq: int, nk: int, 
     rows = (torch.clamp(torch.arange(nqt) * bq + bq, max=nq) - torch.arange(nqt) * bq)[ti]
     colw = (torch.clamp(torch.arange(nkt) * bk + bk, max=nk) - torch.arange(nkt) * bk)[tj]
     computed = int((rows * colw).sum()) // (lb * lh)
-    return TileList(bq, bk, rp.view(lb, lh, nqt + 1).contiguous(), tj.contiguous(), slots, bits, computed)
+    return TileList(bq, bk, rp, tj.contiguous(), slots, bits, computed)
